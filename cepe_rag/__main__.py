@@ -1,0 +1,3 @@
+from cepe_rag.cli import main
+
+main()

@@ -1,0 +1,286 @@
+"""The CEPE model: a frozen stock decoder + cross-attention + a context encoder, in the released layout."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cepe_rag.cepe.context import ContextStates, build_encoder, encode_chunks, make_bidirectional
+from cepe_rag.cepe.modeling import (
+    CEPE_ARCHITECTURE,
+    CrossAttention,
+    CrossContext,
+    add_cross_attention,
+    decoder_layers,
+    init_cross_attention,
+)
+from cepe_rag.types import CepeRagError
+
+# Config fields of the released checkpoints, with the values a fresh model gets.
+CEPE_CONFIG_DEFAULTS = {
+    "do_cross_attention": True,
+    "num_cross_attn_hidden_states": 1,
+    "encoder_is_model": False,
+    "train_encoder": False,
+    "encode_mode": "context_only",
+    "lm_loss_cof": 1.0,
+    "kl_loss_cof": 0.0,
+    "kl_loss_mode": "smooth",
+}
+ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
+
+
+class CepeForCausalLM(nn.Module):
+    """`decoder` is a stock *ForCausalLM; its last `num_cross_attn_layers` layers gain `cross_attn`.
+
+    Parameter names outside this class's prefixes are the released checkpoint's: see `released_state_dict`.
+    """
+
+    def __init__(self, decoder: nn.Module, encoder: nn.Module, *, num_cross_attn_layers: int | None = None,
+                 init_mode: str = "zero", encoder_tokenizer=None, max_chunk_tokens: int = 256):
+        super().__init__()
+        self.decoder = decoder
+        self.encoder = encoder
+        self.encoder_tokenizer = encoder_tokenizer
+        self.max_chunk_tokens = max_chunk_tokens
+        config = decoder.config
+        layers = decoder_layers(decoder)
+        n_cross = num_cross_attn_layers or getattr(config, "num_cross_attn_layers", None) or len(layers)
+        if not 0 < n_cross <= len(layers):
+            raise ValueError(f"num_cross_attn_layers must be in 1..{len(layers)}, got {n_cross}")
+        for name, value in CEPE_CONFIG_DEFAULTS.items():
+            if not hasattr(config, name):
+                setattr(config, name, value)
+        config.num_cross_attn_layers = n_cross
+        config.encoder_hidden_size = encoder.config.hidden_size
+        config.encoder_config = encoder.config.to_dict()
+        if config.model_type == "llama":
+            config.architectures = [CEPE_ARCHITECTURE]
+        make_bidirectional(encoder)
+        for index in range(len(layers) - n_cross, len(layers)):
+            layer = layers[index]
+            norm = type(layer.input_layernorm)(config.hidden_size, eps=config.rms_norm_eps)
+            cross = CrossAttention(config, index, config.encoder_hidden_size, norm)
+            add_cross_attention(layer, cross.to(device=layer.input_layernorm.weight.device,
+                                                dtype=layer.input_layernorm.weight.dtype))
+            init_cross_attention(layer, init_mode, getattr(config, "initializer_range", 0.02))
+
+    @property
+    def config(self):
+        return self.decoder.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    def cross_attention_layers(self) -> list[nn.Module]:
+        return [layer for layer in decoder_layers(self.decoder) if hasattr(layer, "cross_attn")]
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                cross_context: CrossContext | None = None, **kwargs):
+        """The stock decoder's forward; `cross_context` (or None for the plain decoder) reaches every layer."""
+        if cross_context is not None:
+            kwargs["cross_context"] = cross_context
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            cache=cache, use_cache=use_cache, **kwargs)
+
+    # --- context ---------------------------------------------------------------------------------
+
+    def tokenize_chunks(self, texts: Sequence[str]) -> list[list[int]]:
+        tokenizer = self.encoder_tokenizer
+        if tokenizer is None:
+            raise CepeRagError("this CEPE model has no encoder tokenizer")
+        return tokenizer(list(texts), truncation=True, max_length=self.max_chunk_tokens)["input_ids"]
+
+    @torch.inference_mode()
+    def encode_context(self, texts: Sequence[str], ids: Sequence[int] | None = None,
+                       batch_size: int = 64) -> ContextStates:
+        """Encode passages once; the states do not depend on any question."""
+        token_ids = self.tokenize_chunks(texts)
+        states = self.encode_token_chunks(token_ids, batch_size=batch_size)
+        return ContextStates(list(ids) if ids is not None else list(range(len(texts))), states)
+
+    def encode_token_chunks(self, token_ids: list[list[int]], batch_size: int = 64) -> list[torch.Tensor]:
+        """One right-padded encoder batch per `batch_size` chunks; returns unpadded per-chunk states."""
+        device = self.encoder.device
+        pad = getattr(self.encoder_tokenizer, "pad_token_id", None) or 0
+        out: list[torch.Tensor] = []
+        for start in range(0, len(token_ids), batch_size):
+            chunk = token_ids[start:start + batch_size]
+            width = max((len(c) for c in chunk), default=0)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=device)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+            for row, tokens in enumerate(chunk):
+                ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                mask[row, : len(tokens)] = 1
+            hidden = encode_chunks(self.encoder, ids, mask) if width else None
+            out.extend(hidden[row, : len(tokens)] if len(tokens) else hidden_empty(self.encoder, device)
+                       for row, tokens in enumerate(chunk))
+        return out
+
+    def context_from_texts(self, chunks_per_request: Sequence[Sequence[str]], *, cache_kv: bool = True):
+        """All chunks of all requests through the encoder as one batch, then one CrossContext."""
+        flat = [text for chunks in chunks_per_request for text in chunks]
+        states = self.encode_token_chunks(self.tokenize_chunks(flat)) if flat else []
+        grouped, start = [], 0
+        for chunks in chunks_per_request:
+            grouped.append(states[start:start + len(chunks)])
+            start += len(chunks)
+        return self.context_from_states(grouped, cache_kv=cache_kv)
+
+    def context_from_states(self, states_per_request: Sequence[Sequence[torch.Tensor]], *, cache_kv: bool = True):
+        dtype = self.cross_attention_layers()[0].cross_attn.k_proj.weight.dtype
+        return CrossContext.from_chunks(
+            [[s.to(device=self.device, dtype=dtype) for s in request] for request in states_per_request],
+            cache_kv=cache_kv,
+        )
+
+    # --- construction and checkpoints ------------------------------------------------------------
+
+    @classmethod
+    def from_decoder_and_encoder(cls, decoder: str | nn.Module, encoder: str | nn.Module, *,
+                                 num_cross_attn_layers: int | None = None, init_mode: str = "zero",
+                                 decoder_tokenizer=None, encoder_tokenizer=None, dtype=torch.float32,
+                                 device: str = "cpu") -> CepeForCausalLM:
+        """A fresh CEPE model for any supported decoder + encoder pair (ids, folders or modules)."""
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        if isinstance(decoder, str):
+            decoder_tokenizer = decoder_tokenizer or AutoTokenizer.from_pretrained(decoder)
+            decoder = AutoModelForCausalLM.from_pretrained(decoder, dtype=dtype)
+        if isinstance(encoder, str):
+            encoder_tokenizer = encoder_tokenizer or AutoTokenizer.from_pretrained(encoder)
+            encoder = AutoModel.from_pretrained(encoder, dtype=dtype)
+        model = cls(decoder, encoder, num_cross_attn_layers=num_cross_attn_layers, init_mode=init_mode,
+                    encoder_tokenizer=encoder_tokenizer or decoder_tokenizer)
+        model.decoder_tokenizer = decoder_tokenizer
+        return model.to(device).eval()
+
+    def released_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameter names as in hyen/CEPE-LLaMA-2-7B: `model.*`, `lm_head.*`, `encoder.*`."""
+        state = {}
+        for name, tensor in self.decoder.state_dict().items():
+            state[name] = tensor
+        for name, tensor in self.encoder.state_dict().items():
+            state[f"encoder.{name}"] = tensor
+        if getattr(self.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        return state
+
+    def save_pretrained(self, folder: str | Path, *, tokenizer=None, dtype: torch.dtype | None = None) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict()
+        config["architectures"] = [CEPE_ARCHITECTURE] if config.get("model_type") == "llama" else \
+            [type(self.decoder).__name__]
+        config.pop("auto_map", None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous()
+                 for k, v in self.released_state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer = tokenizer or getattr(self, "decoder_tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        if self.encoder_tokenizer is not None and self.encoder_tokenizer is not tokenizer:
+            self.encoder_tokenizer.save_pretrained(folder / ENCODER_TOKENIZER_DIR)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, dtype=torch.float32, device: str = "cpu",
+                        trust_remote_code: bool = False) -> CepeForCausalLM:
+        """Load a CEPE checkpoint in the released layout (local folder, or hub id when online)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        folder = _resolve_folder(name_or_path)
+        config_dict = _read_json(folder / "config.json")
+        if "encoder_config" not in config_dict or "num_cross_attn_layers" not in config_dict:
+            raise CepeRagError(f"{folder} is not a CEPE checkpoint (no encoder_config / num_cross_attn_layers)")
+        if config_dict.get("encoder_is_model"):
+            raise CepeRagError("checkpoints whose decoder doubles as encoder (encoder_is_model) are not supported")
+        config_dict = {k: v for k, v in config_dict.items() if k not in ("architectures", "auto_map")}
+        config = AutoConfig.for_model(**config_dict)
+        from accelerate import init_empty_weights
+
+        # Parameters on the meta device (no random init of billions of weights); buffers real.
+        with init_empty_weights(include_buffers=False):
+            decoder = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            encoder = build_encoder(config_dict["encoder_config"])
+        decoder_tokenizer = AutoTokenizer.from_pretrained(folder)
+        encoder_tokenizer = (AutoTokenizer.from_pretrained(folder / ENCODER_TOKENIZER_DIR)
+                             if (folder / ENCODER_TOKENIZER_DIR).exists() else decoder_tokenizer)
+        model = cls(decoder, encoder, num_cross_attn_layers=config_dict["num_cross_attn_layers"], init_mode="none",
+                    encoder_tokenizer=encoder_tokenizer)
+        model.decoder_tokenizer = decoder_tokenizer
+        # Cast tensors rather than the model, so float32 buffers (rotary frequencies) stay float32.
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _read_state_dict(folder).items()}
+        model.load_released_state_dict(state)
+        return model.to(device=device).eval().requires_grad_(False)
+
+    def load_released_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        decoder_state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+        encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        if tied:
+            decoder_state.pop("lm_head.weight", None)
+        missing = []
+        for module, part in ((self.decoder, decoder_state), (self.encoder, encoder_state)):
+            result = module.load_state_dict(part, strict=False, assign=True)
+            missing += [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
+            if result.unexpected_keys:
+                raise CepeRagError(f"unexpected checkpoint tensors: {result.unexpected_keys[:5]}")
+        if missing:
+            raise CepeRagError(f"checkpoint is missing tensors: {missing[:5]}")
+        if tied:
+            self.decoder.lm_head.weight = self.decoder.get_input_embeddings().weight
+        meta = [name for name, p in self.named_parameters() if p.is_meta]
+        if meta:
+            raise CepeRagError(f"checkpoint left parameters uninitialised: {meta[:5]}")
+
+
+def hidden_empty(encoder: nn.Module, device) -> torch.Tensor:
+    return torch.zeros((0, encoder.config.hidden_size), device=device)
+
+
+def _resolve_folder(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[
+            "*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "encoder_tokenizer/*"]))
+    except Exception as error:  # the hub raises many types; the user needs one line
+        raise CepeRagError(f"cannot find CEPE checkpoint {name_or_path!r}: {str(error).splitlines()[0]}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CepeRagError(f"{path}: {error}") from None
+
+
+def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """safetensors (single or sharded), or PyTorch .bin files loaded with weights_only=True."""
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").exists():
+        return load_file(folder / "model.safetensors")
+    for index_name, loader in (("model.safetensors.index.json", lambda f: load_file(f)),
+                               ("pytorch_model.bin.index.json",
+                                lambda f: torch.load(f, map_location="cpu", weights_only=True))):
+        if (folder / index_name).exists():
+            shards = sorted(set(_read_json(folder / index_name)["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(loader(folder / shard))
+            return state
+    if (folder / "pytorch_model.bin").exists():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise CepeRagError(f"no weights in {folder} (model.safetensors, sharded safetensors or pytorch_model.bin)")

@@ -1,0 +1,173 @@
+"""CEPE: cross-attention to independently encoded context chunks, added to a frozen stock decoder.
+
+The stock transformers model is wrapped, not forked. The last `num_cross_attn_layers` decoder layers
+get a `cross_attn` block between self-attention and the MLP (the released checkpoints' layout):
+
+    h = h + self_attn(input_layernorm(h))
+    h = h + cross_attn(h, context)            # only when context is given
+    h = h + mlp(post_attention_layernorm(h))
+
+Context reaches the layers as a `cross_context` keyword that the stock model forwards untouched to
+every decoder layer. With no context the forward pass is the stock one, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CEPE_ARCHITECTURE = "LlamaForCausalContextLM"
+
+
+@dataclass
+class CrossContext:
+    """Encoder states of a batch of requests, seen by the decoder as one key/value sequence per request.
+
+    states: (batch, tokens, encoder_hidden) with all chunk padding removed; mask: (batch, tokens), True
+    for real tokens. Cross-attention K/V are computed once per layer and reused at every decoding step
+    unless `cache_kv` is False (then recomputed each step: less memory, more compute).
+    """
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    cache_kv: bool = True
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # A request with no context tokens must add exactly nothing: its output is zeroed.
+        self.has_context = self.mask.any(-1).to(self.states.dtype)[:, None, None]
+        # Additive rather than boolean: a fully masked row then softmaxes to finite values, not NaN.
+        self.attn_bias = torch.zeros(self.mask.shape, dtype=self.states.dtype, device=self.states.device)
+        self.attn_bias.masked_fill_(~self.mask, torch.finfo(self.states.dtype).min)
+        self.attn_bias = self.attn_bias[:, None, None, :]
+
+    @classmethod
+    def from_chunks(cls, chunks: list[list[torch.Tensor]], *, cache_kv: bool = True) -> CrossContext | None:
+        """Build from per-request lists of per-chunk states (tokens, hidden); None if there is no token at all."""
+        requests = [torch.cat(c) if c else None for c in chunks]
+        lengths = [0 if r is None else r.shape[0] for r in requests]
+        if max(lengths, default=0) == 0:
+            return None
+        reference = next(r for r in requests if r is not None)
+        states = reference.new_zeros((len(requests), max(lengths), reference.shape[-1]))
+        mask = torch.zeros((len(requests), max(lengths)), dtype=torch.bool, device=reference.device)
+        for row, request in enumerate(requests):
+            if request is not None:
+                states[row, : request.shape[0]] = request
+                mask[row, : request.shape[0]] = True
+        return cls(states, mask, cache_kv)
+
+    def key_values(self, attention: CrossAttention) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self.kv.get(attention.layer_idx)
+        if cached is not None:
+            return cached
+        key_values = attention.project_context(self.states)
+        if self.cache_kv:
+            self.kv[attention.layer_idx] = key_values
+        return key_values
+
+    def kv_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv.values())
+
+
+class CrossAttention(nn.Module):
+    """Non-causal attention from decoder tokens to context tokens; no rotary positions, no biases."""
+
+    def __init__(self, config, layer_idx: int, encoder_hidden_size: int, norm: nn.Module):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.layernorm = norm
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(encoder_hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(encoder_hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def project_context(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, tokens, _ = states.shape
+        shape = (batch, tokens, self.num_kv_heads, self.head_dim)
+        states = states.to(self.k_proj.weight.dtype)
+        return self.k_proj(states).view(shape).transpose(1, 2), self.v_proj(states).view(shape).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, context: CrossContext) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        query = self.q_proj(self.layernorm(hidden_states)).view(batch, length, self.num_heads, self.head_dim)
+        key, value = context.key_values(self)
+        output = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key, value, attn_mask=context.attn_bias.to(query.dtype),
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        output = self.o_proj(output.transpose(1, 2).reshape(batch, length, -1))
+        return output * context.has_context.to(output.dtype)
+
+
+class CrossAttentionLayerMixin:
+    """Mixed into a stock decoder layer class (Llama, Mistral, Qwen2 share this layer shape)."""
+
+    cross_attn: CrossAttention
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, cross_context: CrossContext | None = None, **kwargs):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        if cross_context is not None:
+            hidden_states = hidden_states + self.cross_attn(hidden_states, cross_context)
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+_LAYER_CLASSES: dict[type, type] = {}
+SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+
+
+def add_cross_attention(layer: nn.Module, cross_attn: CrossAttention) -> None:
+    """Give a stock decoder layer a cross-attention block in place, keeping its parameter names."""
+    base = type(layer)
+    if base.__name__ not in SUPPORTED_LAYERS:
+        raise ValueError(f"CEPE supports {', '.join(SUPPORTED_LAYERS)} decoder layers, not {base.__name__}")
+    if base not in _LAYER_CLASSES:
+        _LAYER_CLASSES[base] = type(f"CrossAttention{base.__name__}", (CrossAttentionLayerMixin, base), {})
+    layer.__class__ = _LAYER_CLASSES[base]
+    layer.cross_attn = cross_attn
+
+
+def init_cross_attention(layer: nn.Module, mode: str, initializer_range: float = 0.02) -> None:
+    """`zero`: o_proj zeroed, so the model starts as the frozen decoder; `copy`: from self-attention."""
+    cross = layer.cross_attn
+    if mode == "none":
+        return
+    for linear in (cross.q_proj, cross.k_proj, cross.v_proj, cross.o_proj):
+        nn.init.normal_(linear.weight, std=initializer_range)
+    nn.init.ones_(cross.layernorm.weight)
+    if mode == "zero":
+        nn.init.zeros_(cross.o_proj.weight)
+    elif mode == "copy":
+        attn = layer.self_attn
+        with torch.no_grad():
+            cross.q_proj.weight.copy_(attn.q_proj.weight)
+            cross.o_proj.weight.copy_(attn.o_proj.weight)
+            cross.layernorm.weight.copy_(layer.input_layernorm.weight)
+            width = min(cross.k_proj.in_features, attn.k_proj.in_features)
+            # As in the paper's code: a slice of the self-attention K/V; meaningful only if widths match.
+            cross.k_proj.weight[:, :width].copy_(attn.k_proj.weight[:, :width])
+            cross.v_proj.weight[:, :width].copy_(attn.v_proj.weight[:, :width])
+    else:
+        raise ValueError(f"unknown init mode {mode!r}: zero, copy or none")
+
+
+def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
+    return decoder.model.layers

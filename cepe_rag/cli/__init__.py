@@ -1,0 +1,3 @@
+from cepe_rag.cli.app import app, main
+
+__all__ = ["app", "main"]

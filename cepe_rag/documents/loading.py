@@ -1,0 +1,217 @@
+"""Read a folder (or files) of documents: txt, md, html, pdf, json and jsonl corpora.
+
+Every problem with one file or one line becomes a warning in the LoadReport; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cepe_rag.types import CepeRagError
+
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
+HTML_SUFFIXES = {".html", ".htm"}
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | {".pdf", ".jsonl", ".json"}
+DEFAULT_MAX_DOCUMENT_MB = 10.0
+
+
+@dataclass
+class Document:
+    """One unit of incremental indexing: `key` is stable across runs, `digest` changes with the content."""
+
+    key: str
+    text: str
+    title: str = ""
+    source: str = ""
+    digest: str = ""
+
+    def __post_init__(self):
+        if not self.digest:
+            self.digest = hashlib.sha256(f"{self.title}\0{self.text}".encode()).hexdigest()
+
+
+@dataclass
+class LoadReport:
+    files: int = 0
+    documents: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        self.skipped.append(message)
+
+
+def iter_documents(
+    sources: list[str | Path], report: LoadReport, *, max_document_mb: float = DEFAULT_MAX_DOCUMENT_MB
+) -> Iterator[Document]:
+    """Documents from files and folders; a document over max_document_mb of text is skipped with a warning."""
+    max_chars = int(max_document_mb * 2**20)
+    for source in sources:
+        path = Path(source)
+        if not path.exists():
+            raise CepeRagError(f"source not found: {path}")
+        files = [path] if path.is_file() else _walk(path, report)
+        for file in files:
+            report.files += 1
+            for document in _read_file(file, report, max_chars):
+                if len(document.text) > max_chars:
+                    report.warn(f"{document.key}: {len(document.text) / 2**20:.1f} MB of text is over the "
+                                f"{max_document_mb:g} MB limit (--max-document-mb), skipped")
+                    continue
+                report.documents += 1
+                yield document
+
+
+def _walk(root: Path, report: LoadReport) -> Iterator[Path]:
+    """Files under root in a stable order, following symlinks but never around a loop."""
+    seen_dirs: set[tuple[int, int]] = set()
+    for directory, dirnames, filenames in os.walk(root, followlinks=True):
+        stat = os.stat(directory)
+        if (stat.st_dev, stat.st_ino) in seen_dirs:
+            report.warn(f"{directory}: symlink loop or repeated folder, skipped")
+            dirnames.clear()
+            continue
+        seen_dirs.add((stat.st_dev, stat.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            file = Path(directory) / name
+            if name.startswith("."):
+                continue
+            if file.suffix.lower() in SUPPORTED_SUFFIXES:
+                yield file
+            elif file.is_file():
+                report.warn(f"{file}: unsupported file type, skipped")
+
+
+def _read_file(file: Path, report: LoadReport, max_chars: int) -> Iterator[Document]:
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".pdf":
+            yield from _read_pdf(file, report)
+            return
+        if suffix == ".jsonl":
+            yield from _read_jsonl(file, report)
+            return
+        size = file.stat().st_size
+        if suffix != ".json" and size > 4 * max_chars:  # UTF-8 needs at most 4 bytes per character
+            report.warn(f"{file}: {size / 2**20:.1f} MB is over the document size limit (--max-document-mb), skipped")
+            return
+        text = _read_text(file)
+    except (OSError, ValueError) as error:
+        report.warn(f"{file}: {error}, skipped")
+        return
+    if suffix == ".json":
+        yield from _read_json(file, text, report)
+    elif suffix in HTML_SUFFIXES:
+        yield from _single(file, *_html_to_text(text), report)
+    else:
+        yield from _single(file, file.stem, text, report)
+
+
+def _read_text(file: Path) -> str:
+    data = file.read_bytes()
+    if b"\0" in data[:8192]:
+        raise ValueError("binary file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 (byte {error.start})") from None
+
+
+def _single(file: Path, title: str, text: str, report: LoadReport) -> Iterator[Document]:
+    if not text.strip():
+        report.warn(f"{file}: no text, skipped")
+        return
+    yield Document(key=str(file), text=text.strip(), title=title, source=str(file))
+
+
+def _html_to_text(html: str) -> tuple[str, str]:
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(html, "html.parser")
+    for tag in soup(["script", "style", "noscript", "template"]):
+        tag.decompose()
+    title = soup.title.get_text(" ", strip=True) if soup.title else ""
+    if soup.title:
+        soup.title.decompose()
+    lines = (line.strip() for line in soup.get_text("\n").splitlines())
+    return title, "\n".join(line for line in lines if line)
+
+
+def _read_pdf(file: Path, report: LoadReport) -> Iterator[Document]:
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(file)
+        text = "\n\n".join((page.extract_text() or "") for page in reader.pages)
+        title = (reader.metadata.title if reader.metadata else None) or file.stem
+    except (PdfReadError, ValueError, KeyError, TypeError) as error:
+        report.warn(f"{file}: unreadable PDF ({error}), skipped")
+        return
+    yield from _single(file, str(title), text, report)
+
+
+def _record_to_document(file: Path, record: object, fallback_key: str) -> Document | None:
+    """FlashRAG {"id", "contents": "title\\ntext"}, or {"title", "text"} (also "extract" as text)."""
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("contents"), str):
+        title, _, text = record["contents"].partition("\n")
+        if not text:
+            title, text = "", title
+    elif isinstance(record.get("text") or record.get("extract"), str):
+        title, text = str(record.get("title") or ""), record.get("text") or record.get("extract")
+    else:
+        return None
+    if not text.strip():
+        return None
+    key = f"{file}#{record.get('id', fallback_key)}"
+    return Document(key=key, text=text.strip(), title=title.strip(), source=str(file))
+
+
+def _read_jsonl(file: Path, report: LoadReport) -> Iterator[Document]:
+    """Streamed line by line: JSONL corpora can be far larger than memory."""
+    with file.open("rb") as handle:
+        head = handle.read(8192)
+        if b"\0" in head:
+            raise ValueError("binary file")
+        handle.seek(0)
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8-sig"))
+            except UnicodeDecodeError:
+                report.warn(f"{file}:{number}: not UTF-8, line skipped")
+                continue
+            except json.JSONDecodeError as error:
+                report.warn(f"{file}:{number}: malformed JSON ({error.msg}), line skipped")
+                continue
+            document = _record_to_document(file, record, f"line{number}")
+            if document is None:
+                report.warn(f"{file}:{number}: no 'contents' or 'title'/'text' fields, line skipped")
+                continue
+            yield document
+
+
+def _read_json(file: Path, text: str, report: LoadReport) -> Iterator[Document]:
+    """A list of records, or a dict of records keyed by id (the Wikipedia summaries corpus)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        report.warn(f"{file}: malformed JSON (line {error.lineno}: {error.msg}), skipped")
+        return
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else []
+    found = False
+    for key, record in items:
+        document = _record_to_document(file, record, str(key))
+        if document is not None:
+            found = True
+            yield document
+    if not found:
+        report.warn(f"{file}: no records with 'contents' or 'title'/'text' fields, skipped")

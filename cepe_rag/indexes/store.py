@@ -1,0 +1,355 @@
+"""An index folder: FAISS vectors + SQLite passages + a JSON manifest. No pickle anywhere.
+
+SQLite is the source of truth: it holds every passage with its embedding, and each document with its
+passages is committed in one transaction. The FAISS file is derived from it and stamped with the
+content version it was built from; a stale or missing FAISS file is rebuilt from SQLite without
+re-embedding anything. So a run killed at any moment leaves a usable index, and the next run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from cepe_rag.types import CepeRagError, Passage
+
+FORMAT_NAME = "cepe-rag-index"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+DB_FILE = "passages.sqlite"
+FAISS_FILE = "index.faiss"
+_TRAINING_SAMPLE = 100_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (key TEXT PRIMARY KEY, digest TEXT NOT NULL, source TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS passages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc_key TEXT NOT NULL REFERENCES documents(key),
+    position INTEGER NOT NULL,
+    title TEXT NOT NULL,
+    text TEXT NOT NULL,
+    source TEXT NOT NULL,
+    embedding BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS passages_by_document ON passages(doc_key);
+"""
+
+
+@dataclass
+class Manifest:
+    embedder: str
+    dimension: int
+    faiss_factory: str = "Flat"
+    chunk_tokens: int = 256
+    overlap_tokens: int = 32
+    metric: str = "inner_product"  # on L2-normalised embeddings, i.e. cosine similarity
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = folder / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CepeRagError(f"{path}: unreadable manifest ({error})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise CepeRagError(f"{folder} is not a cepe-rag index (foreign manifest)")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise CepeRagError(
+                f"{folder} has index format version {data.get('format_version')}; this cepe-rag reads "
+                f"version {FORMAT_VERSION}: rebuild it into a new folder"
+            )
+        try:
+            return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+        except TypeError as error:
+            raise CepeRagError(f"{path}: incomplete manifest ({error})") from None
+
+    def write(self, folder: Path) -> None:
+        _atomic_write(folder / MANIFEST_FILE, json.dumps(asdict(self), indent=2).encode())
+
+
+@dataclass
+class StoredPassage:
+    doc_key: str
+    position: int
+    title: str
+    text: str
+    source: str
+
+
+class IndexStore:
+    """Open with `IndexStore.open(folder)` to search, `IndexStore.create_or_open(...)` to write."""
+
+    def __init__(self, folder: Path, manifest: Manifest, db: sqlite3.Connection):
+        self.folder = folder
+        self.manifest = manifest
+        self.db = db
+        self._faiss: faiss.Index | None = None
+        self.faiss_is_stale = False
+
+    # --- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, folder: str | Path) -> IndexStore:
+        """Open an existing index for reading; every problem is a one-line CepeRagError."""
+        folder = Path(folder)
+        if not (folder / MANIFEST_FILE).exists():
+            raise CepeRagError(f"no index at {folder}: build one with `cepe-rag index SOURCE --index {folder}`")
+        manifest = Manifest.read(folder)
+        store = cls(folder, manifest, _connect(folder / DB_FILE, create=False))
+        store._load_faiss(required=True)
+        return store
+
+    @classmethod
+    def create_or_open(cls, folder: str | Path, manifest: Manifest) -> IndexStore:
+        """Open for writing, creating the folder; refuses a folder written for other settings."""
+        folder = Path(folder)
+        if (folder / MANIFEST_FILE).exists():
+            existing = Manifest.read(folder)
+            for field in ("embedder", "dimension", "faiss_factory", "chunk_tokens", "overlap_tokens"):
+                if getattr(existing, field) != getattr(manifest, field):
+                    raise CepeRagError(
+                        f"{folder} was built with {field}={getattr(existing, field)!r}, this run asks for "
+                        f"{getattr(manifest, field)!r}: use the same setting or another --index folder"
+                    )
+            manifest = existing
+        elif folder.exists() and any(folder.iterdir()):
+            raise CepeRagError(f"{folder} is not empty and is not a cepe-rag index: choose another --index folder")
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            _validate_factory(manifest.faiss_factory, manifest.dimension)
+            manifest.write(folder)
+        store = cls(folder, manifest, _connect(folder / DB_FILE, create=True))
+        store._load_faiss(required=False)
+        if store._faiss is None and store.count() == 0:
+            # Untrained factories (IVF, PQ) are built and trained at the end, from a sample of the data.
+            store._faiss = faiss.index_factory(manifest.dimension, f"IDMap2,{manifest.faiss_factory}",
+                                               faiss.METRIC_INNER_PRODUCT)
+        return store
+
+    def _load_faiss(self, *, required: bool) -> None:
+        path = self.folder / FAISS_FILE
+        self.faiss_is_stale = self._meta("faiss_version") != self._meta("content_version")
+        if not path.exists():
+            if required and self.count() > 0:
+                raise CepeRagError(f"{path} is missing: run `cepe-rag index` on this folder to rebuild it")
+            self.faiss_is_stale = self.count() > 0
+            return
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError:
+            if required:
+                raise CepeRagError(
+                    f"{path} is corrupt or truncated: run `cepe-rag index` on this folder to rebuild it "
+                    "from the stored passages (nothing is re-embedded)"
+                ) from None
+            self.faiss_is_stale = True
+            return
+        if index.d != self.manifest.dimension:
+            raise CepeRagError(f"{path} holds {index.d}-d vectors, the manifest says {self.manifest.dimension}")
+        self._faiss = index
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
+
+    def document_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+
+    def search(self, query_embeddings: np.ndarray, k: int) -> list[list[Passage]]:
+        """Top-k passages for each query embedding (rows L2-normalised), best first."""
+        if self._faiss is None or self._faiss.ntotal == 0:
+            raise CepeRagError(f"the index at {self.folder} is empty: add documents with `cepe-rag index`")
+        k = max(1, min(k, self._faiss.ntotal))
+        scores, ids = self._faiss.search(np.ascontiguousarray(query_embeddings, dtype=np.float32), k)
+        found = self.passages([int(i) for i in ids.ravel() if i >= 0])
+        results = []
+        for row_scores, row_ids in zip(scores, ids):
+            # An id missing from SQLite means an interrupted update: the passage is gone, skip it.
+            results.append([
+                Passage(**{**found[int(i)].__dict__, "score": float(s)})
+                for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) in found
+            ])
+        return results
+
+    def passages(self, ids: list[int]) -> dict[int, Passage]:
+        found: dict[int, Passage] = {}
+        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            chunk = ids[start:start + 900]
+            rows = self.db.execute(
+                f"SELECT id, text, title, source FROM passages WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            )
+            for pid, text, title, source in rows:
+                found[pid] = Passage(id=pid, text=text, title=title, source=source)
+        return found
+
+    def document_digests(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT key, digest FROM documents"))
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.folder.iterdir() if f.is_file())
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def replace_documents(self, documents: Iterable[tuple[str, str, str]], passages: list[StoredPassage],
+                          embeddings: np.ndarray) -> None:
+        """Commit (key, digest, source) documents with their passages in one transaction."""
+        documents = list(documents)
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        was_stale, self.faiss_is_stale = self.faiss_is_stale, True  # until FAISS has caught up with this commit
+        with self.db:
+            removed = self._delete_passages([key for key, _, _ in documents])
+            self.db.executemany("INSERT OR REPLACE INTO documents(key, digest, source) VALUES (?, ?, ?)", documents)
+            ids = []
+            for passage, vector in zip(passages, embeddings):
+                cursor = self.db.execute(
+                    "INSERT INTO passages(doc_key, position, title, text, source, embedding) VALUES (?, ?, ?, ?, ?, ?)",
+                    (passage.doc_key, passage.position, passage.title, passage.text, passage.source, vector.tobytes()),
+                )
+                ids.append(cursor.lastrowid)
+            self._bump_content_version()
+        # FAISS follows only after the commit succeeded, so it never holds uncommitted ids.
+        self._faiss_update(was_stale, removed, np.array(ids, dtype=np.int64), embeddings)
+
+    def delete_documents(self, keys: list[str]) -> int:
+        was_stale, self.faiss_is_stale = self.faiss_is_stale, True
+        with self.db:
+            removed = self._delete_passages(keys)
+            for start in range(0, len(keys), 900):
+                chunk = keys[start:start + 900]
+                self.db.execute(f"DELETE FROM documents WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+            self._bump_content_version()
+        self._faiss_update(was_stale, removed, np.empty(0, dtype=np.int64),
+                           np.empty((0, self.manifest.dimension), np.float32))
+        return len(removed)
+
+    def _delete_passages(self, keys: list[str]) -> list[int]:
+        removed: list[int] = []
+        for start in range(0, len(keys), 900):
+            chunk = keys[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            removed += [row[0] for row in self.db.execute(f"SELECT id FROM passages WHERE doc_key IN ({marks})", chunk)]
+            self.db.execute(f"DELETE FROM passages WHERE doc_key IN ({marks})", chunk)
+        return removed
+
+    def _faiss_update(self, was_stale: bool, removed: list[int], ids: np.ndarray, embeddings: np.ndarray) -> None:
+        """Apply a committed change to the in-memory FAISS index; if it cannot be, rebuild it at the end."""
+        if was_stale or self._faiss is None or not self._faiss.is_trained:
+            return
+        try:
+            if removed:
+                self._faiss.remove_ids(np.array(removed, dtype=np.int64))
+            if len(ids):
+                self._faiss.add_with_ids(embeddings, ids)
+        except RuntimeError:  # e.g. HNSW cannot remove ids
+            return
+        self.faiss_is_stale = False
+
+    def commit_faiss(self, progress=None) -> None:
+        """Bring the FAISS file in line with SQLite (rebuilding from stored embeddings if needed)."""
+        if self.faiss_is_stale or self._faiss is None:
+            self._faiss = self._build_faiss(progress)
+            self.faiss_is_stale = False
+        content_version = self._meta("content_version")
+        if (self.folder / FAISS_FILE).exists() and self._meta("faiss_version") == content_version:
+            return
+        data = faiss.serialize_index(self._faiss)
+        _atomic_write(self.folder / FAISS_FILE, data.tobytes())
+        with self.db:
+            self._set_meta("faiss_version", content_version)
+
+    def _build_faiss(self, progress=None) -> faiss.Index:
+        index = faiss.index_factory(
+            self.manifest.dimension, f"IDMap2,{self.manifest.faiss_factory}", faiss.METRIC_INNER_PRODUCT
+        )
+        total = self.count()
+        if not index.is_trained:
+            sample = np.concatenate([e for _, e in self._iter_embeddings(_TRAINING_SAMPLE, sample=True)] or
+                                    [np.empty((0, self.manifest.dimension), np.float32)])
+            try:
+                index.train(sample)
+            except RuntimeError as error:
+                raise CepeRagError(
+                    f"cannot train faiss index {self.manifest.faiss_factory!r} on {len(sample)} passages "
+                    f"({str(error).splitlines()[-1]}): use a smaller factory or more data"
+                ) from None
+        for ids, embeddings in self._iter_embeddings(8192):
+            index.add_with_ids(embeddings, ids)
+            if progress:
+                progress(len(ids), total)
+        return index
+
+    def _iter_embeddings(self, batch: int, *, sample: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        query = "SELECT id, embedding FROM passages"
+        query += f" ORDER BY RANDOM() LIMIT {batch}" if sample else " ORDER BY id"
+        cursor = self.db.execute(query)
+        while rows := cursor.fetchmany(batch):
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+            yield ids, vectors
+
+    def _meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, key: str, value: str | None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value or "0"))
+
+    def _bump_content_version(self) -> None:
+        self._set_meta("content_version", str(int(self._meta("content_version") or 0) + 1))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
+    if not create and not path.exists():
+        raise CepeRagError(f"{path} is missing: the index folder is incomplete")
+    try:
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        if create:
+            with db:
+                db.executescript(_SCHEMA)
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"meta", "documents", "passages"} <= tables:
+            raise CepeRagError(f"{path} is not a cepe-rag passage database")
+        db.execute("SELECT COUNT(*) FROM passages").fetchone()
+    except sqlite3.DatabaseError as error:
+        raise CepeRagError(
+            f"{path} is corrupt ({error}): restore it or rebuild into another --index folder; it was left untouched"
+        ) from None
+    return db
+
+
+def _validate_factory(factory: str, dimension: int) -> None:
+    try:
+        faiss.index_factory(dimension, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise CepeRagError(f"invalid faiss factory string {factory!r} (examples: Flat, HNSW32, IVF1024,PQ32)") from None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write-then-rename: a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

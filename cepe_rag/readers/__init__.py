@@ -1,0 +1,18 @@
+"""How retrieved passages reach the decoder."""
+
+from cepe_rag.readers.base import Reader
+from cepe_rag.readers.generation import GenerationConfig
+from cepe_rag.readers.prompting import ClosedBookReader, ConcatReader
+
+READERS: dict[str, type[Reader]] = {"concat": ConcatReader, "closed-book": ClosedBookReader}
+
+
+def make_reader(name: str, model, tokenizer, **kwargs) -> Reader:
+    from cepe_rag.types import CepeRagError
+
+    if name not in READERS:
+        raise CepeRagError(f"unknown reader {name!r}; choose one of: {', '.join(READERS)}")
+    return READERS[name](model, tokenizer, **kwargs)
+
+
+__all__ = ["READERS", "ClosedBookReader", "ConcatReader", "GenerationConfig", "Reader", "make_reader"]

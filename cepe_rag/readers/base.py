@@ -1,0 +1,133 @@
+"""The reader interface: answer(question, passages) -> Answer, with token streaming."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from cepe_rag.readers.generation import GenerationConfig, decode_stream
+from cepe_rag.types import Answer, CepeRagError, Passage
+
+SYSTEM_PROMPT = (
+    "You answer questions using the documents you are given. "
+    "Reply with a short answer: a few words, no explanation."
+)
+
+
+@dataclass
+class PreparedPrompt:
+    """One request ready for decoding: prompt token ids and the passages the reader actually used."""
+
+    ids: list[int]
+    passages: list[Passage]
+
+
+class Reader:
+    """Base class: subclasses decide how passages reach the decoder (`prepare` and `stream_batch`)."""
+
+    name = "base"
+
+    def __init__(self, model, tokenizer, *, generation: GenerationConfig | None = None,
+                 system_prompt: str = SYSTEM_PROMPT):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generation = generation or GenerationConfig()
+        self.system_prompt = system_prompt
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def window(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    # --- prompt building -------------------------------------------------------------------------
+
+    def chat_ids(self, user_text: str) -> list[int]:
+        """The chat-formatted prompt, ending where the assistant's answer starts."""
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user_text}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(f"{self.system_prompt}\n\n{user_text}\nAnswer:")["input_ids"]
+
+    def check_fits(self, n_prompt_tokens: int) -> None:
+        budget = self.window - self.generation.max_new_tokens
+        if n_prompt_tokens > budget:
+            raise CepeRagError(
+                f"the question needs {n_prompt_tokens} prompt tokens; this decoder reads at most {budget} "
+                f"(window {self.window} minus {self.generation.max_new_tokens} answer tokens): shorten it"
+            )
+
+    def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
+        raise NotImplementedError
+
+    # --- decoding ----------------------------------------------------------------------------------
+
+    def stream_batch(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]],
+                     generation: GenerationConfig | None = None) -> Iterator[list[str]]:
+        """Text deltas for every question after each decoding step."""
+        prepared = [self.prepare(q, p) for q, p in zip(questions, passages)]
+        yield from self._stream_prepared(questions, passages, prepared, generation or self.generation)
+
+    @torch.inference_mode()
+    def _decode(self, prompts: list[list[int]], generation: GenerationConfig, **step_kwargs) -> Iterator[list[str]]:
+        model = self.model
+
+        def step(ids, mask, positions, cache):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                        logits_to_keep=1, **step_kwargs)
+            return out.logits[:, -1].float()
+
+        from transformers import DynamicCache
+
+        yield from decode_stream(step, prompts, self.tokenizer, generation,
+                                 cache=DynamicCache(config=model.config), device=self.device)
+
+    def stream(self, question: str, passages: Sequence[Passage], **generation) -> Iterator[str]:
+        config = replace(self.generation, **generation)
+        for deltas in self.stream_batch([question], [passages], config):
+            if deltas[0]:
+                yield deltas[0]
+
+    def answer(self, question: str, passages: Sequence[Passage], *, on_token: Callable[[str], None] | None = None,
+               **generation) -> Answer:
+        return self.answer_batch([question], [passages], on_token=on_token, **generation)[0]
+
+    def answer_batch(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]], *,
+                     on_token: Callable[[str], None] | None = None, **generation) -> list[Answer]:
+        """Answer several questions in one batch; on_token streams the first question's text."""
+        if len(questions) != len(passages):
+            raise ValueError("one passage list per question")
+        config = replace(self.generation, **generation)
+        prepared = [self.prepare(q, p) for q, p in zip(questions, passages)]
+        texts = [""] * len(questions)
+        steps = 0
+        started = time.perf_counter()
+        first_token = None
+        for deltas in self._stream_prepared(questions, passages, prepared, config):
+            steps += 1
+            first_token = first_token or time.perf_counter()
+            for row, delta in enumerate(deltas):
+                texts[row] += delta
+            if on_token and deltas[0]:
+                on_token(deltas[0])
+        total = time.perf_counter() - started
+        timings = {"first_token_s": (first_token or time.perf_counter()) - started, "total_s": total}
+        return [
+            Answer(text=text.strip(), passages=list(prep.passages), reader=self.name, timings=dict(timings),
+                   usage={"prompt_tokens": len(prep.ids), "decode_steps": steps, "passages_read": len(prep.passages)})
+            for text, prep in zip(texts, prepared)
+        ]
+
+    def _stream_prepared(self, questions, passages, prepared: list[PreparedPrompt],
+                         config: GenerationConfig) -> Iterator[list[str]]:
+        yield from self._decode([p.ids for p in prepared], config)
+
+
+def question_text(question: str) -> str:
+    return f"Question: {question}"

@@ -1,0 +1,122 @@
+"""A small batched decoding loop with streaming, stop strings, greedy and sampling decoding.
+
+Our own loop rather than `generate()` because the CEPE model needs per-request state (cross-attention
+K/V computed once) and readers need text deltas as they are produced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+# step(input_ids, attention_mask, position_ids, cache) -> logits of the last position, (batch, vocab)
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0) + offset
+
+
+def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if config.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / config.temperature, dim=-1)
+    if config.top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+        drop = sorted_probs.cumsum(-1) - sorted_probs > config.top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def decode_stream(
+    step: StepFn,
+    prompts: list[list[int]],
+    tokenizer,
+    config: GenerationConfig,
+    *,
+    cache,
+    position_offsets: torch.Tensor | None = None,
+    past_mask: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+) -> Iterator[list[str]]:
+    """Yield, after each decoding step, the new text of every row ("" for finished rows).
+
+    `past_mask`/`position_offsets` describe tokens already in `cache` (a shared context prefilled by a
+    reader); positions of the prompt continue after them.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    eos_ids = _eos_ids(tokenizer)
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    offsets = position_offsets.to(device).unsqueeze(-1) if position_offsets is not None else 0
+    positions = positions_from_mask(mask, offsets)
+    full_mask = mask if past_mask is None else torch.cat([past_mask.to(device), mask], dim=-1)
+    generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
+    batch = len(prompts)
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    emitted = [""] * batch
+    done = [False] * batch
+    for _ in range(config.max_new_tokens):
+        logits = step(ids, full_mask, positions, cache)
+        tokens = _next_tokens(logits, config, generator)
+        deltas = [""] * batch
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if token in eos_ids:
+                done[row] = True
+                continue
+            generated[row].append(token)
+            text = tokenizer.decode(generated[row], skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            cut = _stop_index(text, config.stop_strings, len(emitted[row]))
+            if cut is not None:
+                text, done[row] = text[:cut], True
+            deltas[row], emitted[row] = text[len(emitted[row]):], text
+        yield deltas
+        if all(done):
+            break
+        ids = tokens.unsqueeze(-1)
+        positions = positions[:, -1:] + 1
+        full_mask = torch.cat([full_mask, torch.ones((batch, 1), dtype=full_mask.dtype, device=device)], dim=-1)
+
+
+def _stop_index(text: str, stops: tuple[str, ...], already: int) -> int | None:
+    hits = [text.find(s, max(0, already - len(s))) for s in stops if s]
+    hits = [h for h in hits if h >= 0]
+    return min(hits) if hits else None
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return ids

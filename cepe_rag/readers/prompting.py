@@ -1,0 +1,44 @@
+"""Readers that put everything in the decoder's prompt: concatenation (standard RAG) and closed-book."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cepe_rag.readers.base import PreparedPrompt, Reader, question_text
+from cepe_rag.types import Passage
+
+
+class ConcatReader(Reader):
+    """Passages in the chat prompt, most relevant first, as many as the decoder window holds."""
+
+    name = "concat"
+
+    def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
+        bare = self.chat_ids(question_text(question))
+        self.check_fits(len(bare))
+        budget = self.window - self.generation.max_new_tokens - len(bare)
+        used: list[Passage] = []
+        for passage in passages:
+            cost = len(self.tokenizer(passage.as_prompt_text() + "\n\n", add_special_tokens=False)["input_ids"])
+            if cost > budget:
+                break
+            used.append(passage)
+            budget -= cost
+        documents = "".join(p.as_prompt_text() + "\n\n" for p in used)
+        return PreparedPrompt(self.chat_ids(documents + question_text(question)), used)
+
+
+class ClosedBookReader(Reader):
+    """The question alone: what the decoder knows without retrieval."""
+
+    name = "closed-book"
+    system_prompt_default = "Answer the question. Reply with a short answer: a few words, no explanation."
+
+    def __init__(self, model, tokenizer, **kwargs):
+        kwargs.setdefault("system_prompt", self.system_prompt_default)
+        super().__init__(model, tokenizer, **kwargs)
+
+    def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
+        ids = self.chat_ids(question_text(question))
+        self.check_fits(len(ids))
+        return PreparedPrompt(ids, [])
