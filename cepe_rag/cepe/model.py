@@ -94,7 +94,9 @@ class CepeForCausalLM(nn.Module):
         tokenizer = self.encoder_tokenizer
         if tokenizer is None:
             raise CepeRagError("this CEPE model has no encoder tokenizer")
-        return tokenizer(list(texts), truncation=True, max_length=self.max_chunk_tokens)["input_ids"]
+        ids = tokenizer(list(texts), truncation=True, max_length=self.max_chunk_tokens)["input_ids"]
+        # An empty chunk has no tokens at all (not just [CLS] [SEP]): it must add nothing.
+        return [tokens if text.strip() else [] for text, tokens in zip(texts, ids)]
 
     @torch.inference_mode()
     def encode_context(self, texts: Sequence[str], ids: Sequence[int] | None = None,
@@ -284,3 +286,20 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "pytorch_model.bin").exists():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise CepeRagError(f"no weights in {folder} (model.safetensors, sharded safetensors or pytorch_model.bin)")
+
+
+def stream_generate(model: CepeForCausalLM, prompts: list[list[int]], tokenizer, config,
+                    context: CrossContext | None = None):
+    """Batched decoding with cross-attention K/V computed once (or every step if context.cache_kv is False)."""
+    from transformers import DynamicCache
+
+    from cepe_rag.readers.generation import decode_stream
+
+    def step(ids, mask, positions, cache):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                    logits_to_keep=1, cross_context=context)
+        return out.logits[:, -1].float()
+
+    with torch.inference_mode():
+        yield from decode_stream(step, prompts, tokenizer, config, cache=DynamicCache(config=model.config),
+                                 device=model.device)

@@ -157,6 +157,7 @@ class IndexStore:
             return
         if index.d != self.manifest.dimension:
             raise CepeRagError(f"{path} holds {index.d}-d vectors, the manifest says {self.manifest.dimension}")
+        _set_search_defaults(index)
         self._faiss = index
 
     # --- reading -------------------------------------------------------------------------------
@@ -247,22 +248,26 @@ class IndexStore:
         """Apply a committed change to the in-memory FAISS index; if it cannot be, rebuild it at the end."""
         if was_stale or self._faiss is None or not self._faiss.is_trained:
             return
+        # IDMap2 removal shifts inner ids, which is only right for a Flat inner index; others rebuild.
+        if removed and not isinstance(faiss.downcast_index(self._faiss.index), faiss.IndexFlat):
+            return
         try:
             if removed:
                 self._faiss.remove_ids(np.array(removed, dtype=np.int64))
             if len(ids):
                 self._faiss.add_with_ids(embeddings, ids)
-        except RuntimeError:  # e.g. HNSW cannot remove ids
+        except RuntimeError:
             return
         self.faiss_is_stale = False
 
     def commit_faiss(self, progress=None) -> None:
         """Bring the FAISS file in line with SQLite (rebuilding from stored embeddings if needed)."""
-        if self.faiss_is_stale or self._faiss is None:
+        rebuilt = self.faiss_is_stale or self._faiss is None
+        if rebuilt:
             self._faiss = self._build_faiss(progress)
             self.faiss_is_stale = False
         content_version = self._meta("content_version")
-        if (self.folder / FAISS_FILE).exists() and self._meta("faiss_version") == content_version:
+        if not rebuilt and (self.folder / FAISS_FILE).exists() and self._meta("faiss_version") == content_version:
             return
         data = faiss.serialize_index(self._faiss)
         _atomic_write(self.folder / FAISS_FILE, data.tobytes())
@@ -284,6 +289,7 @@ class IndexStore:
                     f"cannot train faiss index {self.manifest.faiss_factory!r} on {len(sample)} passages "
                     f"({str(error).splitlines()[-1]}): use a smaller factory or more data"
                 ) from None
+        _set_search_defaults(index)
         for ids, embeddings in self._iter_embeddings(8192):
             index.add_with_ids(embeddings, ids)
             if progress:
@@ -334,6 +340,15 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
     return db
 
 
+def _set_search_defaults(index: faiss.Index) -> None:
+    """faiss probes one IVF list by default, which misses too much; probe up to 32."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return
+    ivf.nprobe = min(ivf.nlist, 32)
+
+
 def _validate_factory(factory: str, dimension: int) -> None:
     try:
         faiss.index_factory(dimension, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
@@ -345,6 +360,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     """Write-then-rename: a reader sees the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -1,0 +1,111 @@
+import json
+import os
+
+import pytest
+
+from cepe_rag.documents import LoadReport, PassageSplitter, iter_documents
+from cepe_rag.types import CepeRagError
+
+
+def load(*sources, **kwargs):
+    report = LoadReport()
+    return list(iter_documents(list(sources), report, **kwargs)), report
+
+
+def test_reads_text_markdown_html_jsonl_and_json(tmp_path):
+    (tmp_path / "a.txt").write_text("Plain text about otters.")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("# Heading\n\nMarkdown about beavers.")
+    (tmp_path / "c.html").write_text(
+        "<html><head><title>Kubrick</title><style>p{}</style></head>"
+        "<body><p>Directed <b>2001</b>.</p><script>var x = 1;</script></body></html>")
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"id": "7", "contents": "Title Seven\nBody seven."}) + "\n"
+        + json.dumps({"title": "T8", "text": "Body eight."}) + "\n")
+    (tmp_path / "e.json").write_text(json.dumps({"Otter": {"title": "Otter", "extract": "Otters swim."}}))
+    docs, report = load(tmp_path)
+    by_title = {d.title: d for d in docs}
+    assert set(by_title) == {"a", "b", "Kubrick", "Title Seven", "T8", "Otter"}
+    assert by_title["Kubrick"].text == "Directed\n2001\n."
+    assert "var x" not in by_title["Kubrick"].text
+    assert by_title["Title Seven"].text == "Body seven."
+    assert by_title["Title Seven"].key.endswith("d.jsonl#7")
+    assert by_title["Otter"].text == "Otters swim."
+    assert report.skipped == []
+
+
+def test_pdf_is_parsed(tmp_path):
+    from pypdf import PdfWriter
+
+    writer = PdfWriter()
+    writer.add_blank_page(width=200, height=200)
+    writer.add_metadata({"/Title": "Empty"})
+    with open(tmp_path / "blank.pdf", "wb") as handle:
+        writer.write(handle)
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4 this is not really a pdf")
+    docs, report = load(tmp_path)
+    assert docs == []
+    assert any("blank.pdf: no text" in w for w in report.skipped)
+    assert any("broken.pdf" in w and "PDF" in w for w in report.skipped)
+
+
+def test_bad_files_are_skipped_with_warnings(tmp_path):
+    (tmp_path / "good.txt").write_text("fine")
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01\x02binary")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    (tmp_path / "bad.jsonl").write_text('{"title": "ok", "text": "one"}\n{not json\n{"foo": 1}\n')
+    (tmp_path / "bad.json").write_text("{ nope")
+    docs, report = load(tmp_path)
+    assert sorted(d.text for d in docs) == ["fine", "one"]
+    warnings = "\n".join(report.skipped)
+    assert "binary.txt: binary file" in warnings
+    assert "latin1.txt: not UTF-8" in warnings
+    assert "image.png: unsupported" in warnings
+    assert "bad.jsonl:2: malformed JSON" in warnings
+    assert "bad.jsonl:3: no 'contents'" in warnings
+    assert "bad.json: malformed JSON" in warnings
+
+
+def test_unreadable_file_is_skipped(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permissions")
+    (tmp_path / "secret.txt").write_text("x")
+    (tmp_path / "secret.txt").chmod(0)
+    docs, report = load(tmp_path)
+    assert docs == [] and "secret.txt" in report.skipped[0]
+
+
+def test_huge_single_line_file_is_skipped_quickly(tmp_path):
+    big = tmp_path / "big.txt"
+    with open(big, "w") as handle:
+        handle.write("word " * (10 * 2**20))  # 50 MB, one line
+    (tmp_path / "small.txt").write_text("small")
+    docs, report = load(tmp_path, max_document_mb=10)
+    assert [d.text for d in docs] == ["small"]
+    assert "big.txt: 50.0 MB is over the document size limit" in report.skipped[0]
+
+
+def test_symlink_loop_terminates(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "doc.txt").write_text("inside")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    docs, report = load(tmp_path)
+    assert [d.text for d in docs] == ["inside"]
+    assert any("symlink loop" in w for w in report.skipped)
+
+
+def test_missing_source_is_an_error(tmp_path):
+    with pytest.raises(CepeRagError, match="source not found"):
+        load(tmp_path / "nope")
+
+
+def test_splitter_respects_token_budget(embedder):
+    splitter = PassageSplitter(embedder.tokenizer, chunk_tokens=64, overlap_tokens=8)
+    text = " ".join(f"Sentence number {i} talks about topic {i % 7}." for i in range(200))
+    chunks = splitter.split(text)
+    assert len(chunks) > 10
+    assert max(splitter.count_tokens(c) for c in chunks) <= 64
+    assert splitter.split("short text") == ["short text"]
+    # A giant unbroken string is one WordPiece [UNK]; it must still be cut into bounded passages.
+    assert max(len(c) for c in splitter.split("x" * 100_000)) <= 64 * 16
