@@ -19,7 +19,7 @@ from cepe_rag.types import CepeRagError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Retrieval-augmented generation that reads many passages through CEPE.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one message, one line
 DEFAULT_INDEX = Path("indexes/default")
 
 IndexOption = Annotated[Path, typer.Option("--index", help="Index folder.")]

@@ -1,0 +1,105 @@
+"""The command line on the real packaged models: one-line errors for bad input, answers with sources."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.real_models
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "cepe_rag", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:"), result.stderr
+    assert fragment in " ".join(lines), result.stderr
+
+
+@pytest.fixture(scope="module")
+def kubrick_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "film.txt").write_text("2001: A Space Odyssey is a 1968 science fiction film directed by Stanley Kubrick.")
+    (corpus / "tower.txt").write_text("The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889.")
+    (corpus / "bad.txt").write_bytes(b"\x00\x00binary")
+    result = run_cli("index", corpus, "--index", root / "idx")
+    assert result.returncode == 0, result.stderr
+    assert "2 embedded" in result.stderr and "1 skipped" in result.stderr
+    assert "bad.txt: binary file" in result.stderr
+    return root / "idx"
+
+
+def test_ask_answers_with_sources_as_json(kubrick_index):
+    result = run_cli("ask", "Who directed 2001: A Space Odyssey?", "--index", kubrick_index, "--k", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert "Kubrick" in answer["text"]
+    assert answer["passages"][0]["source"].endswith("film.txt")
+    assert answer["reader"] == "concat"
+    assert {"retrieval_s", "first_token_s", "total_s"} <= set(answer["timings"])
+
+
+def test_ask_streams_answer_then_sources(kubrick_index):
+    result = run_cli("ask", "Who directed 2001: A Space Odyssey?", "--index", kubrick_index, "--k", "5")
+    assert result.returncode == 0, result.stderr
+    assert "Sources" in result.stdout and "film.txt" in result.stdout
+    assert "--k 5 is more than the 2 passages" in result.stderr
+
+
+def test_closed_book_reader(kubrick_index):
+    result = run_cli("ask", "What is the capital of France?", "--index", kubrick_index, "--reader", "closed-book",
+                     "--json", "--max-new-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["reader"] == "closed-book" and answer["passages"] == []
+    assert "Paris" in answer["text"]
+
+
+@pytest.mark.parametrize("question,fragment", [("", "question is empty"), ("   ", "question is empty"),
+                                               ("why" * 33_334, "100,002 characters")])
+def test_bad_questions(kubrick_index, question, fragment):
+    assert_one_line_error(run_cli("ask", question, "--index", kubrick_index), fragment)
+
+
+def test_question_longer_than_the_window(kubrick_index):
+    # Reserving 8,000 of the 8,192-token window for the answer leaves less than this question needs.
+    question = "word " * 300 + "?"
+    result = run_cli("ask", question, "--index", kubrick_index, "--k", "1", "--max-new-tokens", "8000")
+    assert_one_line_error(result, "prompt tokens; this decoder reads at most 192")
+
+
+def test_ask_without_index(tmp_path):
+    assert_one_line_error(run_cli("ask", "anything?", "--index", tmp_path / "none"), "no index at")
+
+
+def test_ask_against_an_empty_index(tmp_path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("soon deleted")
+    assert run_cli("index", corpus, "--index", tmp_path / "idx").returncode == 0
+    (corpus / "a.txt").unlink()
+    (corpus / "b.txt").write_bytes(b"\x00binary")
+    run_cli("index", corpus, "--index", tmp_path / "idx")
+    assert_one_line_error(run_cli("ask", "anything?", "--index", tmp_path / "idx"), "is empty")
+
+
+def test_index_bad_inputs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("index", tmp_path / "empty", "--index", tmp_path / "i1"), "no readable documents")
+    assert_one_line_error(run_cli("index", tmp_path / "missing", "--index", tmp_path / "i2"), "source not found")
+    assert_one_line_error(run_cli("index", "--index", tmp_path / "i3"), "at least one SOURCE")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("text")
+    assert_one_line_error(run_cli("index", tmp_path / "c", "--index", tmp_path / "i4", "--faiss", "Nonsense99"),
+                          "invalid faiss factory")
+    assert_one_line_error(run_cli("ask", "q?", "--index", tmp_path / "c", "--reader", "nope"), "no index at")

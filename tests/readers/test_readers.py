@@ -1,0 +1,62 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig
+from cepe_rag.readers.generation import _stop_index, left_pad
+from cepe_rag.types import CepeRagError, Passage
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(chat_tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+PASSAGES = [Passage(i, f"Passage number {i} says something about topic {i}.", f"Title {i}") for i in range(40)]
+
+
+def test_concat_keeps_most_relevant_passages_that_fit_the_window(tiny_chat_model, chat_tokenizer):
+    reader = ConcatReader(tiny_chat_model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=16))
+    prepared = reader.prepare("What is topic 3?", PASSAGES)
+    assert 0 < len(prepared.passages) < len(PASSAGES)
+    assert [p.id for p in prepared.passages] == list(range(len(prepared.passages)))
+    assert len(prepared.ids) <= 512 - 16
+    text = chat_tokenizer.decode(prepared.ids)
+    assert "Document (Title: Title 0): Passage number 0" in text and text.rstrip().endswith("assistant")
+
+
+def test_streamed_deltas_add_up_to_the_answer_and_batch_equals_single(tiny_chat_model, chat_tokenizer):
+    reader = ConcatReader(tiny_chat_model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=10))
+    questions = ["first question?", "a second, longer question about something?"]
+    passages = [PASSAGES[:2], PASSAGES[5:8]]
+    streamed = []
+    batch = reader.answer_batch(questions, passages, on_token=streamed.append)
+    assert "".join(streamed).strip() == batch[0].text
+    for question, ps, answer in zip(questions, passages, batch):
+        assert reader.answer(question, ps).text == answer.text
+    assert batch[0].usage["passages_read"] == 2 and batch[0].reader == "concat"
+
+
+def test_sampling_is_seeded_and_greedy_is_deterministic(tiny_chat_model, chat_tokenizer):
+    reader = ClosedBookReader(tiny_chat_model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=8))
+    greedy = reader.answer("q?", []).text
+    assert reader.answer("q?", []).text == greedy
+    sampled = [reader.answer("q?", [], temperature=1.5, seed=s).text for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_question_longer_than_window_is_refused(tiny_chat_model, chat_tokenizer):
+    reader = ClosedBookReader(tiny_chat_model, chat_tokenizer)
+    with pytest.raises(CepeRagError, match="prompt tokens"):
+        reader.answer("why " * 600, [])
+
+
+def test_stop_strings_and_left_padding():
+    assert _stop_index("Paris\nand more", ("\n",), 0) == 5
+    assert _stop_index("no stop here", ("\n", "###"), 0) is None
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
