@@ -1,10 +1,11 @@
 """How retrieved passages reach the decoder."""
 
 from cepe_rag.readers.base import Reader
+from cepe_rag.readers.cepe import CepeReader
 from cepe_rag.readers.generation import GenerationConfig
 from cepe_rag.readers.prompting import ClosedBookReader, ConcatReader
 
-READERS: dict[str, type[Reader]] = {"concat": ConcatReader, "closed-book": ClosedBookReader}
+READERS: dict[str, type[Reader]] = {"cepe": CepeReader, "concat": ConcatReader, "closed-book": ClosedBookReader}
 
 
 def make_reader(name: str, model, tokenizer, **kwargs) -> Reader:
@@ -15,4 +16,4 @@ def make_reader(name: str, model, tokenizer, **kwargs) -> Reader:
     return READERS[name](model, tokenizer, **kwargs)
 
 
-__all__ = ["READERS", "ClosedBookReader", "ConcatReader", "GenerationConfig", "Reader", "make_reader"]
+__all__ = ["READERS", "CepeReader", "ClosedBookReader", "ConcatReader", "GenerationConfig", "Reader", "make_reader"]

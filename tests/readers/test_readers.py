@@ -60,3 +60,39 @@ def test_stop_strings_and_left_padding():
     assert _stop_index("no stop here", ("\n", "###"), 0) is None
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def tiny_cepe_reader(model, tokenizer, init_mode, **kwargs):
+    from transformers import BertConfig, BertModel
+
+    from cepe_rag.cepe import CepeForCausalLM
+    from cepe_rag.models import embedder_path
+    from cepe_rag.readers import CepeReader
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(3)
+    encoder = BertModel(BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48))
+    decoder = LlamaForCausalLM(model.config)
+    decoder.load_state_dict(model.state_dict())
+    cepe = CepeForCausalLM(decoder, encoder.eval(), init_mode=init_mode,
+                           encoder_tokenizer=AutoTokenizer.from_pretrained(embedder_path())).eval()
+    return CepeReader(cepe, tokenizer, generation=GenerationConfig(max_new_tokens=8), **kwargs)
+
+
+def test_zero_initialised_cepe_reader_answers_like_the_plain_decoder(tiny_chat_model, chat_tokenizer):
+    cepe = tiny_cepe_reader(tiny_chat_model, chat_tokenizer, "zero")
+    plain = ConcatReader(tiny_chat_model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=8))
+    answer = cepe.answer("What is topic 3?", PASSAGES[:5])
+    assert answer.text == plain.answer("What is topic 3?", []).text
+    assert answer.usage["passages_read"] == 5 and answer.reader == "cepe"
+
+
+def test_cepe_reader_splits_passages_and_reuses_precomputed_states(tiny_chat_model, chat_tokenizer):
+    reader = tiny_cepe_reader(tiny_chat_model, chat_tokenizer, "copy", n_decoder_passages=2, n_encoder_passages=3)
+    in_prompt, in_encoder = reader.split(PASSAGES[:10])
+    assert [p.id for p in in_prompt] == [0, 1] and [p.id for p in in_encoder] == [2, 3, 4]
+    prompt = chat_tokenizer.decode(reader.prepare("q?", PASSAGES[:10]).ids)
+    assert "Passage number 1" in prompt and "Passage number 2" not in prompt
+    fresh = reader.answer("What is topic 3?", PASSAGES[:10]).text
+    reader.context_states = reader.model.encode_context([p.as_prompt_text() for p in PASSAGES[2:5]], ids=[2, 3, 4])
+    assert reader.answer("What is topic 3?", PASSAGES[:10]).text == fresh

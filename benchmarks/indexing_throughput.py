@@ -1,0 +1,74 @@
+"""Indexing overhead over raw SentenceTransformer.encode on the same passages (target: under 10%).
+
+    python benchmarks/indexing_throughput.py [--limit N] [--out benchmarks/results/indexing.json]
+
+Both rates are measured in one process on the demo corpus: raw encode, full indexing (read, split,
+embed, SQLite, FAISS, from an empty folder), raw encode again; the ratio uses the mean of the two raw runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cepe_rag.cli.app import demo_corpus_path
+from cepe_rag.documents import LoadReport, PassageSplitter, iter_documents
+from cepe_rag.models import load_embedder
+from cepe_rag.pipelines.indexing import build_index, embed_texts, passage_embedding_text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--limit", type=int, default=0, help="documents to use (0 = the whole corpus)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/indexing.json"))
+    args = parser.parse_args()
+
+    embedder = load_embedder()
+    corpus = demo_corpus_path()
+    workdir = Path(tempfile.mkdtemp(prefix="cepe-bench-"))
+    source = corpus
+    if args.limit:
+        data = json.loads(corpus.read_text())
+        source = workdir / "corpus.json"
+        source.write_text(json.dumps(dict(list(data.items())[: args.limit])))
+    splitter = PassageSplitter(embedder.tokenizer)
+    texts = [passage_embedding_text(doc.title, chunk)
+             for doc in iter_documents([source], LoadReport()) for chunk in splitter.split(doc.text)]
+
+    def raw_encode() -> float:
+        started = time.perf_counter()
+        embed_texts(embedder, texts)
+        return time.perf_counter() - started
+
+    raw_first = raw_encode()
+    started = time.perf_counter()
+    summary = build_index([source], workdir / "index", embedder=embedder)
+    index_s = time.perf_counter() - started
+    raw_second = raw_encode()
+    raw_s = (raw_first + raw_second) / 2
+    assert summary.passages_total == len(texts)
+    result = {
+        "passages": len(texts), "documents": summary.documents_seen,
+        "raw_encode_s": [round(raw_first, 2), round(raw_second, 2)], "index_s": round(index_s, 2),
+        "raw_passages_per_s": round(len(texts) / raw_s, 1), "index_passages_per_s": round(len(texts) / index_s, 1),
+        "overhead": round(index_s / raw_s - 1, 4), "index_disk_mib": round(summary.disk_bytes / 2**20, 1),
+        "environment": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                        "torch": torch.__version__},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    print("\n| passages | raw encode (passages/s) | indexing (passages/s) | overhead | index on disk |")
+    print("|---|---|---|---|---|")
+    print(f"| {len(texts)} | {result['raw_passages_per_s']} | {result['index_passages_per_s']} | "
+          f"{result['overhead']:.1%} | {result['index_disk_mib']} MiB |")
+
+
+if __name__ == "__main__":
+    main()

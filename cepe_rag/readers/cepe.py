@@ -1,0 +1,56 @@
+"""The CEPE reader: top passages optionally in the prompt, the rest encoded in parallel and cross-attended."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from cepe_rag.cepe import CepeForCausalLM, ContextStates
+from cepe_rag.cepe.model import stream_generate
+from cepe_rag.readers.base import PreparedPrompt, Reader, question_text
+from cepe_rag.readers.generation import GenerationConfig
+from cepe_rag.types import Passage
+
+
+class CepeReader(Reader):
+    """The paper's split: the top `n_decoder_passages` in the prompt, the next `n_encoder_passages` (all
+    the rest if None) through the encoder, one passage per chunk. `context_states` (precomputed at index
+    time, keyed by passage id) skip the encoder for the passages they cover."""
+
+    name = "cepe"
+
+    def __init__(self, model: CepeForCausalLM, tokenizer, *, n_decoder_passages: int = 0,
+                 n_encoder_passages: int | None = None, context_states: ContextStates | None = None,
+                 cache_cross_kv: bool = True, **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        self.n_decoder_passages = n_decoder_passages
+        self.n_encoder_passages = n_encoder_passages
+        self.context_states = context_states
+        self.cache_cross_kv = cache_cross_kv
+
+    def split(self, passages: Sequence[Passage]) -> tuple[list[Passage], list[Passage]]:
+        in_prompt = list(passages[: self.n_decoder_passages])
+        rest = passages[self.n_decoder_passages:]
+        return in_prompt, list(rest if self.n_encoder_passages is None else rest[: self.n_encoder_passages])
+
+    def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
+        in_prompt, in_encoder = self.split(passages)
+        documents = "".join(p.as_prompt_text() + "\n\n" for p in in_prompt)
+        ids = self.chat_ids(documents + question_text(question))
+        self.check_fits(len(ids))
+        return PreparedPrompt(ids, in_prompt + in_encoder)
+
+    def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:
+        known = set(self.context_states.ids) if self.context_states is not None else set()
+        missing = [p for p in passages if p.id not in known]
+        fresh = dict(zip((p.id for p in missing), self.model.encode_token_chunks(
+            self.model.tokenize_chunks([p.as_prompt_text() for p in missing])))) if missing else {}
+        return [fresh[p.id] if p.id in fresh else self.context_states.select([p.id])[0] for p in passages]
+
+    def _stream_prepared(self, questions, passages, prepared: list[PreparedPrompt],
+                         config: GenerationConfig) -> Iterator[list[str]]:
+        with torch.inference_mode():
+            states = [self._chunk_states(self.split(p)[1]) for p in passages]
+            context = self.model.context_from_states(states, cache_kv=self.cache_cross_kv)
+        yield from stream_generate(self.model, [p.ids for p in prepared], self.tokenizer, config, context)
