@@ -110,8 +110,12 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     index_dir: IndexOption = DEFAULT_INDEX,
     k: Annotated[int, typer.Option("--k", help="Passages to retrieve.")] = 20,
-    reader: Annotated[str, typer.Option(help="concat or closed-book.")] = "concat",
+    reader: Annotated[str, typer.Option(help="concat, closed-book, or cepe (needs --cepe-model).")] = "concat",
     decoder: Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")] = DEFAULT_DECODER,
+    cepe_model: Annotated[str | None, typer.Option(help="CEPE checkpoint (folder or hub id) for --reader cepe; "
+                                                    "it includes its own decoder.")] = None,
+    n_prompt_passages: Annotated[int, typer.Option(help="cepe: top passages put in the prompt; the rest go "
+                                                        "through the encoder.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = 96,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result instead of streaming.")] = False,
@@ -133,9 +137,21 @@ def ask(
         console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
                       "index; reading all of them")
     device = device or default_device()
-    model, tokenizer = load_decoder(decoder, device=device)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    pipeline = RagPipeline(retriever, make_reader(reader, model, tokenizer, generation=generation))
+    if reader == "cepe":
+        if cepe_model is None:
+            raise CepeRagError("--reader cepe needs --cepe-model: no trained CEPE checkpoint ships for the default "
+                               "decoder yet")
+        from cepe_rag.cepe import CepeForCausalLM
+
+        model = CepeForCausalLM.from_pretrained(cepe_model, device=device)
+        decoder = cepe_model
+        chosen = make_reader(reader, model, model.decoder_tokenizer, generation=generation,
+                             n_decoder_passages=n_prompt_passages)
+    else:
+        model, tokenizer = load_decoder(decoder, device=device)
+        chosen = make_reader(reader, model, tokenizer, generation=generation)
+    pipeline = RagPipeline(retriever, chosen)
     load_s = time.perf_counter() - started
 
     def show(delta: str) -> None:

@@ -3,9 +3,12 @@
 from cepe_rag.readers.base import Reader
 from cepe_rag.readers.cepe import CepeReader
 from cepe_rag.readers.generation import GenerationConfig
+from cepe_rag.readers.parallel import ParallelReader
 from cepe_rag.readers.prompting import ClosedBookReader, ConcatReader
 
-READERS: dict[str, type[Reader]] = {"cepe": CepeReader, "concat": ConcatReader, "closed-book": ClosedBookReader}
+READERS: dict[str, type[Reader]] = {
+    "cepe": CepeReader, "parallel": ParallelReader, "concat": ConcatReader, "closed-book": ClosedBookReader,
+}
 
 
 def make_reader(name: str, model, tokenizer, **kwargs) -> Reader:
@@ -16,4 +19,4 @@ def make_reader(name: str, model, tokenizer, **kwargs) -> Reader:
     return READERS[name](model, tokenizer, **kwargs)
 
 
-__all__ = ["READERS", "CepeReader", "ClosedBookReader", "ConcatReader", "GenerationConfig", "Reader", "make_reader"]
+__all__ = ["READERS", "CepeReader", "ClosedBookReader", "ConcatReader", "GenerationConfig", "ParallelReader", "Reader", "make_reader"]

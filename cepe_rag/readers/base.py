@@ -47,13 +47,24 @@ class Reader:
 
     # --- prompt building -------------------------------------------------------------------------
 
-    def chat_ids(self, user_text: str) -> list[int]:
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def chat_text(self, user_text: str) -> str:
         """The chat-formatted prompt, ending where the assistant's answer starts."""
-        if getattr(self.tokenizer, "chat_template", None):
+        if self.has_chat_template:
             messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user_text}]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(f"{self.system_prompt}\n\n{user_text}\nAnswer:")["input_ids"]
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return f"{self.system_prompt}\n\n{user_text}\nAnswer:"
+
+    def tokenize(self, text: str, *, at_start: bool = False) -> list[int]:
+        """Token ids of prompt text; BOS and the like only at the start of a non-chat prompt."""
+        special = at_start and not self.has_chat_template
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def chat_ids(self, user_text: str) -> list[int]:
+        return self.tokenize(self.chat_text(user_text), at_start=True)
 
     def check_fits(self, n_prompt_tokens: int) -> None:
         budget = self.window - self.generation.max_new_tokens

@@ -103,3 +103,27 @@ def test_index_bad_inputs(tmp_path):
     assert_one_line_error(run_cli("index", tmp_path / "c", "--index", tmp_path / "i4", "--faiss", "Nonsense99"),
                           "invalid faiss factory")
     assert_one_line_error(run_cli("ask", "q?", "--index", tmp_path / "c", "--reader", "nope"), "no index at")
+
+
+def test_ask_with_a_cepe_checkpoint(kubrick_index, tmp_path, chat_tokenizer):
+    """A (tiny, random) checkpoint in the released layout loads from disk and answers through the CLI."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    from cepe_rag.cepe import CepeForCausalLM
+    from cepe_rag.models import embedder_path
+
+    torch.manual_seed(0)
+    decoder = LlamaForCausalLM(LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=1024, tie_word_embeddings=True))
+    encoder = BertModel(BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48))
+    model = CepeForCausalLM(decoder, encoder, init_mode="copy",
+                            encoder_tokenizer=AutoTokenizer.from_pretrained(embedder_path()))
+    model.save_pretrained(tmp_path / "ckpt", tokenizer=chat_tokenizer)
+    result = run_cli("ask", "Who directed 2001?", "--index", kubrick_index, "--reader", "cepe", "--cepe-model",
+                     tmp_path / "ckpt", "--json", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["reader"] == "cepe" and answer["usage"]["passages_read"] == 2
+    assert_one_line_error(run_cli("ask", "q?", "--index", kubrick_index, "--reader", "cepe"), "--cepe-model")

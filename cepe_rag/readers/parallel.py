@@ -1,0 +1,173 @@
+"""Training-free parallel encoding with the decoder itself (Parallel Context Windows / APE style).
+
+Each passage is prefilled on its own, all in one batch, after a shared prefix (the chat template's
+system turn and the start of the user turn) and with the same position range. The question and the
+answer then attend to the prefix plus the concatenation of every passage's KV cache. APE's two knobs
+act on attention to passage tokens: a temperature on their logits, and a scale on their log-sum-exp
+(the share of attention the passages get as a block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from cepe_rag.readers.base import PreparedPrompt, Reader, question_text
+from cepe_rag.readers.generation import GenerationConfig, decode_stream
+from cepe_rag.types import Passage
+
+ATTENTION_NAME = "cepe_parallel"
+
+
+@dataclass
+class ParallelContext:
+    """Which cached key positions are passage tokens, and how attention to them is adjusted."""
+
+    is_passage: torch.Tensor  # (batch, cached tokens) bool
+    temperature: float = 1.0
+    lse_scale: float = 1.0
+
+
+def parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                       parallel_context: ParallelContext | None = None, **kwargs):
+    """SDPA unless a ParallelContext is given; then explicit attention with APE's adjustments."""
+    if parallel_context is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    batch, heads, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    groups = heads // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    # Softmax in (at least) fp32, as SDPA kernels do.
+    logits = (query @ key.transpose(-1, -2)).to(torch.promote_types(query.dtype, torch.float32))
+    logits = logits * (scaling if scaling is not None else head_dim**-0.5)
+    is_passage = torch.zeros((batch, kv_len), dtype=torch.bool, device=query.device)
+    known = min(kv_len, parallel_context.is_passage.shape[1])
+    is_passage[:, :known] = parallel_context.is_passage[:, :known]
+    is_passage = is_passage[:, None, None, :]
+    if attention_mask is None:  # SDPA's mask creation skipped it: plain causal, aligned to the end
+        allowed = torch.ones((q_len, kv_len), dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    else:
+        allowed = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask == 0
+    if parallel_context.temperature != 1.0:
+        logits = torch.where(is_passage, logits / parallel_context.temperature, logits)
+    lowest = torch.finfo(logits.dtype).min
+    logits = logits.masked_fill(~allowed, lowest)
+    if parallel_context.lse_scale != 1.0:
+        passage_lse = torch.logsumexp(logits.masked_fill(~is_passage, lowest), dim=-1, keepdim=True)
+        logits = torch.where(is_passage & allowed, logits + (parallel_context.lse_scale - 1) * passage_lse, logits)
+    weights = torch.softmax(logits, dim=-1).to(value.dtype)
+    return (weights @ value).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, parallel_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+class ParallelReader(Reader):
+    """Works on any decoder, no trained weights; passage KV caches could be stored per passage."""
+
+    name = "parallel"
+
+    def __init__(self, model, tokenizer, *, temperature: float = 1.0, lse_scale: float = 1.0,
+                 max_passage_tokens: int = 512, **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        self.temperature = temperature
+        self.lse_scale = lse_scale
+        self.max_passage_tokens = max_passage_tokens
+        # Falls back to SDPA for every call without a ParallelContext, so other readers are unaffected.
+        model.config._attn_implementation = ATTENTION_NAME
+
+    # --- prompt pieces: prefix | passages (parallel) | question -----------------------------------
+
+    def pieces(self, question: str, passages: Sequence[Passage]) -> tuple[list[int], list[list[int]], list[int]]:
+        marker = "\x00PASSAGES\x00"
+        head, _, tail = self.chat_text(marker + question_text(question)).partition(marker)
+        prefix, query = self.tokenize(head, at_start=True), self.tokenize(tail)
+        chunks = [self.tokenize(p.as_prompt_text() + "\n\n")[: self.max_passage_tokens] for p in passages]
+        return prefix, chunks, query
+
+    def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
+        prefix, chunks, query = self.pieces(question, passages)
+        self.check_fits(len(prefix) + max((len(c) for c in chunks), default=0) + len(query))
+        return PreparedPrompt(query, list(passages))
+
+    @torch.inference_mode()
+    def encode_passages(self, prefix: list[int], chunks: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) of shape (1, kv_heads, prefix + all passage tokens, head_dim)."""
+        device = self.device
+        prefix_ids = torch.tensor([prefix], device=device)
+        prefix_cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=prefix_ids, cache=prefix_cache, use_cache=True, logits_to_keep=1)
+        prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+        chunks = [c for c in chunks if c]
+        if not chunks:
+            return prefix_kv
+        width = max(len(c) for c in chunks)
+        ids = torch.zeros((len(chunks), width), dtype=torch.long, device=device)
+        mask = torch.zeros((len(chunks), len(prefix) + width), dtype=torch.long, device=device)
+        mask[:, : len(prefix)] = 1
+        for row, chunk in enumerate(chunks):
+            ids[row, : len(chunk)] = torch.tensor(chunk)
+            mask[row, len(prefix): len(prefix) + len(chunk)] = 1
+        cache = DynamicCache(config=self.model.config)
+        for index, (keys, values) in enumerate(prefix_kv):
+            cache.update(keys.expand(len(chunks), -1, -1, -1).contiguous(),
+                         values.expand(len(chunks), -1, -1, -1).contiguous(), index)
+        positions = torch.arange(len(prefix), len(prefix) + width, device=device).expand(len(chunks), -1)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1)
+        valid = mask[:, len(prefix):].bool()
+        merged = []
+        for (prefix_keys, prefix_values), layer in zip(prefix_kv, cache.layers):
+            keys, values = layer.keys[:, :, len(prefix):], layer.values[:, :, len(prefix):]
+            flat_keys = keys.transpose(1, 2)[valid].transpose(0, 1)[None]  # (1, kv_heads, tokens, head_dim)
+            flat_values = values.transpose(1, 2)[valid].transpose(0, 1)[None]
+            merged.append((torch.cat([prefix_keys, flat_keys], 2), torch.cat([prefix_values, flat_values], 2)))
+        return merged
+
+    def _stream_prepared(self, questions, passages, prepared: list[PreparedPrompt],
+                         config: GenerationConfig) -> Iterator[list[str]]:
+        contexts, offsets, prefix_lengths = [], [], []
+        for question, request_passages in zip(questions, passages):
+            prefix, chunks, _ = self.pieces(question, request_passages)
+            contexts.append(self.encode_passages(prefix, chunks))
+            # Every passage sits at positions after the prefix; the question follows the longest one.
+            offsets.append(len(prefix) + max((len(c) for c in chunks), default=0))
+            prefix_lengths.append(len(prefix))
+        # Requests have different context lengths: left-pad their caches, masked out.
+        lengths = [ctx[0][0].shape[2] for ctx in contexts]
+        total = max(lengths)
+        cache = DynamicCache(config=self.model.config)
+        past_mask = torch.zeros((len(contexts), total), dtype=torch.long, device=self.device)
+        is_passage = torch.zeros((len(contexts), total), dtype=torch.bool, device=self.device)
+        for row, (length, prefix_length) in enumerate(zip(lengths, prefix_lengths)):
+            past_mask[row, total - length:] = 1
+            is_passage[row, total - length + prefix_length:] = True
+        for layer_index in range(len(contexts[0])):
+            keys = torch.cat([_left_pad(ctx[layer_index][0], total) for ctx in contexts])
+            values = torch.cat([_left_pad(ctx[layer_index][1], total) for ctx in contexts])
+            cache.update(keys, values, layer_index)
+        parallel_context = ParallelContext(is_passage, self.temperature, self.lse_scale)
+        model = self.model
+
+        def step(ids, mask, positions, cache):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                        logits_to_keep=1, parallel_context=parallel_context)
+            return out.logits[:, -1].float()
+
+        with torch.inference_mode():
+            yield from decode_stream(step, [p.ids for p in prepared], self.tokenizer, config, cache=cache,
+                                     position_offsets=torch.tensor(offsets), past_mask=past_mask, device=self.device)
+
+
+def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - tensor.shape[2]
+    if missing == 0:
+        return tensor
+    return torch.cat([tensor.new_zeros((*tensor.shape[:2], missing, tensor.shape[3])), tensor], dim=2)

@@ -1,0 +1,83 @@
+"""Exactness of the training-free parallel reader on a tiny random decoder (float64)."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from cepe_rag.readers import ConcatReader, GenerationConfig, ParallelReader
+from cepe_rag.readers.parallel import ParallelContext
+from cepe_rag.types import Passage
+
+PASSAGES = [Passage(i, f"Passage {i} is about subject {i * 7} and more words {'x' * i}.", f"T{i}") for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(chat_tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).double().eval()
+
+
+def reader_for(model, tokenizer, **kwargs):
+    return ParallelReader(model, tokenizer, generation=GenerationConfig(max_new_tokens=8), **kwargs)
+
+
+def query_logits(reader, question, passages):
+    """Logits of the question tokens attending to the parallel passage caches."""
+    prefix, chunks, query = reader.pieces(question, passages)
+    merged = reader.encode_passages(prefix, chunks)
+    cache = DynamicCache(config=reader.model.config)
+    for index, (keys, values) in enumerate(merged):
+        cache.update(keys, values, index)
+    total = merged[0][0].shape[2]
+    is_passage = torch.zeros((1, total), dtype=torch.bool)
+    is_passage[:, len(prefix):] = True
+    start = len(prefix) + max(len(c) for c in chunks)
+    positions = torch.arange(start, start + len(query))[None]
+    with torch.inference_mode():
+        return reader.model(input_ids=torch.tensor([query]), position_ids=positions, cache=cache, use_cache=True,
+                            parallel_context=ParallelContext(is_passage, reader.temperature, reader.lse_scale)).logits
+
+
+def test_one_passage_equals_concatenation_in_the_same_position(tiny_model, chat_tokenizer):
+    reader = reader_for(tiny_model, chat_tokenizer)
+    prefix, chunks, query = reader.pieces("What is subject 7?", PASSAGES[1:2])
+    with torch.inference_mode():
+        sequential = tiny_model(input_ids=torch.tensor([prefix + chunks[0] + query])).logits[:, -len(query):]
+    torch.testing.assert_close(query_logits(reader, "What is subject 7?", PASSAGES[1:2]), sequential,
+                               rtol=0, atol=1e-10)
+    concat = ConcatReader(tiny_model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=8))
+    concat_ids = concat.prepare("What is subject 7?", PASSAGES[1:2]).ids
+    assert chat_tokenizer.decode(concat_ids) == chat_tokenizer.decode(prefix + chunks[0] + query)
+
+
+def test_passage_order_does_not_change_the_output(tiny_model, chat_tokenizer):
+    reader = reader_for(tiny_model, chat_tokenizer, temperature=0.8, lse_scale=1.2)
+    forward = query_logits(reader, "q?", PASSAGES)
+    backward = query_logits(reader, "q?", PASSAGES[::-1])
+    torch.testing.assert_close(forward, backward, rtol=0, atol=1e-10)
+    assert reader.answer("q?", PASSAGES).text == reader.answer("q?", PASSAGES[::-1]).text
+
+
+def test_batched_questions_answer_like_single_ones(tiny_model, chat_tokenizer):
+    reader = reader_for(tiny_model, chat_tokenizer)
+    questions = ["first?", "a much longer second question with more tokens?", "third"]
+    passages = [PASSAGES[:2], PASSAGES[2:6], PASSAGES[5:6]]
+    batch = reader.answer_batch(questions, passages)
+    assert [a.text for a in batch] == [reader.answer(q, p).text for q, p in zip(questions, passages)]
+
+
+def test_ape_knobs_change_attention_and_neutral_knobs_equal_sdpa(tiny_model, chat_tokenizer):
+    neutral = query_logits(reader_for(tiny_model, chat_tokenizer), "q?", PASSAGES[:3])
+    sharper = query_logits(reader_for(tiny_model, chat_tokenizer, temperature=0.5), "q?", PASSAGES[:3])
+    scaled = query_logits(reader_for(tiny_model, chat_tokenizer, lse_scale=0.5), "q?", PASSAGES[:3])
+    assert (neutral - sharper).abs().max() > 1e-6 and (neutral - scaled).abs().max() > 1e-6
+    # Without a ParallelContext the registered attention is plain SDPA: the model's logits are unchanged.
+    ids = torch.tensor([chat_tokenizer("plain text")["input_ids"]])
+    with torch.inference_mode():
+        via_parallel_impl = tiny_model(input_ids=ids).logits
+        tiny_model.config._attn_implementation = "sdpa"
+        via_sdpa = tiny_model(input_ids=ids).logits
+    assert torch.equal(via_parallel_impl, via_sdpa)
