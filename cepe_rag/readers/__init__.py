@@ -19,4 +19,5 @@ def make_reader(name: str, model, tokenizer, **kwargs) -> Reader:
     return READERS[name](model, tokenizer, **kwargs)
 
 
-__all__ = ["READERS", "CepeReader", "ClosedBookReader", "ConcatReader", "GenerationConfig", "ParallelReader", "Reader", "make_reader"]
+__all__ = ["READERS", "CepeReader", "ClosedBookReader", "ConcatReader", "GenerationConfig", "ParallelReader", "Reader",
+           "make_reader"]

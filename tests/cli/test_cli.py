@@ -29,7 +29,8 @@ def kubrick_index(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     corpus = root / "corpus"
     corpus.mkdir()
-    (corpus / "film.txt").write_text("2001: A Space Odyssey is a 1968 science fiction film directed by Stanley Kubrick.")
+    (corpus / "film.txt").write_text("2001: A Space Odyssey is a 1968 science fiction film directed by "
+                                     "Stanley Kubrick.")
     (corpus / "tower.txt").write_text("The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889.")
     (corpus / "bad.txt").write_bytes(b"\x00\x00binary")
     result = run_cli("index", corpus, "--index", root / "idx")

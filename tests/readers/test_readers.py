@@ -63,12 +63,11 @@ def test_stop_strings_and_left_padding():
 
 
 def tiny_cepe_reader(model, tokenizer, init_mode, **kwargs):
-    from transformers import BertConfig, BertModel
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
     from cepe_rag.cepe import CepeForCausalLM
     from cepe_rag.models import embedder_path
     from cepe_rag.readers import CepeReader
-    from transformers import AutoTokenizer
 
     torch.manual_seed(3)
     encoder = BertModel(BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48))

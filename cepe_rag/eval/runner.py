@@ -1,0 +1,166 @@
+"""Run questions through retrieval and readers for several k; cached and resumable per run folder.
+
+Layout of a run folder:
+  retrieval.jsonl                 top-max(k) passage ids and scores per question (computed once)
+  predictions/{reader}_k{k}.jsonl one line per answered question, appended as it goes (resume = skip done ids)
+  summary.json, summary.md        metrics per reader and k
+  accuracy_vs_k.png               substring EM and retrieval recall vs k
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cepe_rag.eval.data import QAExample
+from cepe_rag.eval.metrics import answer_in_passages, exact_match, postprocess, substring_match, token_f1
+from cepe_rag.pipelines.rag import Retriever
+from cepe_rag.readers import Reader
+from cepe_rag.types import CepeRagError, Passage
+
+
+def answerable_subset(questions: list[QAExample], retriever: Retriever) -> list[QAExample]:
+    """Questions with a gold answer string somewhere in the indexed corpus."""
+    from cepe_rag.eval.metrics import normalize_answer
+
+    corpus = "\n".join(normalize_answer(text) for (text,) in
+                        retriever.store.db.execute("SELECT title || ' ' || text FROM passages"))
+    return [q for q in questions if any(normalize_answer(a) and normalize_answer(a) in corpus for a in q.answers)]
+
+
+def cached_retrieval(questions: list[QAExample], retriever: Retriever, k: int, path: Path) -> dict[str, list]:
+    """{question id: [(passage id, score), ...]} for the top k, read from `path` or computed and saved."""
+    cached: dict[str, list] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by an interruption: recomputed below
+            if len(record["hits"]) >= min(k, retriever.store.count()):
+                cached[record["id"]] = record["hits"]
+    todo = [q for q in questions if q.id not in cached]
+    with path.open("a") as handle:
+        for start in range(0, len(todo), 256):
+            batch = todo[start:start + 256]
+            for question, passages in zip(batch, retriever.retrieve_batch([q.question for q in batch], k)):
+                cached[question.id] = [(p.id, p.score) for p in passages]
+                handle.write(json.dumps({"id": question.id, "hits": cached[question.id]}) + "\n")
+    return cached
+
+
+def run_eval(questions: list[QAExample], retriever: Retriever, readers: dict[str, Reader], ks: list[int],
+             out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+    out = Path(out_dir)
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    if not questions:
+        raise CepeRagError("no questions to evaluate")
+    hits = cached_retrieval(questions, retriever, max(ks), out / "retrieval.jsonl")
+    texts = retriever.store.passages(sorted({pid for h in hits.values() for pid, _ in h}))
+    rows = []
+    for reader_name, reader in readers.items():
+        for k in ks if reader_name != "closed-book" else [0]:
+            path = out / "predictions" / f"{reader_name}_k{k}.jsonl"
+            done = _read_predictions(path)
+            with path.open("a") as handle:
+                for index, question in enumerate(questions):
+                    if progress:
+                        progress(f"{reader_name} k={k}", index, len(questions))
+                    if question.id in done:
+                        continue
+                    passages = [Passage(**{**texts[pid].__dict__, "score": score})
+                                for pid, score in hits[question.id][:k] if pid in texts]
+                    record = _answer_one(reader, question, passages, k)
+                    done[question.id] = record
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    handle.flush()
+            rows.append(_summarise(reader_name, k, [done[q.id] for q in questions]))
+    write_reports(rows, out)
+    return rows
+
+
+def _answer_one(reader: Reader, question: QAExample, passages: list[Passage], k: int) -> dict:
+    started = time.perf_counter()
+    answer = reader.answer(question.question, passages)
+    latency = time.perf_counter() - started
+    prediction = postprocess(answer.text)
+    return {
+        "id": question.id, "question": question.question, "answers": question.answers,
+        "raw": answer.text, "prediction": prediction,
+        "em": exact_match(prediction, question.answers), "substring_em": substring_match(prediction, question.answers),
+        "f1": token_f1(prediction, question.answers),
+        "recall": float(answer_in_passages([f"{p.title} {p.text}" for p in passages], question.answers)) if k else 0.0,
+        "passages_read": answer.usage.get("passages_read", 0), "prompt_tokens": answer.usage.get("prompt_tokens", 0),
+        "decode_steps": answer.usage.get("decode_steps", 0), "latency_s": latency,
+        "first_token_s": answer.timings.get("first_token_s", 0.0),
+    }
+
+
+def _read_predictions(path: Path) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                done[record["id"]] = record
+            except (json.JSONDecodeError, KeyError):
+                continue  # the line an interruption cut short: that question is answered again
+    return done
+
+
+def _summarise(reader: str, k: int, records: list[dict]) -> dict:
+    n = len(records)
+
+    def mean(key):
+        return sum(r[key] for r in records) / n if n else 0.0
+
+    latency = sum(r["latency_s"] for r in records)
+    return {
+        "reader": reader, "k": k, "n": n,
+        "em": round(100 * mean("em"), 1), "substring_em": round(100 * mean("substring_em"), 1),
+        "f1": round(100 * mean("f1"), 1), "recall_at_k": round(100 * mean("recall"), 1),
+        "latency_s": round(latency / n, 2) if n else 0.0,
+        "tokens_per_s": round(sum(r["decode_steps"] for r in records) / latency, 1) if latency else 0.0,
+        "reader_efficiency": round(mean("substring_em") / mean("recall"), 2) if mean("recall") else None,
+    }
+
+
+def write_reports(rows: list[dict], out: Path) -> None:
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| reader | k | n | EM | substring EM | F1 | recall@k | s/question | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['reader']} | {r['k']} | {r['n']} | {r['em']} | {r['substring_em']} | {r['f1']} | "
+                     f"{r['recall_at_k'] if r['k'] else '–'} | {r['latency_s']} | {r['tokens_per_s']} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, out / "accuracy_vs_k.png")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # plotting is optional (the dev extra installs matplotlib)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for reader in dict.fromkeys(r["reader"] for r in rows):
+        points = sorted((r["k"], r["substring_em"]) for r in rows if r["reader"] == reader)
+        if reader == "closed-book" or len(points) == 1:
+            axis.axhline(points[0][1], linestyle=":", label=f"{reader}", color="gray")
+        else:
+            axis.plot(*zip(*points), marker="o", label=reader)
+    recall = sorted({(r["k"], r["recall_at_k"]) for r in rows if r["k"]})
+    if recall:
+        axis.plot(*zip(*recall), linestyle="--", color="black", label="retrieval recall@k")
+    axis.set_xscale("log")
+    axis.set_xlabel("retrieved passages k")
+    axis.set_ylabel("%")
+    axis.set_title("Substring EM vs k")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

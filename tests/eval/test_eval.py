@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cepe_rag.eval import exact_match, load_questions, normalize_answer, run_eval, substring_match, token_f1
+from cepe_rag.eval.metrics import answer_in_passages, postprocess
+from cepe_rag.eval.runner import answerable_subset
+from cepe_rag.pipelines import Retriever, build_index
+from cepe_rag.readers import ConcatReader, GenerationConfig
+from cepe_rag.types import CepeRagError
+
+
+def test_squad_normalisation_and_metrics():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_answer("An apple, a pear") == "apple pear"
+    assert exact_match("the Stanley Kubrick.", ["Stanley Kubrick"]) == 1.0
+    assert exact_match("Kubrick directed it", ["Stanley Kubrick"]) == 0.0
+    assert substring_match("It was directed by Stanley Kubrick in 1968", ["stanley kubrick"]) == 1.0
+    assert substring_match("Nobody", ["Kubrick"]) == 0.0
+    assert token_f1("Stanley Kubrick", ["Kubrick"]) == pytest.approx(2 / 3)
+    assert token_f1("", ["x"]) == 0.0
+    assert answer_in_passages(["... directed by Stanley Kubrick ..."], ["Stanley Kubrick"])
+    assert postprocess(' "Paris"\nThe capital') == "Paris"
+
+
+def test_load_flashrag_and_nq_open_formats(tmp_path):
+    flashrag = tmp_path / "f.jsonl"
+    flashrag.write_text(json.dumps({"id": "q1", "question": "Who?", "golden_answers": ["A", "B"]}) + "\n")
+    nq = tmp_path / "nq.jsonl"
+    nq.write_text(json.dumps({"question": "What?", "answer": ["C"]}) + "\n" +
+                  json.dumps({"question": "Where?", "answer": ["D"]}) + "\n")
+    assert [(q.id, q.answers) for q in load_questions(str(flashrag))] == [("q1", ["A", "B"])]
+    assert [q.question for q in load_questions(str(nq), limit=1)] == ["What?"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "no question"}) + "\n")
+    with pytest.raises(CepeRagError, match="no question or answers"):
+        load_questions(str(bad))
+
+
+def test_real_nq_open_dev_file_loads():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nq_open" / "NQ-open.dev.jsonl"
+    if not path.exists():
+        pytest.skip("shared data not present")
+    questions = load_questions(str(path))
+    assert len(questions) == 3610 and questions[0].answers
+
+
+class CountingReader(ConcatReader):
+    calls = 0
+
+    def answer(self, question, passages, **kwargs):
+        CountingReader.calls += 1
+        return super().answer(question, passages, **kwargs)
+
+
+def test_run_eval_writes_reports_and_resumes(tmp_path, embedder, chat_tokenizer):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, fact in enumerate(["Kubrick directed 2001.", "Paris is in France.", "Otters swim.", "Rome is old."]):
+        (corpus / f"{i}.txt").write_text(fact)
+    build_index([corpus], tmp_path / "idx", embedder=embedder)
+    retriever = Retriever(tmp_path / "idx", embedder=embedder)
+    questions_file = tmp_path / "q.jsonl"
+    questions_file.write_text("\n".join(json.dumps(q) for q in [
+        {"question": "Who directed 2001?", "answer": ["Kubrick"]},
+        {"question": "Where is Paris?", "answer": ["France"]},
+        {"question": "Capital of Mars?", "answer": ["Olympus"]},
+    ]))
+    questions = load_questions(str(questions_file))
+    assert [q.question for q in answerable_subset(questions, retriever)] == ["Who directed 2001?", "Where is Paris?"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=512)).eval()
+    reader = CountingReader(model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=3, stop_strings=("\n",)))
+    rows = run_eval(questions, retriever, {"concat": reader}, [1, 2], tmp_path / "run")
+    assert CountingReader.calls == 6
+    assert [(r["k"], r["n"]) for r in rows] == [(1, 3), (2, 3)]
+    recall_at_1 = rows[0]["recall_at_k"]
+    assert recall_at_1 == pytest.approx(100 * 2 / 3, abs=0.1)  # the Mars answer is nowhere in the corpus
+    for name in ("summary.json", "summary.md", "accuracy_vs_k.png", "retrieval.jsonl", "predictions/concat_k1.jsonl"):
+        assert (tmp_path / "run" / name).exists()
+
+    # Interrupted mid-file: a cut last line is redone, finished questions are not.
+    predictions = tmp_path / "run" / "predictions" / "concat_k2.jsonl"
+    lines = predictions.read_text().splitlines()
+    predictions.write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
+    again = run_eval(questions, retriever, {"concat": reader}, [1, 2], tmp_path / "run")
+    assert CountingReader.calls == 7
+    metrics = ("reader", "k", "n", "em", "substring_em", "f1", "recall_at_k")
+    assert [{m: r[m] for m in metrics} for r in again] == [{m: r[m] for m in metrics} for r in rows]
