@@ -111,12 +111,15 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     index_dir: IndexOption = DEFAULT_INDEX,
     k: Annotated[int, typer.Option("--k", help="Passages to retrieve.")] = 20,
-    reader: Annotated[str, typer.Option(help="concat, closed-book, or cepe (needs --cepe-model).")] = "concat",
+    reader: Annotated[str, typer.Option(help="concat, parallel, closed-book, or cepe (needs --cepe-model).")] = (
+        "concat"),
     decoder: Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")] = DEFAULT_DECODER,
     cepe_model: Annotated[str | None, typer.Option(help="CEPE checkpoint (folder or hub id) for --reader cepe; "
                                                     "it includes its own decoder.")] = None,
     n_prompt_passages: Annotated[int, typer.Option(help="cepe: top passages put in the prompt; the rest go "
                                                         "through the encoder.")] = 0,
+    ape_temperature: Annotated[float, typer.Option(help="parallel: attention temperature on passage tokens.")] = 1.0,
+    ape_scale: Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = 96,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result instead of streaming.")] = False,
@@ -151,7 +154,8 @@ def ask(
                              n_decoder_passages=n_prompt_passages)
     else:
         model, tokenizer = load_decoder(decoder, device=device)
-        chosen = make_reader(reader, model, tokenizer, generation=generation)
+        chosen = make_reader(reader, model, tokenizer, generation=generation,
+                             **reader_options(reader, ape_temperature, ape_scale))
     pipeline = RagPipeline(retriever, chosen)
     load_s = time.perf_counter() - started
 
@@ -179,6 +183,10 @@ def ask(
                   f"{answer.usage['passages_read']} of {answer.usage['passages_retrieved']} passages read[/]")
 
 
+def reader_options(name: str, ape_temperature: float, ape_scale: float) -> dict:
+    return {"temperature": ape_temperature, "lse_scale": ape_scale} if name == "parallel" else {}
+
+
 def main() -> None:
     try:
         app()
@@ -204,6 +212,8 @@ def evaluate(
     decoder: Annotated[str, typer.Option(help="Chat decoder.")] = DEFAULT_DECODER,
     cepe_model: Annotated[str | None, typer.Option(help="CEPE checkpoint for the cepe reader.")] = None,
     n_prompt_passages: Annotated[int, typer.Option(help="cepe: top passages in the prompt.")] = 0,
+    ape_temperature: Annotated[float, typer.Option(help="parallel: attention temperature on passage tokens.")] = 1.0,
+    ape_scale: Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (the paper: 25).")] = 25,
     split: Annotated[str, typer.Option(help="Split, for hub datasets.")] = "validation",
 ) -> None:
@@ -239,7 +249,8 @@ def evaluate(
         else:
             if model is None:
                 model, tokenizer = load_decoder(decoder, device=device)
-            built[name] = make_reader(name, model, tokenizer, generation=generation)
+            built[name] = make_reader(name, model, tokenizer, generation=generation,
+                                      **reader_options(name, ape_temperature, ape_scale))
     console.print(f"{len(examples)} questions · readers {', '.join(names)} · k {ks} · run folder {out}")
     with Progress(console=console) as progress:
         task = progress.add_task("answering", total=None)

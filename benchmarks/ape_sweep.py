@@ -1,0 +1,44 @@
+"""Sweep APE's knobs (attention temperature, context log-sum-exp scale) for the parallel reader on the QA harness.
+
+    python benchmarks/ape_sweep.py --index indexes/default --limit 60 --k 20 --out runs/ape_sweep
+
+Questions: NQ-open dev, answer-in-corpus subset, first --limit; greedy, <= 25 new tokens, cut at the
+first newline. Concat and closed-book run on the same questions for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cepe_rag.eval import answerable_subset, load_questions, run_eval
+from cepe_rag.models import load_decoder
+from cepe_rag.pipelines import Retriever
+from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig, ParallelReader
+
+NQ_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq_open" / "NQ-open.dev.jsonl"
+SETTINGS = [(1.0, 1.0), (0.8, 1.0), (1.0, 0.8), (1.0, 0.6), (0.8, 0.6)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--index", default="indexes/default")
+    parser.add_argument("--questions", default=str(NQ_DEV))
+    parser.add_argument("--limit", type=int, default=60)
+    parser.add_argument("--k", default="20")
+    parser.add_argument("--out", default="runs/ape_sweep")
+    args = parser.parse_args()
+    retriever = Retriever(args.index)
+    questions = answerable_subset(load_questions(args.questions), retriever)[: args.limit]
+    model, tokenizer = load_decoder()
+    generation = GenerationConfig(max_new_tokens=25, stop_strings=("\n",))
+    readers = {f"parallel-T{t}-S{s}": ParallelReader(model, tokenizer, temperature=t, lse_scale=s,
+                                                     generation=generation) for t, s in SETTINGS}
+    readers["concat"] = ConcatReader(model, tokenizer, generation=generation)
+    readers["closed-book"] = ClosedBookReader(model, tokenizer, generation=generation)
+    run_eval(questions, retriever, readers, [int(k) for k in args.k.split(",")], args.out)
+    print((Path(args.out) / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
