@@ -323,7 +323,8 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
     if not create and not path.exists():
         raise CepeRagError(f"{path} is missing: the index folder is incomplete")
     try:
-        db = sqlite3.connect(path)
+        # Shared across threads for reads (async LangChain calls run in an executor); writes stay on one thread.
+        db = sqlite3.connect(path, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA foreign_keys=ON")
         if create:

@@ -1,0 +1,238 @@
+"""LangChain adapters: an LLM, a chat model and a retriever over cepe-rag (langchain-core 1.x).
+
+Passages travel as a `contexts=` keyword (or `.bind(contexts=...)`), never inside the prompt text, so
+the reader can encode them however it reads them (in parallel, through CEPE's encoder, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForLLMRun, CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
+from langchain_core.language_models import BaseChatModel, BaseLLM
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk, LLMResult
+from langchain_core.retrievers import BaseRetriever
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from cepe_rag.models import DEFAULT_DECODER
+from cepe_rag.readers import GenerationConfig, Reader, make_reader
+from cepe_rag.readers.base import SYSTEM_PROMPT
+from cepe_rag.types import Passage
+
+ContextLike = str | Document | Passage
+
+
+@lru_cache(maxsize=4)
+def _load_decoder(decoder: str, device: str | None):
+    from cepe_rag.models import default_device, load_decoder
+
+    return load_decoder(decoder, device=device or default_device())
+
+
+@lru_cache(maxsize=4)
+def _load_cepe(path: str, device: str | None):
+    from cepe_rag.cepe import CepeForCausalLM
+    from cepe_rag.models import default_device
+
+    return CepeForCausalLM.from_pretrained(path, device=device or default_device())
+
+
+@lru_cache(maxsize=8)
+def _load_retriever(index: str, embedder: str | None):
+    from cepe_rag.models import load_embedder
+    from cepe_rag.pipelines import Retriever
+
+    return Retriever(index, embedder=load_embedder(embedder) if embedder else None)
+
+
+def to_passages(contexts: Sequence[ContextLike]) -> list[Passage]:
+    passages = []
+    for position, context in enumerate(contexts):
+        if isinstance(context, Passage):
+            passages.append(context)
+        elif isinstance(context, Document):
+            meta = context.metadata or {}
+            passages.append(Passage(id=meta.get("id", position), text=context.page_content,
+                                    title=str(meta.get("title", "")), source=str(meta.get("source", "")),
+                                    score=float(meta.get("score", 0.0))))
+        else:
+            passages.append(Passage(id=position, text=str(context)))
+    return passages
+
+
+def to_documents(passages: Sequence[Passage]) -> list[Document]:
+    return [Document(page_content=p.text, metadata={"id": p.id, "title": p.title, "source": p.source,
+                                                    "score": p.score}) for p in passages]
+
+
+class CepeRetriever(BaseRetriever):
+    """Dense retrieval over a cepe-rag index folder; scores and sources in each Document's metadata."""
+
+    index: str
+    k: int = 20
+    embedder: str | None = None
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
+                                k: int | None = None) -> list[Document]:
+        return to_documents(_load_retriever(str(self.index), self.embedder).retrieve(query, k or self.k))
+
+
+class CepeLLM(BaseLLM):
+    """A frozen decoder reading retrieved passages with one of cepe-rag's readers."""
+
+    decoder: str = DEFAULT_DECODER
+    reader: str = "concat"
+    cepe_model: str | None = None
+    n_prompt_passages: int = 0
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    system_prompt: str = SYSTEM_PROMPT
+    retriever: BaseRetriever | None = None
+    k: int = 20
+    device: str | None = None
+    timeout: float | None = Field(default=None, description="Accepted for interface compatibility; unused.")
+    max_retries: int = Field(default=0, description="Accepted for interface compatibility; unused.")
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    @classmethod
+    def from_model_id(cls, model_id: str = DEFAULT_DECODER, **kwargs: Any) -> CepeLLM:
+        return cls(decoder=model_id, **kwargs)
+
+    @classmethod
+    def from_index(cls, index: str, *, k: int = 20, embedder: str | None = None, **kwargs: Any) -> CepeLLM:
+        return cls(retriever=CepeRetriever(index=str(index), k=k, embedder=embedder), k=k, **kwargs)
+
+    @property
+    def _llm_type(self) -> str:
+        return "cepe-rag"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"decoder": self.decoder, "reader": self.reader, "cepe_model": self.cepe_model,
+                "max_tokens": self.max_tokens, "temperature": self.temperature, "k": self.k}
+
+    def make_reader(self, system_prompt: str | None = None) -> Reader:
+        generation = GenerationConfig(max_new_tokens=self.max_tokens, temperature=self.temperature,
+                                      top_p=self.top_p, seed=self.seed)
+        if self.reader == "cepe":
+            if self.cepe_model is None:
+                raise ValueError("reader='cepe' needs cepe_model=")
+            model = _load_cepe(self.cepe_model, self.device)
+            return make_reader("cepe", model, model.decoder_tokenizer, generation=generation,
+                               system_prompt=system_prompt or self.system_prompt,
+                               n_decoder_passages=self.n_prompt_passages)
+        model, tokenizer = _load_decoder(self.decoder, self.device)
+        return make_reader(self.reader, model, tokenizer, generation=generation,
+                           system_prompt=system_prompt or self.system_prompt)
+
+    def passages_for(self, prompt: str, contexts: Sequence[ContextLike] | None) -> list[Passage]:
+        if contexts is not None:
+            return to_passages(contexts)
+        if self.retriever is not None and self.reader != "closed-book":
+            return to_passages(self.retriever.invoke(prompt, k=self.k) if isinstance(self.retriever, CepeRetriever)
+                               else self.retriever.invoke(prompt)[: self.k])
+        return []
+
+    def _config(self, stop: list[str] | None) -> dict[str, Any]:
+        stops = tuple(stop if stop is not None else (self.stop or []))
+        return {"stop_strings": stops}
+
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, *,
+                  contexts: Sequence[ContextLike] | None = None, **kwargs: Any) -> LLMResult:
+        reader = self.make_reader(kwargs.get("system_prompt"))
+        passages = [self.passages_for(p, contexts) for p in prompts]
+        answers = reader.answer_batch(prompts, passages, **self._config(stop))
+        return LLMResult(generations=[[GenerationChunk(text=a.text, generation_info={
+            "sources": [p.source for p in a.passages], "passages_read": a.usage.get("passages_read", 0),
+            "timings": a.timings})] for a in answers])
+
+    def _stream(self, prompt: str, stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, *,
+                contexts: Sequence[ContextLike] | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+        reader = self.make_reader(kwargs.get("system_prompt"))
+        for delta in reader.stream(prompt, self.passages_for(prompt, contexts), **self._config(stop)):
+            chunk = GenerationChunk(text=delta)
+            if run_manager:
+                run_manager.on_llm_new_token(delta, chunk=chunk)
+            yield chunk
+
+
+class ChatCepe(BaseChatModel):
+    """Chat model over CepeLLM: system messages become the system prompt, earlier turns a transcript."""
+
+    llm: CepeLLM = Field(default_factory=CepeLLM)
+    _last_usage: dict = PrivateAttr(default_factory=dict)
+
+    def __init__(self, llm: CepeLLM | None = None, **kwargs: Any):
+        # Standard chat-model parameters (temperature, max_tokens, stop, ...) configure the wrapped LLM.
+        llm_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in CepeLLM.model_fields}
+        super().__init__(llm=llm or CepeLLM(**llm_fields), **kwargs)
+
+    @property
+    def _llm_type(self) -> str:
+        return "cepe-rag-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return self.llm._identifying_params
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params.update(ls_provider="cepe-rag", ls_model_name=kwargs.get("model") or self.llm.cepe_model or self.llm.decoder,
+                      ls_temperature=self.llm.temperature, ls_max_tokens=self.llm.max_tokens)
+        if stop or self.llm.stop:
+            params["ls_stop"] = stop or self.llm.stop
+        return params
+
+    @staticmethod
+    def split_messages(messages: list[BaseMessage]) -> tuple[str | None, str]:
+        system = "\n".join(str(m.content) for m in messages if isinstance(m, SystemMessage)) or None
+        turns = [m for m in messages if not isinstance(m, SystemMessage)]
+        if not turns:
+            return system, ""
+        *history, last = turns
+        transcript = "".join(f"{'User' if isinstance(m, HumanMessage) else 'Assistant'}: {m.text}\n"
+                             for m in history)
+        question = last.text
+        return system, (f"Conversation so far:\n{transcript}\n{question}" if transcript else question)
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: Any = None, **kwargs: Any) -> ChatResult:
+        system, question = self.split_messages(messages)
+        result = self.llm._generate([question], stop=stop, system_prompt=system, **kwargs)
+        generation = result.generations[0][0]
+        message = AIMessage(content=generation.text, response_metadata=generation.generation_info or {})
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: Any = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        system, question = self.split_messages(messages)
+        for chunk in self.llm._stream(question, stop=stop, system_prompt=system, **kwargs):
+            message_chunk = ChatGenerationChunk(message=AIMessageChunk(content=chunk.text))
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=message_chunk)
+            yield message_chunk
+
+
+def rag_chain(retriever: BaseRetriever, llm: CepeLLM | ChatCepe) -> Runnable:
+    """question -> {"answer", "source_documents"}: retrieval by `retriever`, reading by `llm` (contexts kwarg)."""
+
+    def read(inputs: dict) -> dict:
+        answer = llm.invoke(inputs["question"], contexts=inputs["source_documents"])
+        return {"answer": answer.text if isinstance(answer, BaseMessage) else answer,
+                "source_documents": inputs["source_documents"]}
+
+    return RunnableParallel(question=RunnablePassthrough(), source_documents=retriever) | RunnableLambda(read)
+
+
+__all__ = ["CepeLLM", "CepeRetriever", "ChatCepe", "rag_chain", "to_documents", "to_passages"]
