@@ -76,10 +76,15 @@ def load_decoder(name: str = DEFAULT_DECODER, *, device: str = "cpu", dtype=None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = decoder_path(name)
+    extra = {}
+    on_gpu = str(device).startswith("cuda")
+    if on_gpu and importlib.util.find_spec("flash_attn") is not None:
+        extra["attn_implementation"] = "flash_attention_2"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+            path, dtype=dtype or (torch.bfloat16 if on_gpu else torch.float32), trust_remote_code=trust_remote_code,
+            **extra,
         )
     except OSError as error:
         raise CepeRagError(f"cannot load decoder {name!r}: {str(error).splitlines()[0]}") from error

@@ -159,6 +159,8 @@ class IndexStore:
             raise CepeRagError(f"{path} holds {index.d}-d vectors, the manifest says {self.manifest.dimension}")
         _set_search_defaults(index)
         self._faiss = index
+        if required:
+            self._faiss = _on_gpu_if_available(index)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -348,6 +350,16 @@ def _set_search_defaults(index: faiss.Index) -> None:
     except RuntimeError:
         return
     ivf.nprobe = min(ivf.nlist, 32)
+
+
+def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:
+    """Search on the GPUs when faiss-gpu is installed and sees one; otherwise (or if it fails) on the CPU."""
+    if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except RuntimeError:  # not every index type has a GPU version
+        return index
 
 
 def _validate_factory(factory: str, dimension: int) -> None:

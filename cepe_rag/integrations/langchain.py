@@ -188,7 +188,8 @@ class ChatCepe(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
         params = super()._get_ls_params(stop=stop, **kwargs)
-        params.update(ls_provider="cepe-rag", ls_model_name=kwargs.get("model") or self.llm.cepe_model or self.llm.decoder,
+        model_name = kwargs.get("model") or self.llm.cepe_model or self.llm.decoder
+        params.update(ls_provider="cepe-rag", ls_model_name=model_name,
                       ls_temperature=self.llm.temperature, ls_max_tokens=self.llm.max_tokens)
         if stop or self.llm.stop:
             params["ls_stop"] = stop or self.llm.stop

@@ -67,6 +67,14 @@ def test_bad_files_are_skipped_with_warnings(tmp_path):
     assert "bad.json: malformed JSON" in warnings
 
 
+def test_dangling_symlink_is_skipped_as_unreadable(tmp_path):
+    (tmp_path / "ok.txt").write_text("fine")
+    os.symlink(tmp_path / "gone.txt", tmp_path / "dangling.txt")
+    docs, report = load(tmp_path)
+    assert [d.text for d in docs] == ["fine"]
+    assert len(report.skipped) == 1 and "dangling.txt" in report.skipped[0]
+
+
 def test_unreadable_file_is_skipped(tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root reads files whatever their permissions")

@@ -19,8 +19,9 @@ def small_index() -> str:
 
     folder = Path(tempfile.mkdtemp(prefix="cepe-lc-"))
     (folder / "corpus").mkdir()
-    for i, fact in enumerate(["Stanley Kubrick directed 2001: A Space Odyssey.", "Paris is the capital of France.",
-                              "Otters are semiaquatic mammals.", "The Nile flows north.", "Rome was founded in 753 BC."]):
+    facts = ["Stanley Kubrick directed 2001: A Space Odyssey.", "Paris is the capital of France.",
+             "Otters are semiaquatic mammals.", "The Nile flows north.", "Rome was founded in 753 BC."]
+    for i, fact in enumerate(facts):
         (folder / "corpus" / f"{i}.txt").write_text(fact)
     build_index([folder / "corpus"], folder / "index")
     return str(folder / "index")
