@@ -2,22 +2,19 @@
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 from cepe_rag.readers import ConcatReader, GenerationConfig, ParallelReader
 from cepe_rag.readers.parallel import ParallelContext
 from cepe_rag.types import Passage
+from tests.readers.conftest import tiny_chat_llama
 
 PASSAGES = [Passage(i, f"Passage {i} is about subject {i * 7} and more words {'x' * i}.", f"T{i}") for i in range(6)]
 
 
 @pytest.fixture(scope="module")
 def tiny_model(chat_tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True)
-    return LlamaForCausalLM(config).double().eval()
+    return tiny_chat_llama(chat_tokenizer, max_position_embeddings=1024).double()
 
 
 def reader_for(model, tokenizer, **kwargs):

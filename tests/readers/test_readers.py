@@ -1,19 +1,16 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig
 from cepe_rag.readers.generation import _stop_index, left_pad
 from cepe_rag.types import CepeRagError, Passage
+from tests.readers.conftest import tiny_chat_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_chat_model(chat_tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
+    return tiny_chat_llama(chat_tokenizer)
 
 
 PASSAGES = [Passage(i, f"Passage number {i} says something about topic {i}.", f"Title {i}") for i in range(40)]
