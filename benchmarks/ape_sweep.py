@@ -17,7 +17,7 @@ from cepe_rag.pipelines import Retriever
 from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig, ParallelReader
 
 NQ_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq_open" / "NQ-open.dev.jsonl"
-SETTINGS = [(1.0, 1.0), (0.8, 1.0), (1.0, 0.8), (1.0, 0.6), (0.8, 0.6)]
+SETTINGS = [(1.0, 1.0), (0.8, 1.0), (1.0, 0.8), (1.0, 0.6), (0.8, 0.6), (1.0, 0.4)]
 
 
 def main() -> None:

@@ -111,15 +111,15 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     index_dir: IndexOption = DEFAULT_INDEX,
     k: Annotated[int, typer.Option("--k", help="Passages to retrieve.")] = 20,
-    reader: Annotated[str, typer.Option(help="concat, parallel, closed-book, or cepe (needs --cepe-model).")] = (
-        "concat"),
+    reader: Annotated[str, typer.Option(help="parallel, concat, closed-book, or cepe (needs --cepe-model).")] = (
+        "parallel"),
     decoder: Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")] = DEFAULT_DECODER,
     cepe_model: Annotated[str | None, typer.Option(help="CEPE checkpoint (folder or hub id) for --reader cepe; "
                                                     "it includes its own decoder.")] = None,
     n_prompt_passages: Annotated[int, typer.Option(help="cepe: top passages put in the prompt; the rest go "
                                                         "through the encoder.")] = 0,
     ape_temperature: Annotated[float, typer.Option(help="parallel: attention temperature on passage tokens.")] = 1.0,
-    ape_scale: Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")] = 1.0,
+    ape_scale: Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")] = 0.6,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = 96,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result instead of streaming.")] = False,
@@ -213,7 +213,7 @@ def evaluate(
     cepe_model: Annotated[str | None, typer.Option(help="CEPE checkpoint for the cepe reader.")] = None,
     n_prompt_passages: Annotated[int, typer.Option(help="cepe: top passages in the prompt.")] = 0,
     ape_temperature: Annotated[float, typer.Option(help="parallel: attention temperature on passage tokens.")] = 1.0,
-    ape_scale: Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")] = 1.0,
+    ape_scale: Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")] = 0.6,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (the paper: 25).")] = 25,
     split: Annotated[str, typer.Option(help="Split, for hub datasets.")] = "validation",
 ) -> None:

@@ -86,7 +86,7 @@ class CepeLLM(BaseLLM):
     """A frozen decoder reading retrieved passages with one of cepe-rag's readers."""
 
     decoder: str = DEFAULT_DECODER
-    reader: str = "concat"
+    reader: str = "parallel"
     cepe_model: str | None = None
     n_prompt_passages: int = 0
     max_tokens: int = 256

@@ -74,7 +74,9 @@ class ParallelReader(Reader):
 
     name = "parallel"
 
-    def __init__(self, model, tokenizer, *, temperature: float = 1.0, lse_scale: float = 1.0,
+    # lse_scale 0.6: best of the settings swept on the QA harness (benchmarks/results/ape_sweep_k20.md);
+    # without it (1.0) 20 passages swamp the prompt and SmolLM2 answers "The answer is:" and stops.
+    def __init__(self, model, tokenizer, *, temperature: float = 1.0, lse_scale: float = 0.6,
                  max_passage_tokens: int = 512, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
         self.temperature = temperature
@@ -131,29 +133,39 @@ class ParallelReader(Reader):
             merged.append((torch.cat([prefix_keys, flat_keys], 2), torch.cat([prefix_values, flat_values], 2)))
         return merged
 
-    def _stream_prepared(self, questions, passages, prepared: list[PreparedPrompt],
-                         config: GenerationConfig) -> Iterator[list[str]]:
-        contexts, offsets, prefix_lengths = [], [], []
+    def parallel_cache(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]):
+        """KV caches of every request's prefix + passages, left-padded to one batch.
+
+        Returns (cache, past_mask, position_offsets, ParallelContext). APE's knobs only act on requests
+        with two or more passages: with one, parallel reading is exactly concatenation.
+        """
+        contexts, offsets, prefix_lengths, counts = [], [], [], []
         for question, request_passages in zip(questions, passages):
             prefix, chunks, _ = self.pieces(question, request_passages)
             contexts.append(self.encode_passages(prefix, chunks))
             # Every passage sits at positions after the prefix; the question follows the longest one.
             offsets.append(len(prefix) + max((len(c) for c in chunks), default=0))
             prefix_lengths.append(len(prefix))
-        # Requests have different context lengths: left-pad their caches, masked out.
+            counts.append(sum(1 for c in chunks if c))
         lengths = [ctx[0][0].shape[2] for ctx in contexts]
         total = max(lengths)
         cache = DynamicCache(config=self.model.config)
         past_mask = torch.zeros((len(contexts), total), dtype=torch.long, device=self.device)
         is_passage = torch.zeros((len(contexts), total), dtype=torch.bool, device=self.device)
-        for row, (length, prefix_length) in enumerate(zip(lengths, prefix_lengths)):
+        for row, (length, prefix_length, count) in enumerate(zip(lengths, prefix_lengths, counts)):
             past_mask[row, total - length:] = 1
-            is_passage[row, total - length + prefix_length:] = True
+            if count > 1:
+                is_passage[row, total - length + prefix_length:] = True
         for layer_index in range(len(contexts[0])):
             keys = torch.cat([_left_pad(ctx[layer_index][0], total) for ctx in contexts])
             values = torch.cat([_left_pad(ctx[layer_index][1], total) for ctx in contexts])
             cache.update(keys, values, layer_index)
-        parallel_context = ParallelContext(is_passage, self.temperature, self.lse_scale)
+        context = ParallelContext(is_passage, self.temperature, self.lse_scale)
+        return cache, past_mask, torch.tensor(offsets), context
+
+    def _stream_prepared(self, questions, passages, prepared: list[PreparedPrompt],
+                         config: GenerationConfig) -> Iterator[list[str]]:
+        cache, past_mask, offsets, parallel_context = self.parallel_cache(questions, passages)
         model = self.model
 
         def step(ids, mask, positions, cache):
@@ -163,7 +175,7 @@ class ParallelReader(Reader):
 
         with torch.inference_mode():
             yield from decode_stream(step, [p.ids for p in prepared], self.tokenizer, config, cache=cache,
-                                     position_offsets=torch.tensor(offsets), past_mask=past_mask, device=self.device)
+                                     position_offsets=offsets, past_mask=past_mask, device=self.device)
 
 
 def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:

@@ -46,7 +46,7 @@ def test_ask_answers_with_sources_as_json(kubrick_index):
     answer = json.loads(result.stdout)
     assert "Kubrick" in answer["text"]
     assert answer["passages"][0]["source"].endswith("film.txt")
-    assert answer["reader"] == "concat"
+    assert answer["reader"] == "parallel"
     assert {"retrieval_s", "first_token_s", "total_s"} <= set(answer["timings"])
 
 

@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from cepe_rag.readers import ConcatReader, GenerationConfig, ParallelReader
-from cepe_rag.readers.parallel import ParallelContext
 from cepe_rag.types import Passage
 from tests.readers.conftest import tiny_chat_llama
 
@@ -23,23 +21,17 @@ def reader_for(model, tokenizer, **kwargs):
 
 def query_logits(reader, question, passages):
     """Logits of the question tokens attending to the parallel passage caches."""
-    prefix, chunks, query = reader.pieces(question, passages)
-    merged = reader.encode_passages(prefix, chunks)
-    cache = DynamicCache(config=reader.model.config)
-    for index, (keys, values) in enumerate(merged):
-        cache.update(keys, values, index)
-    total = merged[0][0].shape[2]
-    is_passage = torch.zeros((1, total), dtype=torch.bool)
-    is_passage[:, len(prefix):] = True
-    start = len(prefix) + max(len(c) for c in chunks)
-    positions = torch.arange(start, start + len(query))[None]
+    cache, past_mask, offsets, context = reader.parallel_cache([question], [passages])
+    query = reader.pieces(question, passages)[2]
+    positions = torch.arange(len(query))[None] + offsets[:, None]
+    mask = torch.cat([past_mask, torch.ones((1, len(query)), dtype=torch.long)], dim=-1)
     with torch.inference_mode():
-        return reader.model(input_ids=torch.tensor([query]), position_ids=positions, cache=cache, use_cache=True,
-                            parallel_context=ParallelContext(is_passage, reader.temperature, reader.lse_scale)).logits
+        return reader.model(input_ids=torch.tensor([query]), attention_mask=mask, position_ids=positions,
+                            cache=cache, use_cache=True, parallel_context=context).logits
 
 
 def test_one_passage_equals_concatenation_in_the_same_position(tiny_model, chat_tokenizer):
-    reader = reader_for(tiny_model, chat_tokenizer)
+    reader = reader_for(tiny_model, chat_tokenizer)  # default knobs: they act only from two passages on
     prefix, chunks, query = reader.pieces("What is subject 7?", PASSAGES[1:2])
     with torch.inference_mode():
         sequential = tiny_model(input_ids=torch.tensor([prefix + chunks[0] + query])).logits[:, -len(query):]
@@ -67,7 +59,7 @@ def test_batched_questions_answer_like_single_ones(tiny_model, chat_tokenizer):
 
 
 def test_ape_knobs_change_attention_and_neutral_knobs_equal_sdpa(tiny_model, chat_tokenizer):
-    neutral = query_logits(reader_for(tiny_model, chat_tokenizer), "q?", PASSAGES[:3])
+    neutral = query_logits(reader_for(tiny_model, chat_tokenizer, lse_scale=1.0), "q?", PASSAGES[:3])
     sharper = query_logits(reader_for(tiny_model, chat_tokenizer, temperature=0.5), "q?", PASSAGES[:3])
     scaled = query_logits(reader_for(tiny_model, chat_tokenizer, lse_scale=0.5), "q?", PASSAGES[:3])
     assert (neutral - sharper).abs().max() > 1e-6 and (neutral - scaled).abs().max() > 1e-6
