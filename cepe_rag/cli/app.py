@@ -21,6 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Retrieval-augmented generation that reads many passages through CEPE.")
 console = Console(stderr=True, soft_wrap=True)  # one message, one line
 DEFAULT_INDEX = Path("indexes/default")
+BENCH_METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "parallel", "concat")
 
 IndexOption = Annotated[Path, typer.Option("--index", help="Index folder.")]
 
@@ -262,3 +263,39 @@ def evaluate(
     Console().print((out / "summary.md").read_text())
     console.print(f"predictions, summary.json and accuracy_vs_k.png in {out}")
     del rows
+
+
+@app.command()
+def bench(
+    methods: Annotated[str, typer.Option(help="Comma-separated: cepe, cepe-precomputed, cepe-recompute, "
+                                              "parallel, concat.")] = ",".join(BENCH_METHODS),
+    k: Annotated[str, typer.Option("--k", help="Comma-separated passage counts (128 tokens each).")] = (
+        "1,10,50,100,500,1000"),
+    model: Annotated[str, typer.Option(help="default (SmolLM2-135M + MiniLM) or 7b (LLaMA-2-7B shapes, "
+                                            "random weights).")] = "default",
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 (CPU default) or bfloat16 (GPU default).")] = None,
+    max_concat_tokens: Annotated[int, typer.Option(help="Skip concat above this many context tokens.")] = 16384,
+    max_parallel_k: Annotated[int, typer.Option(help="Skip parallel above this many passages.")] = 500,
+    out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md and bench.png.")] = Path("runs/bench"),
+) -> None:
+    """Time to first token, decode speed and memory of every reader as the context grows."""
+    from cepe_rag.bench import METHODS, run_all, write_reports
+    from cepe_rag.bench.speed import TABLE_HEADER
+    from cepe_rag.models import default_device
+
+    _quiet_libraries()
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise CepeRagError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    device = device or default_device()
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    print(TABLE_HEADER, flush=True)
+    result = run_all(chosen, sorted({int(x) for x in k.split(",")}), model=model, device=device, dtype=dtype,
+                     max_concat_tokens=max_concat_tokens, max_parallel_k=max_parallel_k,
+                     log=lambda line: print(line, flush=True))
+    write_reports(result, out)
+    for name, value in result["ratios"].items():
+        print(f"{name}: {value}")
+    console.print(f"bench.json, bench.md and bench.png in {out}")

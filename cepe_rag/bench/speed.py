@@ -1,0 +1,289 @@
+"""Speed and memory of the readers at growing context: time to first token, decode ms/token, tokens/s, memory.
+
+Each (method, k) runs in a fresh subprocess so that its peak memory is its own: process RSS on CPU,
+`torch.cuda.max_memory_allocated` on GPU, minus what the loaded models hold. Passages are random token
+ids (speed does not depend on their content), 128 tokens each; cross-attention weights are random.
+
+Methods:
+  cepe              encoder states computed on the fly, cross-attention K/V computed once
+  cepe-precomputed  encoder states given (as an index would store them), K/V computed once
+  cepe-recompute    encoder states given, K/V re-projected at every step (the reference code)
+  parallel          training-free parallel encoding with the decoder (batched passage prefill)
+  concat            everything in the prompt (one causal prefill)
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "parallel", "concat")
+PASSAGE_TOKENS = 128
+QUESTION_TOKENS = 32
+
+
+@dataclass
+class BenchConfig:
+    method: str
+    k: int
+    answer_tokens: int = 32
+    model: str = "default"  # "default": SmolLM2-135M + MiniLM; "7b": LLaMA-2-7B + LLaMA-MLM-Large shapes, random
+    device: str = "cpu"
+    dtype: str = "float32"
+    cross_layers: int | None = None
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_models(config: BenchConfig):
+    """(CepeForCausalLM, vocab size): real default weights, or random 7B-shaped ones."""
+    from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+
+    from cepe_rag.cepe import CepeForCausalLM, build_encoder
+    from cepe_rag.models import embedder_path, load_decoder
+
+    dtype = getattr(torch, config.dtype)
+    if config.model == "7b":
+        decoder_config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                     max_position_embeddings=4096)
+        if config.device.startswith("cuda"):
+            try:
+                import flash_attn  # noqa: F401
+
+                decoder_config._attn_implementation = "flash_attention_2"
+            except ImportError:
+                pass
+        with torch.device(config.device):
+            decoder = LlamaForCausalLM(decoder_config).to(dtype)
+            encoder = build_encoder(LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                num_attention_heads=16, num_key_value_heads=16, vocab_size=32001,
+                                                max_position_embeddings=512).to_dict()).to(dtype)
+    else:
+        decoder, _ = load_decoder(device=config.device, dtype=dtype)
+        encoder = AutoModel.from_pretrained(embedder_path(), dtype=dtype).to(config.device)
+    model = CepeForCausalLM(decoder.eval(), encoder.eval(), num_cross_attn_layers=config.cross_layers,
+                            init_mode="copy").to(config.device).eval().requires_grad_(False)
+    return model, decoder.config.vocab_size, encoder.config.vocab_size
+
+
+def run_one(config: BenchConfig) -> dict:
+    """Measure one method at one k in this process."""
+    from transformers import DynamicCache
+
+    from cepe_rag.readers.parallel import ParallelContext, ParallelReader
+
+    torch.manual_seed(0)
+    on_gpu = config.device.startswith("cuda")
+    model, vocab, encoder_vocab = build_models(config)
+    with torch.inference_mode():  # warm-up: first calls initialise kernels and allocator pools
+        warm = torch.randint(0, min(vocab, encoder_vocab), (1, 8), device=config.device)
+        states = model.encode_token_chunks(warm.tolist())
+        model(input_ids=warm, cross_context=model.context_from_states([states]))
+        model(input_ids=warm)
+        del warm, states
+    gc.collect()
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _rss_mib()
+    device = config.device
+    question = torch.randint(0, vocab, (1, QUESTION_TOKENS), device=device)
+    passages = torch.randint(0, vocab, (config.k, PASSAGE_TOKENS), device=device)
+    encoder_passages = torch.randint(0, encoder_vocab, (config.k, PASSAGE_TOKENS), device=device)
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    precomputed = None
+    if config.method in ("cepe-precomputed", "cepe-recompute"):
+        with torch.inference_mode():  # done at index time, outside the timed request
+            precomputed = [list(model.encode_token_chunks(encoder_passages.tolist()))]
+        gc.collect()
+        if not on_gpu:
+            base = _rss_mib()
+
+    cache = DynamicCache(config=model.config)
+    extra: dict = {}
+    step_times: list[float] = []
+    with torch.inference_mode():
+        sync()
+        started = time.perf_counter()
+        if config.method.startswith("cepe"):
+            states = precomputed or [list(model.encode_token_chunks(encoder_passages.tolist()))]
+            extra["cross_context"] = model.context_from_states(states, cache_kv=config.method != "cepe-recompute")
+            ids, positions = question, torch.arange(QUESTION_TOKENS, device=device)[None]
+        elif config.method == "parallel":
+            reader = ParallelReader(model.decoder, _NoTokenizer())
+            merged = reader.encode_passages([1] * 16, passages.tolist())
+            for layer, (keys, values) in enumerate(merged):
+                cache.update(keys, values, layer)
+            total = merged[0][0].shape[2]
+            is_passage = torch.zeros((1, total), dtype=torch.bool, device=device)
+            is_passage[:, 16:] = config.k > 1
+            extra["parallel_context"] = ParallelContext(is_passage, 1.0, 0.6)
+            offset = 16 + PASSAGE_TOKENS
+            ids, positions = question, torch.arange(offset, offset + QUESTION_TOKENS, device=device)[None]
+        elif config.method == "concat":
+            ids = torch.cat([passages.reshape(1, -1), question], dim=-1)
+            positions = torch.arange(ids.shape[1], device=device)[None]
+        else:
+            raise ValueError(f"unknown method {config.method!r}")
+        out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1, **extra)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        ttft = time.perf_counter() - started
+        position = int(positions[0, -1]) + 1
+        for _ in range(config.answer_tokens - 1):
+            step_started = time.perf_counter()
+            out = model(input_ids=token, position_ids=torch.tensor([[position]], device=device), cache=cache,
+                        use_cache=True, logits_to_keep=1, **extra)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            step_times.append(time.perf_counter() - step_started)
+            position += 1
+    total_s = ttft + sum(step_times)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else _peak_rss_mib()
+    return {
+        **asdict(config), "context_tokens": config.k * PASSAGE_TOKENS, "ttft_s": ttft,
+        "decode_ms": 1000 * statistics.median(step_times) if step_times else None,
+        "tokens_per_s": config.answer_tokens / total_s, "memory_above_weights_mib": max(0.0, peak - base),
+    }
+
+
+class _NoTokenizer:
+    """ParallelReader.encode_passages only needs the model; benchmarks feed token ids directly."""
+
+    pad_token_id = 0
+    chat_template = None
+
+
+def environment(device: str, dtype: str) -> dict:
+    import transformers
+
+    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "device": device, "dtype": dtype}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_all(methods: list[str], ks: list[int], *, model: str = "default", device: str = "cpu",
+            dtype: str = "float32", answer_tokens: int = 32, max_concat_tokens: int = 16384,
+            max_parallel_k: int = 500, timeout_s: int = 1800, log=print) -> dict:
+    """Every (method, k) in its own subprocess; failures (out of memory, timeout) are recorded, not fatal."""
+    rows = []
+    for k in ks:
+        for method in methods:
+            if method == "concat" and k * PASSAGE_TOKENS > max_concat_tokens:
+                rows.append({"method": method, "k": k, "context_tokens": k * PASSAGE_TOKENS,
+                             "skipped": f"over --max-concat-tokens {max_concat_tokens}"})
+                continue
+            if method == "parallel" and k > max_parallel_k:
+                rows.append({"method": method, "k": k, "context_tokens": k * PASSAGE_TOKENS,
+                             "skipped": f"over --max-parallel-k {max_parallel_k}"})
+                continue
+            config = BenchConfig(method, k, answer_tokens, model, device, dtype)
+            try:
+                done = subprocess.run([sys.executable, "-m", "cepe_rag.bench.speed", json.dumps(asdict(config))],
+                                      capture_output=True, text=True, timeout=timeout_s)
+                row = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {
+                    "method": method, "k": k, "context_tokens": k * PASSAGE_TOKENS,
+                    "failed": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+            except subprocess.TimeoutExpired:
+                row = {"method": method, "k": k, "context_tokens": k * PASSAGE_TOKENS,
+                       "failed": f"timeout after {timeout_s} s"}
+            rows.append(row)
+            log(_format_row(row))
+    return {"environment": environment(device, dtype), "model": model, "passage_tokens": PASSAGE_TOKENS,
+            "answer_tokens": answer_tokens, "rows": rows, "ratios": ratios(rows)}
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Same-run ratios: concat over cepe-precomputed (TTFT, memory), at every k where both ran."""
+    by_key = {(r["method"], r["k"]): r for r in rows if "ttft_s" in r}
+    out = {}
+    for (method, k), row in by_key.items():
+        cepe = by_key.get(("cepe-precomputed", k))
+        if method == "concat" and cepe:
+            out[f"k{k}_concat_over_cepe_precomputed_ttft"] = round(row["ttft_s"] / cepe["ttft_s"], 2)
+            if cepe["memory_above_weights_mib"] > 0:
+                out[f"k{k}_concat_over_cepe_precomputed_memory"] = round(
+                    row["memory_above_weights_mib"] / cepe["memory_above_weights_mib"], 2)
+        if method == "cepe-recompute" and cepe:
+            out[f"k{k}_recompute_over_cached_decode"] = round(row["decode_ms"] / cepe["decode_ms"], 2)
+    return out
+
+
+def _format_row(row: dict) -> str:
+    if "ttft_s" not in row:
+        reason = row.get("skipped") or row.get("failed")
+        return f"| {row['method']} | {row['k']} | {row['context_tokens']} | {reason} | | | |"
+    decode = f"{row['decode_ms']:.1f}" if row["decode_ms"] is not None else "–"
+    return (f"| {row['method']} | {row['k']} | {row['context_tokens']} | {row['ttft_s']:.2f} | {decode} | "
+            f"{row['tokens_per_s']:.2f} | {row['memory_above_weights_mib']:.0f} |")
+
+
+TABLE_HEADER = ("| method | k | context tokens | time to first token (s) | decode ms/token "
+                "| tokens/s (32-token answer) | memory above weights (MiB) |\n|---|---|---|---|---|---|---|")
+
+
+def write_reports(result: dict, out_dir) -> None:
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    lines = [TABLE_HEADER] + [_format_row(r) for r in result["rows"]]
+    lines += ["", "| ratio (same run) | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in result["ratios"].items()]
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in result["rows"]):
+        points = sorted((r["context_tokens"], r["ttft_s"], r["memory_above_weights_mib"])
+                        for r in result["rows"] if r["method"] == method and "ttft_s" in r)
+        if points:
+            x, ttft, memory = zip(*points)
+            left.plot(x, ttft, marker="o", label=method)
+            right.plot(x, [max(m, 1) for m in memory], marker="o", label=method)
+    for axis, label in ((left, "time to first token (s)"), (right, "memory above weights (MiB)")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("context tokens")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "bench.png", dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_one(BenchConfig(**json.loads(sys.argv[1])))))
