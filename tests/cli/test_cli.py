@@ -128,3 +128,19 @@ def test_ask_with_a_cepe_checkpoint(kubrick_index, tmp_path, chat_tokenizer):
     answer = json.loads(result.stdout)
     assert answer["reader"] == "cepe" and answer["usage"]["passages_read"] == 2
     assert_one_line_error(run_cli("ask", "q?", "--index", kubrick_index, "--reader", "cepe"), "--cepe-model")
+
+
+def test_eval_command_writes_a_summary(kubrick_index, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "Who directed 2001?", "answer": ["Stanley Kubrick"]}) + "\n"
+                         + json.dumps({"question": "Where is the Eiffel Tower?", "answer": ["Paris"]}) + "\n")
+    result = run_cli("eval", "--questions", questions, "--index", kubrick_index, "--readers", "parallel,closed-book",
+                     "--k", "1,2", "--out", tmp_path / "run", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [(row["reader"], row["k"], row["n"]) for row in summary] == [
+        ("parallel", 1, 2), ("parallel", 2, 2), ("closed-book", 0, 2)]
+    assert summary[0]["recall_at_k"] == 100.0
+    assert "| parallel | 1 | 2 |" in result.stdout
+    assert_one_line_error(run_cli("eval", "--questions", tmp_path / "missing.jsonl", "--index", kubrick_index),
+                          "cannot load questions")
