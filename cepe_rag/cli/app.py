@@ -259,10 +259,9 @@ def evaluate(
         def report(label, done, total):
             progress.update(task, description=label, completed=done, total=total)
 
-        rows = run_eval(examples, retriever, built, ks, out, progress=report)
+        run_eval(examples, retriever, built, ks, out, progress=report)
     Console().print((out / "summary.md").read_text())
     console.print(f"predictions, summary.json and accuracy_vs_k.png in {out}")
-    del rows
 
 
 @app.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from cepe_rag.eval.data import QAExample
@@ -70,8 +71,8 @@ def run_eval(questions: list[QAExample], retriever: Retriever, readers: dict[str
                         progress(f"{reader_name} k={k}", index, len(questions))
                     if question.id in done:
                         continue
-                    passages = [Passage(**{**texts[pid].__dict__, "score": score})
-                                for pid, score in hits[question.id][:k] if pid in texts]
+                    passages = [replace(texts[pid], score=score) for pid, score in hits[question.id][:k]
+                                if pid in texts]
                     record = _answer_one(reader, question, passages, k)
                     done[question.id] = record
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")

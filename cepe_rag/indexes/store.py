@@ -13,7 +13,7 @@ import os
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -180,10 +180,8 @@ class IndexStore:
         results = []
         for row_scores, row_ids in zip(scores, ids):
             # An id missing from SQLite means an interrupted update: the passage is gone, skip it.
-            results.append([
-                Passage(**{**found[int(i)].__dict__, "score": float(s)})
-                for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) in found
-            ])
+            results.append([replace(found[int(i)], score=float(s))
+                            for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) in found])
         return results
 
     def passages(self, ids: list[int]) -> dict[int, Passage]:

@@ -42,11 +42,13 @@ class CepeReader(Reader):
         return PreparedPrompt(ids, in_prompt + in_encoder)
 
     def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:
-        known = set(self.context_states.ids) if self.context_states is not None else set()
-        missing = [p for p in passages if p.id not in known]
-        fresh = dict(zip((p.id for p in missing), self.model.encode_token_chunks(
-            self.model.tokenize_chunks([p.as_prompt_text() for p in missing])))) if missing else {}
-        return [fresh[p.id] if p.id in fresh else self.context_states.select([p.id])[0] for p in passages]
+        """Stored states where the index has them; the encoder, in one batch, for the rest."""
+        states = dict(zip(self.context_states.ids, self.context_states.states)) if self.context_states else {}
+        missing = [p for p in passages if p.id not in states]
+        if missing:
+            fresh = self.model.encode_token_chunks(self.model.tokenize_chunks([p.as_prompt_text() for p in missing]))
+            states.update(zip((p.id for p in missing), fresh))
+        return [states[p.id] for p in passages]
 
     def _stream_prepared(self, questions, passages, prepared: list[PreparedPrompt],
                          config: GenerationConfig) -> Iterator[list[str]]:
