@@ -71,11 +71,17 @@ def build_models(config: BenchConfig):
                 decoder_config._attn_implementation = "flash_attention_2"
             except ImportError:
                 pass
-        with torch.device(config.device):
-            decoder = LlamaForCausalLM(decoder_config).to(dtype)
-            encoder = build_encoder(LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                                num_attention_heads=16, num_key_value_heads=16, vocab_size=32001,
-                                                max_position_embeddings=512).to_dict()).to(dtype)
+        # Built directly in the target dtype: a float32 7B model would not fit next to a bf16 one.
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(config.device):
+                decoder = LlamaForCausalLM(decoder_config)
+                encoder = build_encoder(LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                    num_attention_heads=16, num_key_value_heads=16, vocab_size=32001,
+                                                    max_position_embeddings=512).to_dict())
+        finally:
+            torch.set_default_dtype(previous)
     else:
         decoder, _ = load_decoder(device=config.device, dtype=dtype)
         encoder = AutoModel.from_pretrained(embedder_path(), dtype=dtype).to(config.device)
