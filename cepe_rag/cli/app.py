@@ -112,8 +112,8 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     index_dir: IndexOption = DEFAULT_INDEX,
     k: Annotated[int, typer.Option("--k", help="Passages to retrieve.")] = 20,
-    reader: Annotated[str, typer.Option(help="parallel, concat, closed-book, or cepe (needs --cepe-model).")] = (
-        "parallel"),
+    reader: Annotated[str | None, typer.Option(help="parallel, concat, closed-book, or cepe. Default: cepe when "
+                                                    "--cepe-model is given, else parallel.")] = None,
     decoder: Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")] = DEFAULT_DECODER,
     cepe_model: Annotated[str | None, typer.Option(help="CEPE checkpoint (folder or hub id) for --reader cepe; "
                                                     "it includes its own decoder.")] = None,
@@ -132,6 +132,7 @@ def ask(
     from cepe_rag.readers import GenerationConfig, make_reader
 
     _quiet_libraries()
+    reader = reader or ("cepe" if cepe_model else "parallel")
     question = validate_question(question)
     started = time.perf_counter()
     retriever = Retriever(index_dir)
