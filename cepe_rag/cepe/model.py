@@ -291,15 +291,6 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def stream_generate(model: CepeForCausalLM, prompts: list[list[int]], tokenizer, config,
                     context: CrossContext | None = None):
     """Batched decoding with cross-attention K/V computed once (or every step if context.cache_kv is False)."""
-    from transformers import DynamicCache
+    from cepe_rag.readers.generation import generate
 
-    from cepe_rag.readers.generation import decode_stream
-
-    def step(ids, mask, positions, cache):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                    logits_to_keep=1, cross_context=context)
-        return out.logits[:, -1].float()
-
-    with torch.inference_mode():
-        yield from decode_stream(step, prompts, tokenizer, config, cache=DynamicCache(config=model.config),
-                                 device=model.device)
+    yield from generate(model, prompts, tokenizer, config, device=model.device, cross_context=context)

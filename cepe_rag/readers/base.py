@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cepe_rag.readers.generation import GenerationConfig, decode_stream
+from cepe_rag.readers.generation import GenerationConfig, generate
 from cepe_rag.types import Answer, CepeRagError, Passage
 
 SYSTEM_PROMPT = (
@@ -85,19 +85,8 @@ class Reader:
         prepared = [self.prepare(q, p) for q, p in zip(questions, passages)]
         yield from self._stream_prepared(questions, passages, prepared, generation or self.generation)
 
-    @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], generation: GenerationConfig, **step_kwargs) -> Iterator[list[str]]:
-        model = self.model
-
-        def step(ids, mask, positions, cache):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                        logits_to_keep=1, **step_kwargs)
-            return out.logits[:, -1].float()
-
-        from transformers import DynamicCache
-
-        yield from decode_stream(step, prompts, self.tokenizer, generation,
-                                 cache=DynamicCache(config=model.config), device=self.device)
+        yield from generate(self.model, prompts, self.tokenizer, generation, device=self.device, **step_kwargs)
 
     def stream(self, question: str, passages: Sequence[Passage], **generation) -> Iterator[str]:
         config = replace(self.generation, **generation)

@@ -120,3 +120,21 @@ def _eos_ids(tokenizer) -> set[int]:
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)
     return ids
+
+
+def generate(model, prompts: list[list[int]], tokenizer, config: GenerationConfig, *, device, cache=None,
+             position_offsets: torch.Tensor | None = None, past_mask: torch.Tensor | None = None,
+             **forward_kwargs) -> Iterator[list[str]]:
+    """decode_stream over a transformers-style causal LM; `forward_kwargs` reach every forward call
+    (e.g. `cross_context` for CEPE, `parallel_context` for the parallel reader)."""
+    from transformers import DynamicCache
+
+    def step(ids, mask, positions, step_cache):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=step_cache, use_cache=True,
+                    logits_to_keep=1, **forward_kwargs)
+        return out.logits[:, -1].float()
+
+    with torch.inference_mode():
+        yield from decode_stream(step, prompts, tokenizer, config, device=device,
+                                 cache=cache if cache is not None else DynamicCache(config=model.config),
+                                 position_offsets=position_offsets, past_mask=past_mask)

@@ -18,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from cepe_rag.readers.base import PreparedPrompt, Reader, question_text
-from cepe_rag.readers.generation import GenerationConfig, decode_stream
+from cepe_rag.readers.generation import GenerationConfig, generate
 from cepe_rag.types import Passage
 
 ATTENTION_NAME = "cepe_parallel"
@@ -166,16 +166,9 @@ class ParallelReader(Reader):
     def _stream_prepared(self, questions, passages, prepared: list[PreparedPrompt],
                          config: GenerationConfig) -> Iterator[list[str]]:
         cache, past_mask, offsets, parallel_context = self.parallel_cache(questions, passages)
-        model = self.model
-
-        def step(ids, mask, positions, cache):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                        logits_to_keep=1, parallel_context=parallel_context)
-            return out.logits[:, -1].float()
-
-        with torch.inference_mode():
-            yield from decode_stream(step, [p.ids for p in prepared], self.tokenizer, config, cache=cache,
-                                     position_offsets=offsets, past_mask=past_mask, device=self.device)
+        yield from generate(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.device,
+                            cache=cache, position_offsets=offsets, past_mask=past_mask,
+                            parallel_context=parallel_context)
 
 
 def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
