@@ -13,6 +13,7 @@ from cepe_rag.documents import Document, LoadReport, PassageSplitter, iter_docum
 from cepe_rag.documents.loading import DEFAULT_MAX_DOCUMENT_MB
 from cepe_rag.documents.splitting import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS
 from cepe_rag.indexes import IndexStore, Manifest, StoredPassage
+from cepe_rag.indexes.store import FAISS_FILE
 from cepe_rag.models import DEFAULT_EMBEDDER, load_embedder
 from cepe_rag.types import CepeRagError
 
@@ -127,7 +128,7 @@ def build_index(
         summary.documents_seen = len(seen)
         summary.skipped = report.skipped
         # Committed batches are searchable even after an interruption; the next run resumes after them.
-        if store.count() or (store.folder / "index.faiss").exists():
+        if store.count() or (store.folder / FAISS_FILE).exists():
             store.commit_faiss(progress=hooks.rebuilding)
         summary.passages_total = store.count()
         summary.disk_bytes = store.disk_bytes()
