@@ -18,6 +18,7 @@ from cepe_rag.cepe.modeling import (
     decoder_layers,
     init_cross_attention,
 )
+from cepe_rag.models import contiguous_head_input
 from cepe_rag.types import CepeRagError
 
 # Config fields of the released checkpoints, with the values a fresh model gets.
@@ -47,6 +48,7 @@ class CepeForCausalLM(nn.Module):
         self.encoder = encoder
         self.encoder_tokenizer = encoder_tokenizer
         self.max_chunk_tokens = max_chunk_tokens
+        contiguous_head_input(decoder)
         config = decoder.config
         layers = decoder_layers(decoder)
         n_cross = num_cross_attn_layers or getattr(config, "num_cross_attn_layers", None) or len(layers)

@@ -24,6 +24,9 @@ DEFAULT_INDEX = Path("indexes/default")
 BENCH_METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "parallel", "concat")
 
 IndexOption = Annotated[Path, typer.Option("--index", help="Index folder.")]
+DtypeOption = Annotated[str | None, typer.Option(
+    help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on the CPU; bfloat16 is ~2.5x faster "
+         "on CPUs with AMX).")]
 
 
 def demo_corpus_path() -> Path:
@@ -125,9 +128,10 @@ def ask(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result instead of streaming.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
-    from cepe_rag.models import default_device, load_decoder
+    from cepe_rag.models import default_device, load_decoder, resolve_dtype
     from cepe_rag.pipelines import RagPipeline, Retriever, validate_question
     from cepe_rag.readers import GenerationConfig, make_reader
 
@@ -143,6 +147,7 @@ def ask(
         console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
                       "index; reading all of them")
     device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     if reader == "cepe":
         if cepe_model is None:
@@ -150,12 +155,12 @@ def ask(
                                "decoder yet")
         from cepe_rag.cepe import CepeForCausalLM
 
-        model = CepeForCausalLM.from_pretrained(cepe_model, device=device)
+        model = CepeForCausalLM.from_pretrained(cepe_model, device=device, dtype=torch_dtype)
         decoder = cepe_model
         chosen = make_reader(reader, model, model.decoder_tokenizer, generation=generation,
                              n_decoder_passages=n_prompt_passages)
     else:
-        model, tokenizer = load_decoder(decoder, device=device)
+        model, tokenizer = load_decoder(decoder, device=device, dtype=torch_dtype)
         chosen = make_reader(reader, model, tokenizer, generation=generation,
                              **reader_options(reader, ape_temperature, ape_scale))
     pipeline = RagPipeline(retriever, chosen)
@@ -218,12 +223,13 @@ def evaluate(
     ape_scale: Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")] = 0.6,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (the paper: 25).")] = 25,
     split: Annotated[str, typer.Option(help="Split, for hub datasets.")] = "validation",
+    dtype: DtypeOption = None,
 ) -> None:
     """Open-domain QA: retrieval once, then every reader at every k; resumable, cached per run folder."""
     from rich.progress import Progress
 
     from cepe_rag.eval import answerable_subset, load_questions, run_eval
-    from cepe_rag.models import default_device, load_decoder
+    from cepe_rag.models import default_device, load_decoder, resolve_dtype
     from cepe_rag.pipelines import Retriever
     from cepe_rag.readers import GenerationConfig, make_reader
 
@@ -236,6 +242,7 @@ def evaluate(
         examples = answerable_subset(examples, retriever)
     examples = examples[:limit] if limit else examples
     device = default_device()
+    torch_dtype = resolve_dtype(dtype, device)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=("\n",))
     built = {}
     model, tokenizer = (None, None)
@@ -245,12 +252,12 @@ def evaluate(
                 raise CepeRagError("the cepe reader needs --cepe-model")
             from cepe_rag.cepe import CepeForCausalLM
 
-            cepe = CepeForCausalLM.from_pretrained(cepe_model, device=device)
+            cepe = CepeForCausalLM.from_pretrained(cepe_model, device=device, dtype=torch_dtype)
             built[name] = make_reader(name, cepe, cepe.decoder_tokenizer, generation=generation,
                                       n_decoder_passages=n_prompt_passages)
         else:
             if model is None:
-                model, tokenizer = load_decoder(decoder, device=device)
+                model, tokenizer = load_decoder(decoder, device=device, dtype=torch_dtype)
             built[name] = make_reader(name, model, tokenizer, generation=generation,
                                       **reader_options(name, ape_temperature, ape_scale))
     console.print(f"{len(examples)} questions · readers {', '.join(names)} · k {ks} · run folder {out}")

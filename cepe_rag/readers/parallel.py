@@ -77,11 +77,12 @@ class ParallelReader(Reader):
     # lse_scale 0.6: best of the settings swept on the QA harness (benchmarks/results/ape_sweep_k20.md);
     # without it (1.0) 20 passages swamp the prompt and SmolLM2 answers "The answer is:" and stops.
     def __init__(self, model, tokenizer, *, temperature: float = 1.0, lse_scale: float = 0.6,
-                 max_passage_tokens: int = 512, **kwargs):
+                 max_passage_tokens: int = 512, prefill_batch: int = 8, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
         self.temperature = temperature
         self.lse_scale = lse_scale
         self.max_passage_tokens = max_passage_tokens
+        self.prefill_batch = prefill_batch
         # Falls back to SDPA for every call without a ParallelContext, so other readers are unaffected.
         model.config._attn_implementation = ATTENTION_NAME
 
@@ -108,8 +109,20 @@ class ParallelReader(Reader):
         self.model(input_ids=prefix_ids, cache=prefix_cache, use_cache=True, logits_to_keep=1)
         prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
         chunks = [c for c in chunks if c]
-        if not chunks:
-            return prefix_kv
+        per_chunk: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in chunks]
+        # Batches of similar length: padding every passage to the longest of fifty wastes most of the compute.
+        order = sorted(range(len(chunks)), key=lambda i: len(chunks[i]))
+        for start in range(0, len(order), self.prefill_batch):
+            group = order[start:start + self.prefill_batch]
+            for row, layers in zip(group, self._prefill_group(prefix, prefix_kv, [chunks[i] for i in group])):
+                per_chunk[row] = layers
+        return [(torch.cat([keys] + [layers[i][0] for layers in per_chunk], 2),
+                 torch.cat([values] + [layers[i][1] for layers in per_chunk], 2))
+                for i, (keys, values) in enumerate(prefix_kv)]
+
+    def _prefill_group(self, prefix: list[int], prefix_kv, chunks: list[list[int]]):
+        """For each chunk, per layer (keys, values) of its own tokens only, shaped (1, kv_heads, len, head_dim)."""
+        device = self.device
         width = max(len(c) for c in chunks)
         ids = torch.zeros((len(chunks), width), dtype=torch.long, device=device)
         mask = torch.zeros((len(chunks), len(prefix) + width), dtype=torch.long, device=device)
@@ -124,14 +137,9 @@ class ParallelReader(Reader):
         positions = torch.arange(len(prefix), len(prefix) + width, device=device).expand(len(chunks), -1)
         self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                    logits_to_keep=1)
-        valid = mask[:, len(prefix):].bool()
-        merged = []
-        for (prefix_keys, prefix_values), layer in zip(prefix_kv, cache.layers):
-            keys, values = layer.keys[:, :, len(prefix):], layer.values[:, :, len(prefix):]
-            flat_keys = keys.transpose(1, 2)[valid].transpose(0, 1)[None]  # (1, kv_heads, tokens, head_dim)
-            flat_values = values.transpose(1, 2)[valid].transpose(0, 1)[None]
-            merged.append((torch.cat([prefix_keys, flat_keys], 2), torch.cat([prefix_values, flat_values], 2)))
-        return merged
+        own = [slice(len(prefix), len(prefix) + len(chunk)) for chunk in chunks]
+        return [[(layer.keys[row:row + 1, :, own[row]], layer.values[row:row + 1, :, own[row]])
+                 for layer in cache.layers] for row in range(len(chunks))]
 
     def parallel_cache(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]):
         """KV caches of every request's prefix + passages, left-padded to one batch.
