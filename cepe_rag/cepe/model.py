@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cepe_rag.cepe.adapter import is_adapter, load_adapter
 from cepe_rag.cepe.context import ContextStates, build_encoder, encode_chunks, make_bidirectional
 from cepe_rag.cepe.modeling import (
     CEPE_ARCHITECTURE,
@@ -201,6 +202,8 @@ class CepeForCausalLM(nn.Module):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         folder = _resolve_folder(name_or_path)
+        if is_adapter(folder):
+            return load_adapter(folder, dtype=dtype, device=device)
         config_dict = _read_json(folder / "config.json")
         if "encoder_config" not in config_dict or "num_cross_attn_layers" not in config_dict:
             raise CepeRagError(f"{folder} is not a CEPE checkpoint (no encoder_config / num_cross_attn_layers)")

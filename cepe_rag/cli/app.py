@@ -306,3 +306,70 @@ def bench(
     for name, value in result["ratios"].items():
         print(f"{name}: {value}")
     console.print(f"bench.json, bench.md and bench.png in {out}")
+
+
+@app.command("train")
+def train_command(
+    stage: Annotated[str, typer.Option(help="warmup, standard, read (reading with distractors) or ceped "
+                                            "(distillation from the decoder with passages in its prompt).")] = "read",
+    out: Annotated[Path, typer.Option(help="Run folder: examples, log.jsonl, checkpoint/ (resume by rerunning), "
+                                           "model/ (the trained adapter).")] = Path("runs/train"),
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Examples per step (per process).")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 3e-4,
+    warmup_ratio: Annotated[float, typer.Option(help="Share of steps with a linear learning-rate warmup.")] = 0.04,
+    decoder: Annotated[str, typer.Option(help="Frozen chat decoder.")] = DEFAULT_DECODER,
+    encoder: Annotated[str, typer.Option(help="Encoder: a sentence-transformers/HF encoder name, or "
+                                              "decoder-layers:N (the decoder's first N layers).")] = DEFAULT_EMBEDDER,
+    init: Annotated[str | None, typer.Option(help="Continue from a trained CEPE checkpoint or adapter "
+                                                  "(its weights are kept).")] = None,
+    init_mode: Annotated[str, typer.Option(help="New cross-attention: zero (starts as the plain decoder) or "
+                                                "copy (from self-attention).")] = "zero",
+    cross_attn_layers: Annotated[int, typer.Option(help="Cross-attention in the last N decoder layers.")] = 8,
+    train_encoder: Annotated[bool, typer.Option(help="Train the encoder too.")] = False,
+    lm_cof: Annotated[float, typer.Option(help="Weight of the cross-entropy loss.")] = 1.0,
+    kl_cof: Annotated[float | None, typer.Option(help="Weight of the KL loss (default: 2 for ceped, else 0).")] = None,
+    corpus: Annotated[str, typer.Option(help="wiki-summaries (packaged), a local file/folder, or a hub dataset.")] = (
+        "wiki-summaries"),
+    languages: Annotated[str, typer.Option(help="wiki-summaries languages: en, fr, es.")] = "en",
+    index_dir: Annotated[Path | None, typer.Option("--index", help="Index whose passages serve as realistic "
+                                                                   "distractors (default: random articles).")] = None,
+    max_passages: Annotated[int, typer.Option(help="Up to this many passages per example (gold included).")] = 20,
+    max_articles: Annotated[int, typer.Option(help="Use only the first N training articles; 0 = all.")] = 0,
+    max_decoder_tokens: Annotated[int, typer.Option(
+        help="warmup/standard: decoder text length in tokens (long targets are the costly part).")] = 256,
+    validation: Annotated[int, typer.Option(help="Held-out-article validation examples.")] = 64,
+    eval_every: Annotated[int, typer.Option(help="Validation loss every N steps.")] = 100,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast (GPU, or CPU with AMX); losses stay fp32.")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for activation memory.")] = False,
+    seed: Annotated[int, typer.Option(help="Data and initialisation seed.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+) -> None:
+    """Give the decoder CEPE cross-attention: train it on a stage of the recipe (resumable; multi-GPU with
+    `accelerate launch -m cepe_rag.cli.app train ...`)."""
+    from cepe_rag.models import default_device
+    from cepe_rag.training import STAGES, TrainConfig, run_training
+
+    _quiet_libraries()
+    if stage not in STAGES:
+        raise CepeRagError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
+    config = TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=warmup_ratio,
+                         lm_cof=lm_cof, kl_cof=(2.0 if stage == "ceped" else 0.0) if kl_cof is None else kl_cof,
+                         train_encoder=train_encoder, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
+                         save_every=save_every, eval_every=eval_every, seed=seed)
+    records = run_training(out, config, decoder=decoder, encoder=encoder, init=init,
+                           num_cross_attn_layers=cross_attn_layers, init_mode=init_mode, corpus=corpus,
+                           languages=tuple(x.strip() for x in languages.split(",") if x.strip()), index=index_dir,
+                           max_passages=max_passages, max_articles=max_articles, n_validation=validation,
+                           max_decoder_tokens=max_decoder_tokens,
+                           device=device or default_device(), log=lambda line: console.print(line, highlight=False))
+    if records:
+        last = records[-1]
+        console.print(f"step {last['step']}: ce {last['ce']:.3f} kl {last['kl']:.3f}"
+                      + (f" · validation ce {last['val_ce']:.3f}" if "val_ce" in last else ""))
+    console.print(f"trained adapter in {out / 'model'} (use it with --cepe-model {out / 'model'})")
+
+
+if __name__ == "__main__":
+    main()

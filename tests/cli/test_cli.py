@@ -144,3 +144,33 @@ def test_eval_command_writes_a_summary(kubrick_index, tmp_path):
     assert "| parallel | 1 | 2 |" in result.stdout
     assert_one_line_error(run_cli("eval", "--questions", tmp_path / "missing.jsonl", "--index", kubrick_index),
                           "cannot load questions")
+
+
+def test_train_then_answer_with_the_trained_adapter(kubrick_index, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    facts = [("Stanley Kubrick", "Stanley Kubrick was an American film director. He directed 2001 in 1968."),
+             ("Eiffel Tower", "The Eiffel Tower is a lattice tower in Paris. It was completed in 1889."),
+             ("Nile", "The Nile is a major river in Africa. It flows into the Mediterranean Sea."),
+             ("Mount Everest", "Mount Everest is the highest mountain. It lies on the border of Nepal and China.")]
+    corpus.write_text("\n".join(json.dumps({"title": t, "text": x}) for t, x in facts * 10))
+    out = tmp_path / "run"
+    args = ["train", "--stage", "read", "--corpus", corpus, "--out", out, "--steps", "3", "--batch-size", "2",
+            "--max-passages", "3", "--validation", "2", "--eval-every", "3", "--cross-attn-layers", "2"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "validation ce" in result.stderr and "trained adapter in" in result.stderr
+    adapter = json.loads((out / "model" / "cepe_adapter.json").read_text())
+    assert adapter["decoder"] == "smollm2-135m-instruct" and adapter["num_cross_attn_layers"] == 2
+    assert adapter["training_history"][-1]["stage"] == "read"
+    assert (out / "model" / "cross_attention.safetensors").stat().st_size < 10 * 2**20  # not the whole decoder
+    answer = run_cli("ask", "Who directed 2001?", "--index", kubrick_index, "--cepe-model", out / "model", "--json",
+                     "--max-new-tokens", "4")
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["reader"] == "cepe"
+    rerun = run_cli(*args)  # finished: resumes at the last step and trains nothing more
+    assert rerun.returncode == 0 and "step 3:" not in rerun.stderr
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
+    assert_one_line_error(run_cli(*args[:-2], "--cross-attn-layers", "3", "--lr", "1"), "other settings")
+    assert_one_line_error(run_cli("train", "--stage", "nope", "--out", out), "unknown stage")
+    assert_one_line_error(run_cli("train", "--corpus", tmp_path / "none.jsonl", "--out", tmp_path / "r2"),
+                          "cannot load training corpus")

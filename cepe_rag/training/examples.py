@@ -1,0 +1,165 @@
+"""Training examples for each stage of the recipe (../shared/docs/cepe.md, training-notes.md).
+
+Every example is the same shape: encoder chunks (texts, one per chunk), then decoder token ids split into
+a prompt (no loss) and a target (loss). The stages differ only in where the text comes from:
+
+- warmup:   the encoder sees the very text the decoder predicts, cut into chunks (learn to find and copy);
+- standard: the first part of an article (among other articles) in the encoder, the rest in the decoder;
+- read:     "reading with distractors": a sentence of an article with a span blanked, the article among
+            passages retrieved for that sentence; the decoder answers the span, in the reader's chat prompt;
+- ceped:    the read examples plus the teacher's top-k distribution (the frozen decoder with the same
+            passages in its prompt), for distillation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cepe_rag.training.corpus import Article
+from cepe_rag.types import CepeRagError, Passage
+
+STAGES = ("warmup", "standard", "read", "ceped")
+BLANK = "_____"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+# Spans worth asking for: numbers and years, and runs of capitalised words (names, places, titles).
+_SPAN = re.compile(r"\b\d[\d,.]*\d\b|\b\d\b|\b[A-Z][\w'’\-.]*(?:\s+(?:of|the|de|von|van|and|&)?\s*[A-Z][\w'’\-.]*)*")
+
+
+@dataclass
+class TrainingExample:
+    chunks: list[str]
+    prompt_ids: list[int]
+    target_ids: list[int]
+    question: str = ""  # read/ceped: the user turn without passages (the teacher's prompt adds them)
+    teacher_ids: list[list[int]] = field(default_factory=list)  # per target token: top-k token ids
+    teacher_probs: list[list[float]] = field(default_factory=list)  # their probabilities (rest = 1 - sum)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.target_ids)
+
+
+def save_examples(examples: Sequence[TrainingExample], path: Path) -> None:
+    temporary = path.with_suffix(".tmp")
+    with temporary.open("w") as handle:
+        for example in examples:
+            handle.write(json.dumps(asdict(example), ensure_ascii=False) + "\n")
+    temporary.replace(path)  # an interrupted build leaves no half file behind
+
+
+def load_examples(path: Path) -> list[TrainingExample]:
+    try:
+        return [TrainingExample(**json.loads(line)) for line in path.read_text().splitlines() if line]
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CepeRagError(f"{path}: not a training-examples file ({error}); delete it to rebuild") from None
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+
+
+def split_words(text: str, parts: int) -> list[str]:
+    """`text` in `parts` consecutive pieces of about equal length, cut between words."""
+    words = text.split()
+    size = max(1, -(-len(words) // parts))
+    return [" ".join(words[i:i + size]) for i in range(0, len(words), size)]
+
+
+def cloze(article: Article, rng: random.Random) -> tuple[str, str] | None:
+    """(sentence with one span blanked, the span), or None when the article has no usable span."""
+    candidates = []
+    for sentence in sentences(article.text):
+        if not 6 <= len(sentence.split()) <= 60:
+            continue
+        for match in _SPAN.finditer(sentence):
+            span = match.group().strip(" .,")
+            # Skip a sentence's first word (capitalised anyway) unless it is the article's subject.
+            if len(span) < 2 or (match.start() == 0 and " " not in span and span != article.title):
+                continue
+            candidates.append((sentence, span))
+    if not candidates:
+        return None
+    sentence, span = rng.choice(candidates)
+    return sentence.replace(span, BLANK, 1), span
+
+
+class ExampleBuilder:
+    """Turns articles into examples; `prompt_ids(user_text)` is the reader's own chat prompt, so the
+    trained model sees at training time exactly what it sees when answering."""
+
+    def __init__(self, decoder_tokenizer, prompt_ids: Callable[[str], list[int]], *, max_decoder_tokens: int = 256,
+                 seed: int = 0):
+        self.tokenizer = decoder_tokenizer
+        self.prompt_ids = prompt_ids
+        self.max_decoder_tokens = max_decoder_tokens
+        self.rng = random.Random(seed)
+        self.end_ids = self.tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"] if \
+            "<|im_end|>" in self.tokenizer.get_vocab() else [self.tokenizer.eos_token_id]
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def warmup(self, article: Article, n_chunks: int = 4) -> TrainingExample:
+        text = self.tokenizer.decode(self._tokens(article.text)[: self.max_decoder_tokens])
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return TrainingExample(split_words(text, n_chunks), bos, self._tokens(text))
+
+    def standard(self, article: Article, distractors: Sequence[Passage]) -> TrainingExample | None:
+        parts = sentences(article.text)
+        if len(parts) < 2:
+            return None
+        cut = max(1, len(parts) // 2)
+        head, tail = " ".join(parts[:cut]), " ".join(parts[cut:])
+        chunks = [Passage(0, head, title=article.title).as_prompt_text()] + [p.as_prompt_text() for p in distractors]
+        self.rng.shuffle(chunks)
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return TrainingExample(chunks, bos, self._tokens(tail)[: self.max_decoder_tokens])
+
+    def read(self, article: Article, blanked: str, span: str, distractors: Sequence[Passage]) -> TrainingExample:
+        from cepe_rag.readers.base import question_text
+
+        gold = Passage(0, article.text, title=article.title)
+        chunks = [p.as_prompt_text() for p in [gold, *distractors]]
+        self.rng.shuffle(chunks)
+        question = question_text(f"Fill in the blank: {blanked}")
+        return TrainingExample(chunks, self.prompt_ids(question), self._tokens(span) + self.end_ids, question)
+
+
+Retrieve = Callable[[list[str], int], list[list[Passage]]]
+
+
+def build_examples(stage: str, articles: Sequence[Article], builder: ExampleBuilder, *,
+                   retrieve: Retrieve | None = None, max_passages: int = 20) -> list[TrainingExample]:
+    """One example per usable article. Distractors come from `retrieve` (passages a retriever finds for
+    the article's text: realistic ones) or, without it, from random other articles; their number varies
+    from 0 to max_passages - 1 so the model learns to read a few passages as well as many."""
+    if stage not in STAGES:
+        raise CepeRagError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
+    rng = builder.rng
+    if stage == "warmup":
+        return [builder.warmup(a) for a in articles]
+    items = [(a, cloze(a, rng)) for a in articles] if stage in ("read", "ceped") else [(a, None) for a in articles]
+    items = [(a, c) for a, c in items if c is not None or stage == "standard"]
+    counts = [rng.randint(0, max_passages - 1) for _ in items]
+    queries = [c[0] if c else a.text[:300] for a, c in items]
+    if retrieve is not None:
+        found = retrieve(queries, max_passages + 2)
+    else:
+        pool = list(articles)
+        found = [[Passage(0, x.text, title=x.title) for x in rng.sample(pool, min(len(pool), max_passages + 2))]
+                 for _ in items]
+    examples = []
+    for (article, item), n, hits in zip(items, counts, found):
+        distractors = [p for p in hits if p.title != article.title][:n]
+        if stage == "standard":
+            example = builder.standard(article, distractors)
+        else:
+            example = builder.read(article, *item, distractors)
+        if example is not None and example.target_ids:
+            examples.append(example)
+    return examples

@@ -1,0 +1,128 @@
+"""`cepe-rag train`: corpus -> examples (cached in the run folder) -> teacher (ceped) -> training -> adapter."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from cepe_rag.training.corpus import load_articles
+from cepe_rag.training.examples import ExampleBuilder, TrainingExample, build_examples, load_examples, save_examples
+from cepe_rag.training.trainer import TrainConfig, train
+from cepe_rag.types import CepeRagError
+
+
+@torch.no_grad()
+def add_teacher(examples: list[TrainingExample], model, prompt_ids, *, top_k: int = 50) -> None:
+    """CEPED's teacher: the frozen decoder with the passages in its own prompt; top-k probabilities of
+    every target token are stored once (the rest of the mass is 1 - their sum)."""
+    decoder = model.decoder
+    for example in examples:
+        documents = "".join(chunk + "\n\n" for chunk in example.chunks)
+        prompt = prompt_ids(documents + example.question)
+        ids = torch.tensor([prompt + example.target_ids], device=decoder.device)
+        logits = decoder(input_ids=ids).logits[0, len(prompt) - 1: -1].float()
+        top = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+        example.teacher_ids = top.indices.tolist()
+        example.teacher_probs = [[round(p, 6) for p in row] for row in top.values.tolist()]
+
+
+def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tuple[str, ...], index: Path | None,
+                     max_passages: int, max_articles: int, n_validation: int, seed: int,
+                     max_decoder_tokens: int = 256, log=print) -> tuple[list[TrainingExample], list[TrainingExample]]:
+    """Examples for `stage`, built once per run folder (a resumed run trains on exactly the same data)."""
+    from cepe_rag.readers import CepeReader
+
+    train_path, validation_path = out / f"examples_{stage}.jsonl", out / f"validation_{stage}.jsonl"
+    if train_path.exists() and validation_path.exists():
+        return load_examples(train_path), load_examples(validation_path)
+    reader = CepeReader(model, model.decoder_tokenizer)
+    builder = ExampleBuilder(model.decoder_tokenizer, reader.chat_ids, max_decoder_tokens=max_decoder_tokens,
+                             seed=seed)
+    articles = load_articles(corpus, languages=languages)
+    if not articles:
+        raise CepeRagError(f"no text in training corpus {corpus!r}")
+    retrieve = None
+    if index is not None and stage != "warmup":
+        from cepe_rag.pipelines import Retriever
+
+        retriever = Retriever(index)
+        retrieve = retriever.retrieve_batch
+    training = [a for a in articles if not a.is_validation]
+    validation = [a for a in articles if a.is_validation and a.language == "en"] or \
+        [a for a in articles if a.is_validation]
+    training = training[:max_articles] if max_articles else training
+    log(f"building {stage} examples from {len(training)} training and {len(validation)} validation articles")
+    examples = build_examples(stage, training, builder, retrieve=retrieve, max_passages=max_passages)
+    held_out = build_examples(stage, validation, builder, retrieve=retrieve, max_passages=max_passages)[:n_validation]
+    if stage == "ceped":
+        log(f"teacher distributions for {len(examples) + len(held_out)} examples")
+        add_teacher(examples, model, reader.chat_ids)
+        add_teacher(held_out, model, reader.chat_ids)
+    out.mkdir(parents=True, exist_ok=True)
+    save_examples(held_out, validation_path)
+    save_examples(examples, train_path)
+    return examples, held_out
+
+
+def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, init: str | None,
+                 num_cross_attn_layers: int, init_mode: str, corpus: str, languages: tuple[str, ...],
+                 index: Path | None, max_passages: int, max_articles: int, n_validation: int, device: str,
+                 max_decoder_tokens: int = 256, log=print) -> list[dict]:
+    from cepe_rag.cepe import CepeForCausalLM
+    from cepe_rag.cepe.adapter import new_cepe_model, save_adapter
+
+    if init:
+        model = CepeForCausalLM.from_pretrained(init, device=device)  # trained weights kept: no re-initialisation
+    else:
+        model = new_cepe_model(decoder, encoder, num_cross_attn_layers=num_cross_attn_layers, init_mode=init_mode,
+                               device=device)
+    examples, validation = prepare_examples(config.stage, model, out, corpus=corpus, languages=languages,
+                                            index=index, max_passages=max_passages, max_articles=max_articles,
+                                            n_validation=n_validation, seed=config.seed,
+                                            max_decoder_tokens=max_decoder_tokens, log=log)
+    log(f"{len(examples)} training and {len(validation)} validation examples; {config.steps} steps of "
+        f"{config.batch_size}")
+    history = getattr(model, "training_history", []) + [
+        {**asdict(config), "corpus": corpus, "languages": list(languages), "examples": len(examples),
+         "init": init or init_mode}]
+
+    def save(trained, folder):
+        if getattr(trained, "source_names", None):
+            save_adapter(trained, folder, include_encoder=config.train_encoder,
+                         card={"training_history": history})
+        else:  # started from a released checkpoint: save in its layout
+            trained.save_pretrained(folder)
+
+    cache = None
+    if not config.train_encoder:
+        cache = encoder_states(model, [*examples, *validation], out / "encoder_states.safetensors", bf16=config.bf16,
+                               log=log)
+    return train(model, examples, config, out, validation=validation, save_model=save, state_cache=cache)
+
+
+def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: bool, log=print) -> dict:
+    """Every distinct chunk encoded once by the frozen encoder (fp16, saved in the run folder)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from cepe_rag.training.trainer import encode_cached
+
+    texts = sorted({chunk for e in examples for chunk in e.chunks})
+    key = hashlib.sha1("\x00".join(texts).encode()).hexdigest()
+    if path.exists():
+        stored = load_file(str(path))
+        if stored.pop("__key__", torch.zeros(0)).numpy().tobytes().decode(errors="ignore") == key:
+            return {text: stored[str(i)] for i, text in enumerate(texts)}
+    log(f"encoding {len(texts)} distinct passages once with the frozen encoder")
+    cache: dict[str, torch.Tensor] = {}
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+        encode_cached(model, texts, cache)
+    tensors = {str(i): cache[text].contiguous() for i, text in enumerate(texts)}
+    tensors["__key__"] = torch.frombuffer(bytearray(key.encode()), dtype=torch.uint8)
+    temporary = path.with_suffix(".tmp")
+    save_file(tensors, str(temporary))
+    temporary.replace(path)
+    return cache

@@ -1,0 +1,322 @@
+"""Train CEPE cross-attention on a frozen decoder: one loop for every stage, resumable, multi-GPU via accelerate.
+
+    loss = lm_cof * CE(target tokens) + kl_cof * KL(teacher || student)   (KL only for the ceped stage)
+
+Losses are computed in fp32 on the target positions only (padding and prompt never count), CE and KL
+logged separately. The decoder is frozen; cross-attention layers are trained; the encoder only with
+`train_encoder`. A loaded checkpoint is never re-initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cepe_rag.cepe import CepeForCausalLM
+from cepe_rag.training.examples import TrainingExample
+from cepe_rag.types import CepeRagError
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "read"
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 3e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lm_cof: float = 1.0
+    kl_cof: float = 0.0
+    train_encoder: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    save_every: int = 100
+    eval_every: int = 100
+    seed: int = 0
+
+
+@dataclass
+class Batch:
+    chunks: list[list[str]]
+    input_ids: torch.Tensor  # (batch, length), right-padded
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # -100 on prompt and padding
+    teacher_ids: torch.Tensor | None  # (target tokens, top-k), in the row-major order of the labels
+    teacher_probs: torch.Tensor | None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(examples: Sequence[TrainingExample], pad_id: int) -> Batch:
+    width = max(e.length for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, example in enumerate(examples):
+        sequence = example.prompt_ids + example.target_ids
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+        labels[row, len(example.prompt_ids): len(sequence)] = torch.tensor(example.target_ids)
+    teacher_ids = teacher_probs = None
+    if all(e.teacher_ids for e in examples):
+        teacher_ids = torch.tensor([t for e in examples for t in e.teacher_ids], dtype=torch.long)
+        teacher_probs = torch.tensor([p for e in examples for p in e.teacher_probs], dtype=torch.float32)
+    return Batch([e.chunks for e in examples], ids, mask, labels, teacher_ids, teacher_probs)
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
+                    teacher_probs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the teacher's top-k tokens plus one bucket for the rest of the mass."""
+    log_probs = torch.log_softmax(student_logits.to(torch.promote_types(student_logits.dtype, torch.float32)), dim=-1)
+    student_top = log_probs.gather(-1, teacher_ids)
+    student_rest = torch.log1p(-student_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    teacher_rest = (1 - teacher_probs.sum(-1)).clamp(min=0)
+    teacher = torch.cat([teacher_probs, teacher_rest[:, None]], dim=-1)
+    student = torch.cat([student_top, student_rest[:, None]], dim=-1)
+    return (teacher * (teacher.clamp(min=1e-12).log() - student)).sum(-1).mean()
+
+
+class CepeTrainingModule(nn.Module):
+    """The model plus its losses in one forward, so accelerate/DDP can wrap it."""
+
+    def __init__(self, model: CepeForCausalLM, *, train_encoder: bool = False,
+                 state_cache: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.model = model
+        self.train_encoder = train_encoder
+        # A frozen encoder gives every passage the same states in every example it appears in.
+        self.state_cache = state_cache if not train_encoder else None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.train_encoder:
+            self.model.encoder.eval()  # no dropout in a frozen encoder
+        return self
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        flat = [text for chunks in batch.chunks for text in chunks]
+        if self.state_cache is not None:
+            states = encode_cached(model, flat, self.state_cache)
+        else:
+            with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+                states = model.encode_token_chunks(model.tokenize_chunks(flat)) if flat else []
+        grouped, start = [], 0
+        for chunks in batch.chunks:
+            grouped.append(states[start:start + len(chunks)])
+            start += len(chunks)
+        context = model.context_from_states(grouped, cache_kv=False) if flat else None
+        device = model.device
+        hidden = model.decoder.base_model(input_ids=batch.input_ids.to(device),
+                                          attention_mask=batch.attention_mask.to(device),
+                                          cross_context=context, use_cache=False).last_hidden_state
+        labels = batch.labels.to(device)[:, 1:]
+        predicting = labels != -100
+        # The LM head only where a target token is predicted: fp32 logits for a few hundred rows, not all.
+        logits = model.decoder.get_output_embeddings()(hidden[:, :-1][predicting])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        ce = F.cross_entropy(logits, labels[predicting])
+        if batch.teacher_ids is None:
+            return ce, torch.zeros((), device=device)
+        return ce, distillation_kl(logits, batch.teacher_ids.to(device), batch.teacher_probs.to(device))
+
+
+@torch.no_grad()
+def encode_cached(model: CepeForCausalLM, texts: Sequence[str], cache: dict[str, torch.Tensor],
+                  batch_size: int = 64) -> list[torch.Tensor]:
+    """Encoder states of `texts`, encoding (in length-sorted batches) only those not in `cache` yet."""
+    missing = sorted({t for t in texts if t not in cache}, key=len)
+    for start in range(0, len(missing), batch_size):
+        group = missing[start:start + batch_size]
+        for text, state in zip(group, model.encode_token_chunks(model.tokenize_chunks(group), batch_size=batch_size)):
+            cache[text] = state.to(torch.float16 if state.is_floating_point() else state.dtype)
+    dtype = model.cross_attention_layers()[0].cross_attn.k_proj.weight.dtype
+    return [cache[t].to(dtype=dtype, device=model.device) for t in texts]
+
+
+def trainable_parameters(model: CepeForCausalLM, train_encoder: bool) -> dict[str, nn.Parameter]:
+    """Freeze everything, then unfreeze cross-attention (and the encoder if asked)."""
+    model.requires_grad_(False)
+    chosen = {}
+    for name, parameter in model.named_parameters():
+        if ".cross_attn." in name or (train_encoder and name.startswith("encoder.")):
+            parameter.requires_grad_(True)
+            chosen[name] = parameter
+    if not chosen:
+        raise CepeRagError("the model has no cross-attention layers to train")
+    return chosen
+
+
+def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: TrainConfig, out_dir: str | Path, *,
+          validation: Sequence[TrainingExample] = (), save_model: Callable[[CepeForCausalLM, Path], None] | None = None,
+          state_cache: dict[str, torch.Tensor] | None = None, progress: bool = True,
+          on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run (or resume) `config.steps` optimiser steps; returns the log records. Writes to `out_dir`:
+    train_config.json, log.jsonl, checkpoint/ (trainable weights, optimiser, step) and, at the end,
+    `save_model(model, out_dir / "model")`. An interrupted run resumes from its last checkpoint."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    if not examples:
+        raise CepeRagError("no training examples")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_same_config(out, config)
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no",
+                              cpu=not torch.cuda.is_available() or model.device.type == "cpu")
+    torch.manual_seed(config.seed)
+    params = trainable_parameters(model, config.train_encoder)
+    if config.gradient_checkpointing:
+        model.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * config.steps), config.steps)
+    step = _load_checkpoint(out / CHECKPOINT_DIR, params, optimizer, scheduler)
+    module, optimizer, scheduler = accelerator.prepare(
+        CepeTrainingModule(model, train_encoder=config.train_encoder, state_cache=state_cache).train(),
+        optimizer, scheduler)
+    tokenizer = model.decoder_tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = _order(len(examples), config, accelerator.num_processes, accelerator.process_index)
+    log_path = out / "log.jsonl"
+    records = []
+    bar = tqdm(total=config.steps, initial=step, disable=not progress or not accelerator.is_main_process,
+               desc=f"train {config.stage}")
+    started, tokens_seen = time.perf_counter(), 0
+    while step < config.steps:
+        batch = collate([examples[i] for i in order(step)], pad_id)
+        ce, kl = module(batch)
+        loss = config.lm_cof * ce + config.kl_cof * kl
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += batch.n_tokens
+        rate = tokens_seen / (time.perf_counter() - started)
+        record = {"step": step, "loss": loss.item(), "ce": ce.item(), "kl": kl.item(),
+                  "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": round(rate, 1)}
+        if validation and (step % config.eval_every == 0 or step == config.steps):
+            record.update(evaluate(module, validation, config, pad_id))
+        records.append(record)
+        bar.set_postfix(ce=f"{record['ce']:.3f}", kl=f"{record['kl']:.3f}", tok_s=f"{rate:.0f}")
+        bar.update(1)
+        if accelerator.is_main_process:
+            with log_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if step % config.save_every == 0 or step == config.steps:
+                _save_checkpoint(out / CHECKPOINT_DIR, params, optimizer, scheduler, step)
+        if on_step is not None:
+            on_step(record)
+    bar.close()
+    if accelerator.is_main_process and save_model is not None:
+        model.eval()
+        save_model(accelerator.unwrap_model(module).model, out / "model")
+    return records
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, examples: Sequence[TrainingExample], config: TrainConfig, pad_id: int) -> dict:
+    """Mean validation CE/KL (per batch), with the model in eval mode."""
+    module.eval()
+    ce_sum = kl_sum = 0.0
+    batches = 0
+    for start in range(0, len(examples), config.batch_size):
+        ce, kl = module(collate(examples[start:start + config.batch_size], pad_id))
+        ce_sum, kl_sum, batches = ce_sum + ce.item(), kl_sum + kl.item(), batches + 1
+    module.train()
+    return {"val_ce": ce_sum / batches, "val_kl": kl_sum / batches}
+
+
+def _order(n: int, config: TrainConfig, world: int, rank: int) -> Callable[[int], list[int]]:
+    """Example indices for a step: a fresh seeded shuffle per epoch, so a resumed run sees the same data."""
+    per_step = config.batch_size * world
+    cache: dict[int, list[int]] = {}
+
+    def indices(step: int) -> list[int]:
+        out = []
+        for position in range(step * per_step + rank * config.batch_size,
+                              step * per_step + (rank + 1) * config.batch_size):
+            epoch, offset = divmod(position, n)
+            if epoch not in cache:
+                cache[epoch] = list(range(n))
+                random.Random(config.seed * 1_000_003 + epoch).shuffle(cache[epoch])
+            out.append(cache[epoch][offset])
+        return out
+
+    return indices
+
+
+def _check_same_config(out: Path, config: TrainConfig) -> None:
+    path = out / "train_config.json"
+    current = asdict(config)
+    if path.exists() and (out / CHECKPOINT_DIR).exists():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise CepeRagError(f"{path} is not valid JSON; move the run folder away to start afresh") from None
+        changed = sorted(k for k in current if k not in ("steps", "save_every", "eval_every")
+                         and saved.get(k) != current[k])
+        if changed:
+            raise CepeRagError(f"{out} holds a run with other settings ({', '.join(changed)}); "
+                               "use another --out or the same settings to resume")
+    path.write_text(json.dumps(current, indent=2))
+
+
+def _save_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer, scheduler, step: int) -> None:
+    """Written next to the old one, then swapped in: an interruption leaves one complete checkpoint."""
+    from safetensors.torch import save_file
+
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in params.items()},
+              str(staging / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
+    (staging / "state.json").write_text(json.dumps({"step": step, "parameters": sorted(params)}))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer, scheduler) -> int:
+    if not folder.exists():
+        old = folder.with_name(folder.name + ".old")  # interrupted between the two renames
+        if not old.exists():
+            return 0
+        old.rename(folder)
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        weights = load_file(str(folder / "trainable.safetensors"))
+        rest = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+    except (OSError, json.JSONDecodeError, RuntimeError) as error:
+        raise CepeRagError(f"{folder}: unreadable training checkpoint ({str(error).splitlines()[0]})") from None
+    if sorted(weights) != sorted(params):
+        raise CepeRagError(f"{folder}: checkpoint parameters do not match this model")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(rest["optimizer"])
+    scheduler.load_state_dict(rest["scheduler"])
+    return int(state["step"])

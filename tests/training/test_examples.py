@@ -1,0 +1,88 @@
+"""Training data: corpora, held-out articles, and the examples of each stage."""
+
+import json
+import random
+
+import pytest
+
+from cepe_rag.training import ExampleBuilder, build_examples, load_articles
+from cepe_rag.training.corpus import Article, held_out
+from cepe_rag.training.examples import BLANK, cloze, load_examples, save_examples
+from cepe_rag.types import CepeRagError
+
+ARTICLES = [
+    Article("Stanley Kubrick", "Stanley Kubrick was an American film director. He directed 2001: A Space Odyssey in "
+                               "1968. He was born in New York City."),
+    Article("Eiffel Tower", "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was completed in 1889 "
+                            "for the World's Fair."),
+    Article("Nile", "The Nile is a major river in northeastern Africa. It flows into the Mediterranean Sea."),
+    Article("Mount Everest", "Mount Everest is Earth's highest mountain above sea level. It lies in the Himalayas "
+                             "on the border of Nepal and China."),
+]
+
+
+@pytest.fixture(scope="module")
+def builder(chat_tokenizer):
+    from cepe_rag.readers import ClosedBookReader
+    from tests.readers.conftest import tiny_chat_llama
+
+    reader = ClosedBookReader(tiny_chat_llama(chat_tokenizer), chat_tokenizer)  # for its prompt format only
+    return ExampleBuilder(chat_tokenizer, reader.chat_ids, seed=0), reader
+
+
+def test_cloze_blanks_a_span_of_the_sentence():
+    rng = random.Random(0)
+    for article in ARTICLES:
+        blanked, span = cloze(article, rng)
+        assert BLANK in blanked and span in article.text and blanked.replace(BLANK, span) in article.text
+
+
+def test_read_examples_hold_the_gold_article_and_answer_with_the_span(builder, chat_tokenizer):
+    example_builder, reader = builder
+    examples = build_examples("read", ARTICLES, example_builder, max_passages=3)
+    assert len(examples) == len(ARTICLES)
+    for article, example in zip(ARTICLES, examples):
+        assert any(article.text in chunk for chunk in example.chunks) and 1 <= len(example.chunks) <= 3
+        assert example.prompt_ids == reader.chat_ids(example.question)  # the reader's own prompt
+        answer = chat_tokenizer.decode(example.target_ids)
+        assert answer.endswith("<|im_end|>") and answer.removesuffix("<|im_end|>").strip() in article.text
+
+
+def test_warmup_and_standard_examples(builder, chat_tokenizer):
+    example_builder, _ = builder
+    warmup = build_examples("warmup", ARTICLES, example_builder)
+    assert " ".join(warmup[0].chunks) == chat_tokenizer.decode(warmup[0].target_ids)  # encoder sees the target
+    standard = build_examples("standard", ARTICLES, example_builder, max_passages=2)
+    for article, example in zip(ARTICLES, standard):
+        target = chat_tokenizer.decode(example.target_ids)
+        assert target in article.text and not any(target in chunk for chunk in example.chunks)
+    with pytest.raises(CepeRagError, match="unknown stage"):
+        build_examples("finetune", ARTICLES, example_builder)
+
+
+def test_examples_round_trip_and_bad_files(builder, tmp_path):
+    example_builder, _ = builder
+    examples = build_examples("read", ARTICLES, example_builder)
+    save_examples(examples, tmp_path / "e.jsonl")
+    assert load_examples(tmp_path / "e.jsonl") == examples
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(CepeRagError, match="not a training-examples file"):
+        load_examples(tmp_path / "bad.jsonl")
+
+
+def test_corpora_and_the_held_out_split(tmp_path):
+    wiki = load_articles("wiki-summaries")
+    assert len(wiki) > 10_000 and all(a.language == "en" for a in wiki)
+    validation = [a for a in wiki if a.is_validation]
+    assert 0.03 < len(validation) / len(wiki) < 0.07
+    assert not {a.title for a in validation} & {a.title for a in wiki if not a.is_validation}
+    assert len(load_articles("wiki-summaries", languages=("fr", "es"))) > 1000
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"title": f"t{i}", "text": f"text {i}"}) for i in range(3)))
+    assert [a.title for a in load_articles(str(tmp_path / "c.jsonl"))] == ["t0", "t1", "t2"]
+    assert held_out("t0") == held_out("t0")
+    with pytest.raises(CepeRagError, match="no 'body' column"):
+        load_articles(str(tmp_path / "c.jsonl"), text_field="body")
+    with pytest.raises(CepeRagError, match="cannot load training corpus"):
+        load_articles(str(tmp_path / "missing-dataset-name"))
+    with pytest.raises(CepeRagError, match="no Wikipedia summaries"):
+        load_articles("wiki-summaries", languages=("de",))

@@ -1,0 +1,163 @@
+"""The training loop on tiny random models: losses, masking, frozen decoder, resumption."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from cepe_rag.cepe import CepeForCausalLM
+from cepe_rag.models import embedder_path
+from cepe_rag.training import TrainConfig, TrainingExample, train
+from cepe_rag.training.trainer import CepeTrainingModule, collate, distillation_kl
+from cepe_rag.types import CepeRagError
+from tests.readers.conftest import tiny_chat_llama
+
+WORDS = ["apple", "river", "mountain", "violet", "engine", "castle", "harbor", "falcon", "garden", "silver"]
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    return AutoTokenizer.from_pretrained(embedder_path())
+
+
+def tiny_model(chat_tokenizer, minilm_tokenizer, seed=0):
+    # Embeddings large enough that a 32-d hidden state can make one of 49K tokens likely.
+    decoder = tiny_chat_llama(chat_tokenizer, num_hidden_layers=2, initializer_range=0.3)
+    torch.manual_seed(seed)
+    encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    model = CepeForCausalLM(decoder, encoder.eval(), init_mode="zero", encoder_tokenizer=minilm_tokenizer)
+    model.decoder_tokenizer = chat_tokenizer
+    return model
+
+
+def copy_examples(tokenizer, n=64, seed=0):
+    """The target word is only in the encoder's chunk (next to a distractor chunk): a frozen decoder can
+    predict it only by reading through cross-attention."""
+    rng = random.Random(seed)
+    prompt = tokenizer("The secret word is", add_special_tokens=False)["input_ids"]
+    examples = []
+    for _ in range(n):
+        word, other = rng.sample(WORDS, 2)
+        chunks = [f"secret {word}", f"noise {other}"]
+        rng.shuffle(chunks)
+        examples.append(TrainingExample(chunks, prompt, tokenizer(" " + word, add_special_tokens=False)["input_ids"]))
+    return examples
+
+
+def swap_word(chunk: str) -> str:
+    kind, word = chunk.split()
+    return f"{kind} {WORDS[(WORDS.index(word) + 3) % len(WORDS)]}"
+
+
+def decoder_weights(model):
+    return {k: v.clone() for k, v in model.decoder.state_dict().items() if ".cross_attn." not in k}
+
+
+def test_a_few_hundred_steps_learn_to_read_and_leave_the_decoder_alone(chat_tokenizer, minilm_tokenizer, tmp_path):
+    model = tiny_model(chat_tokenizer, minilm_tokenizer)
+    before = decoder_weights(model)
+    examples = copy_examples(chat_tokenizer)
+    config = TrainConfig(stage="warmup", steps=300, batch_size=8, lr=3e-3, save_every=1000, eval_every=1000)
+    records = train(model, examples, config, tmp_path / "run", progress=False)
+    first, last = records[0]["ce"], sum(r["ce"] for r in records[-20:]) / 20
+    assert first > 8 and last < 0.5 * first, (first, last)
+    after = decoder_weights(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # What it learnt is reading: swapping the chunks' words for others makes the same targets much less likely.
+    module = CepeTrainingModule(model).eval()
+    test = copy_examples(chat_tokenizer, n=32, seed=1)
+    swapped = [TrainingExample([swap_word(c) for c in e.chunks], e.prompt_ids, e.target_ids) for e in test]
+    with torch.no_grad():
+        read, misread = module(collate(test, 0))[0].item(), module(collate(swapped, 0))[0].item()
+    assert read + 2 < misread, (read, misread)  # e^2: the right word over 7x likelier when it is in the context
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 300 and {"ce", "kl", "lr", "tokens_per_s"} <= log[0].keys()
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(chat_tokenizer, minilm_tokenizer, tmp_path):
+    examples = copy_examples(chat_tokenizer, n=20)
+
+    def trained(out, on_step=None):
+        model = tiny_model(chat_tokenizer, minilm_tokenizer)
+        config = TrainConfig(stage="warmup", steps=12, batch_size=4, lr=1e-3, save_every=5, eval_every=100)
+        train(model, examples, config, out, progress=False, on_step=on_step)
+        return {k: v for k, v in model.state_dict().items() if ".cross_attn." in k}
+
+    def interrupt_at_7(record):
+        if record["step"] == 7:
+            raise KeyboardInterrupt
+
+    straight = trained(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        trained(tmp_path / "b", on_step=interrupt_at_7)  # steps 6 and 7 are lost: the checkpoint is at 5
+    resumed = trained(tmp_path / "b")
+    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps_logged == [*range(1, 8), *range(6, 13)]
+    with pytest.raises(CepeRagError, match="other settings"):
+        model = tiny_model(chat_tokenizer, minilm_tokenizer)
+        train(model, examples, TrainConfig(stage="warmup", steps=12, batch_size=4, lr=5e-3, save_every=5),
+              tmp_path / "b", progress=False)
+
+
+def test_padding_and_prompt_are_not_in_the_loss(chat_tokenizer, minilm_tokenizer):
+    model = tiny_model(chat_tokenizer, minilm_tokenizer).double()
+    for layer in model.cross_attention_layers():  # non-zero cross-attention, so the context matters
+        torch.nn.init.normal_(layer.cross_attn.o_proj.weight, std=0.1)
+    module = CepeTrainingModule(model).eval()
+    short, long = copy_examples(chat_tokenizer, n=2, seed=3)
+    long.target_ids = long.target_ids + chat_tokenizer(" and more words here", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        batch_ce = module(collate([short, long], 0))[0].item()
+        singles = [module(collate([e], 0))[0].item() for e in (short, long)]
+    n = [len(short.target_ids), len(long.target_ids)]
+    assert batch_ce == pytest.approx((singles[0] * n[0] + singles[1] * n[1]) / sum(n), rel=1e-9)
+    labels = collate([short, long], 0).labels
+    assert (labels[0] != -100).sum() == n[0] and (labels[0, : len(short.prompt_ids)] == -100).all()
+
+
+def test_distillation_kl_is_the_kl_over_top_k_plus_rest():
+    torch.manual_seed(0)
+    student, teacher_logits = torch.randn(5, 40, dtype=torch.float64), torch.randn(5, 40, dtype=torch.float64)
+    teacher = teacher_logits.softmax(-1)
+    everything = torch.arange(40).expand(5, -1)
+    exact = F.kl_div(student.log_softmax(-1), teacher, reduction="batchmean")
+    assert distillation_kl(student, everything, teacher).item() == pytest.approx(exact.item(), rel=1e-5)
+    top = teacher.topk(8, dim=-1)
+    bucketed = distillation_kl(student, top.indices, top.values)
+    s = student.softmax(-1)
+    rest_t, rest_s = 1 - top.values.sum(-1), 1 - s.gather(-1, top.indices).sum(-1)
+    manual = ((top.values * (top.values.log() - s.gather(-1, top.indices).log())).sum(-1)
+              + rest_t * (rest_t.log() - rest_s.log())).mean()
+    assert bucketed.item() == pytest.approx(manual.item(), rel=1e-5)
+    assert distillation_kl(teacher_logits, top.indices, top.values).item() == pytest.approx(0, abs=1e-6)
+    assert not math.isnan(distillation_kl(student, top.indices, top.values * 0).item())
+
+
+def test_ceped_teacher_reads_the_passages_in_its_prompt_and_the_kl_trains(chat_tokenizer, minilm_tokenizer, tmp_path):
+    from cepe_rag.training import add_teacher
+
+    model = tiny_model(chat_tokenizer, minilm_tokenizer)
+    examples = copy_examples(chat_tokenizer, n=8)
+    for example in examples:
+        example.question = "The secret word is"
+
+    def prompt_ids(text):
+        return chat_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    add_teacher(examples, model, prompt_ids, top_k=5)
+    first = examples[0]
+    ids = prompt_ids("".join(c + "\n\n" for c in first.chunks) + first.question) + first.target_ids
+    with torch.no_grad():
+        probs = model.decoder(input_ids=torch.tensor([ids])).logits[0, -len(first.target_ids) - 1: -1].softmax(-1)
+    assert len(first.teacher_ids) == len(first.target_ids) and len(first.teacher_ids[0]) == 5
+    expected = probs.topk(5, dim=-1)
+    assert first.teacher_ids == expected.indices.tolist()
+    assert torch.allclose(torch.tensor(first.teacher_probs), expected.values, atol=1e-6)
+    config = TrainConfig(stage="ceped", steps=20, batch_size=4, lr=3e-3, kl_cof=2.0, save_every=100)
+    records = train(model, examples, config, tmp_path / "run", progress=False)
+    assert all(r["kl"] > 0 and r["loss"] == pytest.approx(r["ce"] + 2 * r["kl"], rel=1e-5) for r in records)
