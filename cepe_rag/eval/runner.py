@@ -43,7 +43,7 @@ def cached_retrieval(questions: list[QAExample], retriever: Retriever, k: int, p
             if len(record["hits"]) >= min(k, retriever.store.count()):
                 cached[record["id"]] = record["hits"]
     todo = [q for q in questions if q.id not in cached]
-    with path.open("a") as handle:
+    with _append(path) as handle:
         for start in range(0, len(todo), 256):
             batch = todo[start:start + 256]
             for question, passages in zip(batch, retriever.retrieve_batch([q.question for q in batch], k)):
@@ -65,7 +65,7 @@ def run_eval(questions: list[QAExample], retriever: Retriever, readers: dict[str
         for k in ks if reader_name != "closed-book" else [0]:
             path = out / "predictions" / f"{reader_name}_k{k}.jsonl"
             done = _read_predictions(path)
-            with path.open("a") as handle:
+            with _append(path) as handle:
                 for index, question in enumerate(questions):
                     if progress:
                         progress(f"{reader_name} k={k}", index, len(questions))
@@ -78,7 +78,22 @@ def run_eval(questions: list[QAExample], retriever: Retriever, readers: dict[str
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                     handle.flush()
             rows.append(_summarise(reader_name, k, [done[q.id] for q in questions]))
-    write_reports(rows, out)
+    write_reports(rows + _earlier_rows(out, questions, {(r["reader"], r["k"]) for r in rows}), out)
+    return rows
+
+
+def _earlier_rows(out: Path, questions: list[QAExample], skip: set[tuple[str, int]]) -> list[dict]:
+    """Rows for predictions that earlier runs left in the folder (other readers or k), on the same questions,
+    so that one summary covers the whole run folder; a partial file gives a row with its smaller n."""
+    rows = []
+    for path in sorted((out / "predictions").glob("*_k*.jsonl")):
+        reader, _, k = path.stem.rpartition("_k")
+        if not k.isdigit() or (reader, int(k)) in skip:
+            continue
+        done = _read_predictions(path)
+        records = [done[q.id] for q in questions if q.id in done]
+        if records:
+            rows.append(_summarise(reader, int(k), records))
     return rows
 
 
@@ -97,6 +112,16 @@ def _answer_one(reader: Reader, question: QAExample, passages: list[Passage], k:
         "decode_steps": answer.usage.get("decode_steps", 0), "latency_s": latency,
         "first_token_s": answer.timings.get("first_token_s", 0.0),
     }
+
+
+def _append(path: Path):
+    """Open a JSONL file for appending, first ending a last line that an interruption cut short, so the next
+    record is not glued to it."""
+    cut = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    handle = path.open("a")
+    if cut:
+        handle.write("\n")
+    return handle
 
 
 def _read_predictions(path: Path) -> dict[str, dict]:

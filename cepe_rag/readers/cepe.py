@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -22,12 +23,15 @@ class CepeReader(Reader):
 
     def __init__(self, model: CepeForCausalLM, tokenizer, *, n_decoder_passages: int = 0,
                  n_encoder_passages: int | None = None, context_states: ContextStates | None = None,
-                 cache_cross_kv: bool = True, **kwargs):
+                 cache_cross_kv: bool = True, max_cached_passages: int = 20_000, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
         self.n_decoder_passages = n_decoder_passages
         self.n_encoder_passages = n_encoder_passages
         self.context_states = context_states
         self.cache_cross_kv = cache_cross_kv
+        # States depend on the passage alone: many questions retrieve the same passages (and top-5 is in top-20).
+        self.max_cached_passages = max_cached_passages
+        self._encoded: OrderedDict[str, torch.Tensor] = OrderedDict()  # keyed by text: ids are not unique
 
     def split(self, passages: Sequence[Passage]) -> tuple[list[Passage], list[Passage]]:
         in_prompt = list(passages[: self.n_decoder_passages])
@@ -42,13 +46,24 @@ class CepeReader(Reader):
         return PreparedPrompt(ids, in_prompt + in_encoder)
 
     def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:
-        """Stored states where the index has them; the encoder, in one batch, for the rest."""
-        states = dict(zip(self.context_states.ids, self.context_states.states)) if self.context_states else {}
-        missing = [p for p in passages if p.id not in states]
+        """Stored states where the index has them, then recently encoded ones; the encoder, in one batch, for the
+        rest."""
+        stored = dict(zip(self.context_states.ids, self.context_states.states)) if self.context_states else {}
+        texts = [p.as_prompt_text() for p in passages]
+        states = {text: stored[p.id] for p, text in zip(passages, texts) if p.id in stored}
+        for text in texts:
+            if text not in states and text in self._encoded:
+                self._encoded.move_to_end(text)
+                states[text] = self._encoded[text]
+        missing = list(dict.fromkeys(t for t in texts if t not in states))
         if missing:
-            fresh = self.model.encode_token_chunks(self.model.tokenize_chunks([p.as_prompt_text() for p in missing]))
-            states.update(zip((p.id for p in missing), fresh))
-        return [states[p.id] for p in passages]
+            fresh = self.model.encode_token_chunks(self.model.tokenize_chunks(missing))
+            states.update(zip(missing, fresh))
+            if self.max_cached_passages:
+                self._encoded.update(zip(missing, fresh))
+                while len(self._encoded) > self.max_cached_passages:
+                    self._encoded.popitem(last=False)
+        return [states[t] for t in texts]
 
     def _stream_prepared(self, questions, passages, prepared: list[PreparedPrompt],
                          config: GenerationConfig) -> Iterator[list[str]]:

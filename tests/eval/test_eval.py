@@ -8,7 +8,7 @@ from cepe_rag.eval import exact_match, load_questions, normalize_answer, run_eva
 from cepe_rag.eval.metrics import answer_in_passages, postprocess
 from cepe_rag.eval.runner import answerable_subset
 from cepe_rag.pipelines import Retriever, build_index
-from cepe_rag.readers import ConcatReader, GenerationConfig
+from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig
 from cepe_rag.types import CepeRagError
 
 
@@ -93,3 +93,10 @@ def test_run_eval_writes_reports_and_resumes(tmp_path, embedder, chat_tokenizer)
     assert CountingReader.calls == 7
     metrics = ("reader", "k", "n", "em", "substring_em", "f1", "recall_at_k")
     assert [{m: r[m] for m in metrics} for r in again] == [{m: r[m] for m in metrics} for r in rows]
+
+    # A later run with another reader: the folder's summary keeps the earlier rows too.
+    closed = ClosedBookReader(model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=3))
+    run_eval(questions, retriever, {"closed-book": closed}, [1], tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    rows = [(r["reader"], r["k"], r["n"]) for r in summary]
+    assert rows == [("closed-book", 0, 3), ("concat", 1, 3), ("concat", 2, 3)]

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -92,3 +94,17 @@ def test_cepe_reader_splits_passages_and_reuses_precomputed_states(tiny_chat_mod
     fresh = reader.answer("What is topic 3?", PASSAGES[:10]).text
     reader.context_states = reader.model.encode_context([p.as_prompt_text() for p in PASSAGES[2:5]], ids=[2, 3, 4])
     assert reader.answer("What is topic 3?", PASSAGES[:10]).text == fresh
+
+
+def test_cepe_reader_encodes_each_passage_text_once(tiny_chat_model, chat_tokenizer, monkeypatch):
+    reader = tiny_cepe_reader(tiny_chat_model, chat_tokenizer, "copy")
+    first = reader.answer("What is topic 3?", PASSAGES[:4]).text
+    encoded = []
+    original = reader.model.encode_token_chunks
+    monkeypatch.setattr(reader.model, "encode_token_chunks", lambda ids, **kw: encoded.extend(ids) or original(ids))
+    assert reader.answer("What is topic 3?", PASSAGES[:4]).text == first and encoded == []
+    reader.answer("What is topic 3?", PASSAGES[2:6])
+    assert len(encoded) == 2  # only the two new passages
+    same_id = replace(PASSAGES[0], text="An unrelated passage about something else.")
+    reader.answer("What is topic 3?", [same_id])
+    assert len(encoded) == 3  # a different text under a known id is encoded, not confused with the cached one
