@@ -63,7 +63,9 @@ def new_cepe_model(decoder: str, encoder: str, *, num_cross_attn_layers: int, in
     return model.to(device)
 
 
-def save_adapter(model, folder: str | Path, *, include_encoder: bool = False, card: dict | None = None) -> None:
+def save_adapter(model, folder: str | Path, *, include_encoder: bool = False, card: dict | None = None,
+                 dtype: torch.dtype = torch.float16) -> None:
+    """Trained tensors in `dtype` (float16 halves the file; the loader casts to the model's dtype)."""
     from safetensors.torch import save_file
 
     names = getattr(model, "source_names", None)
@@ -71,7 +73,7 @@ def save_adapter(model, folder: str | Path, *, include_encoder: bool = False, ca
         raise CepeRagError("this model was not built from named decoder/encoder; use save_pretrained")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.released_state_dict().items()
+    state = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.released_state_dict().items()
              if ".cross_attn." in k or (include_encoder and k.startswith("encoder."))}
     save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
     config = {"format": ADAPTER_FORMAT, **names, "num_cross_attn_layers": model.config.num_cross_attn_layers,
@@ -108,6 +110,6 @@ def load_adapter(folder: str | Path, *, dtype=torch.float32, device: str = "cpu"
             if own[name].shape != tensor.shape:
                 raise CepeRagError(f"{folder}: {name} has shape {tuple(tensor.shape)}, expected "
                                    f"{tuple(own[name].shape)}")
-            own[name].copy_(tensor)
+            own[name].copy_(tensor.to(own[name].dtype))
     model.training_history = config.get("training_history", [])
     return model.to(device=device).eval().requires_grad_(False)

@@ -183,7 +183,7 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
     torch.manual_seed(config.seed)
     params = trainable_parameters(model, config.train_encoder)
     if config.gradient_checkpointing:
-        model.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * config.steps), config.steps)
     step = _load_checkpoint(out / CHECKPOINT_DIR, params, optimizer, scheduler)

@@ -163,6 +163,14 @@ def test_train_then_answer_with_the_trained_adapter(kubrick_index, tmp_path):
     assert adapter["decoder"] == "smollm2-135m-instruct" and adapter["num_cross_attn_layers"] == 2
     assert adapter["training_history"][-1]["stage"] == "read"
     assert (out / "model" / "cross_attention.safetensors").stat().st_size < 10 * 2**20  # not the whole decoder
+    from safetensors.torch import load_file
+
+    from cepe_rag.cepe import CepeForCausalLM
+
+    trained = load_file(str(out / "checkpoint" / "trainable.safetensors"))  # fp32 master weights
+    loaded = dict(CepeForCausalLM.from_pretrained(out / "model").named_parameters())
+    assert len(trained) == 2 * 5 and all(  # q, k, v, o and the norm in each of the 2 layers
+        (loaded[name].float() - tensor).abs().max() <= 1e-3 * tensor.abs().max() for name, tensor in trained.items())
     answer = run_cli("ask", "Who directed 2001?", "--index", kubrick_index, "--cepe-model", out / "model", "--json",
                      "--max-new-tokens", "4")
     assert answer.returncode == 0, answer.stderr

@@ -161,3 +161,23 @@ def test_ceped_teacher_reads_the_passages_in_its_prompt_and_the_kl_trains(chat_t
     config = TrainConfig(stage="ceped", steps=20, batch_size=4, lr=3e-3, kl_cof=2.0, save_every=100)
     records = train(model, examples, config, tmp_path / "run", progress=False)
     assert all(r["kl"] > 0 and r["loss"] == pytest.approx(r["ce"] + 2 * r["kl"], rel=1e-5) for r in records)
+
+
+def test_encoder_trains_only_when_asked_and_checkpointing_gives_the_same_losses(chat_tokenizer, minilm_tokenizer,
+                                                                                 tmp_path):
+    examples = copy_examples(chat_tokenizer, n=8)
+
+    def run(out, **settings):
+        model = tiny_model(chat_tokenizer, minilm_tokenizer)
+        encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+        config = TrainConfig(stage="warmup", steps=3, batch_size=4, lr=1e-3, save_every=100, **settings)
+        records = train(model, examples, config, tmp_path / out, progress=False)
+        changed = any(not torch.equal(v, model.encoder.state_dict()[k]) for k, v in encoder_before.items())
+        return [r["ce"] for r in records], changed
+
+    plain, encoder_changed = run("plain")
+    assert not encoder_changed
+    checkpointed, _ = run("checkpointed", gradient_checkpointing=True)
+    assert checkpointed == pytest.approx(plain, rel=1e-5)
+    _, encoder_changed = run("encoder", train_encoder=True)
+    assert encoder_changed
