@@ -181,3 +181,18 @@ def test_encoder_trains_only_when_asked_and_checkpointing_gives_the_same_losses(
     assert checkpointed == pytest.approx(plain, rel=1e-5)
     _, encoder_changed = run("encoder", train_encoder=True)
     assert encoder_changed
+
+
+def test_the_decoders_first_layers_as_a_bidirectional_encoder(chat_tokenizer):
+    from cepe_rag.cepe.adapter import build_encoder_for
+
+    decoder = tiny_chat_llama(chat_tokenizer, num_hidden_layers=3)
+    encoder, tokenizer = build_encoder_for("decoder-layers:2", decoder, chat_tokenizer)
+    assert tokenizer is chat_tokenizer and len(encoder.layers) == 2
+    assert torch.equal(encoder.layers[1].mlp.up_proj.weight, decoder.model.layers[1].mlp.up_proj.weight)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    changed = ids.clone()
+    changed[0, -1] = 9
+    with torch.no_grad():
+        first, second = encoder(input_ids=ids).last_hidden_state, encoder(input_ids=changed).last_hidden_state
+    assert not torch.allclose(first[0, 0], second[0, 0])  # the first token sees the last: not causal
