@@ -29,6 +29,17 @@ def _package_dir(module: str, install_hint: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+# CEPE adapters shipped inside the package, by the decoder they were trained for.
+PACKAGED_CEPE = {DEFAULT_DECODER: "smollm2-135m-minilm"}
+
+
+def packaged_cepe(decoder: str = DEFAULT_DECODER) -> str | None:
+    """The folder of the CEPE adapter shipped for `decoder`, or None."""
+    name = PACKAGED_CEPE.get(decoder)
+    folder = Path(__file__).parent / "checkpoints" / name if name else None
+    return str(folder) if folder and (folder / "cepe_adapter.json").exists() else None
+
+
 def embedder_path(name: str = DEFAULT_EMBEDDER) -> str:
     """A path or hub id that SentenceTransformer can load."""
     if name == DEFAULT_EMBEDDER:

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cepe_rag.models import DEFAULT_DECODER, DEFAULT_EMBEDDER
+from cepe_rag.models import DEFAULT_DECODER, DEFAULT_EMBEDDER, packaged_cepe
 from cepe_rag.types import CepeRagError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -137,6 +137,8 @@ def ask(
 
     _quiet_libraries()
     reader = reader or ("cepe" if cepe_model else "parallel")
+    if reader == "cepe":
+        cepe_model = cepe_model or packaged_cepe(decoder)
     question = validate_question(question)
     started = time.perf_counter()
     retriever = Retriever(index_dir)
@@ -151,8 +153,7 @@ def ask(
     generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     if reader == "cepe":
         if cepe_model is None:
-            raise CepeRagError("--reader cepe needs --cepe-model: no trained CEPE checkpoint ships for the default "
-                               "decoder yet")
+            raise CepeRagError(f"--reader cepe needs --cepe-model: no CEPE checkpoint ships for {decoder}")
         from cepe_rag.cepe import CepeForCausalLM
 
         model = CepeForCausalLM.from_pretrained(cepe_model, device=device, dtype=torch_dtype)
@@ -248,8 +249,9 @@ def evaluate(
     model, tokenizer = (None, None)
     for name in names:
         if name == "cepe":
+            cepe_model = cepe_model or packaged_cepe(decoder)
             if cepe_model is None:
-                raise CepeRagError("the cepe reader needs --cepe-model")
+                raise CepeRagError(f"the cepe reader needs --cepe-model: no CEPE checkpoint ships for {decoder}")
             from cepe_rag.cepe import CepeForCausalLM
 
             cepe = CepeForCausalLM.from_pretrained(cepe_model, device=device, dtype=torch_dtype)

@@ -124,9 +124,12 @@ class CepeLLM(BaseLLM):
         generation = GenerationConfig(max_new_tokens=self.max_tokens, temperature=self.temperature,
                                       top_p=self.top_p, seed=self.seed)
         if self.reader == "cepe":
-            if self.cepe_model is None:
-                raise ValueError("reader='cepe' needs cepe_model=")
-            model = _load_cepe(self.cepe_model, self.device)
+            from cepe_rag.models import packaged_cepe
+
+            path = self.cepe_model or packaged_cepe(self.decoder)
+            if path is None:
+                raise ValueError(f"reader='cepe' needs cepe_model=: no CEPE checkpoint ships for {self.decoder}")
+            model = _load_cepe(path, self.device)
             return make_reader("cepe", model, model.decoder_tokenizer, generation=generation,
                                system_prompt=system_prompt or self.system_prompt,
                                n_decoder_passages=self.n_prompt_passages)

@@ -127,7 +127,8 @@ def test_ask_with_a_cepe_checkpoint(kubrick_index, tmp_path, chat_tokenizer):
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["reader"] == "cepe" and answer["usage"]["passages_read"] == 2
-    assert_one_line_error(run_cli("ask", "q?", "--index", kubrick_index, "--reader", "cepe"), "--cepe-model")
+    assert_one_line_error(run_cli("ask", "q?", "--index", kubrick_index, "--reader", "cepe", "--decoder", "my/llm"),
+                          "no CEPE checkpoint ships for my/llm")
 
 
 def test_eval_command_writes_a_summary(kubrick_index, tmp_path):
