@@ -225,11 +225,12 @@ def evaluate(
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (the paper: 25).")] = 25,
     split: Annotated[str, typer.Option(help="Split, for hub datasets.")] = "validation",
     dtype: DtypeOption = None,
+    summary_only: Annotated[bool, typer.Option(help="Only summarise the predictions already in --out.")] = False,
 ) -> None:
     """Open-domain QA: retrieval once, then every reader at every k; resumable, cached per run folder."""
     from rich.progress import Progress
 
-    from cepe_rag.eval import answerable_subset, load_questions, run_eval
+    from cepe_rag.eval import answerable_subset, load_questions, run_eval, summarise_folder
     from cepe_rag.models import default_device, load_decoder, resolve_dtype
     from cepe_rag.pipelines import Retriever
     from cepe_rag.readers import GenerationConfig, make_reader
@@ -242,6 +243,10 @@ def evaluate(
     if answer_in_corpus:
         examples = answerable_subset(examples, retriever)
     examples = examples[:limit] if limit else examples
+    if summary_only:
+        summarise_folder(examples, out)
+        Console().print((out / "summary.md").read_text())
+        return
     device = default_device()
     torch_dtype = resolve_dtype(dtype, device)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=("\n",))

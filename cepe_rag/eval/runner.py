@@ -82,6 +82,16 @@ def run_eval(questions: list[QAExample], retriever: Retriever, readers: dict[str
     return rows
 
 
+def summarise_folder(questions: list[QAExample], out_dir: str | Path) -> list[dict]:
+    """Summary, table and plot of every prediction file in a run folder, answering nothing."""
+    out = Path(out_dir)
+    rows = _earlier_rows(out, questions, set())
+    if not rows:
+        raise CepeRagError(f"no predictions for these questions in {out / 'predictions'}")
+    write_reports(rows, out)
+    return rows
+
+
 def _earlier_rows(out: Path, questions: list[QAExample], skip: set[tuple[str, int]]) -> list[dict]:
     """Rows for predictions that earlier runs left in the folder (other readers or k), on the same questions,
     so that one summary covers the whole run folder; a partial file gives a row with its smaller n."""
@@ -94,7 +104,7 @@ def _earlier_rows(out: Path, questions: list[QAExample], skip: set[tuple[str, in
         records = [done[q.id] for q in questions if q.id in done]
         if records:
             rows.append(_summarise(reader, int(k), records))
-    return rows
+    return sorted(rows, key=lambda row: (row["reader"], row["k"]))
 
 
 def _answer_one(reader: Reader, question: QAExample, passages: list[Passage], k: int) -> dict:

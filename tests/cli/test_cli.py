@@ -143,6 +143,11 @@ def test_eval_command_writes_a_summary(kubrick_index, tmp_path):
         ("parallel", 1, 2), ("parallel", 2, 2), ("closed-book", 0, 2)]
     assert summary[0]["recall_at_k"] == 100.0
     assert "| parallel | 1 | 2 |" in result.stdout
+    (tmp_path / "run" / "summary.json").unlink()
+    again = run_cli("eval", "--questions", questions, "--index", kubrick_index, "--out", tmp_path / "run",
+                    "--summary-only")
+    assert again.returncode == 0 and json.loads((tmp_path / "run" / "summary.json").read_text()) == sorted(
+        summary, key=lambda row: (row["reader"], row["k"]))
     assert_one_line_error(run_cli("eval", "--questions", tmp_path / "missing.jsonl", "--index", kubrick_index),
                           "cannot load questions")
 
