@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -111,7 +112,8 @@ def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: 
     from cepe_rag.training.trainer import encode_cached
 
     texts = sorted({chunk for e in examples for chunk in e.chunks})
-    key = hashlib.sha1("\x00".join(texts).encode()).hexdigest()
+    encoder = json.dumps(model.encoder.config.to_dict(), sort_keys=True, default=str)
+    key = hashlib.sha1("\x00".join([encoder, *texts]).encode()).hexdigest()  # states of this encoder, these texts
     if path.exists():
         stored = load_file(str(path))
         if stored.pop("__key__", torch.zeros(0)).numpy().tobytes().decode(errors="ignore") == key:
