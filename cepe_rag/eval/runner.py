@@ -185,11 +185,16 @@ def _plot(rows: list[dict], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for reader in dict.fromkeys(r["reader"] for r in rows):
         points = sorted((r["k"], r["substring_em"]) for r in rows if r["reader"] == reader)
-        if reader == "closed-book" or len(points) == 1:
+        if reader == "closed-book":
             axis.axhline(points[0][1], linestyle=":", label=f"{reader}", color="gray")
         else:
             axis.plot(*zip(*points), marker="o", label=reader)
-    recall = sorted({(r["k"], r["recall_at_k"]) for r in rows if r["k"]})
+    # One recall per k, from the row with the most questions (rows of a partial run may have fewer).
+    best = {}
+    for r in rows:
+        if r["k"] and r["n"] >= best.get(r["k"], {"n": -1})["n"]:
+            best[r["k"]] = r
+    recall = sorted((k, r["recall_at_k"]) for k, r in best.items())
     if recall:
         axis.plot(*zip(*recall), linestyle="--", color="black", label="retrieval recall@k")
     axis.set_xscale("log")
