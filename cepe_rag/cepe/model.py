@@ -131,11 +131,7 @@ class CepeForCausalLM(nn.Module):
         """All chunks of all requests through the encoder as one batch, then one CrossContext."""
         flat = [text for chunks in chunks_per_request for text in chunks]
         states = self.encode_token_chunks(self.tokenize_chunks(flat)) if flat else []
-        grouped, start = [], 0
-        for chunks in chunks_per_request:
-            grouped.append(states[start:start + len(chunks)])
-            start += len(chunks)
-        return self.context_from_states(grouped, cache_kv=cache_kv)
+        return self.context_from_states(group_by_request(states, chunks_per_request), cache_kv=cache_kv)
 
     def context_from_states(self, states_per_request: Sequence[Sequence[torch.Tensor]], *, cache_kv: bool = True):
         dtype = self.cross_attention_layers()[0].cross_attn.k_proj.weight.dtype
@@ -251,6 +247,15 @@ class CepeForCausalLM(nn.Module):
 
 def hidden_empty(encoder: nn.Module, device) -> torch.Tensor:
     return torch.zeros((0, encoder.config.hidden_size), device=device)
+
+
+def group_by_request(flat: Sequence, chunks_per_request: Sequence[Sequence]) -> list[list]:
+    """Split a flat list (one item per chunk, all requests in order) back into per-request lists."""
+    grouped, start = [], 0
+    for chunks in chunks_per_request:
+        grouped.append(list(flat[start:start + len(chunks)]))
+        start += len(chunks)
+    return grouped
 
 
 def _resolve_folder(name_or_path: str | Path) -> Path:

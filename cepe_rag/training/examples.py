@@ -98,6 +98,7 @@ class ExampleBuilder:
         self.prompt_ids = prompt_ids
         self.max_decoder_tokens = max_decoder_tokens
         self.rng = random.Random(seed)
+        self.bos = [decoder_tokenizer.bos_token_id] if decoder_tokenizer.bos_token_id is not None else []
         self.end_ids = self.tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"] if \
             "<|im_end|>" in self.tokenizer.get_vocab() else [self.tokenizer.eos_token_id]
 
@@ -106,8 +107,7 @@ class ExampleBuilder:
 
     def warmup(self, article: Article, n_chunks: int = 4) -> TrainingExample:
         text = self.tokenizer.decode(self._tokens(article.text)[: self.max_decoder_tokens])
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return TrainingExample(split_words(text, n_chunks), bos, self._tokens(text))
+        return TrainingExample(split_words(text, n_chunks), self.bos, self._tokens(text))
 
     def standard(self, article: Article, distractors: Sequence[Passage]) -> TrainingExample | None:
         parts = sentences(article.text)
@@ -117,8 +117,7 @@ class ExampleBuilder:
         head, tail = " ".join(parts[:cut]), " ".join(parts[cut:])
         chunks = [Passage(0, head, title=article.title).as_prompt_text()] + [p.as_prompt_text() for p in distractors]
         self.rng.shuffle(chunks)
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return TrainingExample(chunks, bos, self._tokens(tail)[: self.max_decoder_tokens])
+        return TrainingExample(chunks, self.bos, self._tokens(tail)[: self.max_decoder_tokens])
 
     def read(self, article: Article, blanked: str, span: str, distractors: Sequence[Passage]) -> TrainingExample:
         from cepe_rag.readers.base import question_text

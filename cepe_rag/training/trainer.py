@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cepe_rag.cepe import CepeForCausalLM
+from cepe_rag.cepe.model import group_by_request
 from cepe_rag.training.examples import TrainingExample
 from cepe_rag.types import CepeRagError
 
@@ -116,11 +117,7 @@ class CepeTrainingModule(nn.Module):
         else:
             with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
                 states = model.encode_token_chunks(model.tokenize_chunks(flat)) if flat else []
-        grouped, start = [], 0
-        for chunks in batch.chunks:
-            grouped.append(states[start:start + len(chunks)])
-            start += len(chunks)
-        context = model.context_from_states(grouped, cache_kv=False) if flat else None
+        context = model.context_from_states(group_by_request(states, batch.chunks), cache_kv=False) if flat else None
         device = model.device
         hidden = model.decoder.base_model(input_ids=batch.input_ids.to(device),
                                           attention_mask=batch.attention_mask.to(device),
