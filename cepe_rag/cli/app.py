@@ -250,23 +250,28 @@ def evaluate(
     device = default_device()
     torch_dtype = resolve_dtype(dtype, device)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=("\n",))
-    built = {}
+    built, settings = {}, {}
+    common = {"decoder": decoder, "dtype": str(torch_dtype).removeprefix("torch."), "max_new_tokens": max_new_tokens}
     model, tokenizer = (None, None)
     for name in names:
         if name == "cepe":
-            cepe_model = cepe_model or packaged_cepe(decoder)
-            if cepe_model is None:
+            checkpoint = cepe_model or packaged_cepe(decoder)
+            if checkpoint is None:
                 raise CepeRagError(f"the cepe reader needs --cepe-model: no CEPE checkpoint ships for {decoder}")
             from cepe_rag.cepe import CepeForCausalLM
 
-            cepe = CepeForCausalLM.from_pretrained(cepe_model, device=device, dtype=torch_dtype)
-            built[name] = make_reader(name, cepe, cepe.decoder_tokenizer, generation=generation,
-                                      n_decoder_passages=n_prompt_passages)
+            cepe = CepeForCausalLM.from_pretrained(checkpoint, device=device, dtype=torch_dtype)
+            # Each prompt/encoder split is its own row, so one folder can compare them.
+            label = f"cepe-prompt{n_prompt_passages}" if n_prompt_passages else "cepe"
+            built[label] = make_reader(name, cepe, cepe.decoder_tokenizer, generation=generation,
+                                       n_decoder_passages=n_prompt_passages)
+            settings[label] = {**common, "cepe_model": cepe_model or "packaged", "n_prompt_passages": n_prompt_passages}
         else:
             if model is None:
                 model, tokenizer = load_decoder(decoder, device=device, dtype=torch_dtype)
-            built[name] = make_reader(name, model, tokenizer, generation=generation,
-                                      **reader_options(name, ape_temperature, ape_scale))
+            options = reader_options(name, ape_temperature, ape_scale)
+            built[name] = make_reader(name, model, tokenizer, generation=generation, **options)
+            settings[name] = {**common, **options}
     console.print(f"{len(examples)} questions · readers {', '.join(names)} · k {ks} · run folder {out}")
     with Progress(console=console) as progress:
         task = progress.add_task("answering", total=None)
@@ -274,7 +279,7 @@ def evaluate(
         def report(label, done, total):
             progress.update(task, description=label, completed=done, total=total)
 
-        run_eval(examples, retriever, built, ks, out, progress=report)
+        run_eval(examples, retriever, built, ks, out, progress=report, settings=settings)
     Console().print((out / "summary.md").read_text())
     console.print(f"predictions, summary.json and accuracy_vs_k.png in {out}")
 

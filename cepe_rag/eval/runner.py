@@ -5,6 +5,8 @@ Layout of a run folder:
   predictions/{reader}_k{k}.jsonl one line per answered question, appended as it goes (resume = skip done ids)
   summary.json, summary.md        metrics per reader and k
   accuracy_vs_k.png               substring EM and retrieval recall vs k
+  run.json                        the index (path, content version) and each reader's settings; a resumed run
+                                  with other ones is refused, so one folder never mixes two configurations
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from cepe_rag.eval.metrics import answer_in_passages, exact_match, postprocess, 
 from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import Reader
 from cepe_rag.types import CepeRagError, Passage
+
+SETTINGS_FILE = "run.json"
 
 
 def answerable_subset(questions: list[QAExample], retriever: Retriever) -> list[QAExample]:
@@ -53,11 +57,14 @@ def cached_retrieval(questions: list[QAExample], retriever: Retriever, k: int, p
 
 
 def run_eval(questions: list[QAExample], retriever: Retriever, readers: dict[str, Reader], ks: list[int],
-             out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+             out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None,
+             settings: dict[str, dict] | None = None) -> list[dict]:
+    """settings: per reader name, whatever determines its answers (decoder, dtype, knobs), kept in run.json."""
     out = Path(out_dir)
-    (out / "predictions").mkdir(parents=True, exist_ok=True)
     if not questions:
         raise CepeRagError("no questions to evaluate")
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    guard_settings(out, retriever, settings or {})
     hits = cached_retrieval(questions, retriever, max(ks), out / "retrieval.jsonl")
     texts = retriever.store.passages(sorted({pid for h in hits.values() for pid, _ in h}))
     rows = []
@@ -80,6 +87,40 @@ def run_eval(questions: list[QAExample], retriever: Retriever, readers: dict[str
             rows.append(_summarise(reader_name, k, [done[q.id] for q in questions]))
     write_reports(rows + _earlier_rows(out, questions, {(r["reader"], r["k"]) for r in rows}), out)
     return rows
+
+
+def guard_settings(out: Path, retriever: Retriever, settings: dict[str, dict]) -> None:
+    """Refuse to resume a run folder with other settings: its cached retrieval and answers would be mixed with
+    new ones made differently, and its summary would silently average the two."""
+    path = out / SETTINGS_FILE
+    store = retriever.store
+    retrieval = {"index": str(store.folder.resolve()), "content_version": store.content_version(),
+                 "passages": store.count()}
+    recorded = {"retrieval": retrieval, "readers": {}}
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text())
+            recorded_retrieval, recorded_readers = recorded["retrieval"], recorded["readers"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CepeRagError(f"{path} is not a run settings file: use another --out") from None
+        if recorded_retrieval != retrieval:
+            raise CepeRagError(f"{out} was retrieved from {_describe(recorded_retrieval)}, not {_describe(retrieval)}: "
+                               "use another --out")
+        for name, options in settings.items():
+            if name in recorded_readers and recorded_readers[name] != options:
+                changed = ", ".join(f"{key} {recorded_readers[name].get(key)!r} -> {options.get(key)!r}"
+                                    for key in sorted(set(options) | set(recorded_readers[name]))
+                                    if recorded_readers[name].get(key) != options.get(key))
+                raise CepeRagError(f"{out} holds {name} answers made with other settings ({changed}): "
+                                   "use another --out")
+    recorded["readers"].update(settings)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(recorded, indent=2) + "\n")
+    partial.replace(path)
+
+
+def _describe(retrieval: dict) -> str:
+    return f"{retrieval['index']} (version {retrieval['content_version']}, {retrieval['passages']} passages)"
 
 
 def summarise_folder(questions: list[QAExample], out_dir: str | Path) -> list[dict]:

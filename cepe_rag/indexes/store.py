@@ -167,6 +167,10 @@ class IndexStore:
     def count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
 
+    def content_version(self) -> int:
+        """Bumped by every committed change, so a cache of search results can tell that it is stale."""
+        return int(self._meta("content_version") or 0)
+
     def document_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
 

@@ -150,6 +150,18 @@ def test_eval_command_writes_a_summary(kubrick_index, tmp_path):
         summary, key=lambda row: (row["reader"], row["k"]))
     assert_one_line_error(run_cli("eval", "--questions", tmp_path / "missing.jsonl", "--index", kubrick_index),
                           "cannot load questions")
+    # Resuming with other reader settings would mix two configurations in one row: refused.
+    assert_one_line_error(run_cli("eval", "--questions", questions, "--index", kubrick_index, "--readers", "parallel",
+                                  "--k", "1", "--out", tmp_path / "run", "--max-new-tokens", "8", "--ape-scale", "0.8"),
+                          "other settings (lse_scale 0.6 -> 0.8)")
+    # A prompt/encoder split of the cepe reader is a row of its own.
+    split = run_cli("eval", "--questions", questions, "--index", kubrick_index, "--readers", "cepe", "--k", "2",
+                    "--n-prompt-passages", "1", "--out", tmp_path / "run", "--max-new-tokens", "8")
+    assert split.returncode == 0, split.stderr
+    rows = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [(row["reader"], row["k"], row["n"]) for row in rows] == [
+        ("cepe-prompt1", 2, 2), ("closed-book", 0, 2), ("parallel", 1, 2), ("parallel", 2, 2)]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["readers"]["cepe-prompt1"]["n_prompt_passages"] == 1
 
 
 def test_train_then_answer_with_the_trained_adapter(kubrick_index, tmp_path):

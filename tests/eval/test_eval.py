@@ -4,7 +4,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cepe_rag.eval import exact_match, load_questions, normalize_answer, run_eval, substring_match, token_f1
+from cepe_rag.eval import (
+    QAExample,
+    exact_match,
+    load_questions,
+    normalize_answer,
+    run_eval,
+    substring_match,
+    token_f1,
+)
 from cepe_rag.eval.metrics import answer_in_passages, postprocess
 from cepe_rag.eval.runner import answerable_subset
 from cepe_rag.pipelines import Retriever, build_index
@@ -100,3 +108,35 @@ def test_run_eval_writes_reports_and_resumes(tmp_path, embedder, chat_tokenizer)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     rows = [(r["reader"], r["k"], r["n"]) for r in summary]
     assert rows == [("closed-book", 0, 3), ("concat", 1, 3), ("concat", 2, 3)]
+
+
+def test_run_folder_refuses_other_settings_and_other_index(tmp_path, embedder, chat_tokenizer):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Kubrick directed 2001.")
+    build_index([corpus], tmp_path / "idx", embedder=embedder)
+    retriever = Retriever(tmp_path / "idx", embedder=embedder)
+    questions = [QAExample(id="1", question="Who directed 2001?", answers=["Kubrick"])]
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=512)).eval()
+    closed = ClosedBookReader(model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=2))
+    run = tmp_path / "run"
+    run_eval(questions, retriever, {"closed-book": closed}, [1], run, settings={"closed-book": {"decoder": "a"}})
+    answers = (run / "predictions" / "closed-book_k0.jsonl").read_bytes()
+
+    with pytest.raises(CepeRagError, match=r"other settings \(decoder 'a' -> 'b'\)"):
+        run_eval(questions, retriever, {"closed-book": closed}, [1], run, settings={"closed-book": {"decoder": "b"}})
+    run_eval(questions, retriever, {"closed-book": closed}, [1], run, settings={"closed-book": {"decoder": "a"}})
+
+    (corpus / "b.txt").write_text("Paris is in France.")
+    build_index([corpus], tmp_path / "idx", embedder=embedder)
+    stale = r"was retrieved from .*\(version 1, 1 passages\), not .*\(version 2, 2 passages\)"
+    with pytest.raises(CepeRagError, match=stale):
+        run_eval(questions, Retriever(tmp_path / "idx", embedder=embedder), {"closed-book": closed}, [1], run,
+                 settings={"closed-book": {"decoder": "a"}})
+    assert (run / "predictions" / "closed-book_k0.jsonl").read_bytes() == answers
+
+    (run / "run.json").write_text("{not json")
+    with pytest.raises(CepeRagError, match="not a run settings file"):
+        run_eval(questions, retriever, {"closed-book": closed}, [1], run)
