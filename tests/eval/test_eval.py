@@ -13,7 +13,7 @@ from cepe_rag.eval import (
     substring_match,
     token_f1,
 )
-from cepe_rag.eval.metrics import answer_in_passages, postprocess
+from cepe_rag.eval.metrics import answer_in_passages, paired_bootstrap, postprocess
 from cepe_rag.eval.runner import answerable_subset
 from cepe_rag.pipelines import Retriever, build_index
 from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig
@@ -140,3 +140,17 @@ def test_run_folder_refuses_other_settings_and_other_index(tmp_path, embedder, c
     (run / "run.json").write_text("{not json")
     with pytest.raises(CepeRagError, match="not a run settings file"):
         run_eval(questions, retriever, {"closed-book": closed}, [1], run)
+
+
+def test_paired_bootstrap_interval():
+    same = [1.0, 0.0] * 50
+    assert paired_bootstrap(same, same) == (0.0, 0.0, 0.0)
+    better = [1.0] * 30 + [0.0] * 70
+    worse = [0.0] * 100
+    mean, low, high = paired_bootstrap(better, worse)
+    assert mean == pytest.approx(30.0) and 20 < low < 30 < high < 40
+    # One disagreement in 100 is noise: the interval covers 0.
+    mean, low, high = paired_bootstrap([1.0] + [0.0] * 99, worse)
+    assert low <= 0 <= high
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [])
