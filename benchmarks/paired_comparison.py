@@ -3,6 +3,8 @@
     python benchmarks/paired_comparison.py runs/nq500 parallel_k20:closed-book_k0 parallel_k5:concat_k5
 
 Each pair is two prediction files (predictions/NAME.jsonl); only questions answered in both count.
+--answer-retrieved keeps the questions whose gold answer is in the first reader's passages (recall 1):
+"does reading the passages beat what the decoder knows?", asked where reading could help.
 Prints a Markdown table per metric difference (first - second, in points); JSON with --json.
 """
 
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("pairs", nargs="+", help="FIRST:SECOND prediction file names, e.g. parallel_k20:concat_k20")
     parser.add_argument("--metrics", default="substring_em,f1,em")
+    parser.add_argument("--answer-retrieved", action="store_true",
+                        help="only questions with a gold answer in the first reader's passages")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     metrics = args.metrics.split(",")
@@ -41,7 +45,7 @@ def main() -> None:
     for pair in args.pairs:
         first_name, _, second_name = pair.partition(":")
         first, second = load(args.folder, first_name), load(args.folder, second_name)
-        shared = sorted(first.keys() & second.keys())
+        shared = sorted(i for i in first.keys() & second.keys() if first[i]["recall"] or not args.answer_retrieved)
         row = {"first": first_name, "second": second_name, "n": len(shared)}
         for metric in metrics:
             row[metric] = paired_bootstrap([first[i][metric] for i in shared], [second[i][metric] for i in shared])
