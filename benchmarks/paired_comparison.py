@@ -15,20 +15,14 @@ import json
 from pathlib import Path
 
 from cepe_rag.eval.metrics import paired_bootstrap
+from cepe_rag.eval.runner import read_predictions
 
 
 def load(folder: Path, name: str) -> dict[str, dict]:
     path = folder / "predictions" / f"{name}.jsonl"
     if not path.exists():
         raise SystemExit(f"error: no predictions file {path}")
-    records = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            records[record["id"]] = record
-        except (json.JSONDecodeError, KeyError):
-            continue  # a line cut by an interrupted run
-    return records
+    return read_predictions(path)
 
 
 def main() -> None:

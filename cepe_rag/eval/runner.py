@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cepe_rag.eval.data import QAExample
 from cepe_rag.eval.metrics import answer_in_passages, exact_match, postprocess, substring_match, token_f1
+from cepe_rag.indexes.store import atomic_write
 from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import Reader
 from cepe_rag.types import CepeRagError, Passage
@@ -71,7 +72,7 @@ def run_eval(questions: list[QAExample], retriever: Retriever, readers: dict[str
     for reader_name, reader in readers.items():
         for k in ks if reader_name != "closed-book" else [0]:
             path = out / "predictions" / f"{reader_name}_k{k}.jsonl"
-            done = _read_predictions(path)
+            done = read_predictions(path)
             with _append(path) as handle:
                 for index, question in enumerate(questions):
                     if progress:
@@ -114,9 +115,7 @@ def guard_settings(out: Path, retriever: Retriever, settings: dict[str, dict]) -
                 raise CepeRagError(f"{out} holds {name} answers made with other settings ({changed}): "
                                    "use another --out")
     recorded["readers"].update(settings)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(recorded, indent=2) + "\n")
-    partial.replace(path)
+    atomic_write(path, (json.dumps(recorded, indent=2) + "\n").encode())
 
 
 def _describe(retrieval: dict) -> str:
@@ -141,7 +140,7 @@ def _earlier_rows(out: Path, questions: list[QAExample], skip: set[tuple[str, in
         reader, _, k = path.stem.rpartition("_k")
         if not k.isdigit() or (reader, int(k)) in skip:
             continue
-        done = _read_predictions(path)
+        done = read_predictions(path)
         records = [done[q.id] for q in questions if q.id in done]
         if records:
             rows.append(_summarise(reader, int(k), records))
@@ -175,7 +174,7 @@ def _append(path: Path):
     return handle
 
 
-def _read_predictions(path: Path) -> dict[str, dict]:
+def read_predictions(path: Path) -> dict[str, dict]:
     done: dict[str, dict] = {}
     if path.exists():
         for line in path.read_text().splitlines():

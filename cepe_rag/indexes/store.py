@@ -75,7 +75,7 @@ class Manifest:
             raise CepeRagError(f"{path}: incomplete manifest ({error})") from None
 
     def write(self, folder: Path) -> None:
-        _atomic_write(folder / MANIFEST_FILE, json.dumps(asdict(self), indent=2).encode())
+        atomic_write(folder / MANIFEST_FILE, json.dumps(asdict(self), indent=2).encode())
 
 
 @dataclass
@@ -274,7 +274,7 @@ class IndexStore:
         if not rebuilt and (self.folder / FAISS_FILE).exists() and self._meta("faiss_version") == content_version:
             return
         data = faiss.serialize_index(self._faiss)
-        _atomic_write(self.folder / FAISS_FILE, data.tobytes())
+        atomic_write(self.folder / FAISS_FILE, data.tobytes())
         with self.db:
             self._set_meta("faiss_version", content_version)
 
@@ -371,7 +371,7 @@ def _validate_factory(factory: str, dimension: int) -> None:
         raise CepeRagError(f"invalid faiss factory string {factory!r} (examples: Flat, HNSW32, IVF1024,PQ32)") from None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write-then-rename: a reader sees the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
