@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 QUESTION ?= Who directed 2001: A Space Odyssey?
 
-.PHONY: demo test lint env
+.PHONY: demo test lint env owndocs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ env: $(VENV)/.installed
 demo: env
 	$(VENV)/bin/cepe-rag index --demo --index indexes/default
 	$(VENV)/bin/cepe-rag ask "$(QUESTION)" --index indexes/default --k 1
+
+# The own-documents benchmark: invented facts as Markdown files, indexed together with the demo corpus.
+owndocs: env
+	$(PY) benchmarks/owndocs.py --out runs/owndocs
+	$(VENV)/bin/cepe-rag index --demo runs/owndocs/corpus --index indexes/owndocs
 
 test: env
 	$(PY) -m pytest -q

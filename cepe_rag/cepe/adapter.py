@@ -48,7 +48,7 @@ def build_encoder_for(spec: str, decoder: nn.Module, decoder_tokenizer):
 
 
 def new_cepe_model(decoder: str, encoder: str, *, num_cross_attn_layers: int, init_mode: str = "zero",
-                   device: str = "cpu", dtype=torch.float32):
+                   device: str = "cpu", dtype=torch.float32, chunking: dict | None = None):
     """A fresh (untrained cross-attention) CEPE model over named decoder and encoder."""
     from cepe_rag.cepe.model import CepeForCausalLM
     from cepe_rag.models import load_decoder
@@ -57,7 +57,7 @@ def new_cepe_model(decoder: str, encoder: str, *, num_cross_attn_layers: int, in
     decoder_model.requires_grad_(False)
     encoder_model, encoder_tokenizer = build_encoder_for(encoder, decoder_model, tokenizer)
     model = CepeForCausalLM(decoder_model, encoder_model.eval(), num_cross_attn_layers=num_cross_attn_layers,
-                            init_mode=init_mode, encoder_tokenizer=encoder_tokenizer)
+                            init_mode=init_mode, encoder_tokenizer=encoder_tokenizer, chunking=chunking)
     model.decoder_tokenizer = tokenizer
     model.source_names = {"decoder": decoder, "encoder": encoder}
     return model.to(device)
@@ -76,7 +76,10 @@ def save_adapter(model, folder: str | Path, *, include_encoder: bool = False, ca
     state = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.released_state_dict().items()
              if ".cross_attn." in k or (include_encoder and k.startswith("encoder."))}
     save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
+    from cepe_rag.cepe.model import CEPE_RAG_CHUNKING
+
     config = {"format": ADAPTER_FORMAT, **names, "num_cross_attn_layers": model.config.num_cross_attn_layers,
+              **{key: getattr(model.config, key) for key in CEPE_RAG_CHUNKING},
               "includes_encoder": include_encoder, **(card or {})}
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
@@ -96,8 +99,12 @@ def load_adapter(folder: str | Path, *, dtype=torch.float32, device: str = "cpu"
         raise CepeRagError(f"{folder}: unreadable CEPE adapter ({str(error).splitlines()[0]})") from None
     if config.get("format") != ADAPTER_FORMAT:
         raise CepeRagError(f"{folder / ADAPTER_CONFIG}: not a cepe-rag adapter")
+    from cepe_rag.cepe.model import CEPE_RAG_CHUNKING
+
+    # Adapters written before the chunking was recorded were all trained with cepe-rag's own.
+    chunking = {key: config.get(key, default) for key, default in CEPE_RAG_CHUNKING.items()}
     model = new_cepe_model(config["decoder"], config["encoder"], num_cross_attn_layers=config["num_cross_attn_layers"],
-                           init_mode="none", dtype=dtype)
+                           init_mode="none", dtype=dtype, chunking=chunking)
     own = {k: v for k, v in model.released_state_dict().items()}
     unknown = sorted(set(weights) - set(own))
     if unknown:

@@ -42,21 +42,25 @@ def make_bidirectional(model: nn.Module) -> None:
                 module.is_causal = False
 
 
-def encode_chunks(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(chunks, length) right-padded token ids -> (chunks, length, hidden) last hidden states."""
+def encode_chunks(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  all_states: bool = False) -> torch.Tensor:
+    """(chunks, length) right-padded token ids -> (chunks, length, hidden) last hidden states, or with
+    `all_states` (chunks, layers + 1, length, hidden): the embeddings, then every layer's output (the last
+    one after the final norm, as `output_hidden_states` gives them)."""
     if input_ids.shape[-1] == 0:
         return torch.zeros((*input_ids.shape, encoder.config.hidden_size), device=input_ids.device)
     positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
     kwargs = {"position_ids": positions}
     if getattr(encoder.config, "model_type", "") in ("llama", "mistral", "qwen2"):
         kwargs["use_cache"] = False
-    output = encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return output.last_hidden_state
+    output = encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=all_states, **kwargs)
+    return torch.stack(output.hidden_states, dim=1) if all_states else output.last_hidden_state
 
 
 @dataclass
 class ContextStates:
-    """Encoder output for a set of passages: one (tokens, hidden) tensor per passage, keyed by passage id."""
+    """Encoder output for a set of passages: one (tokens, hidden) tensor per passage (or (n_states, tokens,
+    hidden) for models reading several encoder layers), keyed by passage id."""
 
     ids: list[int]
     states: list[torch.Tensor]
@@ -72,7 +76,7 @@ class ContextStates:
         return sum(s.numel() * s.element_size() for s in self.states)
 
     def tokens(self) -> int:
-        return sum(s.shape[0] for s in self.states)
+        return sum(s.shape[-2] for s in self.states)
 
     def select(self, ids: list[int]) -> list[torch.Tensor]:
         by_id = dict(zip(self.ids, self.states))
@@ -86,8 +90,8 @@ class ContextStates:
 
     def save(self, path: str | Path, *, dtype: torch.dtype = torch.float16, encoder: str = "") -> None:
         """One safetensors file: all states concatenated, with per-passage ids and lengths."""
-        lengths = torch.tensor([s.shape[0] for s in self.states], dtype=torch.int64)
-        flat = torch.cat(self.states) if self.states else torch.zeros((0, 0))
+        lengths = torch.tensor([s.shape[-2] for s in self.states], dtype=torch.int64)
+        flat = torch.cat(self.states, dim=-2) if self.states else torch.zeros((0, 0))
         tensors = {"states": flat.to(dtype).contiguous(), "lengths": lengths,
                    "ids": torch.tensor(self.ids, dtype=torch.int64)}
         save_file(tensors, str(path), metadata={"format": STATES_FORMAT, "encoder": encoder})
@@ -103,6 +107,6 @@ class ContextStates:
                 flat = handle.get_tensor("states")
         except (OSError, ValueError, RuntimeError) as error:
             raise CepeRagError(f"{path}: unreadable context states ({error})") from None
-        states = list(torch.split(flat, lengths)) if lengths else []
+        states = list(torch.split(flat, lengths, dim=-2)) if lengths else []
         loaded = cls(all_ids, states)
         return cls(ids, loaded.select(ids)) if ids is not None else loaded

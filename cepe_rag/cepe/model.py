@@ -34,6 +34,11 @@ CEPE_CONFIG_DEFAULTS = {
     "kl_loss_mode": "smooth",
 }
 ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
+# How chunks become encoder tokens. The released checkpoints were evaluated with `add_special_tokens=False` and
+# left truncation (and trained on raw token windows); cepe-rag's own adapters were trained with the encoder
+# tokenizer's special tokens ([CLS] ... [SEP] for MiniLM) and right truncation. Each checkpoint records its own.
+REFERENCE_CHUNKING = {"chunk_add_special_tokens": False, "chunk_truncation_side": "left"}
+CEPE_RAG_CHUNKING = {"chunk_add_special_tokens": True, "chunk_truncation_side": "right"}
 
 
 class CepeForCausalLM(nn.Module):
@@ -43,7 +48,8 @@ class CepeForCausalLM(nn.Module):
     """
 
     def __init__(self, decoder: nn.Module, encoder: nn.Module, *, num_cross_attn_layers: int | None = None,
-                 init_mode: str = "zero", encoder_tokenizer=None, max_chunk_tokens: int = 256):
+                 init_mode: str = "zero", encoder_tokenizer=None, max_chunk_tokens: int = 256,
+                 chunking: dict | None = None):
         super().__init__()
         self.decoder = decoder
         self.encoder = encoder
@@ -55,9 +61,21 @@ class CepeForCausalLM(nn.Module):
         n_cross = num_cross_attn_layers or getattr(config, "num_cross_attn_layers", None) or len(layers)
         if not 0 < n_cross <= len(layers):
             raise ValueError(f"num_cross_attn_layers must be in 1..{len(layers)}, got {n_cross}")
-        for name, value in CEPE_CONFIG_DEFAULTS.items():
+        for name, value in {**CEPE_CONFIG_DEFAULTS, **CEPE_RAG_CHUNKING}.items():
             if not hasattr(config, name):
                 setattr(config, name, value)
+        for name, value in (chunking or {}).items():
+            setattr(config, name, value)
+        if config.chunk_truncation_side not in ("left", "right"):
+            raise CepeRagError(f"chunk_truncation_side must be left or right, not {config.chunk_truncation_side!r}")
+        if config.encode_mode != "context_only":
+            raise CepeRagError(f"encode_mode {config.encode_mode!r} is not supported (only context_only: chunks are "
+                               "encoded without the query)")
+        n_states = config.num_cross_attn_hidden_states
+        encoder_layers = getattr(encoder.config, "num_hidden_layers", 0)
+        if n_states > 1 and n_cross > encoder_layers + 1:
+            raise CepeRagError(f"num_cross_attn_hidden_states > 1 gives each of the {n_cross} cross-attention layers "
+                               f"its own encoder state, but the encoder has only {encoder_layers + 1}")
         config.num_cross_attn_layers = n_cross
         config.encoder_hidden_size = encoder.config.hidden_size
         config.encoder_config = encoder.config.to_dict()
@@ -97,7 +115,14 @@ class CepeForCausalLM(nn.Module):
         tokenizer = self.encoder_tokenizer
         if tokenizer is None:
             raise CepeRagError("this CEPE model has no encoder tokenizer")
-        ids = tokenizer(list(texts), truncation=True, max_length=self.max_chunk_tokens)["input_ids"]
+        config = self.config
+        side = tokenizer.truncation_side
+        try:
+            tokenizer.truncation_side = config.chunk_truncation_side
+            ids = tokenizer(list(texts), truncation=True, max_length=self.max_chunk_tokens,
+                            add_special_tokens=config.chunk_add_special_tokens)["input_ids"]
+        finally:
+            tokenizer.truncation_side = side
         # An empty chunk has no tokens at all (not just [CLS] [SEP]): it must add nothing.
         return [tokens if text.strip() else [] for text, tokens in zip(texts, ids)]
 
@@ -113,6 +138,7 @@ class CepeForCausalLM(nn.Module):
         """One right-padded encoder batch per `batch_size` chunks; returns unpadded per-chunk states."""
         device = self.encoder.device
         pad = getattr(self.encoder_tokenizer, "pad_token_id", None) or 0
+        all_states = self.config.num_cross_attn_hidden_states > 1
         out: list[torch.Tensor] = []
         for start in range(0, len(token_ids), batch_size):
             chunk = token_ids[start:start + batch_size]
@@ -122,10 +148,15 @@ class CepeForCausalLM(nn.Module):
             for row, tokens in enumerate(chunk):
                 ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
                 mask[row, : len(tokens)] = 1
-            hidden = encode_chunks(self.encoder, ids, mask) if width else None
-            out.extend(hidden[row, : len(tokens)] if len(tokens) else hidden_empty(self.encoder, device)
+            hidden = encode_chunks(self.encoder, ids, mask, all_states) if width else None
+            out.extend(hidden[row, ..., : len(tokens), :] if len(tokens) else self._empty_states(device)
                        for row, tokens in enumerate(chunk))
         return out
+
+    def _empty_states(self, device) -> torch.Tensor:
+        n_states = self.config.num_cross_attn_hidden_states
+        extra = (self.encoder.config.num_hidden_layers + 1,) if n_states > 1 else ()
+        return torch.zeros((*extra, 0, self.encoder.config.hidden_size), device=device)
 
     def context_from_texts(self, chunks_per_request: Sequence[Sequence[str]], *, cache_kv: bool = True):
         """All chunks of all requests through the encoder as one batch, then one CrossContext."""
@@ -177,7 +208,8 @@ class CepeForCausalLM(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        config = self.config.to_dict()
+        config = reference_config(self.config.to_dict(), is_decoder=True)
+        config["encoder_config"] = reference_config(config["encoder_config"], is_decoder=False)
         config["architectures"] = [CEPE_ARCHITECTURE] if config.get("model_type") == "llama" else \
             [type(self.decoder).__name__]
         config.pop("auto_map", None)
@@ -217,7 +249,8 @@ class CepeForCausalLM(nn.Module):
         encoder_tokenizer = (AutoTokenizer.from_pretrained(folder / ENCODER_TOKENIZER_DIR)
                              if (folder / ENCODER_TOKENIZER_DIR).exists() else decoder_tokenizer)
         model = cls(decoder, encoder, num_cross_attn_layers=config_dict["num_cross_attn_layers"], init_mode="none",
-                    encoder_tokenizer=encoder_tokenizer)
+                    encoder_tokenizer=encoder_tokenizer,
+                    chunking={k: config_dict.get(k, v) for k, v in REFERENCE_CHUNKING.items()})
         model.decoder_tokenizer = decoder_tokenizer
         # Cast tensors rather than the model, so float32 buffers (rotary frequencies) stay float32.
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _read_state_dict(folder).items()}
@@ -245,8 +278,28 @@ class CepeForCausalLM(nn.Module):
             raise CepeRagError(f"checkpoint left parameters uninitialised: {meta[:5]}")
 
 
-def hidden_empty(encoder: nn.Module, device) -> torch.Tensor:
-    return torch.zeros((0, encoder.config.hidden_size), device=device)
+
+
+def reference_config(config: dict, *, is_decoder: bool) -> dict:
+    """A config dict that the reference code (transformers 4.34's LlamaConfig) reads as intended.
+
+    transformers 5 writes `rope_parameters` and `dtype` and leaves out `is_decoder`; 4.34 reads `rope_theta`,
+    `rope_scaling`, `torch_dtype`, and builds a *bidirectional* decoder when `is_decoder` is missing.
+    """
+    config = dict(config)
+    config["is_decoder"] = is_decoder
+    if config.get("model_type") != "llama":
+        return config
+    rope = dict(config.get("rope_parameters") or {})
+    config["rope_theta"] = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", "default")
+    # 4.34 knows linear and dynamic scaling as {"type", "factor"}; no scaling is null.
+    config["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, "factor": rope.get("factor")}
+    config.setdefault("pretraining_tp", 1)
+    config.setdefault("attention_bias", False)
+    if config.get("dtype") is not None:
+        config["torch_dtype"] = str(config["dtype"]).removeprefix("torch.")
+    return config
 
 
 def group_by_request(flat: Sequence, chunks_per_request: Sequence[Sequence]) -> list[list]:

@@ -26,9 +26,11 @@ CEPE_ARCHITECTURE = "LlamaForCausalContextLM"
 class CrossContext:
     """Encoder states of a batch of requests, seen by the decoder as one key/value sequence per request.
 
-    states: (batch, tokens, encoder_hidden) with all chunk padding removed; mask: (batch, tokens), True
-    for real tokens. Cross-attention K/V are computed once per layer and reused at every decoding step
-    unless `cache_kv` is False (then recomputed each step: less memory, more compute).
+    states: (batch, tokens, encoder_hidden) with all chunk padding removed, or (batch, n_states, tokens,
+    encoder_hidden) when each cross-attention layer reads its own encoder layer (`num_cross_attn_hidden_states`
+    > 1); mask: (batch, tokens), True for real tokens. Cross-attention K/V are computed once per layer and
+    reused at every decoding step unless `cache_kv` is False (then recomputed each step: less memory, more
+    compute).
     """
 
     states: torch.Tensor
@@ -49,17 +51,17 @@ class CrossContext:
     @classmethod
     def from_chunks(cls, chunks: list[list[torch.Tensor]], *, cache_kv: bool = True) -> CrossContext | None:
         """Build from per-request lists of per-chunk states (tokens, hidden); None if there is no token at all."""
-        requests = [torch.cat(c) if c else None for c in chunks]
-        lengths = [0 if r is None else r.shape[0] for r in requests]
+        requests = [torch.cat(c, dim=-2) if c else None for c in chunks]
+        lengths = [0 if r is None else r.shape[-2] for r in requests]
         if max(lengths, default=0) == 0:
             return None
         reference = next(r for r in requests if r is not None)
-        states = reference.new_zeros((len(requests), max(lengths), reference.shape[-1]))
+        states = reference.new_zeros((len(requests), *reference.shape[:-2], max(lengths), reference.shape[-1]))
         mask = torch.zeros((len(requests), max(lengths)), dtype=torch.bool, device=reference.device)
         for row, request in enumerate(requests):
             if request is not None:
-                states[row, : request.shape[0]] = request
-                mask[row, : request.shape[0]] = True
+                states[row, ..., : request.shape[-2], :] = request
+                mask[row, : request.shape[-2]] = True
         return cls(states, mask, cache_kv)
 
     def key_values(self, attention: CrossAttention) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +83,10 @@ class CrossAttention(nn.Module):
     def __init__(self, config, layer_idx: int, encoder_hidden_size: int, norm: nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
+        # With several encoder hidden states, layers read them counted from the back: the last decoder layer the
+        # encoder's last state, the one before it the state before that (the reference's semantics).
+        self.encoder_state_index = (-1 if getattr(config, "num_cross_attn_hidden_states", 1) <= 1
+                                    else layer_idx - config.num_hidden_layers)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -91,6 +97,8 @@ class CrossAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def project_context(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if states.dim() == 4:
+            states = states[:, self.encoder_state_index]
         batch, tokens, _ = states.shape
         shape = (batch, tokens, self.num_kv_heads, self.head_dim)
         states = states.to(self.k_proj.weight.dtype)
@@ -149,27 +157,28 @@ def add_cross_attention(layer: nn.Module, cross_attn: CrossAttention) -> None:
 
 
 def init_cross_attention(layer: nn.Module, mode: str, initializer_range: float = 0.02) -> None:
-    """`zero`: o_proj zeroed, so the model starts as the frozen decoder; `copy`: from self-attention."""
-    cross = layer.cross_attn
+    """The paper's initialisation (reference train.py): q from the layer's self-attention, k/v from the top-left
+    slice of its k/v (a full copy when the encoder is as wide as the decoder), the norm from
+    `post_attention_layernorm`; `copy` also copies o_proj, `zero` zeroes it (the model then starts as the
+    frozen decoder); `none` keeps whatever is loaded. k/v are drawn at random when the encoder is wider than
+    the decoder (nothing to copy)."""
     if mode == "none":
         return
-    for linear in (cross.q_proj, cross.k_proj, cross.v_proj, cross.o_proj):
-        nn.init.normal_(linear.weight, std=initializer_range)
-    nn.init.ones_(cross.layernorm.weight)
-    if mode == "zero":
-        nn.init.zeros_(cross.o_proj.weight)
-    elif mode == "copy":
-        attn = layer.self_attn
-        with torch.no_grad():
-            cross.q_proj.weight.copy_(attn.q_proj.weight)
-            cross.o_proj.weight.copy_(attn.o_proj.weight)
-            cross.layernorm.weight.copy_(layer.input_layernorm.weight)
-            width = min(cross.k_proj.in_features, attn.k_proj.in_features)
-            # As in the paper's code: a slice of the self-attention K/V; meaningful only if widths match.
-            cross.k_proj.weight[:, :width].copy_(attn.k_proj.weight[:, :width])
-            cross.v_proj.weight[:, :width].copy_(attn.v_proj.weight[:, :width])
-    else:
+    if mode not in ("zero", "copy"):
         raise ValueError(f"unknown init mode {mode!r}: zero, copy or none")
+    cross, attn = layer.cross_attn, layer.self_attn
+    with torch.no_grad():
+        cross.q_proj.weight.copy_(attn.q_proj.weight)
+        for new, old in ((cross.k_proj, attn.k_proj), (cross.v_proj, attn.v_proj)):
+            if new.in_features <= old.in_features and new.out_features <= old.out_features:
+                new.weight.copy_(old.weight[: new.out_features, : new.in_features])
+            else:
+                nn.init.normal_(new.weight, std=initializer_range)
+        cross.layernorm.weight.copy_(layer.post_attention_layernorm.weight)
+        if mode == "copy":
+            cross.o_proj.weight.copy_(attn.o_proj.weight)
+        else:
+            cross.o_proj.weight.zero_()
 
 
 def decoder_layers(decoder: nn.Module) -> nn.ModuleList:

@@ -24,6 +24,9 @@ DEFAULT_INDEX = Path("indexes/default")
 BENCH_METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "parallel", "concat")
 
 IndexOption = Annotated[Path, typer.Option("--index", help="Index folder.")]
+PromptOption = Annotated[str, typer.Option(
+    "--prompt", help="instruction (a system instruction asking for a short answer) or fewshot (plus two worked "
+                     "examples of short answers).")]
 DtypeOption = Annotated[str | None, typer.Option(
     help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on the CPU; bfloat16 is ~2.5x faster "
          "on CPUs with AMX).")]
@@ -129,6 +132,7 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result instead of streaming.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
     dtype: DtypeOption = None,
+    prompt_style: PromptOption = "instruction",
 ) -> None:
     """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
     from cepe_rag.models import default_device, load_decoder, resolve_dtype
@@ -150,6 +154,7 @@ def ask(
                       "index; reading all of them")
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
+    warn_slow_dtype(torch_dtype, device)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     if reader == "cepe":
         if cepe_model is None:
@@ -159,10 +164,10 @@ def ask(
         model = CepeForCausalLM.from_pretrained(cepe_model, device=device, dtype=torch_dtype)
         decoder = cepe_model
         chosen = make_reader(reader, model, model.decoder_tokenizer, generation=generation,
-                             n_decoder_passages=n_prompt_passages)
+                             n_decoder_passages=n_prompt_passages, prompt_style=prompt_style)
     else:
         model, tokenizer = load_decoder(decoder, device=device, dtype=torch_dtype)
-        chosen = make_reader(reader, model, tokenizer, generation=generation,
+        chosen = make_reader(reader, model, tokenizer, generation=generation, prompt_style=prompt_style,
                              **reader_options(reader, ape_temperature, ape_scale))
     pipeline = RagPipeline(retriever, chosen)
     load_s = time.perf_counter() - started
@@ -189,6 +194,14 @@ def ask(
     console.print(f"[dim]retrieval {t['retrieval_s'] * 1000:.0f} ms · first token {t['first_token_s']:.2f} s · "
                   f"generation {t['total_s']:.2f} s · {answer.usage['prompt_tokens']} prompt tokens · "
                   f"{answer.usage['passages_read']} of {answer.usage['passages_retrieved']} passages read[/]")
+
+
+def warn_slow_dtype(torch_dtype, device: str) -> None:
+    from cepe_rag.models import cpu_has_fast_bfloat16
+
+    if str(device) == "cpu" and str(torch_dtype) == "torch.bfloat16" and cpu_has_fast_bfloat16() is False:
+        console.print("[yellow]warning:[/] this CPU has no AMX or AVX512-BF16: bfloat16 runs several times slower "
+                      "than float32 here; leave out --dtype for float32")
 
 
 def reader_options(name: str, ape_temperature: float, ape_scale: float) -> dict:
@@ -225,6 +238,7 @@ def evaluate(
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (the paper: 25).")] = 25,
     split: Annotated[str, typer.Option(help="Split, for hub datasets.")] = "validation",
     dtype: DtypeOption = None,
+    prompt_style: PromptOption = "instruction",
     summary_only: Annotated[bool, typer.Option(help="Only summarise the predictions already in --out.")] = False,
 ) -> None:
     """Open-domain QA: retrieval once, then every reader at every k; resumable, cached per run folder."""
@@ -249,9 +263,11 @@ def evaluate(
         return
     device = default_device()
     torch_dtype = resolve_dtype(dtype, device)
+    warn_slow_dtype(torch_dtype, device)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=("\n",))
     built, settings = {}, {}
-    common = {"decoder": decoder, "dtype": str(torch_dtype).removeprefix("torch."), "max_new_tokens": max_new_tokens}
+    common = {"decoder": decoder, "dtype": str(torch_dtype).removeprefix("torch."), "max_new_tokens": max_new_tokens,
+              "prompt": prompt_style}
     model, tokenizer = (None, None)
     for name in names:
         if name == "cepe":
@@ -264,13 +280,14 @@ def evaluate(
             # Each prompt/encoder split is its own row, so one folder can compare them.
             label = f"cepe-prompt{n_prompt_passages}" if n_prompt_passages else "cepe"
             built[label] = make_reader(name, cepe, cepe.decoder_tokenizer, generation=generation,
-                                       n_decoder_passages=n_prompt_passages)
+                                       n_decoder_passages=n_prompt_passages, prompt_style=prompt_style)
             settings[label] = {**common, "cepe_model": cepe_model or "packaged", "n_prompt_passages": n_prompt_passages}
         else:
             if model is None:
                 model, tokenizer = load_decoder(decoder, device=device, dtype=torch_dtype)
             options = reader_options(name, ape_temperature, ape_scale)
-            built[name] = make_reader(name, model, tokenizer, generation=generation, **options)
+            built[name] = make_reader(name, model, tokenizer, generation=generation, prompt_style=prompt_style,
+                                      **options)
             settings[name] = {**common, **options}
     console.print(f"{len(examples)} questions · readers {', '.join(names)} · k {ks} · run folder {out}")
     with Progress(console=console) as progress:

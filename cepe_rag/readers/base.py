@@ -15,6 +15,17 @@ SYSTEM_PROMPT = (
     "You answer questions using the documents you are given. "
     "Reply with a short answer: a few words, no explanation."
 )
+# Worked examples for the `fewshot` prompt style: they show the answer format (a few words copied from a
+# document). Invented, and in no benchmark.
+DEMONSTRATIONS = (
+    ("Document (Title: Harrowmere Lighthouse): Harrowmere Lighthouse stands on the north cape of Tessel Island. "
+     "It was built in 1874 by the engineer Tobias Wrenfield and is 31 metres tall.",
+     "Who built Harrowmere Lighthouse?", "Tobias Wrenfield"),
+    ("Document (Title: Pellion Glass Fair): The Pellion Glass Fair is a trade fair held every spring in the town "
+     "of Vardemor. It was first held in 1921 and draws glassmakers from across the region.",
+     "In what year was the Pellion Glass Fair first held?", "1921"),
+)
+PROMPT_STYLES = ("instruction", "fewshot")
 
 
 @dataclass
@@ -30,12 +41,17 @@ class Reader:
 
     name = "base"
 
+    shows_documents = True  # whether the fewshot demonstrations carry their document
+
     def __init__(self, model, tokenizer, *, generation: GenerationConfig | None = None,
-                 system_prompt: str = SYSTEM_PROMPT):
+                 system_prompt: str = SYSTEM_PROMPT, prompt_style: str = "instruction"):
+        if prompt_style not in PROMPT_STYLES:
+            raise CepeRagError(f"unknown prompt style {prompt_style!r}; choose one of: {', '.join(PROMPT_STYLES)}")
         self.model = model
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig()
         self.system_prompt = system_prompt
+        self.prompt_style = prompt_style
 
     @property
     def device(self) -> torch.device:
@@ -51,12 +67,23 @@ class Reader:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
+    def demonstrations(self) -> list[tuple[str, str]]:
+        """(user turn, answer) pairs shown before the question: none for the `instruction` style."""
+        if self.prompt_style != "fewshot":
+            return []
+        return [((f"{document}\n\n" if self.shows_documents else "") + question_text(question), answer)
+                for document, question, answer in DEMONSTRATIONS]
+
     def chat_text(self, user_text: str) -> str:
         """The chat-formatted prompt, ending where the assistant's answer starts."""
         if self.has_chat_template:
-            messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user_text}]
+            messages = [{"role": "system", "content": self.system_prompt}]
+            for user, answer in self.demonstrations():
+                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+            messages.append({"role": "user", "content": user_text})
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return f"{self.system_prompt}\n\n{user_text}\nAnswer:"
+        shots = "".join(f"{user}\nAnswer: {answer}\n\n" for user, answer in self.demonstrations())
+        return f"{self.system_prompt}\n\n{shots}{user_text}\nAnswer:"
 
     def tokenize(self, text: str, *, at_start: bool = False) -> list[int]:
         """Token ids of prompt text; BOS and the like only at the start of a non-chat prompt."""

@@ -126,7 +126,8 @@ def test_request_with_only_empty_chunks_behaves_like_no_context(minilm_tokenizer
     assert model.context_from_texts([[""], []]) is None
     context = model.context_from_texts([["real context here"], ["", ""]])
     mixed = model(input_ids=ids, cross_context=context).logits
-    assert torch.equal(mixed[1], model(input_ids=ids[1:]).logits[0])
+    # Against the same batch without context: equal shapes take the same kernels on any CPU, so this is exact.
+    assert torch.equal(mixed[1], model(input_ids=ids).logits[1])
 
 
 def test_batched_requests_equal_single_requests(minilm_tokenizer):

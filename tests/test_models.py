@@ -1,0 +1,37 @@
+"""Where models come from: first-run conversion of the packaged decoder, CPU capability checks."""
+
+import pytest
+
+from cepe_rag.models import cpu_has_fast_bfloat16, publish_folder
+
+
+def test_a_conversion_that_loses_the_race_uses_the_winners_folder(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text('{"winner": true}')
+    tmp = tmp_path / ".convert-1"
+    tmp.mkdir()
+    (tmp / "config.json").write_text('{"winner": false}')
+    publish_folder(tmp, target)  # no error: the finished folder is kept
+    assert (target / "config.json").read_text() == '{"winner": true}'
+
+
+def test_publishing_onto_a_half_written_folder_still_fails(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "stray").write_text("")
+    tmp = tmp_path / ".convert-1"
+    tmp.mkdir()
+    (tmp / "config.json").write_text("{}")
+    with pytest.raises(OSError):
+        publish_folder(tmp, target)
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx2 avx512f amx_bf16 amx_tile", True),
+                                             ("fpu avx2 avx512f avx512_bf16", True),
+                                             ("fpu avx2 fma (an AMD EPYC without AVX-512)", False)])
+def test_fast_bfloat16_detection_reads_the_cpu_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert cpu_has_fast_bfloat16(cpuinfo) is expected
+    assert cpu_has_fast_bfloat16(tmp_path / "missing") is None
