@@ -12,6 +12,10 @@ from cepe_rag.types import CepeRagError
 
 DEFAULT_DECODER = "smollm2-135m-instruct"
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+# Chosen on the own-documents benchmark (README, "Readers"): the reader and prompt that answer from the user's
+# documents best without losing on NQ.
+DEFAULT_READER = "concat"
+DEFAULT_PROMPT_STYLE = "instruction"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cepe_rag.models import DEFAULT_DECODER, DEFAULT_EMBEDDER, packaged_cepe
+from cepe_rag.models import DEFAULT_DECODER, DEFAULT_EMBEDDER, DEFAULT_PROMPT_STYLE, DEFAULT_READER, packaged_cepe
 from cepe_rag.types import CepeRagError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -118,8 +118,8 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     index_dir: IndexOption = DEFAULT_INDEX,
     k: Annotated[int, typer.Option("--k", help="Passages to retrieve.")] = 20,
-    reader: Annotated[str | None, typer.Option(help="parallel, concat, closed-book, or cepe. Default: cepe when "
-                                                    "--cepe-model is given, else parallel.")] = None,
+    reader: Annotated[str | None, typer.Option(help="concat, parallel, closed-book, or cepe. Default: cepe when "
+                                                    "--cepe-model is given, else concat.")] = None,
     decoder: Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")] = DEFAULT_DECODER,
     cepe_model: Annotated[str | None, typer.Option(help="CEPE checkpoint (folder or hub id) for --reader cepe; "
                                                     "it includes its own decoder.")] = None,
@@ -132,7 +132,7 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result instead of streaming.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
     dtype: DtypeOption = None,
-    prompt_style: PromptOption = "instruction",
+    prompt_style: PromptOption = DEFAULT_PROMPT_STYLE,
 ) -> None:
     """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
     from cepe_rag.models import default_device, load_decoder, resolve_dtype
@@ -140,7 +140,7 @@ def ask(
     from cepe_rag.readers import GenerationConfig, make_reader
 
     _quiet_libraries()
-    reader = reader or ("cepe" if cepe_model else "parallel")
+    reader = reader or ("cepe" if cepe_model else DEFAULT_READER)
     if reader == "cepe":
         cepe_model = cepe_model or packaged_cepe(decoder)
     question = validate_question(question)
@@ -238,7 +238,7 @@ def evaluate(
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (the paper: 25).")] = 25,
     split: Annotated[str, typer.Option(help="Split, for hub datasets.")] = "validation",
     dtype: DtypeOption = None,
-    prompt_style: PromptOption = "instruction",
+    prompt_style: PromptOption = DEFAULT_PROMPT_STYLE,
     summary_only: Annotated[bool, typer.Option(help="Only summarise the predictions already in --out.")] = False,
 ) -> None:
     """Open-domain QA: retrieval once, then every reader at every k; resumable, cached per run folder."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from cepe_rag.types import CepeRagError
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
+MARKDOWN_SUFFIXES = {".md", ".markdown"}
 HTML_SUFFIXES = {".html", ".htm"}
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | {".pdf", ".jsonl", ".json"}
 DEFAULT_MAX_DOCUMENT_MB = 10.0
@@ -108,8 +109,18 @@ def _read_file(file: Path, report: LoadReport, max_chars: int) -> Iterator[Docum
         yield from _read_json(file, text, report)
     elif suffix in HTML_SUFFIXES:
         yield from _single(file, *_html_to_text(text), report)
+    elif suffix in MARKDOWN_SUFFIXES:
+        yield from _single(file, *_markdown_title(file, text), report)
     else:
         yield from _single(file, file.stem, text, report)
+
+
+def _markdown_title(file: Path, text: str) -> tuple[str, str]:
+    """A Markdown file's first-level heading, when it opens the file, is its title (else the file name)."""
+    first, _, rest = text.lstrip().partition("\n")
+    if first.startswith("# ") and first[2:].strip():
+        return first[2:].strip(), rest
+    return file.stem, text
 
 
 def _read_text(file: Path) -> str:

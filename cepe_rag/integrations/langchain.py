@@ -19,8 +19,8 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from cepe_rag.models import DEFAULT_DECODER
-from cepe_rag.readers import GenerationConfig, Reader, make_reader
+from cepe_rag.models import DEFAULT_DECODER, DEFAULT_PROMPT_STYLE
+from cepe_rag.readers import DEFAULT_READER, GenerationConfig, Reader, make_reader
 from cepe_rag.readers.base import SYSTEM_PROMPT
 from cepe_rag.types import Passage
 
@@ -86,7 +86,8 @@ class CepeLLM(BaseLLM):
     """A frozen decoder reading retrieved passages with one of cepe-rag's readers."""
 
     decoder: str = DEFAULT_DECODER
-    reader: str = "parallel"
+    reader: str = DEFAULT_READER
+    prompt_style: str = DEFAULT_PROMPT_STYLE
     cepe_model: str | None = None
     n_prompt_passages: int = 0
     max_tokens: int = 256
@@ -117,7 +118,8 @@ class CepeLLM(BaseLLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"decoder": self.decoder, "reader": self.reader, "cepe_model": self.cepe_model,
+        return {"decoder": self.decoder, "reader": self.reader, "prompt_style": self.prompt_style,
+                "cepe_model": self.cepe_model,
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "k": self.k}
 
     def make_reader(self, system_prompt: str | None = None) -> Reader:
@@ -131,10 +133,10 @@ class CepeLLM(BaseLLM):
                 raise ValueError(f"reader='cepe' needs cepe_model=: no CEPE checkpoint ships for {self.decoder}")
             model = _load_cepe(path, self.device)
             return make_reader("cepe", model, model.decoder_tokenizer, generation=generation,
-                               system_prompt=system_prompt or self.system_prompt,
+                               system_prompt=system_prompt or self.system_prompt, prompt_style=self.prompt_style,
                                n_decoder_passages=self.n_prompt_passages)
         model, tokenizer = _load_decoder(self.decoder, self.device)
-        return make_reader(self.reader, model, tokenizer, generation=generation,
+        return make_reader(self.reader, model, tokenizer, generation=generation, prompt_style=self.prompt_style,
                            system_prompt=system_prompt or self.system_prompt)
 
     def passages_for(self, prompt: str, contexts: Sequence[ContextLike] | None) -> list[Passage]:

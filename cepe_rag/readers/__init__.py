@@ -1,5 +1,6 @@
 """How retrieved passages reach the decoder."""
 
+from cepe_rag.models import DEFAULT_READER
 from cepe_rag.readers.base import Reader
 from cepe_rag.readers.cepe import CepeReader
 from cepe_rag.readers.generation import GenerationConfig
@@ -19,5 +20,5 @@ def make_reader(name: str, model, tokenizer, **kwargs) -> Reader:
     return READERS[name](model, tokenizer, **kwargs)
 
 
-__all__ = ["READERS", "CepeReader", "ClosedBookReader", "ConcatReader", "GenerationConfig", "ParallelReader", "Reader",
-           "make_reader"]
+__all__ = ["DEFAULT_READER", "READERS", "CepeReader", "ClosedBookReader", "ConcatReader", "GenerationConfig",
+           "ParallelReader", "Reader", "make_reader"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from cepe_rag.models import DEFAULT_PROMPT_STYLE
 from cepe_rag.readers.generation import GenerationConfig, generate
 from cepe_rag.types import Answer, CepeRagError, Passage
 
@@ -44,7 +45,7 @@ class Reader:
     shows_documents = True  # whether the fewshot demonstrations carry their document
 
     def __init__(self, model, tokenizer, *, generation: GenerationConfig | None = None,
-                 system_prompt: str = SYSTEM_PROMPT, prompt_style: str = "instruction"):
+                 system_prompt: str = SYSTEM_PROMPT, prompt_style: str = DEFAULT_PROMPT_STYLE):
         if prompt_style not in PROMPT_STYLES:
             raise CepeRagError(f"unknown prompt style {prompt_style!r}; choose one of: {', '.join(PROMPT_STYLES)}")
         self.model = model

@@ -46,8 +46,30 @@ def test_ask_answers_with_sources_as_json(kubrick_index):
     answer = json.loads(result.stdout)
     assert "Kubrick" in answer["text"]
     assert answer["passages"][0]["source"].endswith("film.txt")
-    assert answer["reader"] == "parallel"
+    assert answer["reader"] == "concat"  # the default: it reads the user's documents (README, "Readers")
     assert {"retrieval_s", "first_token_s", "total_s"} <= set(answer["timings"])
+
+
+def test_default_settings_answer_from_the_users_own_documents(tmp_path):
+    """A fact that exists only in the indexed files, next to a near-namesake and a distractor with another name."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "quorvath-bridge.md").write_text(
+        "# Quorvath Bridge\n\nThe Quorvath Bridge is a stone arch bridge over the river Dunn in Velmarra. It was "
+        "designed by the engineer Maria Tollund and opened in 1927.\n")
+    (docs / "quorvath-tower.md").write_text(
+        "# Quorvath Tower\n\nThe Quorvath Tower is a clock tower in Velmarra, built in 1903 by the architect "
+        "Henrik Solberg.\n")
+    (docs / "harbour-museum.md").write_text(
+        "# Velmarra Harbour Museum\n\nThe Velmarra Harbour Museum was founded by Dr. Elena Kass in 1961 and holds "
+        "ship models and old charts.\n")
+    assert run_cli("index", docs, "--index", tmp_path / "idx").returncode == 0
+    result = run_cli("ask", "Who designed the Quorvath Bridge?", "--index", tmp_path / "idx", "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert "Maria Tollund" in answer["text"]
+    assert answer["passages"][0]["source"].endswith("quorvath-bridge.md")
+    assert answer["passages"][0]["title"] == "Quorvath Bridge"
 
 
 def test_ask_streams_answer_then_sources(kubrick_index):

@@ -23,9 +23,11 @@ def test_reads_text_markdown_html_jsonl_and_json(tmp_path):
         json.dumps({"id": "7", "contents": "Title Seven\nBody seven."}) + "\n"
         + json.dumps({"title": "T8", "text": "Body eight."}) + "\n")
     (tmp_path / "e.json").write_text(json.dumps({"Otter": {"title": "Otter", "extract": "Otters swim."}}))
+    (tmp_path / "f.md").write_text("Markdown with no heading first.\n\n# Later heading\n")
     docs, report = load(tmp_path)
     by_title = {d.title: d for d in docs}
-    assert set(by_title) == {"a", "b", "Kubrick", "Title Seven", "T8", "Otter"}
+    assert set(by_title) == {"a", "Heading", "f", "Kubrick", "Title Seven", "T8", "Otter"}
+    assert by_title["Heading"].text == "Markdown about beavers."  # the heading is the title, not repeated
     assert by_title["Kubrick"].text == "Directed\n2001\n."
     assert "var x" not in by_title["Kubrick"].text
     assert by_title["Title Seven"].text == "Body seven."
