@@ -94,6 +94,15 @@ class Reader:
     def chat_ids(self, user_text: str) -> list[int]:
         return self.tokenize(self.chat_text(user_text), at_start=True)
 
+    def pieces(self, question: str, passages: Sequence[Passage]) -> tuple[list[int], list[list[int]], list[int]]:
+        """The prompt in three parts, each tokenized on its own: the prefix (system turn, demonstrations, start of
+        the user turn), one token list per passage, and the question up to where the answer starts. Joined they
+        are the concat reader's prompt, token for token; the parallel reader prefills the passages side by side."""
+        marker = "\x00PASSAGES\x00"
+        head, _, tail = self.chat_text(marker + question_text(question)).partition(marker)
+        prefix, query = self.tokenize(head, at_start=True), self.tokenize(tail)
+        return prefix, [self.tokenize(p.as_prompt_text() + "\n\n") for p in passages], query
+
     def check_fits(self, n_prompt_tokens: int) -> None:
         budget = self.window - self.generation.max_new_tokens
         if n_prompt_tokens > budget:

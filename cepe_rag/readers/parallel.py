@@ -17,7 +17,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from cepe_rag.readers.base import PreparedPrompt, Reader, question_text
+from cepe_rag.readers.base import PreparedPrompt, Reader
 from cepe_rag.readers.generation import GenerationConfig, generate
 from cepe_rag.types import Passage
 
@@ -89,11 +89,8 @@ class ParallelReader(Reader):
     # --- prompt pieces: prefix | passages (parallel) | question -----------------------------------
 
     def pieces(self, question: str, passages: Sequence[Passage]) -> tuple[list[int], list[list[int]], list[int]]:
-        marker = "\x00PASSAGES\x00"
-        head, _, tail = self.chat_text(marker + question_text(question)).partition(marker)
-        prefix, query = self.tokenize(head, at_start=True), self.tokenize(tail)
-        chunks = [self.tokenize(p.as_prompt_text() + "\n\n")[: self.max_passage_tokens] for p in passages]
-        return prefix, chunks, query
+        prefix, chunks, query = super().pieces(question, passages)
+        return prefix, [chunk[: self.max_passage_tokens] for chunk in chunks], query
 
     def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
         prefix, chunks, query = self.pieces(question, passages)

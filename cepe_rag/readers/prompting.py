@@ -14,18 +14,17 @@ class ConcatReader(Reader):
     name = "concat"
 
     def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
-        bare = self.chat_ids(question_text(question))
-        self.check_fits(len(bare))
-        budget = self.window - self.generation.max_new_tokens - len(bare)
-        used: list[Passage] = []
-        for passage in passages:
-            cost = len(self.tokenizer(passage.as_prompt_text() + "\n\n", add_special_tokens=False)["input_ids"])
-            if cost > budget:
+        prefix, chunks, query = self.pieces(question, passages)
+        self.check_fits(len(prefix) + len(query))
+        budget = self.window - self.generation.max_new_tokens - len(prefix) - len(query)
+        ids, used = list(prefix), []
+        for passage, chunk in zip(passages, chunks):
+            if len(chunk) > budget:
                 break
+            ids += chunk
             used.append(passage)
-            budget -= cost
-        documents = "".join(p.as_prompt_text() + "\n\n" for p in used)
-        return PreparedPrompt(self.chat_ids(documents + question_text(question)), used)
+            budget -= len(chunk)
+        return PreparedPrompt(ids + query, used)
 
 
 class ClosedBookReader(Reader):
