@@ -18,7 +18,7 @@ import torch
 
 from cepe_rag.eval import answerable_subset, load_questions, run_eval
 from cepe_rag.models import load_decoder
-from cepe_rag.pipelines import Retriever
+from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig, ParallelReader
 
 NQ_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq_open" / "NQ-open.dev.jsonl"

@@ -13,7 +13,7 @@ import statistics
 import time
 
 from cepe_rag.models import load_decoder
-from cepe_rag.pipelines import RagPipeline, Retriever
+from cepe_rag.pipelines.rag import RagPipeline, Retriever
 from cepe_rag.readers import GenerationConfig, make_reader
 
 QUESTIONS = ["Who directed 2001: A Space Odyssey?", "What is the capital of Australia?",

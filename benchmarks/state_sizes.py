@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from cepe_rag.cepe.context import ContextStates
 from cepe_rag.models import embedder_path, load_decoder
-from cepe_rag.pipelines import Retriever
+from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import ParallelReader
 
 

@@ -16,6 +16,24 @@ DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 # documents best without losing on NQ.
 DEFAULT_READER = "concat"
 DEFAULT_PROMPT_STYLE = "instruction"
+# The choices every entry point offers, here (not beside their classes) so the CLI checks them before it
+# imports torch.
+READER_NAMES = ("concat", "parallel", "cepe", "closed-book")
+PROMPT_STYLES = ("instruction", "fewshot")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_choice(value: str | None, choices: tuple[str, ...], what: str) -> None:
+    if value is not None and value not in choices:
+        raise CepeRagError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def check_model_reference(name: str | None, what: str) -> None:
+    """A name that looks like a local path must be an existing folder; anything else may be a hub id."""
+    if name is None or name in (DEFAULT_DECODER, DEFAULT_EMBEDDER) or Path(name).expanduser().is_dir():
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists():
+        raise CepeRagError(f"{what} {name!r}: no such folder")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -100,8 +118,7 @@ def resolve_dtype(name: str | None, device: str):
     import torch
 
     name = name or ("bfloat16" if str(device).startswith("cuda") else "float32")
-    if name not in ("float32", "bfloat16", "float16"):
-        raise CepeRagError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
+    check_choice(name, DTYPES, "dtype")
     return getattr(torch, name)
 
 

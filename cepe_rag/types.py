@@ -30,3 +30,16 @@ class Answer:
     reader: str
     timings: dict[str, float] = field(default_factory=dict)
     usage: dict[str, int] = field(default_factory=dict)
+
+
+MAX_QUESTION_CHARS = 20_000
+
+
+def validate_question(question: str) -> str:
+    """The question, stripped; an empty or oversized one is a one-line error before any model loads."""
+    question = question.strip()
+    if not question:
+        raise CepeRagError("the question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise CepeRagError(f"the question is {len(question):,} characters; at most {MAX_QUESTION_CHARS:,} are accepted")
+    return question

@@ -14,8 +14,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cepe_rag.models import DEFAULT_DECODER, DEFAULT_EMBEDDER, DEFAULT_PROMPT_STYLE, DEFAULT_READER, packaged_cepe
-from cepe_rag.types import CepeRagError
+from cepe_rag.models import (
+    DEFAULT_DECODER,
+    DEFAULT_EMBEDDER,
+    DEFAULT_PROMPT_STYLE,
+    DEFAULT_READER,
+    DTYPES,
+    PROMPT_STYLES,
+    READER_NAMES,
+    check_choice,
+    check_model_reference,
+    packaged_cepe,
+)
+from cepe_rag.types import CepeRagError, validate_question
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Retrieval-augmented generation that reads many passages through CEPE.")
@@ -135,21 +146,24 @@ def ask(
     prompt_style: PromptOption = DEFAULT_PROMPT_STYLE,
 ) -> None:
     """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
+    question = validate_question(question)
+    reader = reader or ("cepe" if cepe_model else DEFAULT_READER)
+    check_options(k=[k], readers=[reader], prompt_style=prompt_style, dtype=dtype, decoder=decoder,
+                  cepe_model=cepe_model)
+    if reader == "cepe":
+        cepe_model = cepe_model or packaged_cepe(decoder)
     from cepe_rag.models import default_device, load_decoder, resolve_dtype
-    from cepe_rag.pipelines import RagPipeline, Retriever, validate_question
+    from cepe_rag.pipelines.rag import RagPipeline, Retriever
     from cepe_rag.readers import GenerationConfig, make_reader
 
     _quiet_libraries()
-    reader = reader or ("cepe" if cepe_model else DEFAULT_READER)
-    if reader == "cepe":
-        cepe_model = cepe_model or packaged_cepe(decoder)
-    question = validate_question(question)
     started = time.perf_counter()
     retriever = Retriever(index_dir)
     if retriever.store.faiss_is_stale:
         console.print("[yellow]warning:[/] the last indexing run was interrupted; run `cepe-rag index` again "
                       "to finish it (answering from what was committed)")
-    if k > retriever.store.count():
+    closed_book = reader == "closed-book"
+    if k > retriever.store.count() and not closed_book:
         console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
                       "index; reading all of them")
     device = device or default_device()
@@ -177,23 +191,37 @@ def ask(
         sys.stdout.flush()
 
     if not as_json:
-        console.print(f"[dim]reader: {reader} · decoder: {decoder} · k={k}[/]")
+        console.print(f"[dim]reader: {reader} · decoder: {decoder}{'' if closed_book else f' · k={k}'}[/]")
     answer = pipeline.ask(question, k, on_token=None if as_json else show)
     answer.timings["load_s"] = load_s
     if as_json:
         print(json.dumps({"question": question, **asdict(answer)}, ensure_ascii=False))
         return
     sys.stdout.write("\n")
-    table = Table(title="Sources", title_justify="left")
-    for column in ("#", "score", "title", "source"):
-        table.add_column(column)
-    for rank, passage in enumerate(answer.passages, start=1):
-        table.add_row(str(rank), f"{passage.score:.3f}", passage.title, passage.source)
-    Console().print(table)
+    if answer.passages:
+        table = Table(title="Sources", title_justify="left")
+        for column in ("#", "score", "title", "source"):
+            table.add_column(column)
+        for rank, passage in enumerate(answer.passages, start=1):
+            table.add_row(str(rank), f"{passage.score:.3f}", passage.title, passage.source)
+        Console().print(table)
     t = answer.timings
     console.print(f"[dim]retrieval {t['retrieval_s'] * 1000:.0f} ms · first token {t['first_token_s']:.2f} s · "
                   f"generation {t['total_s']:.2f} s · {answer.usage['prompt_tokens']} prompt tokens · "
                   f"{answer.usage['passages_read']} of {answer.usage['passages_retrieved']} passages read[/]")
+
+
+def check_options(*, k: list[int], readers: list[str], prompt_style: str, dtype: str | None, decoder: str,
+                  cepe_model: str | None) -> None:
+    """Every argument checked before a model loads (a mistake costs well under a second, not a model load)."""
+    if not k or min(k) < 1:
+        raise CepeRagError("--k must be at least 1")
+    for name in readers:
+        check_choice(name, READER_NAMES, "reader")
+    check_choice(prompt_style, PROMPT_STYLES, "prompt style")
+    check_choice(dtype, DTYPES, "dtype")
+    check_model_reference(decoder, "decoder")
+    check_model_reference(cepe_model, "CEPE checkpoint")
 
 
 def warn_slow_dtype(torch_dtype, device: str) -> None:
@@ -242,16 +270,20 @@ def evaluate(
     summary_only: Annotated[bool, typer.Option(help="Only summarise the predictions already in --out.")] = False,
 ) -> None:
     """Open-domain QA: retrieval once, then every reader at every k; resumable, cached per run folder."""
+    try:
+        ks = sorted({int(x) for x in k.split(",") if x.strip()})
+    except ValueError:
+        raise CepeRagError(f"--k {k!r}: expected comma-separated whole numbers, e.g. 5,20,50") from None
+    names = [r.strip() for r in readers.split(",") if r.strip()]
+    check_options(k=ks, readers=names, prompt_style=prompt_style, dtype=dtype, decoder=decoder, cepe_model=cepe_model)
     from rich.progress import Progress
 
     from cepe_rag.eval import answerable_subset, load_questions, run_eval, summarise_folder
     from cepe_rag.models import default_device, load_decoder, resolve_dtype
-    from cepe_rag.pipelines import Retriever
+    from cepe_rag.pipelines.rag import Retriever
     from cepe_rag.readers import GenerationConfig, make_reader
 
     _quiet_libraries()
-    ks = sorted({int(x) for x in k.split(",") if x.strip()})
-    names = [r.strip() for r in readers.split(",") if r.strip()]
     retriever = Retriever(index_dir)
     examples = load_questions(questions, split=split)
     if answer_in_corpus:

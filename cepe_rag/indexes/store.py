@@ -13,6 +13,7 @@ import os
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -104,6 +105,10 @@ class IndexStore:
         """Open an existing index for reading; every problem is a one-line CepeRagError."""
         folder = Path(folder)
         if not (folder / MANIFEST_FILE).exists():
+            if folder.is_dir() and any(folder.iterdir()):
+                raise CepeRagError(f"{folder} is not a cepe-rag index (no {MANIFEST_FILE}); to search the documents "
+                                   f"in it, index them first: `cepe-rag index {folder} --index indexes/NAME`, then "
+                                   "ask with --index indexes/NAME")
             raise CepeRagError(f"no index at {folder}: build one with `cepe-rag index SOURCE --index {folder}`")
         manifest = Manifest.read(folder)
         store = cls(folder, manifest, _connect(folder / DB_FILE, create=False))
@@ -138,29 +143,27 @@ class IndexStore:
         return store
 
     def _load_faiss(self, *, required: bool) -> None:
+        """Load the FAISS file. Reading (`required`), a missing, corrupt or stale file (an interrupted `index`
+        run) is replaced by one rebuilt in memory from the committed embeddings, so every committed passage is
+        searchable; nothing is written, and `faiss_is_stale` tells the caller to say so."""
         path = self.folder / FAISS_FILE
         self.faiss_is_stale = self._meta("faiss_version") != self._meta("content_version")
-        if not path.exists():
-            if required and self.count() > 0:
-                raise CepeRagError(f"{path} is missing: run `cepe-rag index` on this folder to rebuild it")
+        index = None
+        if path.exists():
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError:
+                self.faiss_is_stale = True
+        if index is None:
             self.faiss_is_stale = self.count() > 0
-            return
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError:
-            if required:
-                raise CepeRagError(
-                    f"{path} is corrupt or truncated: run `cepe-rag index` on this folder to rebuild it "
-                    "from the stored passages (nothing is re-embedded)"
-                ) from None
-            self.faiss_is_stale = True
-            return
-        if index.d != self.manifest.dimension:
+        elif index.d != self.manifest.dimension:
             raise CepeRagError(f"{path} holds {index.d}-d vectors, the manifest says {self.manifest.dimension}")
+        if required and self.faiss_is_stale:
+            index = self._build_faiss()
+        if index is None:
+            return
         _set_search_defaults(index)
-        self._faiss = index
-        if required:
-            self._faiss = _on_gpu_if_available(index)
+        self._faiss = _on_gpu_if_available(index) if required else index
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -364,11 +367,43 @@ def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:
         return index
 
 
+def check_factory_syntax(factory: str) -> None:
+    """Refuse an unknown FAISS factory before any model loads; the check against the real width comes later.
+
+    20160 = 2^6 * 3^2 * 5 * 7 is divisible by every usual PQ/OPQ sub-quantizer count."""
+    _validate_factory(factory, 20160)
+
+
 def _validate_factory(factory: str, dimension: int) -> None:
     try:
         faiss.index_factory(dimension, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
         raise CepeRagError(f"invalid faiss factory string {factory!r} (examples: Flat, HNSW32, IVF1024,PQ32)") from None
+
+
+@contextmanager
+def writer_lock(folder: str | Path) -> Iterator[None]:
+    """One writer per index folder: a second `cepe-rag index` on it stops at once instead of redoing the work.
+
+    An advisory lock on the folder itself (flock on its descriptor), released by the kernel when the process
+    ends, however it ends: a kill -9 never leaves a stale lock behind. Readers take no lock."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CepeRagError(f"another `cepe-rag index` is writing to {folder}: wait for it to finish, then run "
+                               "this one again (it will add only what is still missing)") from None
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -45,7 +45,7 @@ def _load_cepe(path: str, device: str | None):
 @lru_cache(maxsize=8)
 def _load_retriever(index: str, embedder: str | None):
     from cepe_rag.models import load_embedder
-    from cepe_rag.pipelines import Retriever
+    from cepe_rag.pipelines.rag import Retriever
 
     return Retriever(index, embedder=load_embedder(embedder) if embedder else None)
 

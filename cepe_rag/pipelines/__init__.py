@@ -1,6 +1,4 @@
-"""End-to-end pipelines: indexing a corpus, answering a question."""
+"""End-to-end pipelines: `indexing` (a corpus into an index folder) and `rag` (a question into an answer).
 
-from cepe_rag.pipelines.indexing import IndexingSummary, build_index
-from cepe_rag.pipelines.rag import RagPipeline, Retriever, validate_question
-
-__all__ = ["IndexingSummary", "RagPipeline", "Retriever", "build_index", "validate_question"]
+Nothing is imported here, so that `cepe-rag index` does not pay for the readers' imports and the reverse.
+"""

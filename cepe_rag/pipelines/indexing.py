@@ -12,8 +12,8 @@ import numpy as np
 from cepe_rag.documents import Document, LoadReport, PassageSplitter, iter_documents
 from cepe_rag.documents.loading import DEFAULT_MAX_DOCUMENT_MB
 from cepe_rag.documents.splitting import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS
-from cepe_rag.indexes import IndexStore, Manifest, StoredPassage
-from cepe_rag.indexes.store import FAISS_FILE
+from cepe_rag.indexes import IndexStore, Manifest, StoredPassage, writer_lock
+from cepe_rag.indexes.store import FAISS_FILE, check_factory_syntax
 from cepe_rag.models import DEFAULT_EMBEDDER, load_embedder
 from cepe_rag.types import CepeRagError
 
@@ -78,66 +78,68 @@ def build_index(
     for root in roots:
         if not os.path.exists(root):
             raise CepeRagError(f"source not found: {root}")
-    embedder = embedder or load_embedder(embedder_name)
-    manifest = Manifest(embedder=embedder_name, dimension=embedder.get_embedding_dimension(),
-                        faiss_factory=faiss_factory, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)
-    store = IndexStore.create_or_open(index_dir, manifest)
-    splitter = PassageSplitter(embedder.tokenizer, store.manifest.chunk_tokens, store.manifest.overlap_tokens)
-    summary = IndexingSummary(index=str(index_dir))
-    report = LoadReport()
-    known = store.document_digests()
-    seen: set[str] = set()
-    batch_docs: list[Document] = []
-    batch: list[StoredPassage] = []
+    check_factory_syntax(faiss_factory)
+    with writer_lock(index_dir):  # one writer per folder: a second run stops instead of redoing the work
+        embedder = embedder or load_embedder(embedder_name)
+        manifest = Manifest(embedder=embedder_name, dimension=embedder.get_embedding_dimension(),
+                            faiss_factory=faiss_factory, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)
+        store = IndexStore.create_or_open(index_dir, manifest)
+        splitter = PassageSplitter(embedder.tokenizer, store.manifest.chunk_tokens, store.manifest.overlap_tokens)
+        summary = IndexingSummary(index=str(index_dir))
+        report = LoadReport()
+        known = store.document_digests()
+        seen: set[str] = set()
+        batch_docs: list[Document] = []
+        batch: list[StoredPassage] = []
 
-    def flush() -> None:
-        if not batch_docs:
-            return
-        t0 = time.perf_counter()
-        embeddings = embed_texts(embedder, [passage_embedding_text(p.title, p.text) for p in batch])
-        summary.embed_seconds += time.perf_counter() - t0
-        store.replace_documents([(d.key, d.digest, d.source) for d in batch_docs], batch, embeddings)
-        summary.documents_embedded += len(batch_docs)
-        summary.passages_added += len(batch)
-        hooks.passages(len(batch))
-        batch_docs.clear()
-        batch.clear()
+        def flush() -> None:
+            if not batch_docs:
+                return
+            t0 = time.perf_counter()
+            embeddings = embed_texts(embedder, [passage_embedding_text(p.title, p.text) for p in batch])
+            summary.embed_seconds += time.perf_counter() - t0
+            store.replace_documents([(d.key, d.digest, d.source) for d in batch_docs], batch, embeddings)
+            summary.documents_embedded += len(batch_docs)
+            summary.passages_added += len(batch)
+            hooks.passages(len(batch))
+            batch_docs.clear()
+            batch.clear()
 
-    try:
-        for document in iter_documents(roots, report, max_document_mb=max_document_mb):
-            hooks.documents(1)
-            if document.key in seen:
-                continue
-            seen.add(document.key)
-            if known.get(document.key) == document.digest:
-                summary.documents_unchanged += 1
-                continue
-            batch_docs.append(document)
-            batch.extend(StoredPassage(document.key, i, document.title, text, document.source)
-                         for i, text in enumerate(splitter.split(document.text)))
-            if len(batch) >= batch_passages:
-                flush()
-        flush()
-        # Only after a complete walk do we know which documents are gone.
-        gone = [key for key, source in _documents_under(store, roots) if key not in seen]
-        summary.documents_deleted = len(gone)
-        summary.passages_deleted = store.delete_documents(gone) if gone else 0
-    except KeyboardInterrupt:
-        summary.interrupted = True
-    finally:
-        summary.documents_seen = len(seen)
-        summary.skipped = report.skipped
-        # Committed batches are searchable even after an interruption; the next run resumes after them.
-        if store.count() or (store.folder / FAISS_FILE).exists():
-            store.commit_faiss(progress=hooks.rebuilding)
-        summary.passages_total = store.count()
-        summary.disk_bytes = store.disk_bytes()
-        store.close()
-        summary.seconds = time.perf_counter() - started
-    if not summary.interrupted and summary.documents_seen == 0 and summary.passages_total == 0:
-        raise CepeRagError(f"no readable documents in {', '.join(map(str, sources))}"
-                           + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
-    return summary
+        try:
+            for document in iter_documents(roots, report, max_document_mb=max_document_mb):
+                hooks.documents(1)
+                if document.key in seen:
+                    continue
+                seen.add(document.key)
+                if known.get(document.key) == document.digest:
+                    summary.documents_unchanged += 1
+                    continue
+                batch_docs.append(document)
+                batch.extend(StoredPassage(document.key, i, document.title, text, document.source)
+                             for i, text in enumerate(splitter.split(document.text)))
+                if len(batch) >= batch_passages:
+                    flush()
+            flush()
+            # Only after a complete walk do we know which documents are gone.
+            gone = [key for key, source in _documents_under(store, roots) if key not in seen]
+            summary.documents_deleted = len(gone)
+            summary.passages_deleted = store.delete_documents(gone) if gone else 0
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            summary.documents_seen = len(seen)
+            summary.skipped = report.skipped
+            # Committed batches are searchable even after an interruption; the next run resumes after them.
+            if store.count() or (store.folder / FAISS_FILE).exists():
+                store.commit_faiss(progress=hooks.rebuilding)
+            summary.passages_total = store.count()
+            summary.disk_bytes = store.disk_bytes()
+            store.close()
+            summary.seconds = time.perf_counter() - started
+        if not summary.interrupted and summary.documents_seen == 0 and summary.passages_total == 0:
+            raise CepeRagError(f"no readable documents in {', '.join(map(str, sources))}"
+                               + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
+        return summary
 
 
 def _documents_under(store: IndexStore, roots: list[str]) -> list[tuple[str, str]]:

@@ -5,24 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cepe_rag.indexes import IndexStore
 from cepe_rag.models import load_embedder
 from cepe_rag.pipelines.indexing import embed_texts
-from cepe_rag.readers import Reader
-from cepe_rag.types import Answer, CepeRagError, Passage
+from cepe_rag.types import Answer, CepeRagError, Passage, validate_question
 
-MAX_QUESTION_CHARS = 20_000
-
-
-def validate_question(question: str) -> str:
-    question = question.strip()
-    if not question:
-        raise CepeRagError("the question is empty")
-    if len(question) > MAX_QUESTION_CHARS:
-        raise CepeRagError(f"the question is {len(question):,} characters; at most {MAX_QUESTION_CHARS:,} are accepted")
-    return question
-
+if TYPE_CHECKING:
+    from cepe_rag.readers import Reader
 
 class Retriever:
     """Dense retrieval over an index folder with the embedder recorded in its manifest."""

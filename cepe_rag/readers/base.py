@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cepe_rag.models import DEFAULT_PROMPT_STYLE
+from cepe_rag.models import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
 from cepe_rag.readers.generation import GenerationConfig, generate
 from cepe_rag.types import Answer, CepeRagError, Passage
 
@@ -26,7 +26,6 @@ DEMONSTRATIONS = (
      "of Vardemor. It was first held in 1921 and draws glassmakers from across the region.",
      "In what year was the Pellion Glass Fair first held?", "1921"),
 )
-PROMPT_STYLES = ("instruction", "fewshot")
 
 
 @dataclass

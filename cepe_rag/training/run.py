@@ -46,7 +46,7 @@ def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tu
         raise CepeRagError(f"no text in training corpus {corpus!r}")
     retrieve = None
     if index is not None and stage != "warmup":
-        from cepe_rag.pipelines import Retriever
+        from cepe_rag.pipelines.rag import Retriever
 
         retriever = Retriever(index)
         retrieve = retriever.retrieve_batch

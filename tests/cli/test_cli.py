@@ -86,6 +86,36 @@ def test_closed_book_reader(kubrick_index):
     answer = json.loads(result.stdout)
     assert answer["reader"] == "closed-book" and answer["passages"] == []
     assert "Paris" in answer["text"]
+    shown = run_cli("ask", "What is the capital of France?", "--index", kubrick_index, "--reader", "closed-book",
+                    "--max-new-tokens", "16")
+    assert shown.returncode == 0, shown.stderr
+    assert "Sources" not in shown.stdout and "k=" not in shown.stderr and "more than the" not in shown.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--k", "0"], "--k must be at least 1"), (["--k", "-1"], "--k must be at least 1"),
+    (["--reader", "fid"], "unknown reader 'fid'"), (["--prompt", "poem"], "unknown prompt style 'poem'"),
+    (["--dtype", "int3"], "unknown dtype 'int3'"),
+    (["--reader", "cepe", "--cepe-model", "/tmp/nope-not-here"], "CEPE checkpoint '/tmp/nope-not-here': no such folder"),
+])
+def test_bad_options_fail_before_any_model_loads(args, fragment, tmp_path):
+    # No index is needed to reject them: the options are checked first.
+    assert_one_line_error(run_cli("ask", "anything?", "--index", tmp_path / "none", *args), fragment)
+
+
+def test_a_documents_folder_given_as_index_gets_the_right_advice(tmp_path):
+    (tmp_path / "notes.txt").write_text("some notes")
+    result = run_cli("ask", "anything?", "--index", tmp_path)
+    assert_one_line_error(result, f"is not a cepe-rag index (no manifest.json); to search the documents in it, "
+                                  f"index them first: `cepe-rag index {tmp_path} --index indexes/NAME`")
+
+
+def test_invalid_faiss_factory_is_refused_before_embedding(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("text")
+    result = run_cli("index", tmp_path / "docs", "--index", tmp_path / "idx", "--faiss", "NotAFactory")
+    assert_one_line_error(result, "invalid faiss factory string 'NotAFactory'")
+    assert not (tmp_path / "idx").exists()
 
 
 @pytest.mark.parametrize("question,fragment", [("", "question is empty"), ("   ", "question is empty"),

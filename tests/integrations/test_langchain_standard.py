@@ -15,7 +15,7 @@ pytestmark = pytest.mark.real_models
 
 @functools.cache
 def small_index() -> str:
-    from cepe_rag.pipelines import build_index
+    from cepe_rag.pipelines.indexing import build_index
 
     folder = Path(tempfile.mkdtemp(prefix="cepe-lc-"))
     (folder / "corpus").mkdir()

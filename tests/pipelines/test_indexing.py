@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cepe_rag.indexes import IndexStore
-from cepe_rag.pipelines import Retriever, build_index
+from cepe_rag.pipelines.indexing import build_index
+from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.types import CepeRagError
 
 FACTS = {
@@ -142,8 +143,10 @@ def test_corrupt_faiss_file_is_rebuilt_without_reembedding(embedder, corpus, tmp
     index_with(embedder, [corpus], index)
     faiss_file = index / "index.faiss"
     faiss_file.write_bytes(faiss_file.read_bytes()[:100])
-    with pytest.raises(CepeRagError, match="corrupt or truncated"):
-        IndexStore.open(index)
+    damaged = faiss_file.read_bytes()
+    reader = IndexStore.open(index)  # searches a copy rebuilt in memory, and says so; the file is left alone
+    assert reader.faiss_is_stale and reader._faiss.ntotal == reader.count()
+    assert faiss_file.read_bytes() == damaged
     summary = index_with(embedder, [corpus], index)
     assert summary.documents_embedded == 0
     assert Retriever(index, embedder=embedder).retrieve("Kubrick film", k=1)[0].title == "kubrick"
@@ -190,12 +193,22 @@ def test_interrupted_faiss_commit_is_detected_and_repaired(embedder, corpus, tmp
                                            str(corpus / "new.txt"))], np.asarray(vector))
     store.close()
     reopened = IndexStore.open(index)
-    assert reopened.faiss_is_stale  # ask warns, and still answers from the old FAISS file
-    assert len(reopened.search(np.asarray(vector), 10)[0]) == 4
+    assert reopened.faiss_is_stale  # ask warns, and answers from every committed passage
+    assert reopened.search(np.asarray(vector), 1)[0][0].text == "The Danube flows through Vienna."
     summary = index_with(embedder, [corpus], index)
     assert summary.documents_embedded == 1  # the digest differs, so the document is redone once
     fixed = IndexStore.open(index)
     assert not fixed.faiss_is_stale and fixed._faiss.ntotal == 5
+
+
+def test_kill_minus_9_during_a_first_run_leaves_committed_batches_searchable(embedder, corpus, tmp_path):
+    index = tmp_path / "idx"
+    index_with(embedder, [corpus], index)
+    (index / "index.faiss").unlink()  # a first run killed before its FAISS file was ever written
+    store = IndexStore.open(index)
+    assert store.faiss_is_stale and store._faiss.ntotal == store.count() == 4
+    assert Retriever(store, embedder=embedder).retrieve("Kubrick film", k=1)[0].title == "kubrick"
+    assert not (index / "index.faiss").exists()  # reading never writes
 
 
 def test_kill_minus_9_during_indexing_keeps_previous_index_and_resumes(embedder, tmp_path):
@@ -209,7 +222,7 @@ def test_kill_minus_9_during_indexing_keeps_previous_index_and_resumes(embedder,
     index_with(embedder, [tmp_path / "seed"], index)
 
     code = (
-        "import sys; from cepe_rag.pipelines import build_index\n"
+        "import sys; from cepe_rag.pipelines.indexing import build_index\n"
         f"build_index([{str(corpus)!r}], {str(index)!r}, batch_passages=16)\n"
     )
     process = subprocess.Popen([sys.executable, "-c", code])
@@ -233,3 +246,17 @@ def test_kill_minus_9_during_indexing_keeps_previous_index_and_resumes(embedder,
     assert resumed.documents_unchanged == committed - 1
     assert resumed.passages_total == 401
     assert IndexStore.open(index)._faiss.ntotal == 401
+
+
+def test_a_second_writer_on_the_same_index_stops_at_once(corpus, tmp_path):
+    from cepe_rag.indexes import writer_lock
+
+    index = tmp_path / "idx"
+    with writer_lock(index):  # this process is the first writer; the second is a real `cepe-rag index`
+        result = subprocess.run([sys.executable, "-m", "cepe_rag", "index", str(corpus), "--index", str(index)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "another `cepe-rag index` is writing to" in result.stderr
+    assert not (index / "passages.sqlite").exists()  # it stopped before touching the index
+    with writer_lock(index):  # released when its holder is done; taken again
+        pass
