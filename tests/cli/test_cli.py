@@ -96,7 +96,8 @@ def test_closed_book_reader(kubrick_index):
     (["--k", "0"], "--k must be at least 1"), (["--k", "-1"], "--k must be at least 1"),
     (["--reader", "fid"], "unknown reader 'fid'"), (["--prompt", "poem"], "unknown prompt style 'poem'"),
     (["--dtype", "int3"], "unknown dtype 'int3'"),
-    (["--reader", "cepe", "--cepe-model", "/tmp/nope-not-here"], "CEPE checkpoint '/tmp/nope-not-here': no such folder"),
+    (["--reader", "cepe", "--cepe-model", "/tmp/nope-not-here"],
+     "CEPE checkpoint '/tmp/nope-not-here': no such folder"),
 ])
 def test_bad_options_fail_before_any_model_loads(args, fragment, tmp_path):
     # No index is needed to reject them: the options are checked first.
