@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -175,6 +176,68 @@ def load_embedder(name: str = DEFAULT_EMBEDDER, *, device: str = "cpu"):
         return SentenceTransformer(embedder_path(name), device=device)
     except OSError as error:
         raise CepeRagError(f"cannot load embedder {name!r}: {str(error).splitlines()[0]}") from error
+
+
+class MeanPoolingEmbedder:
+    """Query embeddings for a sentence-transformers folder that is Transformer -> mean pooling -> normalize
+    (MiniLM's layout), computed with transformers alone.
+
+    `ask` embeds one question: importing sentence-transformers (which pulls in scikit-learn) costs more than
+    the whole retrieval. Same vectors as SentenceTransformer.encode (tested); indexing still uses the library.
+    """
+
+    LAYOUT = ["sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+              "sentence_transformers.models.Normalize"]
+
+    def __init__(self, folder: Path, device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        settings = json.loads((folder / "sentence_bert_config.json").read_text())
+        self.max_seq_length = int(settings.get("max_seq_length", 512))
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder).to(device).eval()
+
+    @classmethod
+    def supports(cls, folder: Path) -> bool:
+        try:
+            modules = json.loads((folder / "modules.json").read_text())
+            pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+            json.loads((folder / "sentence_bert_config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        modes = {k for k, v in pooling.items() if k.startswith("pooling_mode") and v}
+        return [m["type"] for m in modules] == cls.LAYOUT and modes == {"pooling_mode_mean_tokens"}
+
+    def get_embedding_dimension(self) -> int:
+        return self.model.config.hidden_size
+
+    def encode(self, texts: list[str], batch_size: int = 64, normalize_embeddings: bool = True, **_):
+        import numpy as np
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                batch = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                                       max_length=self.max_seq_length, return_tensors="pt").to(self.model.device)
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                if normalize_embeddings:
+                    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                out.append(pooled.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.get_embedding_dimension()), np.float32)
+
+
+def load_query_embedder(name: str = DEFAULT_EMBEDDER, *, device: str = "cpu"):
+    """The embedder for questions: MeanPoolingEmbedder where the folder allows it, else sentence-transformers."""
+    folder = Path(embedder_path(name))
+    if folder.is_dir() and MeanPoolingEmbedder.supports(folder):
+        try:
+            return MeanPoolingEmbedder(folder, device)
+        except OSError as error:
+            raise CepeRagError(f"cannot load embedder {name!r}: {str(error).splitlines()[0]}") from error
+    return load_embedder(name, device=device)
 
 
 def default_device() -> str:

@@ -1,5 +1,7 @@
 """Where models come from: first-run conversion of the packaged decoder, CPU capability checks."""
 
+from pathlib import Path
+
 import pytest
 
 from cepe_rag.models import cpu_has_fast_bfloat16, publish_folder
@@ -35,3 +37,16 @@ def test_fast_bfloat16_detection_reads_the_cpu_flags(tmp_path, flags, expected):
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     assert cpu_has_fast_bfloat16(cpuinfo) is expected
     assert cpu_has_fast_bfloat16(tmp_path / "missing") is None
+
+
+def test_query_embedder_gives_the_sentence_transformers_vectors():
+    from cepe_rag.models import MeanPoolingEmbedder, embedder_path, load_embedder, load_query_embedder
+
+    texts = ["Who directed 2001: A Space Odyssey?", "a", "word " * 400]  # the last one is truncated at 256 tokens
+    light = load_query_embedder()
+    assert isinstance(light, MeanPoolingEmbedder)
+    expected = load_embedder().encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    got = light.encode(texts, batch_size=2)
+    assert got.shape == expected.shape == (3, 384)
+    assert abs(got - expected).max() < 1e-5
+    assert not MeanPoolingEmbedder.supports(Path(embedder_path()).parent)  # not a sentence-transformers folder

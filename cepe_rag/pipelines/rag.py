@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cepe_rag.indexes import IndexStore
-from cepe_rag.models import load_embedder
+from cepe_rag.models import load_query_embedder
 from cepe_rag.pipelines.indexing import embed_texts
 from cepe_rag.types import Answer, CepeRagError, Passage, validate_question
 
@@ -20,7 +20,7 @@ class Retriever:
 
     def __init__(self, index: str | Path | IndexStore, embedder=None):
         self.store = index if isinstance(index, IndexStore) else IndexStore.open(index)
-        self.embedder = embedder or load_embedder(self.store.manifest.embedder)
+        self.embedder = embedder or load_query_embedder(self.store.manifest.embedder)
 
     def retrieve(self, question: str, k: int) -> list[Passage]:
         return self.retrieve_batch([question], k)[0]
