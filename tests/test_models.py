@@ -50,3 +50,22 @@ def test_query_embedder_gives_the_sentence_transformers_vectors():
     assert got.shape == expected.shape == (3, 384)
     assert abs(got - expected).max() < 1e-5
     assert not MeanPoolingEmbedder.supports(Path(embedder_path()).parent)  # not a sentence-transformers folder
+
+
+@pytest.mark.real_models
+def test_two_concurrent_first_runs_both_get_the_converted_decoder(tmp_path):
+    """An empty model cache and two processes converting the packaged GGUF decoder at once."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CEPE_RAG_CACHE": str(tmp_path / "cache")}
+    code = "from cepe_rag.models import decoder_path; print(decoder_path())"
+    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in processes]
+    for stdout, stderr, returncode in results:
+        assert returncode == 0, stderr
+        assert (Path(stdout.strip()) / "config.json").exists()
+    leftovers = [p.name for p in (tmp_path / "cache" / "models").iterdir() if p.name.startswith(".convert-")]
+    assert leftovers == []
