@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="instruction", help="instruction or fewshot")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--concat-order", default="first", help="concat: most relevant passage first or last")
     parser.add_argument("--out", default="runs/ape_sweep")
     args = parser.parse_args()
     retriever = Retriever(args.index)
@@ -45,7 +46,7 @@ def main() -> None:
     readers = {f"parallel-T{t}-S{s}": ParallelReader(model, tokenizer, temperature=t, lse_scale=s, **common)
                for t, s in pairs}
     if not args.no_baselines:
-        readers["concat"] = ConcatReader(model, tokenizer, **common)
+        readers["concat"] = ConcatReader(model, tokenizer, most_relevant=args.concat_order, **common)
         readers["closed-book"] = ClosedBookReader(model, tokenizer, **common)
     run_eval(questions, retriever, readers, [int(k) for k in args.k.split(",")], args.out)
     print((Path(args.out) / "summary.md").read_text())

@@ -5,26 +5,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cepe_rag.readers.base import PreparedPrompt, Reader, question_text
-from cepe_rag.types import Passage
+from cepe_rag.types import CepeRagError, Passage
 
 
 class ConcatReader(Reader):
     """Passages in the chat prompt, most relevant first, as many as the decoder window holds."""
 
     name = "concat"
+    ORDERS = ("first", "last")
+
+    def __init__(self, model, tokenizer, *, most_relevant: str = "first", **kwargs):
+        """most_relevant: where the best passage goes, `first` (right after the instruction) or `last` (right
+        before the question)."""
+        super().__init__(model, tokenizer, **kwargs)
+        if most_relevant not in self.ORDERS:
+            raise CepeRagError(f"most_relevant must be one of {', '.join(self.ORDERS)}, not {most_relevant!r}")
+        self.most_relevant = most_relevant
 
     def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
         prefix, chunks, query = self.pieces(question, passages)
         self.check_fits(len(prefix) + len(query))
         budget = self.window - self.generation.max_new_tokens - len(prefix) - len(query)
-        ids, used = list(prefix), []
-        for passage, chunk in zip(passages, chunks):
+        used: list[tuple[Passage, list[int]]] = []
+        for passage, chunk in zip(passages, chunks):  # the most relevant that fit
             if len(chunk) > budget:
                 break
-            ids += chunk
-            used.append(passage)
+            used.append((passage, chunk))
             budget -= len(chunk)
-        return PreparedPrompt(ids + query, used)
+        if self.most_relevant == "last":
+            used.reverse()
+        ids = list(prefix) + [token for _, chunk in used for token in chunk] + query
+        return PreparedPrompt(ids, [passage for passage, _ in used])
 
 
 class ClosedBookReader(Reader):

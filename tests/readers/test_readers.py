@@ -28,6 +28,33 @@ def test_concat_keeps_most_relevant_passages_that_fit_the_window(tiny_chat_model
     assert "Document (Title: Title 0): Passage number 0" in text and text.rstrip().endswith("assistant")
 
 
+def test_concat_can_put_the_most_relevant_passage_next_to_the_question(tiny_chat_model, chat_tokenizer):
+    generation = GenerationConfig(max_new_tokens=16)
+    first = ConcatReader(tiny_chat_model, chat_tokenizer, generation=generation).prepare("q?", PASSAGES)
+    last = ConcatReader(tiny_chat_model, chat_tokenizer, generation=generation, most_relevant="last").prepare(
+        "q?", PASSAGES)
+    assert [p.id for p in last.passages] == [p.id for p in first.passages][::-1]  # the same passages fit
+    text = chat_tokenizer.decode(last.ids)
+    assert text.index("Passage number 0 ") > text.index("Passage number 1 ") > text.index("Passage number 2 ")
+    assert sorted(last.ids) == sorted(first.ids)
+    with pytest.raises(CepeRagError, match="most_relevant"):
+        ConcatReader(tiny_chat_model, chat_tokenizer, most_relevant="middle")
+
+
+def test_fewshot_prompt_shows_worked_examples_before_the_question(tiny_chat_model, chat_tokenizer):
+    plain = ConcatReader(tiny_chat_model, chat_tokenizer).prepare("What is topic 3?", PASSAGES[:2])
+    shots = ConcatReader(tiny_chat_model, chat_tokenizer, prompt_style="fewshot").prepare("What is topic 3?",
+                                                                                          PASSAGES[:2])
+    text = chat_tokenizer.decode(shots.ids)
+    assert "Tobias Wrenfield" in text and text.index("Tobias Wrenfield") < text.index("Passage number 0")
+    assert "Tobias Wrenfield" not in chat_tokenizer.decode(plain.ids)
+    closed = ClosedBookReader(tiny_chat_model, chat_tokenizer, prompt_style="fewshot").prepare("q?", [])
+    assert "Tessel Island" not in chat_tokenizer.decode(closed.ids)  # no documents in its examples
+    assert "Who built Harrowmere Lighthouse?" in chat_tokenizer.decode(closed.ids)
+    with pytest.raises(CepeRagError, match="prompt style"):
+        ConcatReader(tiny_chat_model, chat_tokenizer, prompt_style="poem")
+
+
 def test_streamed_deltas_add_up_to_the_answer_and_batch_equals_single(tiny_chat_model, chat_tokenizer):
     reader = ConcatReader(tiny_chat_model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=10))
     questions = ["first question?", "a second, longer question about something?"]
