@@ -7,26 +7,23 @@ import pytest
 from cepe_rag.models import cpu_has_fast_bfloat16, publish_folder
 
 
+def folder_with(path, files):
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
 def test_a_conversion_that_loses_the_race_uses_the_winners_folder(tmp_path):
-    target = tmp_path / "model"
-    target.mkdir()
-    (target / "config.json").write_text('{"winner": true}')
-    tmp = tmp_path / ".convert-1"
-    tmp.mkdir()
-    (tmp / "config.json").write_text('{"winner": false}')
-    publish_folder(tmp, target)  # no error: the finished folder is kept
-    assert (target / "config.json").read_text() == '{"winner": true}'
+    target = folder_with(tmp_path / "model", {"config.json": '{"winner": true}'})
+    publish_folder(folder_with(tmp_path / ".convert-1", {"config.json": '{"winner": false}'}), target)
+    assert (target / "config.json").read_text() == '{"winner": true}'  # no error: the finished folder is kept
 
 
 def test_publishing_onto_a_half_written_folder_still_fails(tmp_path):
-    target = tmp_path / "model"
-    target.mkdir()
-    (target / "stray").write_text("")
-    tmp = tmp_path / ".convert-1"
-    tmp.mkdir()
-    (tmp / "config.json").write_text("{}")
+    target = folder_with(tmp_path / "model", {"stray": ""})
     with pytest.raises(OSError):
-        publish_folder(tmp, target)
+        publish_folder(folder_with(tmp_path / ".convert-1", {"config.json": "{}"}), target)
 
 
 @pytest.mark.parametrize("flags, expected", [("fpu avx2 avx512f amx_bf16 amx_tile", True),
