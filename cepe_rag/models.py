@@ -9,24 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cepe_rag.settings import DEFAULT_DECODER, DEFAULT_EMBEDDER, DTYPES, check_choice
 from cepe_rag.types import CepeRagError
-
-DEFAULT_DECODER = "smollm2-135m-instruct"
-DEFAULT_EMBEDDER = "all-minilm-l6-v2"
-# Chosen on the own-documents benchmark (README, "Readers"): the reader and prompt that answer from the user's
-# documents best without losing on NQ.
-DEFAULT_READER = "concat"
-DEFAULT_PROMPT_STYLE = "instruction"
-# The choices every entry point offers, here (not beside their classes) so the CLI checks them before it
-# imports torch.
-READER_NAMES = ("concat", "parallel", "cepe", "closed-book")
-PROMPT_STYLES = ("instruction", "fewshot")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def check_choice(value: str | None, choices: tuple[str, ...], what: str) -> None:
-    if value is not None and value not in choices:
-        raise CepeRagError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
 
 
 def check_model_reference(name: str | None, what: str) -> None:
@@ -35,6 +19,8 @@ def check_model_reference(name: str | None, what: str) -> None:
         return
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists():
         raise CepeRagError(f"{what} {name!r}: no such folder")
+
+
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -50,17 +36,6 @@ def _package_dir(module: str, install_hint: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise CepeRagError(f"package {module!r} is not installed; {install_hint}")
     return Path(list(spec.submodule_search_locations)[0])
-
-
-# CEPE adapters shipped inside the package, by the decoder they were trained for.
-PACKAGED_CEPE = {DEFAULT_DECODER: "smollm2-135m-minilm"}
-
-
-def packaged_cepe(decoder: str = DEFAULT_DECODER) -> str | None:
-    """The folder of the CEPE adapter shipped for `decoder`, or None."""
-    name = PACKAGED_CEPE.get(decoder)
-    folder = Path(__file__).parent / "checkpoints" / name if name else None
-    return str(folder) if folder and (folder / "cepe_adapter.json").exists() else None
 
 
 def embedder_path(name: str = DEFAULT_EMBEDDER) -> str:

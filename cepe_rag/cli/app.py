@@ -14,7 +14,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cepe_rag.models import (
+from cepe_rag.models import check_model_reference
+from cepe_rag.settings import (
+    APE_SCALE,
+    APE_TEMPERATURE,
     DEFAULT_DECODER,
     DEFAULT_EMBEDDER,
     DEFAULT_PROMPT_STYLE,
@@ -22,9 +25,8 @@ from cepe_rag.models import (
     DTYPES,
     PROMPT_STYLES,
     READER_NAMES,
+    ReaderSpec,
     check_choice,
-    check_model_reference,
-    packaged_cepe,
 )
 from cepe_rag.types import CepeRagError, validate_question
 
@@ -35,6 +37,16 @@ DEFAULT_INDEX = Path("indexes/default")
 BENCH_METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "parallel", "concat")
 
 IndexOption = Annotated[Path, typer.Option("--index", help="Index folder.")]
+DecoderOption = Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")]
+CepeModelOption = Annotated[str | None, typer.Option(
+    help="CEPE checkpoint (folder or hub id) for the cepe reader; it includes its own decoder. Default: the adapter "
+         "shipped for the decoder.")]
+PromptPassagesOption = Annotated[int, typer.Option(
+    help="cepe: top passages put in the prompt; the rest go through the encoder.")]
+ApeTemperatureOption = Annotated[float, typer.Option(help="parallel: attention temperature on passage tokens.")]
+ApeScaleOption = Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")]
+MostRelevantOption = Annotated[str, typer.Option(
+    help="concat: the most relevant passage first (after the instruction) or last (before the question).")]
 PromptOption = Annotated[str, typer.Option(
     "--prompt", help="instruction (a system instruction asking for a short answer) or fewshot (plus two worked "
                      "examples of short answers).")]
@@ -131,13 +143,12 @@ def ask(
     k: Annotated[int, typer.Option("--k", help="Passages to retrieve.")] = 20,
     reader: Annotated[str | None, typer.Option(help="concat, parallel, closed-book, or cepe. Default: cepe when "
                                                     "--cepe-model is given, else concat.")] = None,
-    decoder: Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")] = DEFAULT_DECODER,
-    cepe_model: Annotated[str | None, typer.Option(help="CEPE checkpoint (folder or hub id) for --reader cepe; "
-                                                    "it includes its own decoder.")] = None,
-    n_prompt_passages: Annotated[int, typer.Option(help="cepe: top passages put in the prompt; the rest go "
-                                                        "through the encoder.")] = 0,
-    ape_temperature: Annotated[float, typer.Option(help="parallel: attention temperature on passage tokens.")] = 1.0,
-    ape_scale: Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")] = 0.6,
+    decoder: DecoderOption = DEFAULT_DECODER,
+    cepe_model: CepeModelOption = None,
+    n_prompt_passages: PromptPassagesOption = 0,
+    ape_temperature: ApeTemperatureOption = APE_TEMPERATURE,
+    ape_scale: ApeScaleOption = APE_SCALE,
+    most_relevant: MostRelevantOption = "first",
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = 96,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result instead of streaming.")] = False,
@@ -147,14 +158,13 @@ def ask(
 ) -> None:
     """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
     question = validate_question(question)
-    reader = reader or ("cepe" if cepe_model else DEFAULT_READER)
-    check_options(k=[k], readers=[reader], prompt_style=prompt_style, dtype=dtype, decoder=decoder,
-                  cepe_model=cepe_model)
-    if reader == "cepe":
-        cepe_model = cepe_model or packaged_cepe(decoder)
-    from cepe_rag.models import default_device, load_decoder, resolve_dtype
+    spec = ReaderSpec(reader=reader or ("cepe" if cepe_model else DEFAULT_READER), decoder=decoder,
+                      prompt_style=prompt_style, cepe_model=cepe_model, n_prompt_passages=n_prompt_passages,
+                      ape_temperature=ape_temperature, ape_scale=ape_scale, most_relevant=most_relevant)
+    check_options([k], [spec], dtype)
+    from cepe_rag.models import default_device, resolve_dtype
     from cepe_rag.pipelines.rag import RagPipeline, Retriever
-    from cepe_rag.readers import GenerationConfig, make_reader
+    from cepe_rag.readers import GenerationConfig, build_reader
 
     _quiet_libraries()
     started = time.perf_counter()
@@ -162,7 +172,7 @@ def ask(
     if retriever.store.faiss_is_stale:
         console.print("[yellow]warning:[/] the last indexing run was interrupted; run `cepe-rag index` again "
                       "to finish it (answering from what was committed)")
-    closed_book = reader == "closed-book"
+    closed_book = spec.reader == "closed-book"
     if k > retriever.store.count() and not closed_book:
         console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
                       "index; reading all of them")
@@ -170,19 +180,8 @@ def ask(
     torch_dtype = resolve_dtype(dtype, device)
     warn_slow_dtype(torch_dtype, device)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    if reader == "cepe":
-        if cepe_model is None:
-            raise CepeRagError(f"--reader cepe needs --cepe-model: no CEPE checkpoint ships for {decoder}")
-        from cepe_rag.cepe import CepeForCausalLM
-
-        model = CepeForCausalLM.from_pretrained(cepe_model, device=device, dtype=torch_dtype)
-        decoder = cepe_model
-        chosen = make_reader(reader, model, model.decoder_tokenizer, generation=generation,
-                             n_decoder_passages=n_prompt_passages, prompt_style=prompt_style)
-    else:
-        model, tokenizer = load_decoder(decoder, device=device, dtype=torch_dtype)
-        chosen = make_reader(reader, model, tokenizer, generation=generation, prompt_style=prompt_style,
-                             **reader_options(reader, ape_temperature, ape_scale))
+    chosen = build_reader(spec, generation=generation, device=device, dtype=torch_dtype)
+    decoder = spec.checkpoint() if spec.reader == "cepe" else decoder
     pipeline = RagPipeline(retriever, chosen)
     load_s = time.perf_counter() - started
 
@@ -191,7 +190,7 @@ def ask(
         sys.stdout.flush()
 
     if not as_json:
-        console.print(f"[dim]reader: {reader} · decoder: {decoder}{'' if closed_book else f' · k={k}'}[/]")
+        console.print(f"[dim]reader: {spec.reader} · decoder: {decoder}{'' if closed_book else f' · k={k}'}[/]")
     answer = pipeline.ask(question, k, on_token=None if as_json else show)
     answer.timings["load_s"] = load_s
     if as_json:
@@ -211,17 +210,17 @@ def ask(
                   f"{answer.usage['passages_read']} of {answer.usage['passages_retrieved']} passages read[/]")
 
 
-def check_options(*, k: list[int], readers: list[str], prompt_style: str, dtype: str | None, decoder: str,
-                  cepe_model: str | None) -> None:
+def check_options(k: list[int], specs: list, dtype: str | None) -> None:
     """Every argument checked before a model loads (a mistake costs well under a second, not a model load)."""
     if not k or min(k) < 1:
         raise CepeRagError("--k must be at least 1")
-    for name in readers:
-        check_choice(name, READER_NAMES, "reader")
-    check_choice(prompt_style, PROMPT_STYLES, "prompt style")
     check_choice(dtype, DTYPES, "dtype")
-    check_model_reference(decoder, "decoder")
-    check_model_reference(cepe_model, "CEPE checkpoint")
+    for spec in specs:
+        check_choice(spec.reader, READER_NAMES, "reader")
+        check_choice(spec.prompt_style, PROMPT_STYLES, "prompt style")
+        check_choice(spec.most_relevant, ("first", "last"), "--most-relevant")
+        check_model_reference(spec.decoder, "decoder")
+        check_model_reference(spec.cepe_model, "CEPE checkpoint")
 
 
 def warn_slow_dtype(torch_dtype, device: str) -> None:
@@ -230,10 +229,6 @@ def warn_slow_dtype(torch_dtype, device: str) -> None:
     if str(device) == "cpu" and str(torch_dtype) == "torch.bfloat16" and cpu_has_fast_bfloat16() is False:
         console.print("[yellow]warning:[/] this CPU has no AMX or AVX512-BF16: bfloat16 runs several times slower "
                       "than float32 here; leave out --dtype for float32")
-
-
-def reader_options(name: str, ape_temperature: float, ape_scale: float) -> dict:
-    return {"temperature": ape_temperature, "lse_scale": ape_scale} if name == "parallel" else {}
 
 
 def main() -> None:
@@ -258,11 +253,12 @@ def evaluate(
     answer_in_corpus: Annotated[bool, typer.Option(help="Keep questions whose answer occurs in the corpus.")] = False,
     out: Annotated[Path, typer.Option(help="Run folder: retrieval cache, predictions, summary, plot.")] = Path(
         "runs/eval"),
-    decoder: Annotated[str, typer.Option(help="Chat decoder.")] = DEFAULT_DECODER,
-    cepe_model: Annotated[str | None, typer.Option(help="CEPE checkpoint for the cepe reader.")] = None,
-    n_prompt_passages: Annotated[int, typer.Option(help="cepe: top passages in the prompt.")] = 0,
-    ape_temperature: Annotated[float, typer.Option(help="parallel: attention temperature on passage tokens.")] = 1.0,
-    ape_scale: Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")] = 0.6,
+    decoder: DecoderOption = DEFAULT_DECODER,
+    cepe_model: CepeModelOption = None,
+    n_prompt_passages: PromptPassagesOption = 0,
+    ape_temperature: ApeTemperatureOption = APE_TEMPERATURE,
+    ape_scale: ApeScaleOption = APE_SCALE,
+    most_relevant: MostRelevantOption = "first",
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (the paper: 25).")] = 25,
     split: Annotated[str, typer.Option(help="Split, for hub datasets.")] = "validation",
     dtype: DtypeOption = None,
@@ -274,14 +270,16 @@ def evaluate(
         ks = sorted({int(x) for x in k.split(",") if x.strip()})
     except ValueError:
         raise CepeRagError(f"--k {k!r}: expected comma-separated whole numbers, e.g. 5,20,50") from None
-    names = [r.strip() for r in readers.split(",") if r.strip()]
-    check_options(k=ks, readers=names, prompt_style=prompt_style, dtype=dtype, decoder=decoder, cepe_model=cepe_model)
+    specs = [ReaderSpec(reader=name.strip(), decoder=decoder, prompt_style=prompt_style, cepe_model=cepe_model,
+                        n_prompt_passages=n_prompt_passages, ape_temperature=ape_temperature, ape_scale=ape_scale,
+                        most_relevant=most_relevant) for name in readers.split(",") if name.strip()]
+    check_options(ks, specs, dtype)
     from rich.progress import Progress
 
     from cepe_rag.eval import answerable_subset, load_questions, run_eval, summarise_folder
-    from cepe_rag.models import default_device, load_decoder, resolve_dtype
+    from cepe_rag.models import default_device, resolve_dtype
     from cepe_rag.pipelines.rag import Retriever
-    from cepe_rag.readers import GenerationConfig, make_reader
+    from cepe_rag.readers import GenerationConfig, build_reader
 
     _quiet_libraries()
     retriever = Retriever(index_dir)
@@ -297,31 +295,10 @@ def evaluate(
     torch_dtype = resolve_dtype(dtype, device)
     warn_slow_dtype(torch_dtype, device)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=("\n",))
-    built, settings = {}, {}
-    common = {"decoder": decoder, "dtype": str(torch_dtype).removeprefix("torch."), "max_new_tokens": max_new_tokens,
-              "prompt": prompt_style}
-    model, tokenizer = (None, None)
-    for name in names:
-        if name == "cepe":
-            checkpoint = cepe_model or packaged_cepe(decoder)
-            if checkpoint is None:
-                raise CepeRagError(f"the cepe reader needs --cepe-model: no CEPE checkpoint ships for {decoder}")
-            from cepe_rag.cepe import CepeForCausalLM
-
-            cepe = CepeForCausalLM.from_pretrained(checkpoint, device=device, dtype=torch_dtype)
-            # Each prompt/encoder split is its own row, so one folder can compare them.
-            label = f"cepe-prompt{n_prompt_passages}" if n_prompt_passages else "cepe"
-            built[label] = make_reader(name, cepe, cepe.decoder_tokenizer, generation=generation,
-                                       n_decoder_passages=n_prompt_passages, prompt_style=prompt_style)
-            settings[label] = {**common, "cepe_model": cepe_model or "packaged", "n_prompt_passages": n_prompt_passages}
-        else:
-            if model is None:
-                model, tokenizer = load_decoder(decoder, device=device, dtype=torch_dtype)
-            options = reader_options(name, ape_temperature, ape_scale)
-            built[name] = make_reader(name, model, tokenizer, generation=generation, prompt_style=prompt_style,
-                                      **options)
-            settings[name] = {**common, **options}
-    console.print(f"{len(examples)} questions · readers {', '.join(names)} · k {ks} · run folder {out}")
+    common = {"dtype": str(torch_dtype).removeprefix("torch."), "max_new_tokens": max_new_tokens}
+    built = {spec.label: build_reader(spec, generation=generation, device=device, dtype=torch_dtype) for spec in specs}
+    settings = {spec.label: {**spec.settings(), **common} for spec in specs}
+    console.print(f"{len(examples)} questions · readers {', '.join(built)} · k {ks} · run folder {out}")
     with Progress(console=console) as progress:
         task = progress.add_task("answering", total=None)
 

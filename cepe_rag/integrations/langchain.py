@@ -19,27 +19,13 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from cepe_rag.models import DEFAULT_DECODER, DEFAULT_PROMPT_STYLE
-from cepe_rag.readers import DEFAULT_READER, GenerationConfig, Reader, make_reader
+from cepe_rag.models import default_device
+from cepe_rag.readers import GenerationConfig, Reader, build_reader
 from cepe_rag.readers.base import SYSTEM_PROMPT
+from cepe_rag.settings import DEFAULT_DECODER, DEFAULT_PROMPT_STYLE, DEFAULT_READER, ReaderSpec
 from cepe_rag.types import Passage
 
 ContextLike = str | Document | Passage
-
-
-@lru_cache(maxsize=4)
-def _load_decoder(decoder: str, device: str | None):
-    from cepe_rag.models import default_device, load_decoder
-
-    return load_decoder(decoder, device=device or default_device())
-
-
-@lru_cache(maxsize=4)
-def _load_cepe(path: str, device: str | None):
-    from cepe_rag.cepe import CepeForCausalLM
-    from cepe_rag.models import default_device
-
-    return CepeForCausalLM.from_pretrained(path, device=device or default_device())
 
 
 @lru_cache(maxsize=8)
@@ -123,21 +109,12 @@ class CepeLLM(BaseLLM):
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "k": self.k}
 
     def make_reader(self, system_prompt: str | None = None) -> Reader:
+        spec = ReaderSpec(reader=self.reader, decoder=self.decoder, prompt_style=self.prompt_style,
+                          cepe_model=self.cepe_model, n_prompt_passages=self.n_prompt_passages)
         generation = GenerationConfig(max_new_tokens=self.max_tokens, temperature=self.temperature,
                                       top_p=self.top_p, seed=self.seed)
-        if self.reader == "cepe":
-            from cepe_rag.models import packaged_cepe
-
-            path = self.cepe_model or packaged_cepe(self.decoder)
-            if path is None:
-                raise ValueError(f"reader='cepe' needs cepe_model=: no CEPE checkpoint ships for {self.decoder}")
-            model = _load_cepe(path, self.device)
-            return make_reader("cepe", model, model.decoder_tokenizer, generation=generation,
-                               system_prompt=system_prompt or self.system_prompt, prompt_style=self.prompt_style,
-                               n_decoder_passages=self.n_prompt_passages)
-        model, tokenizer = _load_decoder(self.decoder, self.device)
-        return make_reader(self.reader, model, tokenizer, generation=generation, prompt_style=self.prompt_style,
-                           system_prompt=system_prompt or self.system_prompt)
+        return build_reader(spec, generation=generation, device=self.device or default_device(),
+                            system_prompt=system_prompt or self.system_prompt)
 
     def passages_for(self, prompt: str, contexts: Sequence[ContextLike] | None) -> list[Passage]:
         if contexts is not None:

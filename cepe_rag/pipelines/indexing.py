@@ -14,7 +14,8 @@ from cepe_rag.documents.loading import DEFAULT_MAX_DOCUMENT_MB
 from cepe_rag.documents.splitting import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS
 from cepe_rag.indexes import IndexStore, Manifest, StoredPassage, writer_lock
 from cepe_rag.indexes.store import FAISS_FILE, check_factory_syntax
-from cepe_rag.models import DEFAULT_EMBEDDER, load_embedder
+from cepe_rag.models import load_embedder
+from cepe_rag.settings import DEFAULT_EMBEDDER
 from cepe_rag.types import CepeRagError
 
 

@@ -1,11 +1,12 @@
 """How retrieved passages reach the decoder."""
 
-from cepe_rag.models import DEFAULT_READER
 from cepe_rag.readers.base import Reader
 from cepe_rag.readers.cepe import CepeReader
 from cepe_rag.readers.generation import GenerationConfig
 from cepe_rag.readers.parallel import ParallelReader
 from cepe_rag.readers.prompting import ClosedBookReader, ConcatReader
+from cepe_rag.readers.spec import ReaderSpec, build_reader
+from cepe_rag.settings import DEFAULT_READER
 
 READERS: dict[str, type[Reader]] = {
     "cepe": CepeReader, "parallel": ParallelReader, "concat": ConcatReader, "closed-book": ClosedBookReader,
@@ -21,4 +22,4 @@ def make_reader(name: str, model, tokenizer, **kwargs) -> Reader:
 
 
 __all__ = ["DEFAULT_READER", "READERS", "CepeReader", "ClosedBookReader", "ConcatReader", "GenerationConfig",
-           "ParallelReader", "Reader", "make_reader"]
+           "ParallelReader", "Reader", "ReaderSpec", "build_reader", "make_reader"]

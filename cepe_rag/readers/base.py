@@ -8,8 +8,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cepe_rag.models import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
 from cepe_rag.readers.generation import GenerationConfig, generate
+from cepe_rag.settings import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
 from cepe_rag.types import Answer, CepeRagError, Passage
 
 SYSTEM_PROMPT = (

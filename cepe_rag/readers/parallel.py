@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from cepe_rag.readers.base import PreparedPrompt, Reader
 from cepe_rag.readers.generation import GenerationConfig, generate
+from cepe_rag.settings import APE_SCALE, APE_TEMPERATURE
 from cepe_rag.types import Passage
 
 ATTENTION_NAME = "cepe_parallel"
@@ -74,9 +75,9 @@ class ParallelReader(Reader):
 
     name = "parallel"
 
-    # lse_scale 0.6: best of the settings swept on the QA harness (benchmarks/results/ape_sweep_k20.md);
-    # without it (1.0) 20 passages swamp the prompt and SmolLM2 answers "The answer is:" and stops.
-    def __init__(self, model, tokenizer, *, temperature: float = 1.0, lse_scale: float = 0.6,
+    # lse_scale 0.6: best of the settings swept on NQ (benchmarks/results/ape_sweep_k20.md); without it (1.0)
+    # 20 passages swamp the prompt and SmolLM2 answers "The answer is:" and stops.
+    def __init__(self, model, tokenizer, *, temperature: float = APE_TEMPERATURE, lse_scale: float = APE_SCALE,
                  max_passage_tokens: int = 512, prefill_batch: int = 8, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
         self.temperature = temperature

@@ -3,8 +3,8 @@
 import pytest
 
 from cepe_rag.cepe import CepeForCausalLM
-from cepe_rag.models import packaged_cepe
 from cepe_rag.readers import GenerationConfig, make_reader
+from cepe_rag.settings import packaged_cepe
 from cepe_rag.types import Passage
 
 pytestmark = pytest.mark.real_models

@@ -1,0 +1,81 @@
+"""Settings every entry point shares: the defaults (each defined once, here), the choices, and `ReaderSpec`.
+
+Nothing heavy is imported, so the command line checks its arguments before it loads torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cepe_rag.types import CepeRagError
+
+DEFAULT_DECODER = "smollm2-135m-instruct"
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+# Chosen on the own-documents benchmark (README, "Readers"): the reader and prompt that answer from the user's
+# documents best without losing on NQ.
+DEFAULT_READER = "concat"
+DEFAULT_PROMPT_STYLE = "instruction"
+# APE's knobs for the parallel reader: the best of the NQ sweep (README); no setting reads on the own-documents
+# benchmark.
+APE_TEMPERATURE = 1.0
+APE_SCALE = 0.6
+# The choices every entry point offers, here (not beside their classes) so the CLI checks them before it
+# imports torch.
+READER_NAMES = ("concat", "parallel", "cepe", "closed-book")
+PROMPT_STYLES = ("instruction", "fewshot")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_choice(value: str | None, choices: tuple[str, ...], what: str) -> None:
+    if value is not None and value not in choices:
+        raise CepeRagError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+
+
+# CEPE adapters shipped inside the package, by the decoder they were trained for.
+PACKAGED_CEPE = {DEFAULT_DECODER: "smollm2-135m-minilm"}
+
+
+def packaged_cepe(decoder: str = DEFAULT_DECODER) -> str | None:
+    """The folder of the CEPE adapter shipped for `decoder`, or None."""
+    name = PACKAGED_CEPE.get(decoder)
+    folder = Path(__file__).parent / "checkpoints" / name if name else None
+    return str(folder) if folder and (folder / "cepe_adapter.json").exists() else None
+
+
+@dataclass(frozen=True)
+class ReaderSpec:
+    """Everything that decides a reader's answers (besides generation settings)."""
+
+    reader: str = DEFAULT_READER
+    decoder: str = DEFAULT_DECODER
+    prompt_style: str = DEFAULT_PROMPT_STYLE
+    cepe_model: str | None = None  # cepe: a checkpoint; None = the adapter shipped for `decoder`
+    n_prompt_passages: int = 0  # cepe: top passages put in the prompt, the rest through the encoder
+    ape_temperature: float = APE_TEMPERATURE  # parallel
+    ape_scale: float = APE_SCALE  # parallel
+    most_relevant: str = "first"  # concat: where the best passage goes
+
+    @property
+    def label(self) -> str:
+        """The row name in evaluations: each prompt/encoder split of cepe is its own row."""
+        return f"cepe-prompt{self.n_prompt_passages}" if self.reader == "cepe" and self.n_prompt_passages else \
+            self.reader
+
+    def checkpoint(self) -> str:
+        path = self.cepe_model or packaged_cepe(self.decoder)
+        if path is None:
+            raise CepeRagError(f"the cepe reader needs a CEPE checkpoint (--cepe-model): none ships for "
+                               f"{self.decoder}")
+        return path
+
+    def settings(self) -> dict:
+        """What an evaluation records for this reader, to refuse resuming a run with other settings."""
+        common = {"decoder": self.decoder, "prompt": self.prompt_style}
+        if self.reader == "cepe":
+            return {**common, "cepe_model": self.cepe_model or "packaged", "n_prompt_passages": self.n_prompt_passages}
+        if self.reader == "parallel":
+            return {**common, "temperature": self.ape_temperature, "lse_scale": self.ape_scale}
+        if self.reader == "concat" and self.most_relevant != "first":
+            return {**common, "most_relevant": self.most_relevant}
+        return common
