@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from cepe_rag.cli.app import demo_corpus_path
 from cepe_rag.documents import LoadReport, PassageSplitter, iter_documents
+from cepe_rag.documents.loading import demo_corpus_path
 from cepe_rag.models import load_embedder
 from cepe_rag.pipelines.indexing import build_index, embed_texts, passage_embedding_text
 

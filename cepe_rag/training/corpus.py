@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cepe_rag.documents.loading import demo_corpus_path
 from cepe_rag.types import CepeRagError
 
 WIKI_SUMMARIES = "wiki-summaries"  # en, plus the package's French and Spanish files
@@ -61,8 +62,6 @@ def load_articles(source: str, *, languages: tuple[str, ...] = ("en",), text_fie
 
 
 def _wiki_summaries(languages: tuple[str, ...]) -> list[Article]:
-    from cepe_rag.cli.app import demo_corpus_path
-
     folder = demo_corpus_path().parent
     articles = []
     for language in languages:

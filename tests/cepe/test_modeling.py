@@ -18,9 +18,9 @@ from transformers import (
 )
 
 from cepe_rag.cepe import CepeForCausalLM, ContextStates, CrossContext, build_encoder
-from cepe_rag.cepe.model import stream_generate
 from cepe_rag.models import embedder_path
 from cepe_rag.readers import GenerationConfig
+from cepe_rag.readers.generation import generate
 
 SMALL = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -159,7 +159,7 @@ def test_cached_and_recomputed_cross_kv_generate_identically(minilm_tokenizer):
     for cache_kv in (True, False):
         context = model.context_from_texts(chunks, cache_kv=cache_kv)
         texts = ["", ""]
-        for deltas in stream_generate(model, prompts, Ids(), config, context):
+        for deltas in generate(model, prompts, Ids(), config, device=model.device, cross_context=context):
             texts = [t + d for t, d in zip(texts, deltas)]
         outputs[cache_kv] = texts
         assert bool(context.kv) == cache_kv

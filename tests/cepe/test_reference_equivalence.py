@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from cepe_rag.cepe import CepeForCausalLM, build_encoder
-from cepe_rag.cepe.model import group_by_request, stream_generate
+from cepe_rag.cepe.model import group_by_request
 from cepe_rag.models import embedder_path
 from cepe_rag.readers import GenerationConfig
+from cepe_rag.readers.generation import generate
 
 DECODER = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0, tie_word_embeddings=False)
@@ -238,7 +239,8 @@ def test_greedy_decoding_matches_the_reference(released):
     flat = [c for chunks in CHUNKS for c in chunks]
     context = model.context_from_states(group_by_request(model.encode_token_chunks(flat), CHUNKS))
     texts = ["", ""]
-    for deltas in stream_generate(model, prompts, Ids(), GenerationConfig(max_new_tokens=10), context):
+    for deltas in generate(model, prompts, Ids(), GenerationConfig(max_new_tokens=10), device=model.device,
+                               cross_context=context):
         texts = [t + d for t, d in zip(texts, deltas)]
     for row, prompt in enumerate(prompts):
         enc_ids, enc_mask = padded([CHUNKS[row]], ctx_len=8)

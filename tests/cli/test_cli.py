@@ -156,7 +156,8 @@ def test_index_bad_inputs(tmp_path):
     (tmp_path / "c" / "a.txt").write_text("text")
     assert_one_line_error(run_cli("index", tmp_path / "c", "--index", tmp_path / "i4", "--faiss", "Nonsense99"),
                           "invalid faiss factory")
-    assert_one_line_error(run_cli("ask", "q?", "--index", tmp_path / "c", "--reader", "nope"), "no index at")
+    assert_one_line_error(run_cli("ask", "q?", "--index", tmp_path / "c", "--reader", "nope"), "unknown reader 'nope'")
+    assert_one_line_error(run_cli("ask", "q?", "--index", tmp_path / "c"), "is not a cepe-rag index")
 
 
 def test_ask_with_a_cepe_checkpoint(kubrick_index, tmp_path, chat_tokenizer):
