@@ -212,6 +212,8 @@ def check_options(k: list[int], specs: list, dtype: str | None) -> None:
         check_choice(spec.most_relevant, ("first", "last"), "--most-relevant")
         check_model_reference(spec.decoder, "decoder")
         check_model_reference(spec.cepe_model, "CEPE checkpoint")
+        if spec.reader == "cepe":
+            spec.checkpoint()  # one ships for the decoder, or one is given
 
 
 def warn_slow_dtype(torch_dtype, device: str) -> None:
