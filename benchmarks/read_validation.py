@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cepe_rag.cepe import CepeForCausalLM
+from cepe_rag.cepe import load_cepe
 from cepe_rag.models import load_decoder
 from cepe_rag.readers import ClosedBookReader
 from cepe_rag.training.examples import load_examples
@@ -47,7 +47,7 @@ def main() -> None:
                                 e.target_ids) for e in examples) / tokens,
     }
     for path in args.cepe_model:
-        module = CepeTrainingModule(CepeForCausalLM.from_pretrained(path)).eval()
+        module = CepeTrainingModule(load_cepe(path)).eval()
         # One example per batch: the module's CE is then that example's token mean.
         result[f"cepe {path}"] = sum(module(collate([e], tokenizer.pad_token_id or 0))[0].item() * len(e.target_ids)
                                      for e in examples) / tokens

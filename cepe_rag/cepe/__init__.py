@@ -1,7 +1,13 @@
-"""The CEPE model: parallel chunk encoder + cross-attention on a frozen stock decoder."""
+"""The CEPE model: parallel chunk encoder + cross-attention on a frozen stock decoder.
 
-from cepe_rag.cepe.context import ContextStates, build_encoder, encode_chunks
+encoder.py (chunks -> states) -> cross_attention.py (the added block) -> model.py (the wrapped decoder)
+-> checkpoints.py (loading and saving; imports the model, never the reverse).
+"""
+
+from cepe_rag.cepe.checkpoints import load_cepe
+from cepe_rag.cepe.cross_attention import CrossAttention, CrossContext
+from cepe_rag.cepe.encoder import ContextStates, build_encoder, encode_chunks
 from cepe_rag.cepe.model import CepeForCausalLM
-from cepe_rag.cepe.modeling import CrossAttention, CrossContext
 
-__all__ = ["CepeForCausalLM", "ContextStates", "CrossAttention", "CrossContext", "build_encoder", "encode_chunks"]
+__all__ = ["CepeForCausalLM", "ContextStates", "CrossAttention", "CrossContext", "build_encoder", "encode_chunks",
+           "load_cepe"]

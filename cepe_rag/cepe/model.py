@@ -9,9 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cepe_rag.cepe.adapter import is_adapter, load_adapter
-from cepe_rag.cepe.context import ContextStates, build_encoder, encode_chunks, make_bidirectional
-from cepe_rag.cepe.modeling import (
+from cepe_rag.cepe.cross_attention import (
     CEPE_ARCHITECTURE,
     CrossAttention,
     CrossContext,
@@ -19,6 +17,7 @@ from cepe_rag.cepe.modeling import (
     decoder_layers,
     init_cross_attention,
 )
+from cepe_rag.cepe.encoder import ContextStates, encode_chunks, make_bidirectional
 from cepe_rag.models import contiguous_head_input
 from cepe_rag.types import CepeRagError
 
@@ -173,25 +172,6 @@ class CepeForCausalLM(nn.Module):
 
     # --- construction and checkpoints ------------------------------------------------------------
 
-    @classmethod
-    def from_decoder_and_encoder(cls, decoder: str | nn.Module, encoder: str | nn.Module, *,
-                                 num_cross_attn_layers: int | None = None, init_mode: str = "zero",
-                                 decoder_tokenizer=None, encoder_tokenizer=None, dtype=torch.float32,
-                                 device: str = "cpu") -> CepeForCausalLM:
-        """A fresh CEPE model for any supported decoder + encoder pair (ids, folders or modules)."""
-        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-        if isinstance(decoder, str):
-            decoder_tokenizer = decoder_tokenizer or AutoTokenizer.from_pretrained(decoder)
-            decoder = AutoModelForCausalLM.from_pretrained(decoder, dtype=dtype)
-        if isinstance(encoder, str):
-            encoder_tokenizer = encoder_tokenizer or AutoTokenizer.from_pretrained(encoder)
-            encoder = AutoModel.from_pretrained(encoder, dtype=dtype)
-        model = cls(decoder, encoder, num_cross_attn_layers=num_cross_attn_layers, init_mode=init_mode,
-                    encoder_tokenizer=encoder_tokenizer or decoder_tokenizer)
-        model.decoder_tokenizer = decoder_tokenizer
-        return model.to(device).eval()
-
     def released_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameter names as in hyen/CEPE-LLaMA-2-7B: `model.*`, `lm_head.*`, `encoder.*`."""
         state = {}
@@ -222,40 +202,6 @@ class CepeForCausalLM(nn.Module):
             tokenizer.save_pretrained(folder)
         if self.encoder_tokenizer is not None and self.encoder_tokenizer is not tokenizer:
             self.encoder_tokenizer.save_pretrained(folder / ENCODER_TOKENIZER_DIR)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, *, dtype=torch.float32, device: str = "cpu",
-                        trust_remote_code: bool = False) -> CepeForCausalLM:
-        """Load a CEPE checkpoint in the released layout (local folder, or hub id when online)."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        folder = _resolve_folder(name_or_path)
-        if is_adapter(folder):
-            return load_adapter(folder, dtype=dtype, device=device)
-        config_dict = _read_json(folder / "config.json")
-        if "encoder_config" not in config_dict or "num_cross_attn_layers" not in config_dict:
-            raise CepeRagError(f"{folder} is not a CEPE checkpoint (no encoder_config / num_cross_attn_layers)")
-        if config_dict.get("encoder_is_model"):
-            raise CepeRagError("checkpoints whose decoder doubles as encoder (encoder_is_model) are not supported")
-        config_dict = {k: v for k, v in config_dict.items() if k not in ("architectures", "auto_map")}
-        config = AutoConfig.for_model(**config_dict)
-        from accelerate import init_empty_weights
-
-        # Parameters on the meta device (no random init of billions of weights); buffers real.
-        with init_empty_weights(include_buffers=False):
-            decoder = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-            encoder = build_encoder(config_dict["encoder_config"])
-        decoder_tokenizer = AutoTokenizer.from_pretrained(folder)
-        encoder_tokenizer = (AutoTokenizer.from_pretrained(folder / ENCODER_TOKENIZER_DIR)
-                             if (folder / ENCODER_TOKENIZER_DIR).exists() else decoder_tokenizer)
-        model = cls(decoder, encoder, num_cross_attn_layers=config_dict["num_cross_attn_layers"], init_mode="none",
-                    encoder_tokenizer=encoder_tokenizer,
-                    chunking={k: config_dict.get(k, v) for k, v in REFERENCE_CHUNKING.items()})
-        model.decoder_tokenizer = decoder_tokenizer
-        # Cast tensors rather than the model, so float32 buffers (rotary frequencies) stay float32.
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _read_state_dict(folder).items()}
-        model.load_released_state_dict(state)
-        return model.to(device=device).eval().requires_grad_(False)
 
     def load_released_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         decoder_state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
@@ -309,43 +255,3 @@ def group_by_request(flat: Sequence, chunks_per_request: Sequence[Sequence]) -> 
         grouped.append(list(flat[start:start + len(chunks)]))
         start += len(chunks)
     return grouped
-
-
-def _resolve_folder(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(name_or_path), allow_patterns=[
-            "*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "encoder_tokenizer/*"]))
-    except Exception as error:  # the hub raises many types; the user needs one line
-        raise CepeRagError(f"cannot find CEPE checkpoint {name_or_path!r}: {str(error).splitlines()[0]}") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CepeRagError(f"{path}: {error}") from None
-
-
-def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """safetensors (single or sharded), or PyTorch .bin files loaded with weights_only=True."""
-    from safetensors.torch import load_file
-
-    if (folder / "model.safetensors").exists():
-        return load_file(folder / "model.safetensors")
-    for index_name, loader in (("model.safetensors.index.json", lambda f: load_file(f)),
-                               ("pytorch_model.bin.index.json",
-                                lambda f: torch.load(f, map_location="cpu", weights_only=True))):
-        if (folder / index_name).exists():
-            shards = sorted(set(_read_json(folder / index_name)["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(loader(folder / shard))
-            return state
-    if (folder / "pytorch_model.bin").exists():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise CepeRagError(f"no weights in {folder} (model.safetensors, sharded safetensors or pytorch_model.bin)")

@@ -71,11 +71,11 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
                  num_cross_attn_layers: int, init_mode: str, corpus: str, languages: tuple[str, ...],
                  index: Path | None, max_passages: int, max_articles: int, n_validation: int, device: str,
                  max_decoder_tokens: int = 256, log=print) -> list[dict]:
-    from cepe_rag.cepe import CepeForCausalLM
-    from cepe_rag.cepe.adapter import new_cepe_model, save_adapter
+    from cepe_rag.cepe import load_cepe
+    from cepe_rag.cepe.checkpoints import new_cepe_model, save_adapter
 
     if init:
-        model = CepeForCausalLM.from_pretrained(init, device=device)  # trained weights kept: no re-initialisation
+        model = load_cepe(init, device=device)  # trained weights kept: no re-initialisation
     else:
         model = new_cepe_model(decoder, encoder, num_cross_attn_layers=num_cross_attn_layers, init_mode=init_mode,
                                device=device)

@@ -17,7 +17,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from cepe_rag.cepe import CepeForCausalLM, ContextStates, CrossContext, build_encoder
+from cepe_rag.cepe import CepeForCausalLM, ContextStates, CrossContext, build_encoder, load_cepe
 from cepe_rag.models import embedder_path
 from cepe_rag.readers import GenerationConfig
 from cepe_rag.readers.generation import generate
@@ -198,7 +198,7 @@ def test_released_layout_round_trip(tmp_path, minilm_tokenizer):
     assert {"encoder.embed_tokens.weight", "encoder.norm.weight", "encoder.layers.1.self_attn.q_proj.weight",
             "encoder.layers.0.mlp.gate_proj.weight", "model.embed_tokens.weight"} <= keys
 
-    loaded = CepeForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float64)
+    loaded = load_cepe(tmp_path / "ckpt", dtype=torch.float64)
     reloaded_context = loaded.context_from_states([random_chunks([4, 3], width=16)])
     assert torch.equal(loaded(input_ids=ids, cross_context=reloaded_context).logits, expected)
     assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
@@ -209,7 +209,7 @@ def test_from_pretrained_refuses_a_plain_checkpoint(tmp_path):
 
     tiny_decoder().save_pretrained(tmp_path / "plain")
     with pytest.raises(CepeRagError, match="not a CEPE checkpoint"):
-        CepeForCausalLM.from_pretrained(tmp_path / "plain")
+        load_cepe(tmp_path / "plain")
 
 
 def test_context_states_round_trip_and_reuse(tmp_path, minilm_tokenizer):

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from cepe_rag.cepe import CepeForCausalLM, build_encoder
+from cepe_rag.cepe import CepeForCausalLM, build_encoder, load_cepe
 from cepe_rag.cepe.model import group_by_request
 from cepe_rag.models import embedder_path
 from cepe_rag.readers import GenerationConfig
@@ -196,7 +196,7 @@ def ours(model, input_ids, chunks_per_request):
 @pytest.mark.parametrize("n_states", [1, 2])
 def test_forward_matches_the_reference(released, tmp_path, n_states):
     folder = with_hidden_states(released, tmp_path, n_states)
-    model = CepeForCausalLM.from_pretrained(folder, dtype=torch.float64)
+    model = load_cepe(folder, dtype=torch.float64)
     input_ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
     enc_ids, enc_mask = padded(CHUNKS, ctx_len=8)
     expected = reference_logits(folder, input_ids, enc_ids, enc_mask)
@@ -216,15 +216,15 @@ def test_forward_matches_the_reference(released, tmp_path, n_states):
 def test_several_hidden_states_change_the_output(released, tmp_path):
     """The setting is honoured, not ignored: reading per-layer encoder states gives other logits."""
     input_ids = torch.randint(0, 97, (2, 6))
-    one = ours(CepeForCausalLM.from_pretrained(with_hidden_states(released, tmp_path, 1), dtype=torch.float64),
+    one = ours(load_cepe(with_hidden_states(released, tmp_path, 1), dtype=torch.float64),
                input_ids, CHUNKS)
-    two = ours(CepeForCausalLM.from_pretrained(with_hidden_states(released, tmp_path, 2), dtype=torch.float64),
+    two = ours(load_cepe(with_hidden_states(released, tmp_path, 2), dtype=torch.float64),
                input_ids, CHUNKS)
     assert (one - two).abs().max() > 1e-3
 
 
 def test_greedy_decoding_matches_the_reference(released):
-    model = CepeForCausalLM.from_pretrained(released, dtype=torch.float64)
+    model = load_cepe(released, dtype=torch.float64)
     prompts = [[3, 4, 5, 6, 7, 8], [9, 10, 11]]  # different lengths: our loop left-pads the batch
 
     class Ids:
@@ -276,7 +276,7 @@ def test_exported_config_reads_as_intended_by_the_reference(released):
 def test_released_checkpoints_tokenize_chunks_as_the_reference_evaluation(released, tmp_path):
     """No special tokens, left truncation for released checkpoints; our adapters keep what they were trained with."""
     tokenizer = AutoTokenizer.from_pretrained(embedder_path())
-    model = CepeForCausalLM.from_pretrained(released, dtype=torch.float64)
+    model = load_cepe(released, dtype=torch.float64)
     model.encoder_tokenizer, model.max_chunk_tokens = tokenizer, 4
     text = "one two three four five six"
     plain = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -286,7 +286,7 @@ def test_released_checkpoints_tokenize_chunks_as_the_reference_evaluation(releas
                           encoder_tokenizer=tokenizer, max_chunk_tokens=4)
     assert own.tokenize_chunks([text]) == [[tokenizer.cls_token_id, *plain[:2], tokenizer.sep_token_id]]
     own.save_pretrained(tmp_path / "own", tokenizer=tokenizer)
-    reloaded = CepeForCausalLM.from_pretrained(tmp_path / "own")
+    reloaded = load_cepe(tmp_path / "own")
     reloaded.max_chunk_tokens = 4
     assert reloaded.tokenize_chunks([text]) == own.tokenize_chunks([text])
 
@@ -303,4 +303,4 @@ def test_unsupported_settings_are_refused_with_one_line(released, tmp_path):
             config["encoder_config"]["num_hidden_layers"] = 1
             message = "num_cross_attn_hidden_states"
         with pytest.raises(CepeRagError, match=message):
-            CepeForCausalLM.from_pretrained(variant(released, tmp_path / f"bad-{key}", config))
+            load_cepe(variant(released, tmp_path / f"bad-{key}", config))

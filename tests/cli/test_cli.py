@@ -237,10 +237,10 @@ def test_train_then_answer_with_the_trained_adapter(kubrick_index, tmp_path):
     assert (out / "model" / "cross_attention.safetensors").stat().st_size < 10 * 2**20  # not the whole decoder
     from safetensors.torch import load_file
 
-    from cepe_rag.cepe import CepeForCausalLM
+    from cepe_rag.cepe import load_cepe
 
     trained = load_file(str(out / "checkpoint" / "trainable.safetensors"))  # fp32 master weights
-    loaded = dict(CepeForCausalLM.from_pretrained(out / "model").named_parameters())
+    loaded = dict(load_cepe(out / "model").named_parameters())
     assert len(trained) == 2 * 5 and all(  # q, k, v, o and the norm in each of the 2 layers
         (loaded[name].float() - tensor).abs().max() <= 1e-3 * tensor.abs().max() for name, tensor in trained.items())
     answer = run_cli("ask", "Who directed 2001?", "--index", kubrick_index, "--cepe-model", out / "model", "--json",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cepe_rag.cepe import CepeForCausalLM
+from cepe_rag.cepe import load_cepe
 from cepe_rag.readers import GenerationConfig, make_reader
 from cepe_rag.settings import packaged_cepe
 from cepe_rag.types import Passage
@@ -20,7 +20,7 @@ PASSAGES = [
 def test_the_shipped_adapter_reads_a_fact_from_the_encoder():
     path = packaged_cepe()
     assert path is not None
-    model = CepeForCausalLM.from_pretrained(path)
+    model = load_cepe(path)
     assert model.config.num_cross_attn_layers == 8 and model.training_history[-1]["stage"] == "read"
     reader = make_reader("cepe", model, model.decoder_tokenizer, generation=GenerationConfig(max_new_tokens=12))
     question = "When was the Eiffel Tower completed?"

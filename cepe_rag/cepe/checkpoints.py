@@ -1,9 +1,9 @@
-"""CEPE checkpoints as an adapter: only what training changed, over a named stock decoder and encoder.
+"""CEPE checkpoints on disk: the released layout and cepe-rag's adapters, read by one `load_cepe`.
 
-A folder with `cepe_adapter.json` and `cross_attention.safetensors` (plus the encoder's weights when it
-was trained) is megabytes, not the whole decoder; loading it rebuilds the decoder and encoder from their
-names and fills in the trained tensors. `CepeForCausalLM.from_pretrained` reads both this layout and
-the released one.
+An adapter folder (`cepe_adapter.json` + `cross_attention.safetensors`, plus the encoder's weights when it
+was trained) is megabytes, not the whole decoder: loading it rebuilds the decoder and encoder from their
+names and fills in the trained tensors. A released-layout folder (hyen/CEPE-LLaMA-2-7B) holds everything.
+This module imports the model, never the reverse.
 """
 
 from __future__ import annotations
@@ -12,8 +12,20 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from cepe_rag.cepe.encoder import build_encoder
+from cepe_rag.cepe.model import (
+    CEPE_RAG_CHUNKING,
+    ENCODER_TOKENIZER_DIR,
+    REFERENCE_CHUNKING,
+    CepeForCausalLM,
+)
+from cepe_rag.models import embedder_path, load_decoder
 from cepe_rag.types import CepeRagError
 
 ADAPTER_CONFIG = "cepe_adapter.json"
@@ -24,10 +36,6 @@ ADAPTER_FORMAT = "cepe-rag-adapter"
 def build_encoder_for(spec: str, decoder: nn.Module, decoder_tokenizer):
     """(encoder, tokenizer) from a spec: `decoder-layers:N` (the decoder's first N layers, made
     bidirectional, sharing its tokenizer) or a sentence-transformers / Hugging Face encoder name."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from cepe_rag.cepe.context import build_encoder
-    from cepe_rag.models import embedder_path
 
     if spec.startswith("decoder-layers:"):
         n_layers = int(spec.split(":", 1)[1])
@@ -50,8 +58,6 @@ def build_encoder_for(spec: str, decoder: nn.Module, decoder_tokenizer):
 def new_cepe_model(decoder: str, encoder: str, *, num_cross_attn_layers: int, init_mode: str = "zero",
                    device: str = "cpu", dtype=torch.float32, chunking: dict | None = None):
     """A fresh (untrained cross-attention) CEPE model over named decoder and encoder."""
-    from cepe_rag.cepe.model import CepeForCausalLM
-    from cepe_rag.models import load_decoder
 
     decoder_model, tokenizer = load_decoder(decoder, dtype=dtype)
     decoder_model.requires_grad_(False)
@@ -66,7 +72,6 @@ def new_cepe_model(decoder: str, encoder: str, *, num_cross_attn_layers: int, in
 def save_adapter(model, folder: str | Path, *, include_encoder: bool = False, card: dict | None = None,
                  dtype: torch.dtype = torch.float16) -> None:
     """Trained tensors in `dtype` (float16 halves the file; the loader casts to the model's dtype)."""
-    from safetensors.torch import save_file
 
     names = getattr(model, "source_names", None)
     if not names:
@@ -76,8 +81,6 @@ def save_adapter(model, folder: str | Path, *, include_encoder: bool = False, ca
     state = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.released_state_dict().items()
              if ".cross_attn." in k or (include_encoder and k.startswith("encoder."))}
     save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
-    from cepe_rag.cepe.model import CEPE_RAG_CHUNKING
-
     config = {"format": ADAPTER_FORMAT, **names, "num_cross_attn_layers": model.config.num_cross_attn_layers,
               **{key: getattr(model.config, key) for key in CEPE_RAG_CHUNKING},
               "includes_encoder": include_encoder, **(card or {})}
@@ -89,7 +92,6 @@ def is_adapter(folder: Path) -> bool:
 
 
 def load_adapter(folder: str | Path, *, dtype=torch.float32, device: str = "cpu"):
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     try:
@@ -99,8 +101,6 @@ def load_adapter(folder: str | Path, *, dtype=torch.float32, device: str = "cpu"
         raise CepeRagError(f"{folder}: unreadable CEPE adapter ({str(error).splitlines()[0]})") from None
     if config.get("format") != ADAPTER_FORMAT:
         raise CepeRagError(f"{folder / ADAPTER_CONFIG}: not a cepe-rag adapter")
-    from cepe_rag.cepe.model import CEPE_RAG_CHUNKING
-
     # Adapters written before the chunking was recorded were all trained with cepe-rag's own.
     chunking = {key: config.get(key, default) for key, default in CEPE_RAG_CHUNKING.items()}
     model = new_cepe_model(config["decoder"], config["encoder"], num_cross_attn_layers=config["num_cross_attn_layers"],
@@ -120,3 +120,72 @@ def load_adapter(folder: str | Path, *, dtype=torch.float32, device: str = "cpu"
             own[name].copy_(tensor.to(own[name].dtype))
     model.training_history = config.get("training_history", [])
     return model.to(device=device).eval().requires_grad_(False)
+
+
+def load_cepe(name_or_path: str | Path, *, dtype=torch.float32, device: str = "cpu",
+              trust_remote_code: bool = False) -> CepeForCausalLM:
+    """A CEPE checkpoint: a cepe-rag adapter or the released layout (local folder, or hub id when online)."""
+    folder = _resolve_folder(name_or_path)
+    if is_adapter(folder):
+        return load_adapter(folder, dtype=dtype, device=device)
+    config_dict = _read_json(folder / "config.json")
+    if "encoder_config" not in config_dict or "num_cross_attn_layers" not in config_dict:
+        raise CepeRagError(f"{folder} is not a CEPE checkpoint (no encoder_config / num_cross_attn_layers)")
+    if config_dict.get("encoder_is_model"):
+        raise CepeRagError("checkpoints whose decoder doubles as encoder (encoder_is_model) are not supported")
+    config_dict = {k: v for k, v in config_dict.items() if k not in ("architectures", "auto_map")}
+    config = AutoConfig.for_model(**config_dict)
+
+    # Parameters on the meta device (no random init of billions of weights); buffers real.
+    with init_empty_weights(include_buffers=False):
+        decoder = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        encoder = build_encoder(config_dict["encoder_config"])
+    decoder_tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoder_tokenizer = (AutoTokenizer.from_pretrained(folder / ENCODER_TOKENIZER_DIR)
+                         if (folder / ENCODER_TOKENIZER_DIR).exists() else decoder_tokenizer)
+    model = CepeForCausalLM(decoder, encoder, num_cross_attn_layers=config_dict["num_cross_attn_layers"],
+                            init_mode="none", encoder_tokenizer=encoder_tokenizer,
+                            chunking={k: config_dict.get(k, v) for k, v in REFERENCE_CHUNKING.items()})
+    model.decoder_tokenizer = decoder_tokenizer
+    # Cast tensors rather than the model, so float32 buffers (rotary frequencies) stay float32.
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _read_state_dict(folder).items()}
+    model.load_released_state_dict(state)
+    return model.to(device=device).eval().requires_grad_(False)
+
+
+def _resolve_folder(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    try:
+
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[
+            "*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "encoder_tokenizer/*"]))
+    except Exception as error:  # the hub raises many types; the user needs one line
+        raise CepeRagError(f"cannot find CEPE checkpoint {name_or_path!r}: {str(error).splitlines()[0]}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CepeRagError(f"{path}: {error}") from None
+
+
+def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """safetensors (single or sharded), or PyTorch .bin files loaded with weights_only=True."""
+
+    if (folder / "model.safetensors").exists():
+        return load_file(folder / "model.safetensors")
+    for index_name, loader in (("model.safetensors.index.json", lambda f: load_file(f)),
+                               ("pytorch_model.bin.index.json",
+                                lambda f: torch.load(f, map_location="cpu", weights_only=True))):
+        if (folder / index_name).exists():
+            shards = sorted(set(_read_json(folder / index_name)["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(loader(folder / shard))
+            return state
+    if (folder / "pytorch_model.bin").exists():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise CepeRagError(f"no weights in {folder} (model.safetensors, sharded safetensors or pytorch_model.bin)")
