@@ -43,7 +43,7 @@ def main() -> None:
     model, tokenizer = load_decoder(dtype=getattr(torch, args.dtype))
     common = {"generation": GenerationConfig(max_new_tokens=25, stop_strings=("\n",)), "prompt_style": args.prompt}
     pairs = [tuple(float(x) for x in pair.split(":")) for pair in args.settings.split(",") if pair]
-    readers = {f"parallel-T{t}-S{s}": ParallelReader(model, tokenizer, temperature=t, lse_scale=s, **common)
+    readers = {f"parallel-T{t}-S{s}": ParallelReader(model, tokenizer, ape_temperature=t, ape_scale=s, **common)
                for t, s in pairs}
     if not args.no_baselines:
         readers["concat"] = ConcatReader(model, tokenizer, most_relevant=args.concat_order, **common)

@@ -75,7 +75,7 @@ class ReaderSpec:
         if self.reader == "cepe":
             return {**common, "cepe_model": self.cepe_model or "packaged", "n_prompt_passages": self.n_prompt_passages}
         if self.reader == "parallel":
-            return {**common, "temperature": self.ape_temperature, "lse_scale": self.ape_scale}
+            return {**common, "ape_temperature": self.ape_temperature, "ape_scale": self.ape_scale}
         if self.reader == "concat" and self.most_relevant != "first":
             return {**common, "most_relevant": self.most_relevant}
         return common

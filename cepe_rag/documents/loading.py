@@ -39,8 +39,8 @@ class Document:
 
 @dataclass
 class LoadReport:
-    files: int = 0
-    documents: int = 0
+    """What could not be read, one warning each."""
+
     skipped: list[str] = field(default_factory=list)
 
     def warn(self, message: str) -> None:
@@ -58,13 +58,11 @@ def iter_documents(
             raise CepeRagError(f"source not found: {path}")
         files = [path] if path.is_file() else _walk(path, report)
         for file in files:
-            report.files += 1
             for document in _read_file(file, report, max_chars):
                 if len(document.text) > max_chars:
                     report.warn(f"{document.key}: {len(document.text) / 2**20:.1f} MB of text is over the "
                                 f"{max_document_mb:g} MB limit (--max-document-mb), skipped")
                     continue
-                report.documents += 1
                 yield document
 
 

@@ -174,9 +174,6 @@ class IndexStore:
         """Bumped by every committed change, so a cache of search results can tell that it is stale."""
         return int(self._meta("content_version") or 0)
 
-    def document_count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
-
     def search(self, query_embeddings: np.ndarray, k: int) -> list[list[Passage]]:
         """Top-k passages for each query embedding (rows L2-normalised), best first."""
         if self._faiss is None or self._faiss.ntotal == 0:

@@ -108,13 +108,15 @@ class CepeLLM(BaseLLM):
                 "cepe_model": self.cepe_model,
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "k": self.k}
 
-    def make_reader(self, system_prompt: str | None = None) -> Reader:
+    def make_reader(self, system_prompt: str | None = None, history: list[dict] | None = None) -> Reader:
         spec = ReaderSpec(reader=self.reader, decoder=self.decoder, prompt_style=self.prompt_style,
                           cepe_model=self.cepe_model, n_prompt_passages=self.n_prompt_passages)
         generation = GenerationConfig(max_new_tokens=self.max_tokens, temperature=self.temperature,
                                       top_p=self.top_p, seed=self.seed)
-        return build_reader(spec, generation=generation, device=self.device or default_device(),
-                            system_prompt=system_prompt or self.system_prompt)
+        reader = build_reader(spec, generation=generation, device=self.device or default_device(),
+                              system_prompt=system_prompt or self.system_prompt)
+        reader.history = list(history or [])
+        return reader
 
     def passages_for(self, prompt: str, contexts: Sequence[ContextLike] | None) -> list[Passage]:
         if contexts is not None:
@@ -131,7 +133,7 @@ class CepeLLM(BaseLLM):
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, *,
                   contexts: Sequence[ContextLike] | None = None, **kwargs: Any) -> LLMResult:
-        reader = self.make_reader(kwargs.get("system_prompt"))
+        reader = self.make_reader(kwargs.get("system_prompt"), kwargs.get("history"))
         passages = [self.passages_for(p, contexts) for p in prompts]
         answers = reader.answer_batch(prompts, passages, **self._config(stop))
         return LLMResult(generations=[[GenerationChunk(text=a.text, generation_info={
@@ -141,7 +143,7 @@ class CepeLLM(BaseLLM):
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, *,
                 contexts: Sequence[ContextLike] | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
-        reader = self.make_reader(kwargs.get("system_prompt"))
+        reader = self.make_reader(kwargs.get("system_prompt"), kwargs.get("history"))
         for delta in reader.stream(prompt, self.passages_for(prompt, contexts), **self._config(stop)):
             chunk = GenerationChunk(text=delta)
             if run_manager:
@@ -178,29 +180,30 @@ class ChatCepe(BaseChatModel):
         return params
 
     @staticmethod
-    def split_messages(messages: list[BaseMessage]) -> tuple[str | None, str]:
+    def split_messages(messages: list[BaseMessage]) -> tuple[str | None, list[dict], str]:
+        """(system prompt, earlier turns as chat-template messages, the last user message)."""
         system = "\n".join(str(m.content) for m in messages if isinstance(m, SystemMessage)) or None
         turns = [m for m in messages if not isinstance(m, SystemMessage)]
         if not turns:
-            return system, ""
-        *history, last = turns
-        transcript = "".join(f"{'User' if isinstance(m, HumanMessage) else 'Assistant'}: {m.text}\n"
-                             for m in history)
-        question = last.text
-        return system, (f"Conversation so far:\n{transcript}\n{question}" if transcript else question)
+            return system, [], ""
+        *earlier, last = turns
+        history = [{"role": "user" if isinstance(m, HumanMessage) else "assistant", "content": m.text}
+                   for m in earlier]
+        return system, history, last.text
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                  run_manager: Any = None, **kwargs: Any) -> ChatResult:
-        system, question = self.split_messages(messages)
-        result = self.llm._generate([question], stop=stop, system_prompt=system, **kwargs)
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        system, history, question = self.split_messages(messages)
+        result = self.llm._generate([question], stop=stop, run_manager=run_manager, system_prompt=system,
+                                    history=history, **kwargs)
         generation = result.generations[0][0]
         message = AIMessage(content=generation.text, response_metadata=generation.generation_info or {})
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: Any = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        system, question = self.split_messages(messages)
-        for chunk in self.llm._stream(question, stop=stop, system_prompt=system, **kwargs):
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        system, history, question = self.split_messages(messages)
+        for chunk in self.llm._stream(question, stop=stop, system_prompt=system, history=history, **kwargs):
             message_chunk = ChatGenerationChunk(message=AIMessageChunk(content=chunk.text))
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=message_chunk)

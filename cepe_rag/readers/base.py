@@ -52,6 +52,9 @@ class Reader:
         self.generation = generation or GenerationConfig()
         self.system_prompt = system_prompt
         self.prompt_style = prompt_style
+        # Earlier turns of a conversation ({"role", "content"} messages), rendered by the chat template before
+        # the question.
+        self.history: list[dict] = []
 
     @property
     def device(self) -> torch.device:
@@ -80,9 +83,10 @@ class Reader:
             messages = [{"role": "system", "content": self.system_prompt}]
             for user, answer in self.demonstrations():
                 messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-            messages.append({"role": "user", "content": user_text})
+            messages += self.history + [{"role": "user", "content": user_text}]
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         shots = "".join(f"{user}\nAnswer: {answer}\n\n" for user, answer in self.demonstrations())
+        shots += "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in self.history)
         return f"{self.system_prompt}\n\n{shots}{user_text}\nAnswer:"
 
     def tokenize(self, text: str, *, at_start: bool = False) -> list[int]:

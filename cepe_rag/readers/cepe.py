@@ -14,17 +14,17 @@ from cepe_rag.types import Passage
 
 
 class CepeReader(Reader):
-    """The paper's split: the top `n_decoder_passages` in the prompt, the next `n_encoder_passages` (all
+    """The paper's split: the top `n_prompt_passages` in the prompt, the next `n_encoder_passages` (all
     the rest if None) through the encoder, one passage per chunk. `context_states` (precomputed at index
     time, keyed by passage id) skip the encoder for the passages they cover."""
 
     name = "cepe"
 
-    def __init__(self, model: CepeForCausalLM, tokenizer, *, n_decoder_passages: int = 0,
+    def __init__(self, model: CepeForCausalLM, tokenizer, *, n_prompt_passages: int = 0,
                  n_encoder_passages: int | None = None, context_states: ContextStates | None = None,
                  cache_cross_kv: bool = True, max_cached_passages: int = 20_000, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
-        self.n_decoder_passages = n_decoder_passages
+        self.n_prompt_passages = n_prompt_passages
         self.n_encoder_passages = n_encoder_passages
         self.context_states = context_states
         self.cache_cross_kv = cache_cross_kv
@@ -33,8 +33,8 @@ class CepeReader(Reader):
         self._encoded: OrderedDict[str, torch.Tensor] = OrderedDict()  # keyed by text: ids are not unique
 
     def split(self, passages: Sequence[Passage]) -> tuple[list[Passage], list[Passage]]:
-        in_prompt = list(passages[: self.n_decoder_passages])
-        rest = passages[self.n_decoder_passages:]
+        in_prompt = list(passages[: self.n_prompt_passages])
+        rest = passages[self.n_prompt_passages:]
         return in_prompt, list(rest if self.n_encoder_passages is None else rest[: self.n_encoder_passages])
 
     def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:

@@ -16,6 +16,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from cepe_rag.readers.base import PreparedPrompt, Reader
 from cepe_rag.readers.generation import GenerationConfig, generate
@@ -36,10 +37,11 @@ class ParallelContext:
 
 def parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        parallel_context: ParallelContext | None = None, **kwargs):
-    """SDPA unless a ParallelContext is given; then explicit attention with APE's adjustments."""
+    """The model's own attention unless a ParallelContext is given; then explicit attention with APE's adjustments."""
     if parallel_context is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        base = ALL_ATTENTION_FUNCTIONS.get(getattr(module.config, "_cepe_base_attention", "sdpa"),
+                                           sdpa_attention_forward)
+        return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     batch, heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     groups = heads // key.shape[1]
@@ -75,17 +77,20 @@ class ParallelReader(Reader):
 
     name = "parallel"
 
-    # lse_scale 0.6: best of the settings swept on NQ (benchmarks/results/ape_sweep_k20.md); without it (1.0)
+    # ape_scale 0.6: best of the settings swept on NQ (benchmarks/results/ape_sweep_k20.md); without it (1.0)
     # 20 passages swamp the prompt and SmolLM2 answers "The answer is:" and stops.
-    def __init__(self, model, tokenizer, *, temperature: float = APE_TEMPERATURE, lse_scale: float = APE_SCALE,
+    def __init__(self, model, tokenizer, *, ape_temperature: float = APE_TEMPERATURE, ape_scale: float = APE_SCALE,
                  max_passage_tokens: int = 512, prefill_batch: int = 8, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
-        self.temperature = temperature
-        self.lse_scale = lse_scale
+        self.ape_temperature = ape_temperature
+        self.ape_scale = ape_scale
         self.max_passage_tokens = max_passage_tokens
         self.prefill_batch = prefill_batch
-        # Falls back to SDPA for every call without a ParallelContext, so other readers are unaffected.
-        model.config._attn_implementation = ATTENTION_NAME
+        # Calls without a ParallelContext go to the attention the model was loaded with (SDPA, flash-attention),
+        # so other readers sharing this model are unaffected.
+        if model.config._attn_implementation != ATTENTION_NAME:
+            model.config._cepe_base_attention = model.config._attn_implementation
+            model.config._attn_implementation = ATTENTION_NAME
 
     # --- prompt pieces: prefix | passages (parallel) | question -----------------------------------
 
@@ -166,7 +171,7 @@ class ParallelReader(Reader):
             keys = torch.cat([_left_pad(ctx[layer_index][0], total) for ctx in contexts])
             values = torch.cat([_left_pad(ctx[layer_index][1], total) for ctx in contexts])
             cache.update(keys, values, layer_index)
-        context = ParallelContext(is_passage, self.temperature, self.lse_scale)
+        context = ParallelContext(is_passage, self.ape_temperature, self.ape_scale)
         return cache, past_mask, torch.tensor(offsets), context
 
     def _stream_prepared(self, questions, passages, prepared: list[PreparedPrompt],

@@ -26,12 +26,13 @@ def build_reader(spec: ReaderSpec, *, generation: GenerationConfig | None = None
         common["system_prompt"] = system_prompt
     if spec.reader == "cepe":
         model = _cepe_model(spec.checkpoint(), device, dtype)
-        return CepeReader(model, model.decoder_tokenizer, n_decoder_passages=spec.n_prompt_passages, **common)
+        return CepeReader(model, model.decoder_tokenizer, n_prompt_passages=spec.n_prompt_passages, **common)
     model, tokenizer = _decoder(spec.decoder, device, dtype)
     if spec.reader == "concat":
         return ConcatReader(model, tokenizer, most_relevant=spec.most_relevant, **common)
     if spec.reader == "parallel":
-        return ParallelReader(model, tokenizer, temperature=spec.ape_temperature, lse_scale=spec.ape_scale, **common)
+        return ParallelReader(model, tokenizer, ape_temperature=spec.ape_temperature,
+                              ape_scale=spec.ape_scale, **common)
     if spec.reader == "closed-book":
         return ClosedBookReader(model, tokenizer, **common)
     raise CepeRagError(f"unknown reader {spec.reader!r}; choose one of: cepe, parallel, concat, closed-book")

@@ -207,7 +207,7 @@ def test_eval_command_writes_a_summary(kubrick_index, tmp_path):
     # Resuming with other reader settings would mix two configurations in one row: refused.
     assert_one_line_error(run_cli("eval", "--questions", questions, "--index", kubrick_index, "--readers", "parallel",
                                   "--k", "1", "--out", tmp_path / "run", "--max-new-tokens", "8", "--ape-scale", "0.8"),
-                          "other settings (lse_scale 0.6 -> 0.8)")
+                          "other settings (ape_scale 0.6 -> 0.8)")
     # A prompt/encoder split of the cepe reader is a row of its own.
     split = run_cli("eval", "--questions", questions, "--index", kubrick_index, "--readers", "cepe", "--k", "2",
                     "--n-prompt-passages", "1", "--out", tmp_path / "run", "--max-new-tokens", "8")

@@ -45,7 +45,7 @@ def test_one_passage_equals_concatenation_in_the_same_position(tiny_model, chat_
 
 
 def test_passage_order_does_not_change_the_output(tiny_model, chat_tokenizer):
-    reader = reader_for(tiny_model, chat_tokenizer, temperature=0.8, lse_scale=1.2)
+    reader = reader_for(tiny_model, chat_tokenizer, ape_temperature=0.8, ape_scale=1.2)
     forward = query_logits(reader, "q?", PASSAGES)
     backward = query_logits(reader, "q?", PASSAGES[::-1])
     torch.testing.assert_close(forward, backward, rtol=0, atol=1e-10)
@@ -61,9 +61,9 @@ def test_batched_questions_answer_like_single_ones(tiny_model, chat_tokenizer):
 
 
 def test_ape_knobs_change_attention_and_neutral_knobs_equal_sdpa(tiny_model, chat_tokenizer):
-    neutral = query_logits(reader_for(tiny_model, chat_tokenizer, lse_scale=1.0), "q?", PASSAGES[:3])
-    sharper = query_logits(reader_for(tiny_model, chat_tokenizer, temperature=0.5), "q?", PASSAGES[:3])
-    scaled = query_logits(reader_for(tiny_model, chat_tokenizer, lse_scale=0.5), "q?", PASSAGES[:3])
+    neutral = query_logits(reader_for(tiny_model, chat_tokenizer, ape_scale=1.0), "q?", PASSAGES[:3])
+    sharper = query_logits(reader_for(tiny_model, chat_tokenizer, ape_temperature=0.5), "q?", PASSAGES[:3])
+    scaled = query_logits(reader_for(tiny_model, chat_tokenizer, ape_scale=0.5), "q?", PASSAGES[:3])
     assert (neutral - sharper).abs().max() > 1e-6 and (neutral - scaled).abs().max() > 1e-6
     # Without a ParallelContext the registered attention is plain SDPA: the model's logits are unchanged.
     ids = torch.tensor([chat_tokenizer("plain text")["input_ids"]])

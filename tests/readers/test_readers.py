@@ -113,7 +113,7 @@ def test_zero_initialised_cepe_reader_answers_like_the_plain_decoder(tiny_chat_m
 
 
 def test_cepe_reader_splits_passages_and_reuses_precomputed_states(tiny_chat_model, chat_tokenizer):
-    reader = tiny_cepe_reader(tiny_chat_model, chat_tokenizer, "copy", n_decoder_passages=2, n_encoder_passages=3)
+    reader = tiny_cepe_reader(tiny_chat_model, chat_tokenizer, "copy", n_prompt_passages=2, n_encoder_passages=3)
     in_prompt, in_encoder = reader.split(PASSAGES[:10])
     assert [p.id for p in in_prompt] == [0, 1] and [p.id for p in in_encoder] == [2, 3, 4]
     prompt = chat_tokenizer.decode(reader.prepare("q?", PASSAGES[:10]).ids)
@@ -135,3 +135,22 @@ def test_cepe_reader_encodes_each_passage_text_once(tiny_chat_model, chat_tokeni
     same_id = replace(PASSAGES[0], text="An unrelated passage about something else.")
     reader.answer("What is topic 3?", [same_id])
     assert len(encoded) == 3  # a different text under a known id is encoded, not confused with the cached one
+
+
+def test_earlier_turns_go_through_the_chat_template(tiny_chat_model, chat_tokenizer):
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+    from cepe_rag.integrations.langchain import ChatCepe
+
+    system, history, question = ChatCepe.split_messages([
+        SystemMessage("Be brief."), HumanMessage("Who built the bridge?"), AIMessage("Maria Tollund."),
+        HumanMessage("When?")])
+    assert system == "Be brief." and question == "When?"
+    assert history == [{"role": "user", "content": "Who built the bridge?"},
+                       {"role": "assistant", "content": "Maria Tollund."}]
+    reader = ConcatReader(tiny_chat_model, chat_tokenizer)
+    reader.history = history
+    text = chat_tokenizer.decode(reader.prepare(question, PASSAGES[:1]).ids)
+    assert ("<|im_start|>user\nWho built the bridge?<|im_end|>\n<|im_start|>assistant\nMaria Tollund.<|im_end|>"
+            in text)
+    assert text.index("Maria Tollund.") < text.index("Passage number 0") < text.index("Question: When?")

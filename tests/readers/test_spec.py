@@ -16,7 +16,7 @@ def test_reader_names_match_the_readers():
 def test_labels_and_recorded_settings():
     assert ReaderSpec().label == DEFAULT_READER
     assert ReaderSpec(reader="cepe", n_prompt_passages=10).label == "cepe-prompt10"
-    assert ReaderSpec(reader="parallel").settings()["lse_scale"] == APE_SCALE
+    assert ReaderSpec(reader="parallel").settings()["ape_scale"] == APE_SCALE
     assert "most_relevant" not in ReaderSpec(reader="concat").settings()
     assert ReaderSpec(reader="concat", most_relevant="last").settings()["most_relevant"] == "last"
     with pytest.raises(CepeRagError, match="needs a CEPE checkpoint"):
@@ -30,4 +30,4 @@ def test_build_reader_shares_one_loaded_decoder():
     assert [type(r) for r in readers] == [ConcatReader, ParallelReader, ClosedBookReader]
     assert readers[0].model is readers[1].model is readers[2].model
     assert all(r.prompt_style == "fewshot" for r in readers)
-    assert readers[1].lse_scale == APE_SCALE
+    assert readers[1].ape_scale == APE_SCALE
