@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -30,10 +31,12 @@ DEMONSTRATIONS = (
 
 @dataclass
 class PreparedPrompt:
-    """One request ready for decoding: prompt token ids and the passages the reader actually used."""
+    """One request ready for decoding, the whole plan: the prompt token ids, the passages the reader used, and
+    what else its decoding needs (the parallel reader's prefix and passage tokens, CEPE's encoder passages)."""
 
     ids: list[int]
     passages: list[Passage]
+    plan: Any = None
 
 
 class Reader:
@@ -123,7 +126,7 @@ class Reader:
                      generation: GenerationConfig | None = None) -> Iterator[list[str]]:
         """Text deltas for every question after each decoding step."""
         prepared = [self.prepare(q, p) for q, p in zip(questions, passages)]
-        yield from self._stream_prepared(questions, passages, prepared, generation or self.generation)
+        yield from self._stream_prepared(prepared, generation or self.generation)
 
     def _decode(self, prompts: list[list[int]], generation: GenerationConfig, **step_kwargs) -> Iterator[list[str]]:
         yield from generate(self.model, prompts, self.tokenizer, generation, device=self.device, **step_kwargs)
@@ -149,7 +152,7 @@ class Reader:
         steps = 0
         started = time.perf_counter()
         first_token = None
-        for deltas in self._stream_prepared(questions, passages, prepared, config):
+        for deltas in self._stream_prepared(prepared, config):
             steps += 1
             first_token = first_token or time.perf_counter()
             for row, delta in enumerate(deltas):
@@ -164,8 +167,7 @@ class Reader:
             for text, prep in zip(texts, prepared)
         ]
 
-    def _stream_prepared(self, questions, passages, prepared: list[PreparedPrompt],
-                         config: GenerationConfig) -> Iterator[list[str]]:
+    def _stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
         yield from self._decode([p.ids for p in prepared], config)
 
 

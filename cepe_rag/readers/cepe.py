@@ -42,7 +42,7 @@ class CepeReader(Reader):
         documents = "".join(p.as_prompt_text() + "\n\n" for p in in_prompt)
         ids = self.chat_ids(documents + question_text(question))
         self.check_fits(len(ids))
-        return PreparedPrompt(ids, in_prompt + in_encoder)
+        return PreparedPrompt(ids, in_prompt + in_encoder, plan=in_encoder)
 
     def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:
         """Stored states where the index has them, then recently encoded ones; the encoder, in one batch, for the
@@ -64,10 +64,9 @@ class CepeReader(Reader):
                     self._encoded.popitem(last=False)
         return [states[t] for t in texts]
 
-    def _stream_prepared(self, questions, passages, prepared: list[PreparedPrompt],
-                         config: GenerationConfig) -> Iterator[list[str]]:
+    def _stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
         with torch.inference_mode():
-            states = [self._chunk_states(self.split(p)[1]) for p in passages]
+            states = [self._chunk_states(p.plan) for p in prepared]
             context = self.model.context_from_states(states, cache_kv=self.cache_cross_kv)
         yield from generate(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.model.device,
                             cross_context=context)

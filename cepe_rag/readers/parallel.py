@@ -101,7 +101,7 @@ class ParallelReader(Reader):
     def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
         prefix, chunks, query = self.pieces(question, passages)
         self.check_fits(len(prefix) + max((len(c) for c in chunks), default=0) + len(query))
-        return PreparedPrompt(query, list(passages))
+        return PreparedPrompt(query, list(passages), plan=(prefix, chunks))
 
     @torch.inference_mode()
     def encode_passages(self, prefix: list[int], chunks: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -144,15 +144,15 @@ class ParallelReader(Reader):
         return [[(layer.keys[row:row + 1, :, own[row]], layer.values[row:row + 1, :, own[row]])
                  for layer in cache.layers] for row in range(len(chunks))]
 
-    def parallel_cache(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]):
-        """KV caches of every request's prefix + passages, left-padded to one batch.
+    def parallel_cache(self, prepared: Sequence[PreparedPrompt]):
+        """KV caches of every prepared request's prefix + passages, left-padded to one batch.
 
         Returns (cache, past_mask, position_offsets, ParallelContext). APE's knobs only act on requests
         with two or more passages: with one, parallel reading is exactly concatenation.
         """
         contexts, offsets, prefix_lengths, counts = [], [], [], []
-        for question, request_passages in zip(questions, passages):
-            prefix, chunks, _ = self.pieces(question, request_passages)
+        for request in prepared:
+            prefix, chunks = request.plan
             contexts.append(self.encode_passages(prefix, chunks))
             # Every passage sits at positions after the prefix; the question follows the longest one.
             offsets.append(len(prefix) + max((len(c) for c in chunks), default=0))
@@ -174,9 +174,8 @@ class ParallelReader(Reader):
         context = ParallelContext(is_passage, self.ape_temperature, self.ape_scale)
         return cache, past_mask, torch.tensor(offsets), context
 
-    def _stream_prepared(self, questions, passages, prepared: list[PreparedPrompt],
-                         config: GenerationConfig) -> Iterator[list[str]]:
-        cache, past_mask, offsets, parallel_context = self.parallel_cache(questions, passages)
+    def _stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
+        cache, past_mask, offsets, parallel_context = self.parallel_cache(prepared)
         yield from generate(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.device,
                             cache=cache, position_offsets=offsets, past_mask=past_mask,
                             parallel_context=parallel_context)

@@ -21,8 +21,9 @@ def reader_for(model, tokenizer, **kwargs):
 
 def query_logits(reader, question, passages):
     """Logits of the question tokens attending to the parallel passage caches."""
-    cache, past_mask, offsets, context = reader.parallel_cache([question], [passages])
-    query = reader.pieces(question, passages)[2]
+    prepared = reader.prepare(question, passages)
+    cache, past_mask, offsets, context = reader.parallel_cache([prepared])
+    query = prepared.ids
     positions = torch.arange(len(query))[None] + offsets[:, None]
     mask = torch.cat([past_mask, torch.ones((1, len(query)), dtype=torch.long)], dim=-1)
     with torch.inference_mode():
