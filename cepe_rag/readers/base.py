@@ -107,7 +107,7 @@ class Reader:
         marker = "\x00PASSAGES\x00"
         head, _, tail = self.chat_text(marker + question_text(question)).partition(marker)
         prefix, query = self.tokenize(head, at_start=True), self.tokenize(tail)
-        return prefix, [self.tokenize(p.as_prompt_text() + "\n\n") for p in passages], query
+        return prefix, [self.tokenize(passage_block(p.as_prompt_text())) for p in passages], query
 
     def check_fits(self, n_prompt_tokens: int) -> None:
         budget = self.window - self.generation.max_new_tokens
@@ -169,6 +169,11 @@ class Reader:
 
     def _stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
         yield from self._decode([p.ids for p in prepared], config)
+
+
+def passage_block(text: str) -> str:
+    """How one passage sits in a prompt, for every reader and for training's teacher: its text, then a blank line."""
+    return text + "\n\n"
 
 
 def question_text(question: str) -> str:

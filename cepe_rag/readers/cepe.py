@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from cepe_rag.cepe import CepeForCausalLM, ContextStates
-from cepe_rag.readers.base import PreparedPrompt, Reader, question_text
+from cepe_rag.readers.base import PreparedPrompt, Reader, passage_block, question_text
 from cepe_rag.readers.generation import GenerationConfig, generate
 from cepe_rag.types import Passage
 
@@ -39,7 +39,7 @@ class CepeReader(Reader):
 
     def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
         in_prompt, in_encoder = self.split(passages)
-        documents = "".join(p.as_prompt_text() + "\n\n" for p in in_prompt)
+        documents = "".join(passage_block(p.as_prompt_text()) for p in in_prompt)
         ids = self.chat_ids(documents + question_text(question))
         self.check_fits(len(ids))
         return PreparedPrompt(ids, in_prompt + in_encoder, plan=in_encoder)

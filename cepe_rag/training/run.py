@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from cepe_rag.readers.base import passage_block
 from cepe_rag.training.corpus import load_articles
 from cepe_rag.training.examples import ExampleBuilder, TrainingExample, build_examples, load_examples, save_examples
 from cepe_rag.training.trainer import TrainConfig, train
@@ -20,7 +21,7 @@ def add_teacher(examples: list[TrainingExample], model, prompt_ids, *, top_k: in
     every target token are stored once (the rest of the mass is 1 - their sum)."""
     decoder = model.decoder
     for example in examples:
-        documents = "".join(chunk + "\n\n" for chunk in example.chunks)
+        documents = "".join(passage_block(chunk) for chunk in example.chunks)
         prompt = prompt_ids(documents + example.question)
         ids = torch.tensor([prompt + example.target_ids], device=decoder.device)
         logits = decoder(input_ids=ids).logits[0, len(prompt) - 1: -1].float()
