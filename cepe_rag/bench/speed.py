@@ -27,6 +27,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from cepe_rag.cepe import CepeForCausalLM, build_encoder
+from cepe_rag.models import embedder_path, load_decoder
+from cepe_rag.readers.parallel import ParallelContext, ParallelReader
+
 METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "parallel", "concat")
 PASSAGE_TOKENS = 128
 QUESTION_TOKENS = 32
@@ -55,9 +59,6 @@ def _peak_rss_mib() -> float:
 def build_models(config: BenchConfig):
     """(CepeForCausalLM, vocab size): real default weights, or random 7B-shaped ones."""
     from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
-
-    from cepe_rag.cepe import CepeForCausalLM, build_encoder
-    from cepe_rag.models import embedder_path, load_decoder
 
     dtype = getattr(torch, config.dtype)
     if config.model == "7b":
@@ -93,8 +94,6 @@ def build_models(config: BenchConfig):
 def run_one(config: BenchConfig) -> dict:
     """Measure one method at one k in this process."""
     from transformers import DynamicCache
-
-    from cepe_rag.readers.parallel import ParallelContext, ParallelReader
 
     torch.manual_seed(0)
     on_gpu = config.device.startswith("cuda")

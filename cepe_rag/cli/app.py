@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cepe_rag.models import check_model_reference
+from cepe_rag.models import check_model_reference, cpu_has_fast_bfloat16, default_device, resolve_dtype
 from cepe_rag.settings import (
     APE_SCALE,
     APE_TEMPERATURE,
@@ -153,7 +153,6 @@ def ask(
                       prompt_style=prompt_style, cepe_model=cepe_model, n_prompt_passages=n_prompt_passages,
                       ape_temperature=ape_temperature, ape_scale=ape_scale, most_relevant=most_relevant)
     check_options([k], [spec], dtype)
-    from cepe_rag.models import default_device, resolve_dtype
     from cepe_rag.pipelines.rag import RagPipeline, Retriever
     from cepe_rag.readers import GenerationConfig, build_reader
 
@@ -217,8 +216,6 @@ def check_options(k: list[int], specs: list, dtype: str | None) -> None:
 
 
 def warn_slow_dtype(torch_dtype, device: str) -> None:
-    from cepe_rag.models import cpu_has_fast_bfloat16
-
     if str(device) == "cpu" and str(torch_dtype) == "torch.bfloat16" and cpu_has_fast_bfloat16() is False:
         console.print("[yellow]warning:[/] this CPU has no AMX or AVX512-BF16: bfloat16 runs several times slower "
                       "than float32 here; leave out --dtype for float32")
@@ -270,7 +267,6 @@ def evaluate(
     from rich.progress import Progress
 
     from cepe_rag.eval import answerable_subset, load_questions, run_eval, summarise_folder
-    from cepe_rag.models import default_device, resolve_dtype
     from cepe_rag.pipelines.rag import Retriever
     from cepe_rag.readers import GenerationConfig, build_reader
 
@@ -320,7 +316,6 @@ def bench(
     """Time to first token, decode speed and memory of every reader as the context grows."""
     from cepe_rag.bench import METHODS, run_all, write_reports
     from cepe_rag.bench.speed import TABLE_HEADER
-    from cepe_rag.models import default_device
 
     _quiet_libraries()
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
@@ -379,7 +374,6 @@ def train_command(
 ) -> None:
     """Give the decoder CEPE cross-attention: train it on a stage of the recipe (resumable; multi-GPU with
     `accelerate launch -m cepe_rag.cli.app train ...`)."""
-    from cepe_rag.models import default_device
     from cepe_rag.training import STAGES, TrainConfig, run_training
 
     _quiet_libraries()

@@ -18,7 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from cepe_rag.eval.data import QAExample
-from cepe_rag.eval.metrics import answer_in_passages, exact_match, postprocess, substring_match, token_f1
+from cepe_rag.eval.metrics import (
+    answer_in_passages,
+    exact_match,
+    normalize_answer,
+    postprocess,
+    substring_match,
+    token_f1,
+)
 from cepe_rag.files import atomic_write
 from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import Reader
@@ -29,8 +36,6 @@ SETTINGS_FILE = "run.json"
 
 def answerable_subset(questions: list[QAExample], retriever: Retriever) -> list[QAExample]:
     """Questions with a gold answer string somewhere in the indexed corpus."""
-    from cepe_rag.eval.metrics import normalize_answer
-
     corpus = "\n".join(normalize_answer(text) for text in retriever.store.passage_texts())
     return [q for q in questions if any(normalize_answer(a) and normalize_answer(a) in corpus for a in q.answers)]
 

@@ -19,7 +19,8 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from cepe_rag.models import default_device
+from cepe_rag.models import default_device, load_embedder
+from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import GenerationConfig, Reader, build_reader
 from cepe_rag.readers.base import SYSTEM_PROMPT
 from cepe_rag.settings import DEFAULT_DECODER, DEFAULT_PROMPT_STYLE, DEFAULT_READER, ReaderSpec
@@ -30,9 +31,6 @@ ContextLike = str | Document | Passage
 
 @lru_cache(maxsize=8)
 def _load_retriever(index: str, embedder: str | None):
-    from cepe_rag.models import load_embedder
-    from cepe_rag.pipelines.rag import Retriever
-
     return Retriever(index, embedder=load_embedder(embedder) if embedder else None)
 
 

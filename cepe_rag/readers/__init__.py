@@ -7,6 +7,7 @@ from cepe_rag.readers.parallel import ParallelReader
 from cepe_rag.readers.prompting import ClosedBookReader, ConcatReader
 from cepe_rag.readers.spec import ReaderSpec, build_reader
 from cepe_rag.settings import DEFAULT_READER
+from cepe_rag.types import CepeRagError
 
 READERS: dict[str, type[Reader]] = {
     "cepe": CepeReader, "parallel": ParallelReader, "concat": ConcatReader, "closed-book": ClosedBookReader,
@@ -14,8 +15,6 @@ READERS: dict[str, type[Reader]] = {
 
 
 def make_reader(name: str, model, tokenizer, **kwargs) -> Reader:
-    from cepe_rag.types import CepeRagError
-
     if name not in READERS:
         raise CepeRagError(f"unknown reader {name!r}; choose one of: {', '.join(READERS)}")
     return READERS[name](model, tokenizer, **kwargs)

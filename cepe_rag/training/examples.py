@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cepe_rag.readers.base import question_text
 from cepe_rag.training.corpus import Article
 from cepe_rag.types import CepeRagError, Passage
 
@@ -120,8 +121,6 @@ class ExampleBuilder:
         return TrainingExample(chunks, self.bos, self._tokens(tail)[: self.max_decoder_tokens])
 
     def read(self, article: Article, blanked: str, span: str, distractors: Sequence[Passage]) -> TrainingExample:
-        from cepe_rag.readers.base import question_text
-
         gold = Passage(0, article.text, title=article.title)
         chunks = [p.as_prompt_text() for p in [gold, *distractors]]
         self.rng.shuffle(chunks)

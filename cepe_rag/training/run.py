@@ -8,10 +8,14 @@ from pathlib import Path
 
 import torch
 
+from cepe_rag.cepe import load_cepe
+from cepe_rag.cepe.checkpoints import new_cepe_model, save_adapter
+from cepe_rag.pipelines.rag import Retriever
+from cepe_rag.readers import CepeReader
 from cepe_rag.readers.base import passage_block
 from cepe_rag.training.corpus import load_articles
 from cepe_rag.training.examples import ExampleBuilder, TrainingExample, build_examples, load_examples, save_examples
-from cepe_rag.training.trainer import TrainConfig, train
+from cepe_rag.training.trainer import TrainConfig, encode_cached, train
 from cepe_rag.types import CepeRagError
 
 
@@ -34,8 +38,6 @@ def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tu
                      max_passages: int, max_articles: int, n_validation: int, seed: int,
                      max_decoder_tokens: int = 256, log=print) -> tuple[list[TrainingExample], list[TrainingExample]]:
     """Examples for `stage`, built once per run folder (a resumed run trains on exactly the same data)."""
-    from cepe_rag.readers import CepeReader
-
     train_path, validation_path = out / f"examples_{stage}.jsonl", out / f"validation_{stage}.jsonl"
     if train_path.exists() and validation_path.exists():
         return load_examples(train_path), load_examples(validation_path)
@@ -47,8 +49,6 @@ def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tu
         raise CepeRagError(f"no text in training corpus {corpus!r}")
     retrieve = None
     if index is not None and stage != "warmup":
-        from cepe_rag.pipelines.rag import Retriever
-
         retriever = Retriever(index)
         retrieve = retriever.retrieve_batch
     training = [a for a in articles if not a.is_validation]
@@ -72,8 +72,6 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
                  num_cross_attn_layers: int, init_mode: str, corpus: str, languages: tuple[str, ...],
                  index: Path | None, max_passages: int, max_articles: int, n_validation: int, device: str,
                  max_decoder_tokens: int = 256, log=print) -> list[dict]:
-    from cepe_rag.cepe import load_cepe
-    from cepe_rag.cepe.checkpoints import new_cepe_model, save_adapter
 
     if init:
         model = load_cepe(init, device=device)  # trained weights kept: no re-initialisation
@@ -109,8 +107,6 @@ def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: 
     import hashlib
 
     from safetensors.torch import load_file, save_file
-
-    from cepe_rag.training.trainer import encode_cached
 
     texts = sorted({chunk for e in examples for chunk in e.chunks})
     encoder = json.dumps(model.encoder.config.to_dict(), sort_keys=True, default=str)
