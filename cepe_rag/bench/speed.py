@@ -30,8 +30,9 @@ import torch
 from cepe_rag.cepe import CepeForCausalLM, build_encoder
 from cepe_rag.models import embedder_path, load_decoder
 from cepe_rag.readers.parallel import ParallelContext, ParallelReader
+from cepe_rag.settings import BENCH_METHODS
 
-METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "parallel", "concat")
+METHODS = BENCH_METHODS
 PASSAGE_TOKENS = 128
 QUESTION_TOKENS = 32
 

@@ -18,6 +18,7 @@ from cepe_rag.models import check_model_reference, cpu_has_fast_bfloat16, defaul
 from cepe_rag.settings import (
     APE_SCALE,
     APE_TEMPERATURE,
+    BENCH_METHODS,
     DEFAULT_DECODER,
     DEFAULT_EMBEDDER,
     DEFAULT_PROMPT_STYLE,
@@ -34,7 +35,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Retrieval-augmented generation that reads many passages through CEPE.")
 console = Console(stderr=True, soft_wrap=True)  # one message, one line
 DEFAULT_INDEX = Path("indexes/default")
-BENCH_METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "parallel", "concat")
 
 IndexOption = Annotated[Path, typer.Option("--index", help="Index folder.")]
 DecoderOption = Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")]
@@ -162,7 +162,7 @@ def ask(
     if retriever.store.faiss_is_stale:
         console.print("[yellow]warning:[/] the last indexing run was interrupted; run `cepe-rag index` again "
                       "to finish it (answering from what was committed)")
-    closed_book = spec.reader == "closed-book"
+    closed_book = not spec.reads_passages
     if k > retriever.store.count() and not closed_book:
         console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
                       "index; reading all of them")

@@ -74,7 +74,7 @@ def run_eval(questions: list[QAExample], retriever: Retriever, readers: dict[str
     texts = retriever.store.passages(sorted({pid for h in hits.values() for pid, _ in h}))
     rows = []
     for reader_name, reader in readers.items():
-        for k in ks if reader_name != "closed-book" else [0]:
+        for k in ks if reader.reads_passages else [0]:
             path = out / "predictions" / f"{reader_name}_k{k}.jsonl"
             done = read_predictions(path)
             with _append(path) as handle:
@@ -229,7 +229,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for reader in dict.fromkeys(r["reader"] for r in rows):
         points = sorted((r["k"], r["substring_em"]) for r in rows if r["reader"] == reader)
-        if reader == "closed-book":
+        if points[0][0] == 0:  # a reader without passages: one value for every k
             axis.axhline(points[0][1], linestyle=":", label=f"{reader}", color="gray")
         else:
             axis.plot(*zip(*points), marker="o", label=reader)

@@ -119,7 +119,7 @@ class CepeLLM(BaseLLM):
     def passages_for(self, prompt: str, contexts: Sequence[ContextLike] | None) -> list[Passage]:
         if contexts is not None:
             return to_passages(contexts)
-        if self.retriever is not None and self.reader != "closed-book":
+        if self.retriever is not None and ReaderSpec(reader=self.reader).reads_passages:
             return to_passages(self.retriever.invoke(prompt, k=self.k) if isinstance(self.retriever, CepeRetriever)
                                else self.retriever.invoke(prompt)[: self.k])
         return []

@@ -40,7 +40,7 @@ class RagPipeline:
             **generation) -> Answer:
         question = validate_question(question)
         started = time.perf_counter()
-        passages = self.retriever.retrieve(question, k) if k > 0 and self.reader.name != "closed-book" else []
+        passages = self.retriever.retrieve(question, k) if k > 0 and self.reader.reads_passages else []
         retrieval_s = time.perf_counter() - started
         answer = self.reader.answer(question, passages, on_token=on_token, **generation)
         answer.timings["retrieval_s"] = retrieval_s

@@ -44,7 +44,7 @@ class Reader:
 
     name = "base"
 
-    shows_documents = True  # whether the fewshot demonstrations carry their document
+    reads_passages = True  # False: retrieval is skipped, and the fewshot demonstrations carry no document
 
     def __init__(self, model, tokenizer, *, generation: GenerationConfig | None = None,
                  system_prompt: str = SYSTEM_PROMPT, prompt_style: str = DEFAULT_PROMPT_STYLE):
@@ -77,7 +77,7 @@ class Reader:
         """(user turn, answer) pairs shown before the question: none for the `instruction` style."""
         if self.prompt_style != "fewshot":
             return []
-        return [((f"{document}\n\n" if self.shows_documents else "") + question_text(question), answer)
+        return [((f"{document}\n\n" if self.reads_passages else "") + question_text(question), answer)
                 for document, question, answer in DEMONSTRATIONS]
 
     def chat_text(self, user_text: str) -> str:

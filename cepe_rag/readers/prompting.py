@@ -42,7 +42,7 @@ class ClosedBookReader(Reader):
     """The question alone: what the decoder knows without retrieval."""
 
     name = "closed-book"
-    shows_documents = False
+    reads_passages = False
     system_prompt_default = "Answer the question. Reply with a short answer: a few words, no explanation."
 
     def __init__(self, model, tokenizer, **kwargs):
