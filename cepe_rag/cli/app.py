@@ -336,8 +336,9 @@ def bench(
 
 @app.command("train")
 def train_command(
-    stage: Annotated[str, typer.Option(help="warmup, standard, read (reading with distractors) or ceped "
-                                            "(distillation from the decoder with passages in its prompt).")] = "read",
+    stage: Annotated[str, typer.Option(help="warmup, standard, read (reading with distractors), ceped "
+                                            "(distillation from the decoder with passages in its prompt) or qa "
+                                            "(questions with retrieved passages, short answers).")] = "read",
     out: Annotated[Path, typer.Option(help="Run folder: examples, log.jsonl, checkpoint/ (resume by rerunning), "
                                            "model/ (the trained adapter).")] = Path("runs/train"),
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
@@ -361,7 +362,13 @@ def train_command(
     index_dir: Annotated[Path | None, typer.Option("--index", help="Index whose passages serve as realistic "
                                                                    "distractors (default: random articles).")] = None,
     max_passages: Annotated[int, typer.Option(help="Up to this many passages per example (gold included).")] = 20,
-    max_articles: Annotated[int, typer.Option(help="Use only the first N training articles; 0 = all.")] = 0,
+    min_passages: Annotated[int, typer.Option(help="qa: at least this many retrieved passages per question.")] = 5,
+    questions: Annotated[str | None, typer.Option(help="qa: training questions (JSONL, NQ-open or FlashRAG format; "
+                                                       "never the benchmark).")] = None,
+    unanswerable: Annotated[str, typer.Option(help="qa: questions whose passages hold no gold answer: skip, or "
+                                                   "keep (answer from memory).")] = "skip",
+    max_articles: Annotated[int, typer.Option(
+        help="Use only the first N training articles (qa: questions); 0 = all.")] = 0,
     max_decoder_tokens: Annotated[int, typer.Option(
         help="warmup/standard: decoder text length in tokens (long targets are the costly part).")] = 256,
     validation: Annotated[int, typer.Option(help="Held-out-article validation examples.")] = 64,
@@ -387,8 +394,9 @@ def train_command(
                            num_cross_attn_layers=cross_attn_layers, init_mode=init_mode, corpus=corpus,
                            languages=tuple(x.strip() for x in languages.split(",") if x.strip()), index=index_dir,
                            max_passages=max_passages, max_articles=max_articles, n_validation=validation,
-                           max_decoder_tokens=max_decoder_tokens,
-                           device=device or default_device(), log=lambda line: console.print(line, highlight=False))
+                           max_decoder_tokens=max_decoder_tokens, questions=questions, min_passages=min_passages,
+                           unanswerable=unanswerable, device=device or default_device(),
+                           log=lambda line: console.print(line, highlight=False))
     if records:
         last = records[-1]
         console.print(f"step {last['step']}: ce {last['ce']:.3f} kl {last['kl']:.3f}"

@@ -8,7 +8,9 @@ a prompt (no loss) and a target (loss). The stages differ only in where the text
 - read:     "reading with distractors": a sentence of an article with a span blanked, the article among
             passages retrieved for that sentence; the decoder answers the span, in the reader's chat prompt;
 - ceped:    the read examples plus the teacher's top-k distribution (the frozen decoder with the same
-            passages in its prompt), for distillation.
+            passages in its prompt), for distillation;
+- qa:       real questions with the passages a retriever finds for them (k drawn from a range), the question
+            in the reader's chat prompt, the short gold answer as the target.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cepe_rag.eval.data import QAExample
+from cepe_rag.eval.metrics import normalize_answer
 from cepe_rag.readers.base import question_text
 from cepe_rag.training.corpus import Article
 from cepe_rag.types import CepeRagError, Passage
 
-STAGES = ("warmup", "standard", "read", "ceped")
+STAGES = ("warmup", "standard", "read", "ceped", "qa")
+UNANSWERABLE_POLICIES = ("skip", "keep")
 BLANK = "_____"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 # Spans worth asking for: numbers and years, and runs of capitalised words (names, places, titles).
@@ -128,7 +133,37 @@ class ExampleBuilder:
         return TrainingExample(chunks, self.prompt_ids(question), self._tokens(span) + self.end_ids, question)
 
 
+    def qa(self, question: str, answer: str, passages: Sequence[Passage]) -> TrainingExample:
+        user_turn = question_text(question)
+        return TrainingExample([p.as_prompt_text() for p in passages], self.prompt_ids(user_turn),
+                               self._tokens(answer) + self.end_ids, user_turn)
+
+
 Retrieve = Callable[[list[str], int], list[list[Passage]]]
+
+
+def build_qa_examples(questions: Sequence[QAExample], builder: ExampleBuilder, retrieve: Retrieve, *,
+                      min_passages: int = 5, max_passages: int = 50,
+                      unanswerable: str = "skip") -> list[TrainingExample]:
+    """One example per question, reading between min_passages and max_passages retrieved passages (drawn per
+    question, so the reader learns every k). The target is the gold answer the passages contain; a question
+    whose passages hold no gold answer is skipped (`skip`) or kept with its first gold answer (`keep`: the
+    model then also learns to answer from memory)."""
+    if unanswerable not in UNANSWERABLE_POLICIES:
+        raise CepeRagError(f"unknown policy {unanswerable!r}; choose one of: {', '.join(UNANSWERABLE_POLICIES)}")
+    if not 1 <= min_passages <= max_passages:
+        raise CepeRagError(f"passages per question: need 1 <= {min_passages} <= {max_passages}")
+    found = retrieve([q.question for q in questions], max_passages)
+    examples = []
+    for question, hits in zip(questions, found):
+        passages = hits[: builder.rng.randint(min_passages, max_passages)]
+        corpus = [normalize_answer(f"{p.title} {p.text}") for p in passages]
+        present = [a for a in question.answers
+                   if normalize_answer(a) and any(normalize_answer(a) in text for text in corpus)]
+        if not present and unanswerable == "skip":
+            continue
+        examples.append(builder.qa(question.question, (present or question.answers)[0], passages))
+    return examples
 
 
 def build_examples(stage: str, articles: Sequence[Article], builder: ExampleBuilder, *,

@@ -10,11 +10,19 @@ import torch
 
 from cepe_rag.cepe import load_cepe
 from cepe_rag.cepe.checkpoints import new_cepe_model, save_adapter
+from cepe_rag.eval.data import load_questions
 from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import CepeReader
 from cepe_rag.readers.base import passage_block
-from cepe_rag.training.corpus import load_articles
-from cepe_rag.training.examples import ExampleBuilder, TrainingExample, build_examples, load_examples, save_examples
+from cepe_rag.training.corpus import held_out, load_articles
+from cepe_rag.training.examples import (
+    ExampleBuilder,
+    TrainingExample,
+    build_examples,
+    build_qa_examples,
+    load_examples,
+    save_examples,
+)
 from cepe_rag.training.trainer import TrainConfig, encode_cached, train
 from cepe_rag.types import CepeRagError
 
@@ -36,7 +44,8 @@ def add_teacher(examples: list[TrainingExample], model, prompt_ids, *, top_k: in
 
 def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tuple[str, ...], index: Path | None,
                      max_passages: int, max_articles: int, n_validation: int, seed: int,
-                     max_decoder_tokens: int = 256, log=print) -> tuple[list[TrainingExample], list[TrainingExample]]:
+                     max_decoder_tokens: int = 256, questions: str | None = None, min_passages: int = 5,
+                     unanswerable: str = "skip", log=print) -> tuple[list[TrainingExample], list[TrainingExample]]:
     """Examples for `stage`, built once per run folder (a resumed run trains on exactly the same data)."""
     train_path, validation_path = out / f"examples_{stage}.jsonl", out / f"validation_{stage}.jsonl"
     if train_path.exists() and validation_path.exists():
@@ -44,6 +53,15 @@ def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tu
     reader = CepeReader(model, model.decoder_tokenizer)
     builder = ExampleBuilder(model.decoder_tokenizer, reader.chat_ids, max_decoder_tokens=max_decoder_tokens,
                              seed=seed)
+    if stage == "qa":
+        examples, held = qa_examples(builder, questions, index, min_passages=min_passages,
+                                         max_passages=max_passages, max_questions=max_articles,
+                                         unanswerable=unanswerable, log=log)
+        held = held[:n_validation]
+        out.mkdir(parents=True, exist_ok=True)
+        save_examples(held, validation_path)
+        save_examples(examples, train_path)
+        return examples, held
     articles = load_articles(corpus, languages=languages)
     if not articles:
         raise CepeRagError(f"no text in training corpus {corpus!r}")
@@ -57,21 +75,43 @@ def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tu
     training = training[:max_articles] if max_articles else training
     log(f"building {stage} examples from {len(training)} training and {len(validation)} validation articles")
     examples = build_examples(stage, training, builder, retrieve=retrieve, max_passages=max_passages)
-    held_out = build_examples(stage, validation, builder, retrieve=retrieve, max_passages=max_passages)[:n_validation]
+    held = build_examples(stage, validation, builder, retrieve=retrieve, max_passages=max_passages)[:n_validation]
     if stage == "ceped":
-        log(f"teacher distributions for {len(examples) + len(held_out)} examples")
+        log(f"teacher distributions for {len(examples) + len(held)} examples")
         add_teacher(examples, model, reader.chat_ids)
-        add_teacher(held_out, model, reader.chat_ids)
+        add_teacher(held, model, reader.chat_ids)
     out.mkdir(parents=True, exist_ok=True)
-    save_examples(held_out, validation_path)
+    save_examples(held, validation_path)
     save_examples(examples, train_path)
-    return examples, held_out
+    return examples, held
+
+
+def qa_examples(builder: ExampleBuilder, questions: str | None, index: Path | None, *, min_passages: int,
+                max_passages: int, max_questions: int, unanswerable: str, log=print):
+    """Training and held-out (1 question in 20, by a hash of its text) qa examples."""
+    if questions is None or index is None:
+        raise CepeRagError("the qa stage needs --questions (a QA file that is not the benchmark, e.g. efficientqa) "
+                           "and --index (where their passages are retrieved from)")
+    if "NQ-open.dev" in Path(questions).name:
+        raise CepeRagError(f"{questions} is the NQ-open benchmark: train on other questions (e.g. efficientqa)")
+    records = load_questions(questions)
+    training = [q for q in records if not held_out(q.question)]
+    validation = [q for q in records if held_out(q.question)]
+    training = training[:max_questions] if max_questions else training
+    retrieve = Retriever(index).retrieve_batch
+    options = {"min_passages": min_passages, "max_passages": max_passages, "unanswerable": unanswerable}
+    examples = build_qa_examples(training, builder, retrieve, **options)
+    held = build_qa_examples(validation, builder, retrieve, **options)
+    log(f"qa examples: {len(examples)} of {len(training)} training and {len(held)} of {len(validation)} held-out "
+        f"questions ({unanswerable} those whose passages hold no gold answer)")
+    return examples, held
 
 
 def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, init: str | None,
                  num_cross_attn_layers: int, init_mode: str, corpus: str, languages: tuple[str, ...],
                  index: Path | None, max_passages: int, max_articles: int, n_validation: int, device: str,
-                 max_decoder_tokens: int = 256, log=print) -> list[dict]:
+                 max_decoder_tokens: int = 256, questions: str | None = None, min_passages: int = 5,
+                 unanswerable: str = "skip", log=print) -> list[dict]:
 
     if init:
         model = load_cepe(init, device=device)  # trained weights kept: no re-initialisation
@@ -81,11 +121,13 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
     examples, validation = prepare_examples(config.stage, model, out, corpus=corpus, languages=languages,
                                             index=index, max_passages=max_passages, max_articles=max_articles,
                                             n_validation=n_validation, seed=config.seed,
-                                            max_decoder_tokens=max_decoder_tokens, log=log)
+                                            max_decoder_tokens=max_decoder_tokens, questions=questions,
+                                            min_passages=min_passages, unanswerable=unanswerable, log=log)
     log(f"{len(examples)} training and {len(validation)} validation examples; {config.steps} steps of "
         f"{config.batch_size}")
     history = getattr(model, "training_history", []) + [
-        {**asdict(config), "corpus": corpus, "languages": list(languages), "examples": len(examples),
+        {**asdict(config), "corpus": questions if config.stage == "qa" else corpus, "languages": list(languages),
+         "examples": len(examples),
          "init": init or init_mode}]
 
     def save(trained, folder):

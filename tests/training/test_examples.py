@@ -86,3 +86,42 @@ def test_corpora_and_the_held_out_split(tmp_path):
         load_articles(str(tmp_path / "missing-dataset-name"))
     with pytest.raises(CepeRagError, match="no Wikipedia summaries"):
         load_articles("wiki-summaries", languages=("de",))
+
+
+def test_qa_examples_read_retrieved_passages_and_answer_short(builder):
+    from cepe_rag.eval.data import QAExample
+    from cepe_rag.training.examples import build_qa_examples
+    from cepe_rag.types import Passage
+
+    example_builder, reader = builder
+    corpus = [Passage(i, a.text, title=a.title) for i, a in enumerate(ARTICLES)]
+    asked = []
+
+    def retrieve(questions, k):  # the gold passage first, then the others
+        asked.append(k)
+        return [sorted(corpus, key=lambda p: "Paris" not in q or "Eiffel" not in p.title)[:k] for q in questions]
+
+    questions = [QAExample("1", "Where is the Eiffel Tower in Paris?", ["Paris", "France"]),
+                 QAExample("2", "Who painted the Mona Lisa?", ["Leonardo da Vinci"])]
+    examples = build_qa_examples(questions, example_builder, retrieve, min_passages=2, max_passages=4)
+    assert asked == [4] and len(examples) == 1  # the Mona Lisa's passages hold no answer: skipped
+    example = examples[0]
+    assert 2 <= len(example.chunks) <= 4 and example.chunks[0].startswith("Document (Title: Eiffel Tower)")
+    assert example_builder.tokenizer.decode(example.target_ids) == "Paris<|im_end|>"  # the answer found, not France
+    assert example.prompt_ids == reader.chat_ids("Question: Where is the Eiffel Tower in Paris?")
+    kept = build_qa_examples(questions, example_builder, retrieve, min_passages=2, max_passages=4, unanswerable="keep")
+    assert len(kept) == 2 and example_builder.tokenizer.decode(kept[1].target_ids) == "Leonardo da Vinci<|im_end|>"
+    with pytest.raises(CepeRagError, match="policy"):
+        build_qa_examples(questions, example_builder, retrieve, unanswerable="guess")
+
+
+def test_qa_stage_refuses_the_benchmark_and_needs_an_index(builder, tmp_path):
+    from cepe_rag.training.run import qa_examples
+
+    benchmark = tmp_path / "NQ-open.dev.jsonl"
+    benchmark.write_text('{"question": "q", "answer": ["a"]}\n')
+    with pytest.raises(CepeRagError, match="is the NQ-open benchmark"):
+        qa_examples(builder[0], str(benchmark), tmp_path, min_passages=1, max_passages=2, max_questions=0,
+                    unanswerable="skip")
+    with pytest.raises(CepeRagError, match="needs --questions"):
+        qa_examples(builder[0], None, None, min_passages=1, max_passages=2, max_questions=0, unanswerable="skip")
