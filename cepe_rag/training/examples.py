@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cepe_rag.eval.data import QAExample
 from cepe_rag.eval.metrics import normalize_answer
+from cepe_rag.files import atomic_write
 from cepe_rag.readers.base import question_text
 from cepe_rag.training.corpus import Article
 from cepe_rag.types import CepeRagError, Passage
@@ -51,11 +52,7 @@ class TrainingExample:
 
 
 def save_examples(examples: Sequence[TrainingExample], path: Path) -> None:
-    temporary = path.with_suffix(".tmp")
-    with temporary.open("w") as handle:
-        for example in examples:
-            handle.write(json.dumps(asdict(example), ensure_ascii=False) + "\n")
-    temporary.replace(path)  # an interrupted build leaves no half file behind
+    atomic_write(path, "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples).encode())
 
 
 def load_examples(path: Path) -> list[TrainingExample]:

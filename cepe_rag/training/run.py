@@ -11,6 +11,7 @@ import torch
 from cepe_rag.cepe import load_cepe
 from cepe_rag.cepe.checkpoints import new_cepe_model, save_adapter
 from cepe_rag.eval.data import load_questions
+from cepe_rag.files import atomic_write
 from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import CepeReader
 from cepe_rag.readers.base import passage_block
@@ -148,7 +149,7 @@ def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: 
     """Every distinct chunk encoded once by the frozen encoder (fp16, saved in the run folder)."""
     import hashlib
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     texts = sorted({chunk for e in examples for chunk in e.chunks})
     encoder = json.dumps(model.encoder.config.to_dict(), sort_keys=True, default=str)
@@ -163,7 +164,5 @@ def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: 
         encode_cached(model, texts, cache)
     tensors = {str(i): cache[text].contiguous() for i, text in enumerate(texts)}
     tensors["__key__"] = torch.frombuffer(bytearray(key.encode()), dtype=torch.uint8)
-    temporary = path.with_suffix(".tmp")
-    save_file(tensors, str(temporary))
-    temporary.replace(path)
+    atomic_write(path, save(tensors))
     return cache
