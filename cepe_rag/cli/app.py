@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cepe_rag.indexes.store import check_index_folder
 from cepe_rag.models import check_model_reference, cpu_has_fast_bfloat16, default_device, resolve_dtype
 from cepe_rag.settings import (
     APE_SCALE,
@@ -153,6 +154,7 @@ def ask(
                       prompt_style=prompt_style, cepe_model=cepe_model, n_prompt_passages=n_prompt_passages,
                       ape_temperature=ape_temperature, ape_scale=ape_scale, most_relevant=most_relevant)
     check_options([k], [spec], dtype)
+    check_index_folder(index_dir)
     from cepe_rag.pipelines.rag import RagPipeline, Retriever
     from cepe_rag.readers import GenerationConfig, build_reader
 
@@ -264,6 +266,7 @@ def evaluate(
                         n_prompt_passages=n_prompt_passages, ape_temperature=ape_temperature, ape_scale=ape_scale,
                         most_relevant=most_relevant) for name in readers.split(",") if name.strip()]
     check_options(ks, specs, dtype)
+    check_index_folder(index_dir)
     from rich.progress import Progress
 
     from cepe_rag.eval import answerable_subset, load_questions, run_eval, summarise_folder

@@ -104,12 +104,7 @@ class IndexStore:
     def open(cls, folder: str | Path) -> IndexStore:
         """Open an existing index for reading; every problem is a one-line CepeRagError."""
         folder = Path(folder)
-        if not (folder / MANIFEST_FILE).exists():
-            if folder.is_dir() and any(folder.iterdir()):
-                raise CepeRagError(f"{folder} is not a cepe-rag index (no {MANIFEST_FILE}); to search the documents "
-                                   f"in it, index them first: `cepe-rag index {folder} --index indexes/NAME`, then "
-                                   "ask with --index indexes/NAME")
-            raise CepeRagError(f"no index at {folder}: build one with `cepe-rag index SOURCE --index {folder}`")
+        check_index_folder(folder)
         manifest = Manifest.read(folder)
         store = cls(folder, manifest, _connect(folder / DB_FILE, create=False))
         store._load_faiss(required=True)
@@ -371,6 +366,17 @@ def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:
         return faiss.index_cpu_to_all_gpus(index)
     except RuntimeError:  # not every index type has a GPU version
         return index
+
+
+def check_index_folder(folder: Path) -> None:
+    """A one-line error unless `folder` holds an index manifest (what to do depends on what is there)."""
+    if (folder / MANIFEST_FILE).exists():
+        return
+    if folder.is_dir() and any(folder.iterdir()):
+        raise CepeRagError(f"{folder} is not a cepe-rag index (no {MANIFEST_FILE}); to search the documents in it, "
+                           f"index them first: `cepe-rag index {folder} --index indexes/NAME`, then ask with "
+                           "--index indexes/NAME")
+    raise CepeRagError(f"no index at {folder}: build one with `cepe-rag index SOURCE --index {folder}`")
 
 
 def check_factory_syntax(factory: str) -> None:
