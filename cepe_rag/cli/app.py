@@ -22,6 +22,7 @@ from cepe_rag.settings import (
     BENCH_METHODS,
     DEFAULT_DECODER,
     DEFAULT_EMBEDDER,
+    DEFAULT_K,
     DEFAULT_PROMPT_STYLE,
     DEFAULT_READER,
     DTYPES,
@@ -132,7 +133,7 @@ def index(
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     index_dir: IndexOption = DEFAULT_INDEX,
-    k: Annotated[int, typer.Option("--k", help="Passages to retrieve.")] = 20,
+    k: Annotated[int, typer.Option("--k", help="Passages to retrieve.")] = DEFAULT_K,
     reader: Annotated[str | None, typer.Option(help="concat, parallel, closed-book, or cepe. Default: cepe when "
                                                     "--cepe-model is given, else concat.")] = None,
     decoder: DecoderOption = DEFAULT_DECODER,

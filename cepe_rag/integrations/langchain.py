@@ -23,7 +23,7 @@ from cepe_rag.models import default_device, load_embedder
 from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import GenerationConfig, Reader, build_reader
 from cepe_rag.readers.base import SYSTEM_PROMPT
-from cepe_rag.settings import DEFAULT_DECODER, DEFAULT_PROMPT_STYLE, DEFAULT_READER, ReaderSpec
+from cepe_rag.settings import DEFAULT_DECODER, DEFAULT_K, DEFAULT_PROMPT_STYLE, DEFAULT_READER, ReaderSpec
 from cepe_rag.types import Passage
 
 ContextLike = str | Document | Passage
@@ -58,7 +58,7 @@ class CepeRetriever(BaseRetriever):
     """Dense retrieval over a cepe-rag index folder; scores and sources in each Document's metadata."""
 
     index: str
-    k: int = 20
+    k: int = DEFAULT_K
     embedder: str | None = None
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
@@ -81,7 +81,7 @@ class CepeLLM(BaseLLM):
     stop: list[str] | None = None
     system_prompt: str = SYSTEM_PROMPT
     retriever: BaseRetriever | None = None
-    k: int = 20
+    k: int = DEFAULT_K
     device: str | None = None
     timeout: float | None = Field(default=None, description="Accepted for interface compatibility; unused.")
     max_retries: int = Field(default=0, description="Accepted for interface compatibility; unused.")
@@ -93,7 +93,7 @@ class CepeLLM(BaseLLM):
         return cls(decoder=model_id, **kwargs)
 
     @classmethod
-    def from_index(cls, index: str, *, k: int = 20, embedder: str | None = None, **kwargs: Any) -> CepeLLM:
+    def from_index(cls, index: str, *, k: int = DEFAULT_K, embedder: str | None = None, **kwargs: Any) -> CepeLLM:
         return cls(retriever=CepeRetriever(index=str(index), k=k, embedder=embedder), k=k, **kwargs)
 
     @property
