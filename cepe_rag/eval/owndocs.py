@@ -92,6 +92,23 @@ def _year(rng: random.Random, low: int = 1702, high: int = 1988) -> str:
     return str(rng.randint(low, high))
 
 
+# The questions asked about each kind of entity: (template, the fact that answers it).
+QUESTIONS = {
+    "company": [("Who founded {name}?", "founder"), ("In what year was {name} founded?", "year"),
+                ("In which city is {name} headquartered?", "city"), ("What does {name} manufacture?", "product")],
+    "river": [("How long is the {name} in kilometres?", "length"), ("Where does the {name} rise?", "source"),
+              ("Into which lake does the {name} flow?", "mouth"), ("In which country is the {name}?", "country")],
+    "prize": [("In what year was the {name} established?", "year"),
+              ("Who was the first recipient of the {name}?", "first"),
+              ("Which organisation presents the {name}?", "awarder"),
+              ("In which field is the {name} awarded?", "field")],
+    "person": [("In what year was {name} born?", "born"), ("Where was {name} born?", "birthplace"),
+               ("What is {name} best known for?", "known_for")],
+    "bridge": [("Who designed the {name}?", "designer"), ("When did the {name} open?", "year"),
+               ("How long is the {name} in metres?", "length"), ("In which city is the {name}?", "city")],
+}
+
+
 def make_entity(kind: str, base: str, names: NameMaker, rng: random.Random) -> Entity:
     """One entity of `kind` named after `base`: its facts, its Markdown text and its questions."""
     if kind == "company":
@@ -101,9 +118,6 @@ def make_entity(kind: str, base: str, names: NameMaker, rng: random.Random) -> E
         text = (f"{name} is a manufacturer of {f['product']} headquartered in the city of {f['city']}. "
                 f"The company was founded in {f['year']} by {f['founder']}, who ran it for three decades. "
                 f"Today it employs several hundred people and exports to neighbouring countries.")
-        questions = [(f"Who founded {name}?", f["founder"]), (f"In what year was {name} founded?", f["year"]),
-                     (f"In which city is {name} headquartered?", f["city"]),
-                     (f"What does {name} manufacture?", f["product"])]
     elif kind == "river":
         name = f"{base} River"
         f = {"length": str(rng.randint(120, 2900)), "source": f"Mount {names.name()}",
@@ -111,10 +125,6 @@ def make_entity(kind: str, base: str, names: NameMaker, rng: random.Random) -> E
         text = (f"The {name} is a river in {f['country']}. It rises on the slopes of {f['source']} and flows "
                 f"for {f['length']} kilometres before emptying into {f['mouth']}. Its valley is known for "
                 f"orchards and old water mills.")
-        questions = [(f"How long is the {name} in kilometres?", f["length"]),
-                     (f"Where does the {name} rise?", f["source"]),
-                     (f"Into which lake does the {name} flow?", f["mouth"]),
-                     (f"In which country is the {name}?", f["country"])]
     elif kind == "prize":
         name = f"{base} {rng.choice(['Prize', 'Medal', 'Award'])}"
         f = {"year": _year(rng, 1850, 1990), "field": rng.choice(FIELDS), "first": names.person(),
@@ -122,21 +132,15 @@ def make_entity(kind: str, base: str, names: NameMaker, rng: random.Random) -> E
         text = (f"The {name} is an annual award for achievement in {f['field']}. It was established in "
                 f"{f['year']} and is presented by the {f['awarder']}. The first recipient was {f['first']}. "
                 f"Winners receive a bronze medal and a modest sum of money.")
-        questions = [(f"In what year was the {name} established?", f["year"]),
-                     (f"Who was the first recipient of the {name}?", f["first"]),
-                     (f"Which organisation presents the {name}?", f["awarder"]),
-                     (f"In which field is the {name} awarded?", f["field"])]
     elif kind == "person":
         name = f"{rng.choice(FIRST_NAMES)} {base}"
         profession = rng.choice(PROFESSIONS)
         f = {"born": _year(rng, 1720, 1960), "birthplace": names.name(), "profession": profession,
              "work": WORKS[profession].format(n=names.name())}
+        f["known_for"] = re.sub(r"^the ", "", f["work"])
         text = (f"{name} was a {profession} born in {f['born']} in the town of {f['birthplace']}. "
                 f"{name.split()[0]} is best known for {f['work']}, which made the name {base} familiar well "
                 f"beyond the region.")
-        questions = [(f"In what year was {name} born?", f["born"]),
-                     (f"Where was {name} born?", f["birthplace"]),
-                     (f"What is {name} best known for?", re.sub(r"^the ", "", f["work"]))]
     elif kind == "bridge":
         name = f"{base} Bridge"
         f = {"designer": names.person(), "year": _year(rng, 1790, 1990), "length": str(rng.randint(80, 2400)),
@@ -144,11 +148,9 @@ def make_entity(kind: str, base: str, names: NameMaker, rng: random.Random) -> E
         text = (f"The {name} is a {f['kind']} in {f['city']}. It was designed by the engineer "
                 f"{f['designer']} and opened in {f['year']}. The bridge is {f['length']} metres long and "
                 f"carries both road and foot traffic.")
-        questions = [(f"Who designed the {name}?", f["designer"]), (f"When did the {name} open?", f["year"]),
-                     (f"How long is the {name} in metres?", f["length"]),
-                     (f"In which city is the {name}?", f["city"])]
     else:
         raise ValueError(f"unknown kind {kind!r}")
+    questions = [(template.format(name=name), f[fact]) for template, fact in QUESTIONS[kind]]
     return Entity(name, kind, f, f"# {name}\n\n{text}\n", questions)
 
 
