@@ -27,6 +27,7 @@ APE_SCALE = 0.6
 # imports torch.
 READER_NAMES = ("concat", "parallel", "cepe", "closed-book")
 PROMPT_STYLES = ("instruction", "fewshot")
+MOST_RELEVANT = ("first", "last")  # concat: where the best passage goes
 DTYPES = ("float32", "bfloat16", "float16")
 BENCH_METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "parallel", "concat")
 
@@ -59,10 +60,6 @@ class ReaderSpec:
     ape_temperature: float = APE_TEMPERATURE  # parallel
     ape_scale: float = APE_SCALE  # parallel
     most_relevant: str = "first"  # concat: where the best passage goes
-
-    @property
-    def reads_passages(self) -> bool:
-        return self.reader != "closed-book"
 
     @property
     def label(self) -> str:

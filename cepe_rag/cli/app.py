@@ -26,6 +26,7 @@ from cepe_rag.settings import (
     DEFAULT_PROMPT_STYLE,
     DEFAULT_READER,
     DTYPES,
+    MOST_RELEVANT,
     PROMPT_STYLES,
     READER_NAMES,
     ReaderSpec,
@@ -165,15 +166,14 @@ def ask(
     if retriever.store.faiss_is_stale:
         console.print("[yellow]warning:[/] the last indexing run was interrupted; run `cepe-rag index` again "
                       "to finish it (answering from what was committed)")
-    closed_book = not spec.reads_passages
-    if k > retriever.store.count() and not closed_book:
-        console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
-                      "index; reading all of them")
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     warn_slow_dtype(torch_dtype, device)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     chosen = build_reader(spec, generation=generation, device=device, dtype=torch_dtype)
+    if k > retriever.store.count() and chosen.reads_passages:
+        console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
+                      "index; reading all of them")
     decoder = spec.checkpoint() if spec.reader == "cepe" else decoder
     pipeline = RagPipeline(retriever, chosen)
     load_s = time.perf_counter() - started
@@ -183,7 +183,8 @@ def ask(
         sys.stdout.flush()
 
     if not as_json:
-        console.print(f"[dim]reader: {spec.reader} · decoder: {decoder}{'' if closed_book else f' · k={k}'}[/]")
+        shown_k = f" · k={k}" if chosen.reads_passages else ""
+        console.print(f"[dim]reader: {spec.reader} · decoder: {decoder}{shown_k}[/]")
     answer = pipeline.ask(question, k, on_token=None if as_json else show)
     answer.timings["load_s"] = load_s
     if as_json:
@@ -211,7 +212,7 @@ def check_options(k: list[int], specs: list, dtype: str | None) -> None:
     for spec in specs:
         check_choice(spec.reader, READER_NAMES, "reader")
         check_choice(spec.prompt_style, PROMPT_STYLES, "prompt style")
-        check_choice(spec.most_relevant, ("first", "last"), "--most-relevant")
+        check_choice(spec.most_relevant, MOST_RELEVANT, "--most-relevant")
         check_model_reference(spec.decoder, "decoder")
         check_model_reference(spec.cepe_model, "CEPE checkpoint")
         if spec.reader == "cepe":

@@ -116,10 +116,10 @@ class CepeLLM(BaseLLM):
         reader.history = list(history or [])
         return reader
 
-    def passages_for(self, prompt: str, contexts: Sequence[ContextLike] | None) -> list[Passage]:
+    def passages_for(self, prompt: str, contexts: Sequence[ContextLike] | None, reader: Reader) -> list[Passage]:
         if contexts is not None:
             return to_passages(contexts)
-        if self.retriever is not None and ReaderSpec(reader=self.reader).reads_passages:
+        if self.retriever is not None and reader.reads_passages:
             return to_passages(self.retriever.invoke(prompt, k=self.k) if isinstance(self.retriever, CepeRetriever)
                                else self.retriever.invoke(prompt)[: self.k])
         return []
@@ -132,7 +132,7 @@ class CepeLLM(BaseLLM):
                   run_manager: CallbackManagerForLLMRun | None = None, *,
                   contexts: Sequence[ContextLike] | None = None, **kwargs: Any) -> LLMResult:
         reader = self.make_reader(kwargs.get("system_prompt"), kwargs.get("history"))
-        passages = [self.passages_for(p, contexts) for p in prompts]
+        passages = [self.passages_for(p, contexts, reader) for p in prompts]
         answers = reader.answer_batch(prompts, passages, **self._config(stop))
         return LLMResult(generations=[[GenerationChunk(text=a.text, generation_info={
             "sources": [p.source for p in a.passages], "passages_read": a.usage.get("passages_read", 0),
@@ -142,7 +142,7 @@ class CepeLLM(BaseLLM):
                 run_manager: CallbackManagerForLLMRun | None = None, *,
                 contexts: Sequence[ContextLike] | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         reader = self.make_reader(kwargs.get("system_prompt"), kwargs.get("history"))
-        for delta in reader.stream(prompt, self.passages_for(prompt, contexts), **self._config(stop)):
+        for delta in reader.stream(prompt, self.passages_for(prompt, contexts, reader), **self._config(stop)):
             chunk = GenerationChunk(text=delta)
             if run_manager:
                 run_manager.on_llm_new_token(delta, chunk=chunk)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from cepe_rag.readers.generation import GenerationConfig, generate
-from cepe_rag.settings import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
+from cepe_rag.settings import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, check_choice
 from cepe_rag.types import Answer, CepeRagError, Passage
 
 SYSTEM_PROMPT = (
@@ -48,8 +48,7 @@ class Reader:
 
     def __init__(self, model, tokenizer, *, generation: GenerationConfig | None = None,
                  system_prompt: str = SYSTEM_PROMPT, prompt_style: str = DEFAULT_PROMPT_STYLE):
-        if prompt_style not in PROMPT_STYLES:
-            raise CepeRagError(f"unknown prompt style {prompt_style!r}; choose one of: {', '.join(PROMPT_STYLES)}")
+        check_choice(prompt_style, PROMPT_STYLES, "prompt style")
         self.model = model
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig()
@@ -77,7 +76,7 @@ class Reader:
         """(user turn, answer) pairs shown before the question: none for the `instruction` style."""
         if self.prompt_style != "fewshot":
             return []
-        return [((f"{document}\n\n" if self.reads_passages else "") + question_text(question), answer)
+        return [((passage_block(document) if self.reads_passages else "") + question_text(question), answer)
                 for document, question, answer in DEMONSTRATIONS]
 
     def chat_text(self, user_text: str) -> str:

@@ -5,21 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cepe_rag.readers.base import PreparedPrompt, Reader, question_text
-from cepe_rag.types import CepeRagError, Passage
+from cepe_rag.settings import MOST_RELEVANT, check_choice
+from cepe_rag.types import Passage
 
 
 class ConcatReader(Reader):
     """Passages in the chat prompt, most relevant first, as many as the decoder window holds."""
 
     name = "concat"
-    ORDERS = ("first", "last")
 
     def __init__(self, model, tokenizer, *, most_relevant: str = "first", **kwargs):
         """most_relevant: where the best passage goes, `first` (right after the instruction) or `last` (right
         before the question)."""
         super().__init__(model, tokenizer, **kwargs)
-        if most_relevant not in self.ORDERS:
-            raise CepeRagError(f"most_relevant must be one of {', '.join(self.ORDERS)}, not {most_relevant!r}")
+        check_choice(most_relevant, MOST_RELEVANT, "most_relevant")
         self.most_relevant = most_relevant
 
     def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:

@@ -14,28 +14,33 @@ from cepe_rag.readers.cepe import CepeReader
 from cepe_rag.readers.generation import GenerationConfig
 from cepe_rag.readers.parallel import ParallelReader
 from cepe_rag.readers.prompting import ClosedBookReader, ConcatReader
-from cepe_rag.settings import ReaderSpec
-from cepe_rag.types import CepeRagError
+from cepe_rag.settings import ReaderSpec, check_choice
+
+READERS: dict[str, type[Reader]] = {
+    "cepe": CepeReader, "parallel": ParallelReader, "concat": ConcatReader, "closed-book": ClosedBookReader,
+}
+
+
+def make_reader(name: str, model, tokenizer, **kwargs) -> Reader:
+    """A reader over an already loaded model (tests and benchmarks); entry points use `build_reader`."""
+    check_choice(name, tuple(READERS), "reader")
+    return READERS[name](model, tokenizer, **kwargs)
 
 
 def build_reader(spec: ReaderSpec, *, generation: GenerationConfig | None = None, device: str = "cpu",
                  dtype: torch.dtype | None = None, system_prompt: str | None = None) -> Reader:
     """The reader `spec` describes; decoders and CEPE checkpoints load once per process and are shared."""
-    common = {"generation": generation, "prompt_style": spec.prompt_style}
+    check_choice(spec.reader, tuple(READERS), "reader")  # before any model loads
+    own_settings = {"cepe": {"n_prompt_passages": spec.n_prompt_passages},
+                    "concat": {"most_relevant": spec.most_relevant},
+                    "parallel": {"ape_temperature": spec.ape_temperature, "ape_scale": spec.ape_scale}}
+    options = {"generation": generation, "prompt_style": spec.prompt_style, **own_settings.get(spec.reader, {})}
     if system_prompt:
-        common["system_prompt"] = system_prompt
+        options["system_prompt"] = system_prompt
     if spec.reader == "cepe":
         model = _cepe_model(spec.checkpoint(), device, dtype)
-        return CepeReader(model, model.decoder_tokenizer, n_prompt_passages=spec.n_prompt_passages, **common)
-    model, tokenizer = _decoder(spec.decoder, device, dtype)
-    if spec.reader == "concat":
-        return ConcatReader(model, tokenizer, most_relevant=spec.most_relevant, **common)
-    if spec.reader == "parallel":
-        return ParallelReader(model, tokenizer, ape_temperature=spec.ape_temperature,
-                              ape_scale=spec.ape_scale, **common)
-    if spec.reader == "closed-book":
-        return ClosedBookReader(model, tokenizer, **common)
-    raise CepeRagError(f"unknown reader {spec.reader!r}; choose one of: cepe, parallel, concat, closed-book")
+        return make_reader(spec.reader, model, model.decoder_tokenizer, **options)
+    return make_reader(spec.reader, *_decoder(spec.decoder, device, dtype), **options)
 
 
 @lru_cache(maxsize=4)
