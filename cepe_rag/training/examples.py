@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cepe_rag.eval.data import QAExample
-from cepe_rag.eval.metrics import normalize_answer
+from cepe_rag.eval.metrics import answer_in_passages
 from cepe_rag.files import atomic_write
 from cepe_rag.readers.base import question_text
+from cepe_rag.settings import check_choice
 from cepe_rag.training.corpus import Article
 from cepe_rag.types import CepeRagError, Passage
 
@@ -146,17 +147,15 @@ def build_qa_examples(questions: Sequence[QAExample], builder: ExampleBuilder, r
     question, so the reader learns every k). The target is the gold answer the passages contain; a question
     whose passages hold no gold answer is skipped (`skip`) or kept with its first gold answer (`keep`: the
     model then also learns to answer from memory)."""
-    if unanswerable not in UNANSWERABLE_POLICIES:
-        raise CepeRagError(f"unknown policy {unanswerable!r}; choose one of: {', '.join(UNANSWERABLE_POLICIES)}")
+    check_choice(unanswerable, UNANSWERABLE_POLICIES, "policy")
     if not 1 <= min_passages <= max_passages:
         raise CepeRagError(f"passages per question: need 1 <= {min_passages} <= {max_passages}")
     found = retrieve([q.question for q in questions], max_passages)
     examples = []
     for question, hits in zip(questions, found):
         passages = hits[: builder.rng.randint(min_passages, max_passages)]
-        corpus = [normalize_answer(f"{p.title} {p.text}") for p in passages]
-        present = [a for a in question.answers
-                   if normalize_answer(a) and any(normalize_answer(a) in text for text in corpus)]
+        texts = [f"{p.title} {p.text}" for p in passages]
+        present = [answer for answer in question.answers if answer_in_passages(texts, [answer])]
         if not present and unanswerable == "skip":
             continue
         examples.append(builder.qa(question.question, (present or question.answers)[0], passages))

@@ -55,14 +55,23 @@ def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tu
     builder = ExampleBuilder(model.decoder_tokenizer, reader.chat_ids, max_decoder_tokens=max_decoder_tokens,
                              seed=seed)
     if stage == "qa":
-        examples, held = qa_examples(builder, questions, index, min_passages=min_passages,
-                                         max_passages=max_passages, max_questions=max_articles,
-                                         unanswerable=unanswerable, log=log)
-        held = held[:n_validation]
-        out.mkdir(parents=True, exist_ok=True)
-        save_examples(held, validation_path)
-        save_examples(examples, train_path)
-        return examples, held
+        examples, held = qa_examples(builder, questions, index, min_passages=min_passages, max_passages=max_passages,
+                                     max_questions=max_articles, n_validation=n_validation,
+                                     unanswerable=unanswerable, log=log)
+    else:
+        examples, held = article_examples(stage, model, builder, reader.chat_ids, corpus=corpus, languages=languages,
+                                          index=index, max_passages=max_passages, max_articles=max_articles,
+                                          n_validation=n_validation, log=log)
+    out.mkdir(parents=True, exist_ok=True)
+    save_examples(held, validation_path)
+    save_examples(examples, train_path)
+    return examples, held
+
+
+def article_examples(stage: str, model, builder: ExampleBuilder, prompt_ids, *, corpus: str,
+                     languages: tuple[str, ...], index: Path | None, max_passages: int, max_articles: int,
+                     n_validation: int, log=print) -> tuple[list[TrainingExample], list[TrainingExample]]:
+    """Training and held-out (1 article in 20) examples of the corpus stages; CEPED's teacher added."""
     articles = load_articles(corpus, languages=languages)
     if not articles:
         raise CepeRagError(f"no text in training corpus {corpus!r}")
@@ -79,16 +88,13 @@ def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tu
     held = build_examples(stage, validation, builder, retrieve=retrieve, max_passages=max_passages)[:n_validation]
     if stage == "ceped":
         log(f"teacher distributions for {len(examples) + len(held)} examples")
-        add_teacher(examples, model, reader.chat_ids)
-        add_teacher(held, model, reader.chat_ids)
-    out.mkdir(parents=True, exist_ok=True)
-    save_examples(held, validation_path)
-    save_examples(examples, train_path)
+        add_teacher(examples, model, prompt_ids)
+        add_teacher(held, model, prompt_ids)
     return examples, held
 
 
 def qa_examples(builder: ExampleBuilder, questions: str | None, index: Path | None, *, min_passages: int,
-                max_passages: int, max_questions: int, unanswerable: str, log=print):
+                max_passages: int, max_questions: int, n_validation: int, unanswerable: str, log=print):
     """Training and held-out (1 question in 20, by a hash of its text) qa examples."""
     if questions is None or index is None:
         raise CepeRagError("the qa stage needs --questions (a QA file that is not the benchmark, e.g. efficientqa) "
@@ -105,7 +111,7 @@ def qa_examples(builder: ExampleBuilder, questions: str | None, index: Path | No
     held = build_qa_examples(validation, builder, retrieve, **options)
     log(f"qa examples: {len(examples)} of {len(training)} training and {len(held)} of {len(validation)} held-out "
         f"questions ({unanswerable} those whose passages hold no gold answer)")
-    return examples, held
+    return examples, held[:n_validation]
 
 
 def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, init: str | None,

@@ -122,6 +122,7 @@ def test_qa_stage_refuses_the_benchmark_and_needs_an_index(builder, tmp_path):
     benchmark.write_text('{"question": "q", "answer": ["a"]}\n')
     with pytest.raises(CepeRagError, match="is the NQ-open benchmark"):
         qa_examples(builder[0], str(benchmark), tmp_path, min_passages=1, max_passages=2, max_questions=0,
-                    unanswerable="skip")
+                    n_validation=8, unanswerable="skip")
     with pytest.raises(CepeRagError, match="needs --questions"):
-        qa_examples(builder[0], None, None, min_passages=1, max_passages=2, max_questions=0, unanswerable="skip")
+        qa_examples(builder[0], None, None, min_passages=1, max_passages=2, max_questions=0, n_validation=8,
+                    unanswerable="skip")
