@@ -148,7 +148,7 @@ class IndexStore:
             try:
                 index = faiss.read_index(str(path))
             except RuntimeError:
-                self.faiss_is_stale = True
+                pass  # corrupt or truncated: handled as missing
         if index is None:
             self.faiss_is_stale = self.count() > 0
         elif index.d != self.manifest.dimension:
