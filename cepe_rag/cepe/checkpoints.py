@@ -36,7 +36,6 @@ ADAPTER_FORMAT = "cepe-rag-adapter"
 def build_encoder_for(spec: str, decoder: nn.Module, decoder_tokenizer):
     """(encoder, tokenizer) from a spec: `decoder-layers:N` (the decoder's first N layers, made
     bidirectional, sharing its tokenizer) or a sentence-transformers / Hugging Face encoder name."""
-
     if spec.startswith("decoder-layers:"):
         n_layers = int(spec.split(":", 1)[1])
         config = decoder.config.to_dict()
@@ -58,7 +57,6 @@ def build_encoder_for(spec: str, decoder: nn.Module, decoder_tokenizer):
 def new_cepe_model(decoder: str, encoder: str, *, num_cross_attn_layers: int, init_mode: str = "zero",
                    device: str = "cpu", dtype=torch.float32, chunking: dict | None = None):
     """A fresh (untrained cross-attention) CEPE model over named decoder and encoder."""
-
     decoder_model, tokenizer = load_decoder(decoder, dtype=dtype)
     decoder_model.requires_grad_(False)
     encoder_model, encoder_tokenizer = build_encoder_for(encoder, decoder_model, tokenizer)
@@ -72,7 +70,6 @@ def new_cepe_model(decoder: str, encoder: str, *, num_cross_attn_layers: int, in
 def save_adapter(model, folder: str | Path, *, include_encoder: bool = False, card: dict | None = None,
                  dtype: torch.dtype = torch.float16) -> None:
     """Trained tensors in `dtype` (float16 halves the file; the loader casts to the model's dtype)."""
-
     names = getattr(model, "source_names", None)
     if not names:
         raise CepeRagError("this model was not built from named decoder/encoder; use save_pretrained")
@@ -174,7 +171,6 @@ def _read_json(path: Path) -> dict:
 
 def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """safetensors (single or sharded), or PyTorch .bin files loaded with weights_only=True."""
-
     if (folder / "model.safetensors").exists():
         return load_file(folder / "model.safetensors")
     for index_name, loader in (("model.safetensors.index.json", lambda f: load_file(f)),
