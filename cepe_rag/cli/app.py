@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cepe_rag.indexes.store import check_index_folder
+from cepe_rag.indexes.layout import check_index_folder
 from cepe_rag.models import check_model_reference, cpu_has_fast_bfloat16, default_device, resolve_dtype
 from cepe_rag.settings import (
     APE_SCALE,
@@ -368,8 +368,9 @@ def train_command(
                                                                    "distractors (default: random articles).")] = None,
     max_passages: Annotated[int, typer.Option(help="Up to this many passages per example (gold included).")] = 20,
     min_passages: Annotated[int, typer.Option(help="qa: at least this many retrieved passages per question.")] = 5,
-    questions: Annotated[str | None, typer.Option(help="qa: training questions (JSONL, NQ-open or FlashRAG format; "
-                                                       "never the benchmark).")] = None,
+    questions: Annotated[list[str] | None, typer.Option(
+        help="qa: training questions, repeatable: a JSONL file (NQ-open or FlashRAG format; never the benchmark), "
+             "or 'corpus' (questions asked of the --corpus articles, their article among the passages).")] = None,
     unanswerable: Annotated[str, typer.Option(help="qa: questions whose passages hold no gold answer: skip, or "
                                                    "keep (answer from memory).")] = "skip",
     max_articles: Annotated[int, typer.Option(
@@ -383,6 +384,10 @@ def train_command(
     gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for activation memory.")] = False,
     seed: Annotated[int, typer.Option(help="Data and initialisation seed.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    max_minutes: Annotated[float, typer.Option(help="Stop after this many minutes of training (validated, "
+                                                    "checkpointed, adapter saved); 0 = no limit.")] = 0.0,
+    prepare_only: Annotated[bool, typer.Option(help="Build the run folder's examples and stop (to train them "
+                                                    "elsewhere: the folder is all a training machine needs).")] = False,
 ) -> None:
     """Give the decoder CEPE cross-attention: train it on a stage of the recipe (resumable; multi-GPU with
     `accelerate launch -m cepe_rag.cli.app train ...`)."""
@@ -394,14 +399,17 @@ def train_command(
     config = TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=warmup_ratio,
                          lm_cof=lm_cof, kl_cof=(2.0 if stage == "ceped" else 0.0) if kl_cof is None else kl_cof,
                          train_encoder=train_encoder, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
-                         save_every=save_every, eval_every=eval_every, seed=seed)
+                         save_every=save_every, eval_every=eval_every, seed=seed, max_minutes=max_minutes)
     records = run_training(out, config, decoder=decoder, encoder=encoder, init=init,
                            num_cross_attn_layers=cross_attn_layers, init_mode=init_mode, corpus=corpus,
                            languages=tuple(x.strip() for x in languages.split(",") if x.strip()), index=index_dir,
                            max_passages=max_passages, max_articles=max_articles, n_validation=validation,
-                           max_decoder_tokens=max_decoder_tokens, questions=questions, min_passages=min_passages,
-                           unanswerable=unanswerable, device=device or default_device(),
+                           max_decoder_tokens=max_decoder_tokens, questions=questions or [], min_passages=min_passages,
+                           unanswerable=unanswerable, device=device or default_device(), prepare_only=prepare_only,
                            log=lambda line: console.print(line, highlight=False))
+    if prepare_only:
+        console.print(f"examples in {out}; train them with the same command without --prepare-only")
+        return
     if records:
         last = records[-1]
         console.print(f"step {last['step']}: ce {last['ce']:.3f} kl {last['kl']:.3f}"

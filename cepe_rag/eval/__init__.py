@@ -1,8 +1,15 @@
 """Open-domain QA evaluation: datasets, metrics, a cached and resumable runner, reports."""
 
-from cepe_rag.eval.data import QAExample, load_questions
-from cepe_rag.eval.metrics import exact_match, normalize_answer, substring_match, token_f1
-from cepe_rag.eval.runner import answerable_subset, run_eval, summarise_folder
+_EXPORTS = {"QAExample": "data", "load_questions": "data", "exact_match": "metrics", "normalize_answer": "metrics",
+            "substring_match": "metrics", "token_f1": "metrics", "answerable_subset": "runner",
+            "run_eval": "runner", "summarise_folder": "runner"}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["QAExample", "answerable_subset", "exact_match", "load_questions", "normalize_answer", "run_eval",
-           "substring_match", "summarise_folder", "token_f1"]
+
+def __getattr__(name: str):
+    # The runner (retrieval, FAISS) loads on first use: training imports the metrics on a machine without FAISS.
+    if name in _EXPORTS:
+        from importlib import import_module
+
+        return getattr(import_module(f"cepe_rag.eval.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

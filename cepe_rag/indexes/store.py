@@ -20,13 +20,9 @@ import faiss
 import numpy as np
 
 from cepe_rag.files import atomic_write
+from cepe_rag.indexes.layout import DB_FILE, FAISS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, check_index_folder
 from cepe_rag.types import CepeRagError, Passage
 
-FORMAT_NAME = "cepe-rag-index"
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-DB_FILE = "passages.sqlite"
-FAISS_FILE = "index.faiss"
 _TRAINING_SAMPLE = 100_000
 
 _SCHEMA = """
@@ -366,17 +362,6 @@ def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:
         return faiss.index_cpu_to_all_gpus(index)
     except RuntimeError:  # not every index type has a GPU version
         return index
-
-
-def check_index_folder(folder: Path) -> None:
-    """A one-line error unless `folder` holds an index manifest (what to do depends on what is there)."""
-    if (folder / MANIFEST_FILE).exists():
-        return
-    if folder.is_dir() and any(folder.iterdir()):
-        raise CepeRagError(f"{folder} is not a cepe-rag index (no {MANIFEST_FILE}); to search the documents in it, "
-                           f"index them first: `cepe-rag index {folder} --index indexes/NAME`, then ask with "
-                           "--index indexes/NAME")
-    raise CepeRagError(f"no index at {folder}: build one with `cepe-rag index SOURCE --index {folder}`")
 
 
 def check_factory_syntax(factory: str) -> None:

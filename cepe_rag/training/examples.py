@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cepe_rag.eval.data import QAExample
 from cepe_rag.eval.metrics import answer_in_passages
 from cepe_rag.files import atomic_write
 from cepe_rag.readers.base import question_text
@@ -52,14 +51,36 @@ class TrainingExample:
         return len(self.prompt_ids) + len(self.target_ids)
 
 
+@dataclass(frozen=True)
+class TrainingQuestion:
+    question: str
+    answers: list[str]
+    gold: Passage | None = None  # a question generated from the corpus: the passage it was asked of
+
+
 def save_examples(examples: Sequence[TrainingExample], path: Path) -> None:
-    atomic_write(path, "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples).encode())
+    """JSONL: a first line with every distinct chunk text once, then one example a line whose chunks are
+    positions in it (the same passage recurs in many examples; stored once, a run folder stays small)."""
+    positions: dict[str, int] = {}
+    rows = []
+    for example in examples:
+        row = asdict(example)
+        row["chunks"] = [positions.setdefault(text, len(positions)) for text in example.chunks]
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    header = json.dumps({"chunk_texts": list(positions)}, ensure_ascii=False) + "\n"
+    atomic_write(path, (header + "".join(rows)).encode())
 
 
 def load_examples(path: Path) -> list[TrainingExample]:
     try:
-        return [TrainingExample(**json.loads(line)) for line in path.read_text().splitlines() if line]
-    except (json.JSONDecodeError, TypeError) as error:
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line]
+        texts = lines.pop(0)["chunk_texts"] if lines and "chunk_texts" in lines[0] else None
+        examples = [TrainingExample(**row) for row in lines]
+        if texts is not None:
+            for example in examples:
+                example.chunks = [texts[i] for i in example.chunks]
+        return examples
+    except (json.JSONDecodeError, TypeError, KeyError, IndexError) as error:
         raise CepeRagError(f"{path}: not a training-examples file ({error}); delete it to rebuild") from None
 
 
@@ -76,6 +97,12 @@ def split_words(text: str, parts: int) -> list[str]:
 
 def cloze(article: Article, rng: random.Random) -> tuple[str, str] | None:
     """(sentence with one span blanked, the span), or None when the article has no usable span."""
+    candidates = cloze_candidates(article)
+    return rng.choice(candidates) if candidates else None
+
+
+def cloze_candidates(article: Article) -> list[tuple[str, str]]:
+    """Every (sentence with one span blanked, the span) the article offers."""
     candidates = []
     for sentence in sentences(article.text):
         if not 6 <= len(sentence.split()) <= 60:
@@ -85,11 +112,35 @@ def cloze(article: Article, rng: random.Random) -> tuple[str, str] | None:
             # Skip a sentence's first word (capitalised anyway) unless it is the article's subject.
             if len(span) < 2 or (match.start() == 0 and " " not in span and span != article.title):
                 continue
-            candidates.append((sentence, span))
-    if not candidates:
-        return None
-    sentence, span = rng.choice(candidates)
-    return sentence.replace(span, BLANK, 1), span
+            candidates.append((sentence.replace(span, BLANK, 1), span))
+    return candidates
+
+
+def question_from_cloze(blanked: str, span: str) -> str:
+    """A blanked sentence asked in place ("Kubrick directed it in _____." -> "Kubrick directed it in what
+    year?"): the span's kind picks the question word; the answer is the span."""
+    if re.fullmatch(r"1\d{3}|20\d{2}", span):
+        phrase = "what year"
+    elif re.fullmatch(r"[\d,.]+", span):
+        phrase = "how much" if blanked.split(BLANK)[0].rstrip().endswith(("$", "£", "€")) else "what number"
+    else:
+        phrase = "what"
+    if blanked.startswith(BLANK):
+        phrase = phrase[0].upper() + phrase[1:]
+    return blanked.replace(BLANK, phrase, 1).rstrip(" .;:!") + "?"
+
+
+def corpus_questions(articles: Sequence[Article], rng: random.Random,
+                     per_article: int = 2) -> list[TrainingQuestion]:
+    """Questions asked of the corpus itself (up to `per_article` spans of each article, asked in place), each
+    with the article as its gold passage: reading practice with a known answer, in question form."""
+    questions = []
+    for article in articles:
+        candidates = cloze_candidates(article)
+        for blanked, span in rng.sample(candidates, min(per_article, len(candidates))):
+            gold = Passage(0, article.text, title=article.title)
+            questions.append(TrainingQuestion(question_from_cloze(blanked, span), [span], gold=gold))
+    return questions
 
 
 class ExampleBuilder:
@@ -140,7 +191,7 @@ class ExampleBuilder:
 Retrieve = Callable[[list[str], int], list[list[Passage]]]
 
 
-def build_qa_examples(questions: Sequence[QAExample], builder: ExampleBuilder, retrieve: Retrieve, *,
+def build_qa_examples(questions: Sequence[TrainingQuestion], builder: ExampleBuilder, retrieve: Retrieve, *,
                       min_passages: int = 5, max_passages: int = 50,
                       unanswerable: str = "skip") -> list[TrainingExample]:
     """One example per question, reading between min_passages and max_passages retrieved passages (drawn per
@@ -154,6 +205,9 @@ def build_qa_examples(questions: Sequence[QAExample], builder: ExampleBuilder, r
     examples = []
     for question, hits in zip(questions, found):
         passages = hits[: builder.rng.randint(min_passages, max_passages)]
+        if question.gold is not None:  # a generated question: its article replaces a retrieved passage
+            passages = [p for p in passages if p.title != question.gold.title][: len(passages) - 1]
+            passages.insert(builder.rng.randint(0, len(passages)), question.gold)
         texts = [f"{p.title} {p.text}" for p in passages]
         present = [answer for answer in question.answers if answer_in_passages(texts, [answer])]
         if not present and unanswerable == "skip":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,15 +14,16 @@ from cepe_rag.cepe import load_cepe
 from cepe_rag.cepe.checkpoints import new_cepe_model, save_adapter
 from cepe_rag.eval.data import load_questions
 from cepe_rag.files import atomic_write
-from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import CepeReader
 from cepe_rag.readers.base import passage_block
 from cepe_rag.training.corpus import held_out, load_articles
 from cepe_rag.training.examples import (
     ExampleBuilder,
     TrainingExample,
+    TrainingQuestion,
     build_examples,
     build_qa_examples,
+    corpus_questions,
     load_examples,
     save_examples,
 )
@@ -45,17 +48,23 @@ def add_teacher(examples: list[TrainingExample], model, prompt_ids, *, top_k: in
 
 def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tuple[str, ...], index: Path | None,
                      max_passages: int, max_articles: int, n_validation: int, seed: int,
-                     max_decoder_tokens: int = 256, questions: str | None = None, min_passages: int = 5,
+                     max_decoder_tokens: int = 256, questions: Sequence[str] = (), min_passages: int = 5,
                      unanswerable: str = "skip", log=print) -> tuple[list[TrainingExample], list[TrainingExample]]:
-    """Examples for `stage`, built once per run folder (a resumed run trains on exactly the same data)."""
+    """Examples for `stage`, built once per run folder (a resumed run trains on exactly the same data), with
+    `data_{stage}.json` saying what they were built from (the model card's record, wherever they train)."""
     train_path, validation_path = out / f"examples_{stage}.jsonl", out / f"validation_{stage}.jsonl"
     if train_path.exists() and validation_path.exists():
         return load_examples(train_path), load_examples(validation_path)
+    source = {"questions": list(questions), "index": str(index) if index else None, "min_passages": min_passages,
+              "max_passages": max_passages, "unanswerable": unanswerable} if stage == "qa" else \
+        {"corpus": corpus, "languages": list(languages), "index": str(index) if index else None,
+         "max_passages": max_passages, "max_decoder_tokens": max_decoder_tokens}
     reader = CepeReader(model, model.decoder_tokenizer)
     builder = ExampleBuilder(model.decoder_tokenizer, reader.chat_ids, max_decoder_tokens=max_decoder_tokens,
                              seed=seed)
     if stage == "qa":
-        examples, held = qa_examples(builder, questions, index, min_passages=min_passages, max_passages=max_passages,
+        examples, held = qa_examples(builder, questions, index, corpus=corpus, languages=languages,
+                                     min_passages=min_passages, max_passages=max_passages,
                                      max_questions=max_articles, n_validation=n_validation,
                                      unanswerable=unanswerable, log=log)
     else:
@@ -63,6 +72,8 @@ def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tu
                                           index=index, max_passages=max_passages, max_articles=max_articles,
                                           n_validation=n_validation, log=log)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / f"data_{stage}.json", json.dumps({**source, "examples": len(examples),
+                                                        "validation": len(held)}, indent=2).encode())
     save_examples(held, validation_path)
     save_examples(examples, train_path)
     return examples, held
@@ -77,6 +88,8 @@ def article_examples(stage: str, model, builder: ExampleBuilder, prompt_ids, *, 
         raise CepeRagError(f"no text in training corpus {corpus!r}")
     retrieve = None
     if index is not None and stage != "warmup":
+        from cepe_rag.pipelines.rag import Retriever  # here: a run folder with its examples trains without faiss
+
         retriever = Retriever(index)
         retrieve = retriever.retrieve_batch
     training = [a for a in articles if not a.is_validation]
@@ -93,32 +106,54 @@ def article_examples(stage: str, model, builder: ExampleBuilder, prompt_ids, *, 
     return examples, held
 
 
-def qa_examples(builder: ExampleBuilder, questions: str | None, index: Path | None, *, min_passages: int,
-                max_passages: int, max_questions: int, n_validation: int, unanswerable: str, log=print):
-    """Training and held-out (1 question in 20, by a hash of its text) qa examples."""
-    if questions is None or index is None:
-        raise CepeRagError("the qa stage needs --questions (a QA file that is not the benchmark, e.g. efficientqa) "
-                           "and --index (where their passages are retrieved from)")
-    if "NQ-open.dev" in Path(questions).name:
-        raise CepeRagError(f"{questions} is the NQ-open benchmark: train on other questions (e.g. efficientqa)")
-    records = load_questions(questions)
-    training = [q for q in records if not held_out(q.question)]
-    validation = [q for q in records if held_out(q.question)]
-    training = training[:max_questions] if max_questions else training
+CORPUS_QUESTIONS = "corpus"  # --questions value: questions generated from the training corpus
+
+
+def qa_examples(builder: ExampleBuilder, questions: Sequence[str], index: Path | None, *, corpus: str,
+                languages: tuple[str, ...], min_passages: int, max_passages: int, max_questions: int,
+                n_validation: int, unanswerable: str, log=print):
+    """Training and held-out qa examples: questions from each QA file (1 in 20 held out by a hash of its text)
+    and, for `corpus`, questions asked of the training corpus's own articles (held-out articles for
+    validation). The validation set takes a share of each source."""
+    if not questions or index is None:
+        raise CepeRagError("the qa stage needs --questions (a QA file that is not the benchmark, e.g. efficientqa, "
+                           f"or {CORPUS_QUESTIONS!r}) and --index (where their passages are retrieved from)")
+    sources = []
+    for source in questions:
+        if source == CORPUS_QUESTIONS:
+            articles = load_articles(corpus, languages=languages)
+            rng = random.Random(builder.rng.random())
+            sources.append((f"{corpus} (generated)",
+                            corpus_questions([a for a in articles if not a.is_validation], rng),
+                            corpus_questions([a for a in articles if a.is_validation], rng)))
+            continue
+        if "NQ-open.dev" in Path(source).name:
+            raise CepeRagError(f"{source} is the NQ-open benchmark: train on other questions (e.g. efficientqa)")
+        records = [TrainingQuestion(q.question, q.answers) for q in load_questions(source)]
+        sources.append((source, [q for q in records if not held_out(q.question)],
+                        [q for q in records if held_out(q.question)]))
+    from cepe_rag.pipelines.rag import Retriever  # here: a run folder with its examples trains without faiss
+
     retrieve = Retriever(index).retrieve_batch
     options = {"min_passages": min_passages, "max_passages": max_passages, "unanswerable": unanswerable}
-    examples = build_qa_examples(training, builder, retrieve, **options)
-    held = build_qa_examples(validation, builder, retrieve, **options)
-    log(f"qa examples: {len(examples)} of {len(training)} training and {len(held)} of {len(validation)} held-out "
-        f"questions ({unanswerable} those whose passages hold no gold answer)")
-    return examples, held[:n_validation]
+    examples, held = [], []
+    for name, training, validation in sources:
+        training = training[:max_questions] if max_questions else training
+        built = build_qa_examples(training, builder, retrieve, **options)
+        kept = build_qa_examples(validation, builder, retrieve, **options)[: max(1, n_validation // len(sources))]
+        log(f"qa examples from {name}: {len(built)} of {len(training)} training and {len(kept)} held-out questions "
+            f"({unanswerable} those whose passages hold no gold answer)")
+        examples += built
+        held += kept
+    builder.rng.shuffle(examples)
+    return examples, held
 
 
 def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, init: str | None,
                  num_cross_attn_layers: int, init_mode: str, corpus: str, languages: tuple[str, ...],
                  index: Path | None, max_passages: int, max_articles: int, n_validation: int, device: str,
-                 max_decoder_tokens: int = 256, questions: str | None = None, min_passages: int = 5,
-                 unanswerable: str = "skip", log=print) -> list[dict]:
+                 max_decoder_tokens: int = 256, questions: Sequence[str] = (), min_passages: int = 5,
+                 unanswerable: str = "skip", prepare_only: bool = False, log=print) -> list[dict]:
 
     if init:
         model = load_cepe(init, device=device)  # trained weights kept: no re-initialisation
@@ -132,10 +167,11 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
                                             min_passages=min_passages, unanswerable=unanswerable, log=log)
     log(f"{len(examples)} training and {len(validation)} validation examples; {config.steps} steps of "
         f"{config.batch_size}")
-    history = getattr(model, "training_history", []) + [
-        {**asdict(config), "corpus": questions if config.stage == "qa" else corpus, "languages": list(languages),
-         "examples": len(examples),
-         "init": init or init_mode}]
+    if prepare_only:
+        return []
+    data_record = out / f"data_{config.stage}.json"
+    data = json.loads(data_record.read_text()) if data_record.exists() else {"examples": len(examples)}
+    history = getattr(model, "training_history", []) + [{**asdict(config), "data": data, "init": init or init_mode}]
 
     def save(trained, folder):
         if getattr(trained, "source_names", None):
@@ -161,8 +197,8 @@ def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: 
     encoder = json.dumps(model.encoder.config.to_dict(), sort_keys=True, default=str)
     key = hashlib.sha1("\x00".join([encoder, *texts]).encode()).hexdigest()  # states of this encoder, these texts
     if path.exists():
-        stored = load_file(str(path))
-        if stored.pop("__key__", torch.zeros(0)).numpy().tobytes().decode(errors="ignore") == key:
+        stored = load_file(str(path), device=str(model.device))
+        if stored.pop("__key__", torch.zeros(0)).cpu().numpy().tobytes().decode(errors="ignore") == key:
             return {text: stored[str(i)] for i, text in enumerate(texts)}
     log(f"encoding {len(texts)} distinct passages once with the frozen encoder")
     cache: dict[str, torch.Tensor] = {}

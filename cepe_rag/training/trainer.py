@@ -47,6 +47,7 @@ class TrainConfig:
     save_every: int = 100
     eval_every: int = 100
     seed: int = 0
+    max_minutes: float = 0.0  # stop (validated, checkpointed, model saved) after this much training; 0 = no limit
 
 
 @dataclass
@@ -206,10 +207,13 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += batch.n_tokens
-        rate = tokens_seen / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        rate = tokens_seen / elapsed
+        last = step == config.steps or bool(config.max_minutes and elapsed > 60 * config.max_minutes)
         record = {"step": step, "loss": loss.item(), "ce": ce.item(), "kl": kl.item(),
-                  "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": round(rate, 1)}
-        if validation and (step % config.eval_every == 0 or step == config.steps):
+                  "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": round(rate, 1),
+                  "elapsed_s": round(elapsed, 2)}
+        if validation and (step % config.eval_every == 0 or last):
             record.update(evaluate(module, validation, config, pad_id))
         records.append(record)
         bar.set_postfix(ce=f"{record['ce']:.3f}", kl=f"{record['kl']:.3f}", tok_s=f"{rate:.0f}")
@@ -217,10 +221,12 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
         if accelerator.is_main_process:
             with log_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            if step % config.save_every == 0 or step == config.steps:
+            if step % config.save_every == 0 or last:
                 _save_checkpoint(out / CHECKPOINT_DIR, params, optimizer, scheduler, step)
         if on_step is not None:
             on_step(record)
+        if last:
+            break
     bar.close()
     if accelerator.is_main_process and save_model is not None:
         model.eval()
@@ -268,7 +274,7 @@ def _check_same_config(out: Path, config: TrainConfig) -> None:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError:
             raise CepeRagError(f"{path} is not valid JSON; move the run folder away to start afresh") from None
-        changed = sorted(k for k in current if k not in ("steps", "save_every", "eval_every")
+        changed = sorted(k for k in current if k not in ("steps", "save_every", "eval_every", "max_minutes")
                          and saved.get(k) != current[k])
         if changed:
             raise CepeRagError(f"{out} holds a run with other settings ({', '.join(changed)}); "

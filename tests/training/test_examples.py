@@ -63,8 +63,12 @@ def test_warmup_and_standard_examples(builder, chat_tokenizer):
 def test_examples_round_trip_and_bad_files(builder, tmp_path):
     example_builder, _ = builder
     examples = build_examples("read", ARTICLES, example_builder)
+    examples.append(examples[0])  # the same passages twice: stored once
     save_examples(examples, tmp_path / "e.jsonl")
     assert load_examples(tmp_path / "e.jsonl") == examples
+    header, *rows = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert sorted(header["chunk_texts"]) == sorted({c for e in examples for c in e.chunks})
+    assert all(isinstance(i, int) for row in rows for i in row["chunks"])
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(CepeRagError, match="not a training-examples file"):
         load_examples(tmp_path / "bad.jsonl")
@@ -89,8 +93,7 @@ def test_corpora_and_the_held_out_split(tmp_path):
 
 
 def test_qa_examples_read_retrieved_passages_and_answer_short(builder):
-    from cepe_rag.eval.data import QAExample
-    from cepe_rag.training.examples import build_qa_examples
+    from cepe_rag.training.examples import TrainingQuestion, build_qa_examples
     from cepe_rag.types import Passage
 
     example_builder, reader = builder
@@ -101,8 +104,8 @@ def test_qa_examples_read_retrieved_passages_and_answer_short(builder):
         asked.append(k)
         return [sorted(corpus, key=lambda p: "Paris" not in q or "Eiffel" not in p.title)[:k] for q in questions]
 
-    questions = [QAExample("1", "Where is the Eiffel Tower in Paris?", ["Paris", "France"]),
-                 QAExample("2", "Who painted the Mona Lisa?", ["Leonardo da Vinci"])]
+    questions = [TrainingQuestion("Where is the Eiffel Tower in Paris?", ["Paris", "France"]),
+                 TrainingQuestion("Who painted the Mona Lisa?", ["Leonardo da Vinci"])]
     examples = build_qa_examples(questions, example_builder, retrieve, min_passages=2, max_passages=4)
     assert asked == [4] and len(examples) == 1  # the Mona Lisa's passages hold no answer: skipped
     example = examples[0]
@@ -121,8 +124,30 @@ def test_qa_stage_refuses_the_benchmark_and_needs_an_index(builder, tmp_path):
     benchmark = tmp_path / "NQ-open.dev.jsonl"
     benchmark.write_text('{"question": "q", "answer": ["a"]}\n')
     with pytest.raises(CepeRagError, match="is the NQ-open benchmark"):
-        qa_examples(builder[0], str(benchmark), tmp_path, min_passages=1, max_passages=2, max_questions=0,
-                    n_validation=8, unanswerable="skip")
+        qa_examples(builder[0], [str(benchmark)], tmp_path, corpus="wiki-summaries", languages=("en",),
+                    min_passages=1, max_passages=2, max_questions=0, n_validation=8, unanswerable="skip")
     with pytest.raises(CepeRagError, match="needs --questions"):
-        qa_examples(builder[0], None, None, min_passages=1, max_passages=2, max_questions=0, n_validation=8,
-                    unanswerable="skip")
+        qa_examples(builder[0], [], None, corpus="wiki-summaries", languages=("en",), min_passages=1,
+                    max_passages=2, max_questions=0, n_validation=8, unanswerable="skip")
+
+
+def test_corpus_questions_ask_a_span_in_place_and_read_their_article(builder):
+    from cepe_rag.training.examples import build_qa_examples, corpus_questions, question_from_cloze
+    from cepe_rag.types import Passage
+
+    assert question_from_cloze(f"He directed it in {BLANK}.", "1968") == "He directed it in what year?"
+    assert question_from_cloze(f"It is {BLANK} km long.", "6,650") == "It is what number km long?"
+    assert question_from_cloze(f"{BLANK} directed it.", "Stanley Kubrick") == "What directed it?"
+    questions = corpus_questions(ARTICLES, random.Random(0), per_article=2)
+    assert len(questions) == 2 * len(ARTICLES)
+    for question in questions:
+        assert question.question.endswith("?") and question.answers[0] in question.gold.text
+        assert question.question.replace("?", "") not in question.gold.text  # asked, not copied
+    example_builder, _ = builder
+    corpus = [Passage(i, a.text, title=a.title) for i, a in enumerate(ARTICLES)]
+    examples = build_qa_examples(questions, example_builder, lambda qs, k: [corpus[:k] for _ in qs],
+                                 min_passages=1, max_passages=3)
+    assert len(examples) == len(questions)
+    for question, example in zip(questions, examples):
+        golds = [c for c in example.chunks if c.startswith(f"Document (Title: {question.gold.title})")]
+        assert len(golds) == 1 and 1 <= len(example.chunks) <= 3  # the article once, whatever was retrieved

@@ -107,6 +107,18 @@ def test_an_interrupted_run_resumes_to_the_same_weights(chat_tokenizer, minilm_t
               tmp_path / "b", progress=False)
 
 
+def test_a_time_limited_run_stops_validated_checkpointed_and_saved(chat_tokenizer, minilm_tokenizer, tmp_path):
+    examples = copy_examples(chat_tokenizer, n=8)
+    model = tiny_model(chat_tokenizer, minilm_tokenizer)
+    config = TrainConfig(stage="warmup", steps=50, batch_size=4, save_every=100, eval_every=100, max_minutes=1e-9)
+    saved = []
+    records = train(model, examples, config, tmp_path, validation=examples[:4], progress=False,
+                    save_model=lambda trained, folder: saved.append(folder))
+    assert [r["step"] for r in records] == [1] and "val_ce" in records[0]  # out of time after the first step
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 1
+    assert saved == [tmp_path / "model"]
+
+
 def test_padding_and_prompt_are_not_in_the_loss(chat_tokenizer, minilm_tokenizer):
     model = tiny_model(chat_tokenizer, minilm_tokenizer).double()
     for layer in model.cross_attention_layers():  # non-zero cross-attention, so the context matters
