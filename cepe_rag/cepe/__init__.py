@@ -7,7 +7,7 @@ encoder.py (chunks -> states) -> cross_attention.py (the added block) -> model.p
 from cepe_rag.cepe.checkpoints import load_cepe
 from cepe_rag.cepe.cross_attention import CrossAttention, CrossContext
 from cepe_rag.cepe.encoder import ContextStates, build_encoder, encode_chunks
-from cepe_rag.cepe.model import CepeForCausalLM
+from cepe_rag.cepe.model import CepeForCausalLM, ChunkStateCache
 
-__all__ = ["CepeForCausalLM", "ContextStates", "CrossAttention", "CrossContext", "build_encoder", "encode_chunks",
-           "load_cepe"]
+__all__ = ["CepeForCausalLM", "ChunkStateCache", "ContextStates", "CrossAttention", "CrossContext", "build_encoder",
+           "encode_chunks", "load_cepe"]

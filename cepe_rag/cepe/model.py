@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from cepe_rag.cepe.cross_attention import (
 )
 from cepe_rag.cepe.encoder import ContextStates, encode_chunks, make_bidirectional
 from cepe_rag.models import contiguous_head_input
+from cepe_rag.padding import pad_token_ids
 from cepe_rag.types import CepeRagError
 
 # Config fields of the released checkpoints, with the values a fresh model gets.
@@ -141,13 +143,8 @@ class CepeForCausalLM(nn.Module):
         out: list[torch.Tensor] = []
         for start in range(0, len(token_ids), batch_size):
             chunk = token_ids[start:start + batch_size]
-            width = max((len(c) for c in chunk), default=0)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=device)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
-            for row, tokens in enumerate(chunk):
-                ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-                mask[row, : len(tokens)] = 1
-            hidden = encode_chunks(self.encoder, ids, mask, all_states) if width else None
+            ids, mask = pad_token_ids(chunk, pad, side="right", device=device)
+            hidden = encode_chunks(self.encoder, ids, mask, all_states) if ids.shape[1] else None
             out.extend(hidden[row, ..., : len(tokens), :] if len(tokens) else self._empty_states(device)
                        for row, tokens in enumerate(chunk))
         return out
@@ -255,3 +252,36 @@ def group_by_request(flat: Sequence, chunks_per_request: Sequence[Sequence]) -> 
         grouped.append(list(flat[start:start + len(chunks)]))
         start += len(chunks)
     return grouped
+
+
+class ChunkStateCache:
+    """Encoder states by chunk text: a chunk's states depend on its text alone, and the same passages come
+    back in many questions (and training examples). Missing texts are encoded in length-sorted batches;
+    beyond `max_chunks` the least recently used are dropped (None: keep all)."""
+
+    def __init__(self, model: CepeForCausalLM, *, max_chunks: int | None = None,
+                 store_dtype: torch.dtype | None = None, batch_size: int = 64):
+        self.model = model
+        self.max_chunks = max_chunks
+        self.store_dtype = store_dtype  # e.g. float16 to halve a training run's cache
+        self.batch_size = batch_size
+        self.states: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    @torch.no_grad()
+    def lookup(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        missing = sorted(dict.fromkeys(t for t in texts if t not in self.states), key=len)  # stable order
+        for start in range(0, len(missing), self.batch_size):
+            group = missing[start:start + self.batch_size]
+            fresh = self.model.encode_token_chunks(self.model.tokenize_chunks(group), batch_size=self.batch_size)
+            for text, state in zip(group, fresh):
+                self.states[text] = state.to(self.store_dtype) if self.store_dtype else state
+        found = []
+        for text in texts:
+            self.states.move_to_end(text)
+            found.append(self.states[text])
+        while self.max_chunks is not None and len(self.states) > self.max_chunks:
+            self.states.popitem(last=False)
+        return found

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from cepe_rag.cepe import CepeForCausalLM, ContextStates
+from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache, ContextStates
 from cepe_rag.readers.base import PreparedPrompt, Reader, passage_block, question_text
 from cepe_rag.readers.generation import GenerationConfig, generate
 from cepe_rag.types import Passage
@@ -28,9 +27,8 @@ class CepeReader(Reader):
         self.n_encoder_passages = n_encoder_passages
         self.context_states = context_states
         self.cache_cross_kv = cache_cross_kv
-        # States depend on the passage alone: many questions retrieve the same passages (and top-5 is in top-20).
-        self.max_cached_passages = max_cached_passages
-        self._encoded: OrderedDict[str, torch.Tensor] = OrderedDict()  # keyed by text: ids are not unique
+        # Many questions retrieve the same passages (and top-5 is in top-20); keyed by text: ids are not unique.
+        self.encoded = ChunkStateCache(model, max_chunks=max_cached_passages)
 
     def split(self, passages: Sequence[Passage]) -> tuple[list[Passage], list[Passage]]:
         in_prompt = list(passages[: self.n_prompt_passages])
@@ -45,24 +43,11 @@ class CepeReader(Reader):
         return PreparedPrompt(ids, in_prompt + in_encoder, plan=in_encoder)
 
     def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:
-        """Stored states where the index has them, then recently encoded ones; the encoder, in one batch, for the
-        rest."""
+        """Stored states where the index has them; the others through the (caching) encoder."""
         stored = dict(zip(self.context_states.ids, self.context_states.states)) if self.context_states else {}
-        texts = [p.as_prompt_text() for p in passages]
-        states = {text: stored[p.id] for p, text in zip(passages, texts) if p.id in stored}
-        for text in texts:
-            if text not in states and text in self._encoded:
-                self._encoded.move_to_end(text)
-                states[text] = self._encoded[text]
-        missing = list(dict.fromkeys(t for t in texts if t not in states))
-        if missing:
-            fresh = self.model.encode_token_chunks(self.model.tokenize_chunks(missing))
-            states.update(zip(missing, fresh))
-            if self.max_cached_passages:
-                self._encoded.update(zip(missing, fresh))
-                while len(self._encoded) > self.max_cached_passages:
-                    self._encoded.popitem(last=False)
-        return [states[t] for t in texts]
+        texts = list(dict.fromkeys(p.as_prompt_text() for p in passages if p.id not in stored))
+        encoded = dict(zip(texts, self.encoded.lookup(texts)))
+        return [stored[p.id] if p.id in stored else encoded[p.as_prompt_text()] for p in passages]
 
     def _stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
         with torch.inference_mode():

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cepe_rag.padding import pad_id_of, pad_token_ids
+
 
 @dataclass
 class GenerationConfig:
@@ -23,17 +25,6 @@ class GenerationConfig:
 
 # step(input_ids, attention_mask, position_ids, cache) -> logits of the last position, (batch, vocab)
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-    return ids, mask
 
 
 def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
@@ -69,10 +60,8 @@ def decode_stream(
     `past_mask`/`position_offsets` describe tokens already in `cache` (a shared context prefilled by a
     reader); positions of the prompt continue after them.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     eos_ids = _eos_ids(tokenizer)
-    ids, mask = left_pad(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = pad_token_ids(prompts, pad_id_of(tokenizer), side="left", device=device)
     offsets = position_offsets.to(device).unsqueeze(-1) if position_offsets is not None else 0
     positions = positions_from_mask(mask, offsets)
     full_mask = mask if past_mask is None else torch.cat([past_mask.to(device), mask], dim=-1)

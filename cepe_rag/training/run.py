@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -9,8 +10,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
-from cepe_rag.cepe import load_cepe
+from cepe_rag.cepe import ChunkStateCache, load_cepe
 from cepe_rag.cepe.checkpoints import new_cepe_model, save_adapter
 from cepe_rag.eval.data import load_questions
 from cepe_rag.files import atomic_write
@@ -27,7 +29,7 @@ from cepe_rag.training.examples import (
     load_examples,
     save_examples,
 )
-from cepe_rag.training.trainer import TrainConfig, encode_cached, train
+from cepe_rag.training.trainer import TrainConfig, train
 from cepe_rag.types import CepeRagError
 
 
@@ -187,24 +189,22 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
     return train(model, examples, config, out, validation=validation, save_model=save, state_cache=cache)
 
 
-def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: bool, log=print) -> dict:
-    """Every distinct chunk encoded once by the frozen encoder (fp16, saved in the run folder)."""
-    import hashlib
-
-    from safetensors.torch import load_file, save
-
+def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: bool, log=print) -> ChunkStateCache:
+    """Every distinct chunk encoded once by the frozen encoder (fp16, saved in the run folder: a resumed or
+    repeated run with the same encoder and texts loads them)."""
     texts = sorted({chunk for e in examples for chunk in e.chunks})
     encoder = json.dumps(model.encoder.config.to_dict(), sort_keys=True, default=str)
     key = hashlib.sha1("\x00".join([encoder, *texts]).encode()).hexdigest()  # states of this encoder, these texts
+    cache = ChunkStateCache(model, store_dtype=torch.float16)
     if path.exists():
         stored = load_file(str(path), device=str(model.device))
         if stored.pop("__key__", torch.zeros(0)).cpu().numpy().tobytes().decode(errors="ignore") == key:
-            return {text: stored[str(i)] for i, text in enumerate(texts)}
+            cache.states.update((text, stored[str(i)]) for i, text in enumerate(texts))
+            return cache
     log(f"encoding {len(texts)} distinct passages once with the frozen encoder")
-    cache: dict[str, torch.Tensor] = {}
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-        encode_cached(model, texts, cache)
-    tensors = {str(i): cache[text].contiguous() for i, text in enumerate(texts)}
+        cache.lookup(texts)
+    tensors = {str(i): cache.states[text].contiguous() for i, text in enumerate(texts)}
     tensors["__key__"] = torch.frombuffer(bytearray(key.encode()), dtype=torch.uint8)
     atomic_write(path, save(tensors))
     return cache

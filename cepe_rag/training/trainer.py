@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cepe_rag.cepe import CepeForCausalLM
+from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache
 from cepe_rag.cepe.model import group_by_request
+from cepe_rag.padding import pad_id_of, pad_token_ids
 from cepe_rag.training.examples import TrainingExample
 from cepe_rag.types import CepeRagError
 
@@ -65,15 +66,10 @@ class Batch:
 
 
 def collate(examples: Sequence[TrainingExample], pad_id: int) -> Batch:
-    width = max(e.length for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    ids, mask = pad_token_ids([e.prompt_ids + e.target_ids for e in examples], pad_id, side="right")
+    labels = torch.full_like(ids, -100)
     for row, example in enumerate(examples):
-        sequence = example.prompt_ids + example.target_ids
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask[row, : len(sequence)] = 1
-        labels[row, len(example.prompt_ids): len(sequence)] = torch.tensor(example.target_ids)
+        labels[row, len(example.prompt_ids): example.length] = torch.tensor(example.target_ids)
     teacher_ids = teacher_probs = None
     if all(e.teacher_ids for e in examples):
         teacher_ids = torch.tensor([t for e in examples for t in e.teacher_ids], dtype=torch.long)
@@ -97,7 +93,7 @@ class CepeTrainingModule(nn.Module):
     """The model plus its losses in one forward, so accelerate/DDP can wrap it."""
 
     def __init__(self, model: CepeForCausalLM, *, train_encoder: bool = False,
-                 state_cache: dict[str, torch.Tensor] | None = None):
+                 state_cache: ChunkStateCache | None = None):
         super().__init__()
         self.model = model
         self.train_encoder = train_encoder
@@ -114,7 +110,8 @@ class CepeTrainingModule(nn.Module):
         model = self.model
         flat = [text for chunks in batch.chunks for text in chunks]
         if self.state_cache is not None:
-            states = encode_cached(model, flat, self.state_cache)
+            dtype = model.cross_attention_layers()[0].cross_attn.k_proj.weight.dtype
+            states = [state.to(dtype=dtype, device=model.device) for state in self.state_cache.lookup(flat)]
         else:
             with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
                 states = model.encode_token_chunks(model.tokenize_chunks(flat)) if flat else []
@@ -134,19 +131,6 @@ class CepeTrainingModule(nn.Module):
         return ce, distillation_kl(logits, batch.teacher_ids.to(device), batch.teacher_probs.to(device))
 
 
-@torch.no_grad()
-def encode_cached(model: CepeForCausalLM, texts: Sequence[str], cache: dict[str, torch.Tensor],
-                  batch_size: int = 64) -> list[torch.Tensor]:
-    """Encoder states of `texts`, encoding (in length-sorted batches) only those not in `cache` yet."""
-    missing = sorted({t for t in texts if t not in cache}, key=len)
-    for start in range(0, len(missing), batch_size):
-        group = missing[start:start + batch_size]
-        for text, state in zip(group, model.encode_token_chunks(model.tokenize_chunks(group), batch_size=batch_size)):
-            cache[text] = state.to(torch.float16 if state.is_floating_point() else state.dtype)
-    dtype = model.cross_attention_layers()[0].cross_attn.k_proj.weight.dtype
-    return [cache[t].to(dtype=dtype, device=model.device) for t in texts]
-
-
 def trainable_parameters(model: CepeForCausalLM, train_encoder: bool) -> dict[str, nn.Parameter]:
     """Freeze everything, then unfreeze cross-attention (and the encoder if asked)."""
     model.requires_grad_(False)
@@ -162,7 +146,7 @@ def trainable_parameters(model: CepeForCausalLM, train_encoder: bool) -> dict[st
 
 def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: TrainConfig, out_dir: str | Path, *,
           validation: Sequence[TrainingExample] = (), save_model: Callable[[CepeForCausalLM, Path], None] | None = None,
-          state_cache: dict[str, torch.Tensor] | None = None, progress: bool = True,
+          state_cache: ChunkStateCache | None = None, progress: bool = True,
           on_step: Callable[[dict], None] | None = None) -> list[dict]:
     """Run (or resume) `config.steps` optimiser steps; returns the log records. Writes to `out_dir`:
     train_config.json, log.jsonl, checkpoint/ (trainable weights, optimiser, step) and, at the end,
@@ -188,8 +172,7 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
     module, optimizer, scheduler = accelerator.prepare(
         CepeTrainingModule(model, train_encoder=config.train_encoder, state_cache=state_cache).train(),
         optimizer, scheduler)
-    tokenizer = model.decoder_tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(model.decoder_tokenizer)
     order = _order(len(examples), config, accelerator.num_processes, accelerator.process_index)
     log_path = out / "log.jsonl"
     records = []

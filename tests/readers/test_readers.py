@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from cepe_rag.padding import pad_token_ids
 from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig
-from cepe_rag.readers.generation import _stop_index, left_pad
+from cepe_rag.readers.generation import _stop_index
 from cepe_rag.types import CepeRagError, Passage
 from tests.readers.conftest import tiny_chat_llama
 
@@ -84,8 +85,10 @@ def test_question_longer_than_window_is_refused(tiny_chat_model, chat_tokenizer)
 def test_stop_strings_and_left_padding():
     assert _stop_index("Paris\nand more", ("\n",), 0) == 5
     assert _stop_index("no stop here", ("\n", "###"), 0) is None
-    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    ids, mask = pad_token_ids([[1, 2, 3], [4]], pad_id=0, side="left")
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_token_ids([[1, 2, 3], [4], []], pad_id=9, side="right")
+    assert ids.tolist() == [[1, 2, 3], [4, 9, 9], [9, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
 
 
 def tiny_cepe_reader(model, tokenizer, init_mode, **kwargs):
