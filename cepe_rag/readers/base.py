@@ -125,7 +125,7 @@ class Reader:
                      generation: GenerationConfig | None = None) -> Iterator[list[str]]:
         """Text deltas for every question after each decoding step."""
         prepared = [self.prepare(q, p) for q, p in zip(questions, passages)]
-        yield from self._stream_prepared(prepared, generation or self.generation)
+        yield from self.stream_prepared(prepared, generation or self.generation)
 
     def _decode(self, prompts: list[list[int]], generation: GenerationConfig, **step_kwargs) -> Iterator[list[str]]:
         yield from generate(self.model, prompts, self.tokenizer, generation, device=self.device, **step_kwargs)
@@ -151,7 +151,7 @@ class Reader:
         steps = 0
         started = time.perf_counter()
         first_token = None
-        for deltas in self._stream_prepared(prepared, config):
+        for deltas in self.stream_prepared(prepared, config):
             steps += 1
             first_token = first_token or time.perf_counter()
             for row, delta in enumerate(deltas):
@@ -166,7 +166,7 @@ class Reader:
             for text, prep in zip(texts, prepared)
         ]
 
-    def _stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
+    def stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
         yield from self._decode([p.ids for p in prepared], config)
 
 

@@ -49,7 +49,7 @@ class CepeReader(Reader):
         encoded = dict(zip(texts, self.encoded.lookup(texts)))
         return [stored[p.id] if p.id in stored else encoded[p.as_prompt_text()] for p in passages]
 
-    def _stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
+    def stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
         with torch.inference_mode():
             states = [self._chunk_states(p.plan) for p in prepared]
             context = self.model.context_from_states(states, cache_kv=self.cache_cross_kv)

@@ -174,7 +174,7 @@ class ParallelReader(Reader):
         context = ParallelContext(is_passage, self.ape_temperature, self.ape_scale)
         return cache, past_mask, torch.tensor(offsets), context
 
-    def _stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
+    def stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
         cache, past_mask, offsets, parallel_context = self.parallel_cache(prepared)
         yield from generate(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.device,
                             cache=cache, position_offsets=offsets, past_mask=past_mask,
