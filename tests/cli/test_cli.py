@@ -234,6 +234,7 @@ def test_train_then_answer_with_the_trained_adapter(kubrick_index, tmp_path):
     adapter = json.loads((out / "model" / "cepe_adapter.json").read_text())
     assert adapter["decoder"] == "smollm2-135m-instruct" and adapter["num_cross_attn_layers"] == 2
     assert adapter["training_history"][-1]["stage"] == "read"
+    assert adapter["training_history"][-1]["data"]["corpus"] == str(corpus)  # what the examples came from
     assert (out / "model" / "cross_attention.safetensors").stat().st_size < 10 * 2**20  # not the whole decoder
     from safetensors.torch import load_file
 
@@ -251,6 +252,11 @@ def test_train_then_answer_with_the_trained_adapter(kubrick_index, tmp_path):
     assert rerun.returncode == 0 and "step 3:" not in rerun.stderr
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
     assert_one_line_error(run_cli(*args[:-2], "--cross-attn-layers", "3", "--lr", "1"), "other settings")
+    prepared = tmp_path / "prepared"  # examples built here, to train on another machine
+    result = run_cli(*[prepared if arg == out else arg for arg in args], "--prepare-only")
+    assert result.returncode == 0 and not (prepared / "model").exists(), result.stderr
+    assert json.loads((prepared / "data_read.json").read_text())["examples"] > 0
+    assert (prepared / "examples_read.jsonl").read_text() == (out / "examples_read.jsonl").read_text()
     assert_one_line_error(run_cli("train", "--stage", "nope", "--out", out), "unknown stage")
     assert_one_line_error(run_cli("train", "--corpus", tmp_path / "none.jsonl", "--out", tmp_path / "r2"),
                           "cannot load training corpus")
