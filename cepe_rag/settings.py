@@ -26,7 +26,7 @@ APE_SCALE = 0.6
 # The choices every entry point offers, here (not beside their classes) so the CLI checks them before it
 # imports torch.
 READER_NAMES = ("concat", "parallel", "cepe", "closed-book")
-PROMPT_STYLES = ("instruction", "fewshot")
+PROMPT_STYLES = ("instruction", "fewshot", "query-aware")
 MOST_RELEVANT = ("first", "last")  # concat: where the best passage goes
 DTYPES = ("float32", "bfloat16", "float16")
 BENCH_METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "parallel", "concat")

@@ -51,8 +51,9 @@ ApeScaleOption = Annotated[float, typer.Option(help="parallel: scale on the pass
 MostRelevantOption = Annotated[str, typer.Option(
     help="concat: the most relevant passage first (after the instruction) or last (before the question).")]
 PromptOption = Annotated[str, typer.Option(
-    "--prompt", help="instruction (a system instruction asking for a short answer) or fewshot (plus two worked "
-                     "examples of short answers).")]
+    "--prompt", help="instruction (a system instruction asking for a short answer), fewshot (plus two worked "
+                     "examples of short answers) or query-aware (instruction, and the question before the passages "
+                     "as well as after them).")]
 DtypeOption = Annotated[str | None, typer.Option(
     help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on the CPU; bfloat16 is ~2.5x faster "
          "on CPUs with AMX).")]

@@ -104,9 +104,15 @@ class Reader:
         the user turn), one token list per passage, and the question up to where the answer starts. Joined they
         are the concat reader's prompt, token for token; the parallel reader prefills the passages side by side."""
         marker = "\x00PASSAGES\x00"
-        head, _, tail = self.chat_text(marker + question_text(question)).partition(marker)
+        head, _, tail = self.chat_text(self.ahead_of_passages(question, passages) + marker
+                                       + question_text(question)).partition(marker)
         prefix, query = self.tokenize(head, at_start=True), self.tokenize(tail)
         return prefix, [self.tokenize(passage_block(p.as_prompt_text())) for p in passages], query
+
+    def ahead_of_passages(self, question: str, passages: Sequence) -> str:
+        """`query-aware`: the question before the passages as well as after them, so the decoder reads them
+        knowing what it looks for (Liu et al. 2023, "Lost in the Middle")."""
+        return passage_block(question_text(question)) if self.prompt_style == "query-aware" and passages else ""
 
     def check_fits(self, n_prompt_tokens: int) -> None:
         budget = self.window - self.generation.max_new_tokens

@@ -38,7 +38,7 @@ class CepeReader(Reader):
     def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
         in_prompt, in_encoder = self.split(passages)
         documents = "".join(passage_block(p.as_prompt_text()) for p in in_prompt)
-        ids = self.chat_ids(documents + question_text(question))
+        ids = self.chat_ids(self.ahead_of_passages(question, in_prompt) + documents + question_text(question))
         self.check_fits(len(ids))
         return PreparedPrompt(ids, in_prompt + in_encoder, plan=in_encoder)
 

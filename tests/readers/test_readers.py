@@ -56,6 +56,18 @@ def test_fewshot_prompt_shows_worked_examples_before_the_question(tiny_chat_mode
         ConcatReader(tiny_chat_model, chat_tokenizer, prompt_style="poem")
 
 
+def test_query_aware_prompt_asks_before_and_after_the_passages(tiny_chat_model, chat_tokenizer):
+    reader = ConcatReader(tiny_chat_model, chat_tokenizer, prompt_style="query-aware")
+    text = chat_tokenizer.decode(reader.prepare("What is topic 3?", PASSAGES[:2]).ids)
+    first, last = text.index("Question: What is topic 3?"), text.rindex("Question: What is topic 3?")
+    assert first < text.index("Passage number 0") < text.index("Passage number 1") < last
+    plain = chat_tokenizer.decode(ConcatReader(tiny_chat_model, chat_tokenizer).prepare("What is topic 3?",
+                                                                                      PASSAGES[:2]).ids)
+    assert plain.count("What is topic 3?") == 1 and plain == text.replace("Question: What is topic 3?\n\n", "", 1)
+    alone = chat_tokenizer.decode(reader.prepare("What is topic 3?", []).ids)
+    assert alone.count("What is topic 3?") == 1  # nothing to read: asked once
+
+
 def test_streamed_deltas_add_up_to_the_answer_and_batch_equals_single(tiny_chat_model, chat_tokenizer):
     reader = ConcatReader(tiny_chat_model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=10))
     questions = ["first question?", "a second, longer question about something?"]
