@@ -61,8 +61,8 @@ def test_query_aware_prompt_asks_before_and_after_the_passages(tiny_chat_model, 
     text = chat_tokenizer.decode(reader.prepare("What is topic 3?", PASSAGES[:2]).ids)
     first, last = text.index("Question: What is topic 3?"), text.rindex("Question: What is topic 3?")
     assert first < text.index("Passage number 0") < text.index("Passage number 1") < last
-    plain = chat_tokenizer.decode(ConcatReader(tiny_chat_model, chat_tokenizer).prepare("What is topic 3?",
-                                                                                      PASSAGES[:2]).ids)
+    plain = chat_tokenizer.decode(ConcatReader(tiny_chat_model, chat_tokenizer, prompt_style="instruction").prepare(
+        "What is topic 3?", PASSAGES[:2]).ids)
     assert plain.count("What is topic 3?") == 1 and plain == text.replace("Question: What is topic 3?\n\n", "", 1)
     alone = chat_tokenizer.decode(reader.prepare("What is topic 3?", []).ids)
     assert alone.count("What is topic 3?") == 1  # nothing to read: asked once
