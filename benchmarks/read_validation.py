@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 from cepe_rag.cepe import load_cepe
 from cepe_rag.models import load_decoder
+from cepe_rag.padding import pad_id_of
 from cepe_rag.readers import ClosedBookReader
+from cepe_rag.readers.base import passage_block
 from cepe_rag.training.examples import load_examples
 from cepe_rag.training.trainer import CepeTrainingModule, collate
 
@@ -43,13 +45,13 @@ def main() -> None:
     result = {
         "examples": len(examples), "answer_tokens": tokens,
         "closed-book": sum(answer_ce(decoder, e.prompt_ids, e.target_ids) for e in examples) / tokens,
-        "concat": sum(answer_ce(decoder, prompts.chat_ids("".join(c + "\n\n" for c in e.chunks) + e.question),
+        "concat": sum(answer_ce(decoder, prompts.chat_ids("".join(passage_block(c) for c in e.chunks) + e.question),
                                 e.target_ids) for e in examples) / tokens,
     }
     for path in args.cepe_model:
         module = CepeTrainingModule(load_cepe(path)).eval()
         # One example per batch: the module's CE is then that example's token mean.
-        result[f"cepe {path}"] = sum(module(collate([e], tokenizer.pad_token_id or 0))[0].item() * len(e.target_ids)
+        result[f"cepe {path}"] = sum(module(collate([e], pad_id_of(tokenizer)))[0].item() * len(e.target_ids)
                                      for e in examples) / tokens
     print(json.dumps(result, indent=2))
     if args.out:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from dataclasses import asdict
@@ -488,8 +489,6 @@ def serve(
 
 
 def check_port_free(host: str, port: int) -> None:
-    import socket
-
     try:
         with socket.create_server((host, port)):
             pass

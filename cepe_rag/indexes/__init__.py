@@ -1,12 +1,8 @@
 """Index folders: FAISS vectors + SQLite passages + manifest."""
 
-__all__ = ["IndexStore", "Manifest", "StoredPassage", "writer_lock"]
+from cepe_rag.lazy import lazy_exports
 
-
-def __getattr__(name: str):
-    # FAISS loads on first use of the store, not on `import cepe_rag.indexes.layout` (the CLI's option checks).
-    if name in __all__:
-        from cepe_rag.indexes import store
-
-        return getattr(store, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# FAISS loads on first use of the store, not on `import cepe_rag.indexes.layout` (the CLI's option checks).
+_EXPORTS = {"IndexStore": "store", "Manifest": "store", "StoredPassage": "store", "writer_lock": "store"}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -45,9 +45,10 @@ class CepeReader(Reader):
     def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:
         """Stored states where the index has them; the others through the (caching) encoder."""
         stored = dict(zip(self.context_states.ids, self.context_states.states)) if self.context_states else {}
-        texts = list(dict.fromkeys(p.as_prompt_text() for p in passages if p.id not in stored))
-        encoded = dict(zip(texts, self.encoded.lookup(texts)))
-        return [stored[p.id] if p.id in stored else encoded[p.as_prompt_text()] for p in passages]
+        texts = [p.as_prompt_text() for p in passages]
+        unstored = list(dict.fromkeys(text for p, text in zip(passages, texts) if p.id not in stored))
+        encoded = dict(zip(unstored, self.encoded.lookup(unstored)))
+        return [stored[p.id] if p.id in stored else encoded[text] for p, text in zip(passages, texts)]
 
     def stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
         with torch.inference_mode():
