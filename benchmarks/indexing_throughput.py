@@ -19,8 +19,8 @@ import torch
 
 from cepe_rag.documents import LoadReport, PassageSplitter, iter_documents
 from cepe_rag.documents.loading import demo_corpus_path
-from cepe_rag.models import load_embedder
-from cepe_rag.pipelines.indexing import build_index, embed_texts, passage_embedding_text
+from cepe_rag.models import embed_texts, load_embedder
+from cepe_rag.pipelines.indexing import build_index, passage_embedding_text
 
 
 def main() -> None:

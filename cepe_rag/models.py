@@ -215,6 +215,12 @@ def load_query_embedder(name: str = DEFAULT_EMBEDDER, *, device: str = "cpu"):
     return load_embedder(name, device=device)
 
 
+def embed_texts(embedder, texts: list[str], batch_size: int = 64):
+    """Unit-length float32 embeddings, one row per text (SentenceTransformer or MeanPoolingEmbedder)."""
+    return embedder.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                           show_progress_bar=False)
+
+
 def default_device() -> str:
     import torch
 

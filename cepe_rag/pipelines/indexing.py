@@ -7,14 +7,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from cepe_rag.documents import Document, LoadReport, PassageSplitter, iter_documents
 from cepe_rag.documents.loading import DEFAULT_MAX_DOCUMENT_MB
 from cepe_rag.documents.splitting import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS
 from cepe_rag.indexes import IndexStore, Manifest, StoredPassage, writer_lock
 from cepe_rag.indexes.store import FAISS_FILE, check_factory_syntax
-from cepe_rag.models import load_embedder
+from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.settings import DEFAULT_EMBEDDER
 from cepe_rag.types import CepeRagError
 
@@ -42,11 +40,6 @@ class ProgressHooks:
     def documents(self, n: int) -> None: ...
     def passages(self, n: int) -> None: ...
     def rebuilding(self, done: int, total: int) -> None: ...
-
-
-def embed_texts(embedder, texts: list[str], batch_size: int = 64) -> np.ndarray:
-    return embedder.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                           show_progress_bar=False)
 
 
 def passage_embedding_text(title: str, text: str) -> str:

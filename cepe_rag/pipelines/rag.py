@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cepe_rag.indexes import IndexStore
-from cepe_rag.models import load_query_embedder
-from cepe_rag.pipelines.indexing import embed_texts
+from cepe_rag.models import embed_texts, load_query_embedder
 from cepe_rag.types import Answer, CepeRagError, Passage, validate_question
 
 if TYPE_CHECKING:
