@@ -19,6 +19,18 @@ DEFAULT_PROMPT_STYLE = "instruction"
 # Passages read per question: with the default reader, 5 answers more own-documents questions than 20 and as many
 # NQ questions (README, "The own-documents benchmark").
 DEFAULT_K = 5
+# How passages are found: dense (MiniLM + FAISS), lexical (BM25 over SQLite FTS5), or hybrid (both, fused by
+# reciprocal rank). Chosen by measured recall@20 (README, "Retrieval").
+RETRIEVAL_MODES = ("hybrid", "dense", "lexical")
+DEFAULT_RETRIEVAL = "hybrid"
+# Reciprocal rank fusion's constant (Cormack et al., 2009) and how deep each list is read before fusing.
+RRF_CONSTANT = 60
+FUSION_DEPTH = 100
+LEXICAL_WEIGHT = 0.2  # BM25 rank weight relative to the dense ranking: the best recall@20 on NQ questions 501+
+# Abstention: when even the best retrieved passage's cosine similarity to the question is below this, answer
+# NOT_IN_DOCUMENTS instead of reading. Calibrated on the own-documents tuning questions (README, "Retrieval").
+ABSTAIN_BELOW = 0.6
+NOT_IN_DOCUMENTS = "The documents do not contain the answer to this question."
 # APE's knobs for the parallel reader: the best of the NQ sweep (README); no setting reads on the own-documents
 # benchmark.
 APE_TEMPERATURE = 1.0

@@ -17,7 +17,9 @@ class Passage:
     text: str
     title: str = ""
     source: str = ""
-    score: float = 0.0
+    score: float = 0.0  # the retriever's ranking score: cosine (dense), BM25 (lexical) or fused (hybrid)
+    dense_score: float | None = None  # hybrid retrieval: the passage's score in each list it was found in
+    lexical_score: float | None = None
 
     def as_prompt_text(self) -> str:
         return f"Document (Title: {self.title}): {self.text}" if self.title else f"Document: {self.text}"
@@ -30,6 +32,7 @@ class Answer:
     reader: str
     timings: dict[str, float] = field(default_factory=dict)
     usage: dict[str, int] = field(default_factory=dict)
+    abstained: bool = False  # no passage was relevant enough: the text says the documents do not answer it
 
 
 MAX_QUESTION_CHARS = 20_000

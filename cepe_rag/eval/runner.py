@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from cepe_rag.eval.data import QAExample
@@ -100,7 +100,9 @@ def guard_settings(out: Path, retriever: Retriever, settings: dict[str, dict]) -
     path = out / SETTINGS_FILE
     store = retriever.store
     retrieval = {"index": str(store.folder.resolve()), "content_version": store.content_version(),
-                 "passages": store.count()}
+                 "passages": store.count(), "mode": retriever.mode}
+    if retriever.filters:
+        retrieval["filters"] = asdict(retriever.filters)
     recorded = {"retrieval": retrieval, "readers": {}}
     if path.exists():
         try:
@@ -108,7 +110,7 @@ def guard_settings(out: Path, retriever: Retriever, settings: dict[str, dict]) -
             recorded_retrieval, recorded_readers = recorded["retrieval"], recorded["readers"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise CepeRagError(f"{path} is not a run settings file: use another --out") from None
-        if recorded_retrieval != retrieval:
+        if {"mode": "dense", **recorded_retrieval} != retrieval:  # folders from before hybrid search were dense
             raise CepeRagError(f"{out} was retrieved from {_describe(recorded_retrieval)}, not {_describe(retrieval)}: "
                                "use another --out")
         for name, options in settings.items():
@@ -123,7 +125,9 @@ def guard_settings(out: Path, retriever: Retriever, settings: dict[str, dict]) -
 
 
 def _describe(retrieval: dict) -> str:
-    return f"{retrieval['index']} (version {retrieval['content_version']}, {retrieval['passages']} passages)"
+    filters = f", filters {retrieval['filters']}" if retrieval.get("filters") else ""
+    return (f"{retrieval['index']} (version {retrieval['content_version']}, {retrieval['passages']} passages, "
+            f"{retrieval.get('mode', 'dense')} retrieval{filters})")
 
 
 def summarise_folder(questions: list[QAExample], out_dir: str | Path) -> list[dict]:

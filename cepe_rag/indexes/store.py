@@ -1,15 +1,18 @@
 """An index folder: FAISS vectors + SQLite passages + a JSON manifest. No pickle anywhere.
 
 SQLite is the source of truth: it holds every passage with its embedding, and each document with its
-passages is committed in one transaction. The FAISS file is derived from it and stamped with the
-content version it was built from; a stale or missing FAISS file is rebuilt from SQLite without
-re-embedding anything. So a run killed at any moment leaves a usable index, and the next run resumes.
+passages is committed in one transaction. Lexical (BM25) search is SQLite's FTS5 over the same rows, kept
+up to date by triggers inside those transactions, so it is incremental and as kill -9 safe as the passages.
+The FAISS file is derived from SQLite and stamped with the content version it was built from; a stale or
+missing FAISS file is rebuilt from SQLite without re-embedding anything.
+So a run killed at any moment leaves a usable index, and the next run resumes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -39,6 +42,28 @@ CREATE TABLE IF NOT EXISTS passages (
 );
 CREATE INDEX IF NOT EXISTS passages_by_document ON passages(doc_key);
 """
+
+# External-content FTS5: the text lives once, in `passages`; the triggers keep the BM25 index in the same transaction.
+_LEXICAL_SCHEMA = """
+CREATE VIRTUAL TABLE IF NOT EXISTS passages_fts USING fts5(
+    title, text, content='passages', content_rowid='id', tokenize='porter unicode61 remove_diacritics 2');
+CREATE TRIGGER IF NOT EXISTS passages_fts_insert AFTER INSERT ON passages BEGIN
+    INSERT INTO passages_fts(rowid, title, text) VALUES (new.id, new.title, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS passages_fts_delete AFTER DELETE ON passages BEGIN
+    INSERT INTO passages_fts(passages_fts, rowid, title, text) VALUES ('delete', old.id, old.title, old.text);
+END;
+"""
+LEXICAL_TABLE = "passages_fts"
+
+# Words that match most passages and carry no meaning for BM25; dropping them keeps OR queries fast.
+_STOPWORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before being below between both
+but by can could did do does doing down during each few for from further had has have having he her here hers
+him his how i if in into is it its itself just me more most my no nor not now of off on once only or other our
+out over own same she should so some such than that the their them then there these they this those through to
+too under until up very was we were what when where which while who whom why will with would you your
+""".split())
 
 
 @dataclass
@@ -93,6 +118,7 @@ class IndexStore:
         self.db = db
         self._faiss: faiss.Index | None = None
         self.faiss_is_stale = False
+        self.has_lexical_index = _has_table(db, LEXICAL_TABLE)
 
     # --- opening -------------------------------------------------------------------------------
 
@@ -165,12 +191,23 @@ class IndexStore:
         """Bumped by every committed change, so a cache of search results can tell that it is stale."""
         return int(self._meta("content_version") or 0)
 
-    def search(self, query_embeddings: np.ndarray, k: int) -> list[list[Passage]]:
-        """Top-k passages for each query embedding (rows L2-normalised), best first."""
+    def search(self, query_embeddings: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Passage]]:
+        """Top-k passages for each query embedding (rows L2-normalised), best first; only `allowed` ids if given."""
         if self._faiss is None or self._faiss.ntotal == 0:
             raise CepeRagError(f"the index at {self.folder} is empty: add documents with `cepe-rag index`")
         k = max(1, min(k, self._faiss.ntotal))
-        scores, ids = self._faiss.search(np.ascontiguousarray(query_embeddings, dtype=np.float32), k)
+        queries = np.ascontiguousarray(query_embeddings, dtype=np.float32)
+        if allowed is None:
+            scores, ids = self._faiss.search(queries, k)
+        elif len(allowed) == 0:
+            return [[] for _ in queries]
+        else:
+            try:  # exact filtering inside FAISS (Flat, IVF, HNSW on the CPU)
+                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64)))
+                scores, ids = self._faiss.search(queries, k, params=params)
+            except (RuntimeError, TypeError):
+                raise CepeRagError("this FAISS index cannot filter passages (a GPU index?); search without "
+                                   "filters or on the CPU") from None
         found = self.passages([int(i) for i in ids.ravel() if i >= 0])
         results = []
         for row_scores, row_ids in zip(scores, ids):
@@ -178,6 +215,47 @@ class IndexStore:
             results.append([replace(found[int(i)], score=float(s))
                             for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) in found])
         return results
+
+    def lexical_search(self, queries: list[str], k: int, allowed: np.ndarray | None = None) -> list[list[Passage]]:
+        """BM25 top-k passages for each query (FTS5, porter stemming), best first; score = BM25 (higher is better)."""
+        if not self.has_lexical_index:
+            raise CepeRagError(f"the index at {self.folder} was built before lexical search existed: run "
+                               "`cepe-rag index` on it once to add it (nothing is re-embedded)")
+        restrict = ""
+        if allowed is not None:
+            restrict = f" AND rowid IN ({','.join(str(int(i)) for i in allowed) or 'NULL'})"
+        results = []
+        for query in queries:
+            match = lexical_query(query)
+            if not match:
+                results.append([])
+                continue
+            rows = self.db.execute(
+                f"SELECT rowid, -bm25({LEXICAL_TABLE}) FROM {LEXICAL_TABLE} WHERE {LEXICAL_TABLE} MATCH ?{restrict} "
+                f"ORDER BY bm25({LEXICAL_TABLE}) LIMIT ?", (match, max(1, k))).fetchall()
+            found = self.passages([pid for pid, _ in rows])
+            results.append([replace(found[pid], score=float(score)) for pid, score in rows if pid in found])
+        return results
+
+    def embeddings(self, ids: list[int]) -> np.ndarray:
+        """The stored embeddings of these passages, in the order given (ids must exist)."""
+        found: dict[int, bytes] = {}
+        for start in range(0, len(ids), 900):
+            chunk = ids[start:start + 900]
+            found.update(self.db.execute(
+                f"SELECT id, embedding FROM passages WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        return np.array([np.frombuffer(found[i], dtype=np.float32) for i in ids], dtype=np.float32).reshape(
+            len(ids), self.manifest.dimension)
+
+    def matching_ids(self, source_glob: str | None = None, title_glob: str | None = None) -> np.ndarray:
+        """Ids of the passages whose source path and title match these globs (case-sensitive, `*` and `?`)."""
+        clauses, values = [], []
+        for column, pattern in (("source", source_glob), ("title", title_glob)):
+            if pattern:
+                clauses.append(f"{column} GLOB ?")
+                values.append(pattern)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        return np.array([row[0] for row in self.db.execute(f"SELECT id FROM passages{where}", values)], dtype=np.int64)
 
     def passage_texts(self) -> Iterator[str]:
         """Every passage as "title text", for scans over the whole corpus."""
@@ -332,8 +410,12 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA foreign_keys=ON")
         if create:
+            had_lexical = _has_table(db, LEXICAL_TABLE)
             with db:
                 db.executescript(_SCHEMA)
+                db.executescript(_LEXICAL_SCHEMA)
+                if not had_lexical:  # an index from before lexical search: index what it holds, once
+                    db.execute(f"INSERT INTO {LEXICAL_TABLE}({LEXICAL_TABLE}) VALUES ('rebuild')")
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not {"meta", "documents", "passages"} <= tables:
             raise CepeRagError(f"{path} is not a cepe-rag passage database")
@@ -343,6 +425,16 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
             f"{path} is corrupt ({error}): restore it or rebuild into another --index folder; it was left untouched"
         ) from None
     return db
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
+
+
+def lexical_query(text: str) -> str:
+    """An FTS5 query matching passages with any of the text's words (quoted: no FTS syntax gets through)."""
+    words = dict.fromkeys(w for w in re.findall(r"\w+", text.lower()) if w not in _STOPWORDS)
+    return " OR ".join(f'"{word}"' for word in words)
 
 
 def _set_search_defaults(index: faiss.Index) -> None:

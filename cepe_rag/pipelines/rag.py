@@ -4,22 +4,53 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cepe_rag.indexes import IndexStore
 from cepe_rag.models import embed_texts, load_query_embedder
+from cepe_rag.settings import (
+    ABSTAIN_BELOW,
+    DEFAULT_RETRIEVAL,
+    FUSION_DEPTH,
+    LEXICAL_WEIGHT,
+    NOT_IN_DOCUMENTS,
+    RETRIEVAL_MODES,
+    RRF_CONSTANT,
+    check_choice,
+)
 from cepe_rag.types import Answer, CepeRagError, Passage, validate_question
 
 if TYPE_CHECKING:
     from cepe_rag.readers import Reader
 
-class Retriever:
-    """Dense retrieval over an index folder with the embedder recorded in its manifest."""
+@dataclass(frozen=True)
+class PassageFilter:
+    """Metadata filters: globs on a passage's source path and title (SQLite GLOB: case-sensitive, `*`, `?`)."""
 
-    def __init__(self, index: str | Path | IndexStore, embedder=None):
+    source: str | None = None
+    title: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.source or self.title)
+
+
+class Retriever:
+    """Passages for a question from an index folder: dense (the embedder recorded in its manifest), lexical
+    (BM25), or both fused by reciprocal rank; optionally only passages whose metadata match `filters`."""
+
+    def __init__(self, index: str | Path | IndexStore, embedder=None, *, mode: str = DEFAULT_RETRIEVAL,
+                 filters: PassageFilter | None = None, lexical_weight: float = LEXICAL_WEIGHT):
+        check_choice(mode, RETRIEVAL_MODES, "retrieval mode")
+        self.lexical_weight = lexical_weight
         self.store = index if isinstance(index, IndexStore) else IndexStore.open(index)
-        self.embedder = embedder or load_query_embedder(self.store.manifest.embedder)
+        self.filters = filters or PassageFilter()
+        # An index from before lexical search answers densely until the next `cepe-rag index` adds BM25.
+        self.lexical_missing = mode == "hybrid" and not self.store.has_lexical_index
+        self.mode = "dense" if self.lexical_missing else mode
+        self.embedder = None if self.mode == "lexical" else (
+            embedder or load_query_embedder(self.store.manifest.embedder))
 
     def retrieve(self, question: str, k: int) -> list[Passage]:
         return self.retrieve_batch([question], k)[0]
@@ -27,13 +58,55 @@ class Retriever:
     def retrieve_batch(self, questions: list[str], k: int) -> list[list[Passage]]:
         if k < 1:
             raise CepeRagError("k must be at least 1")
-        return self.store.search(embed_texts(self.embedder, questions), k)
+        allowed = self.store.matching_ids(self.filters.source, self.filters.title) if self.filters else None
+        if self.mode == "lexical":
+            return self.store.lexical_search(questions, k, allowed)
+        depth = k if self.mode == "dense" else max(k, FUSION_DEPTH)
+        queries = embed_texts(self.embedder, questions)
+        dense = self.store.search(queries, depth, allowed)
+        if self.mode == "dense":
+            return [[replace(p, dense_score=p.score) for p in ranking] for ranking in dense]
+        lexical = self.store.lexical_search(questions, depth, allowed)
+        results = [fuse(d, lex, self.lexical_weight)[:k] for d, lex in zip(dense, lexical)]
+        for query, passages in zip(queries, results):  # passages only BM25 found get their cosine too
+            missing = [p for p in passages if p.dense_score is None]
+            for passage, vector in zip(missing, self.store.embeddings([p.id for p in missing])):
+                passage.dense_score = float(vector @ query)
+        return results
+
+
+def fuse(dense: list[Passage], lexical: list[Passage], lexical_weight: float = 1.0) -> list[Passage]:
+    """Weighted reciprocal rank fusion: score = 1 / (RRF_CONSTANT + dense rank) + lexical_weight / (RRF_CONSTANT +
+    lexical rank); each passage keeps its dense (cosine) and lexical (BM25) scores beside the fused one."""
+    fused: dict[int, Passage] = {}
+    for ranking, field, weight in ((dense, "dense_score", 1.0), (lexical, "lexical_score", lexical_weight)):
+        for rank, passage in enumerate(ranking, start=1):
+            entry = fused.setdefault(passage.id, replace(passage, score=0.0))
+            entry.score += weight / (RRF_CONSTANT + rank)
+            setattr(entry, field, passage.score)
+    return sorted(fused.values(), key=lambda p: p.score, reverse=True)
+
+
+def relevance(passages: list[Passage]) -> float | None:
+    """How relevant the best retrieved passage is: its cosine similarity to the question (None: not known)."""
+    scores = [p.dense_score for p in passages if p.dense_score is not None]
+    return max(scores) if scores else None
+
+
+def should_abstain(passages: list[Passage], abstain_below: float | None) -> bool:
+    """True when passages were retrieved and even the best of them is less relevant than `abstain_below`."""
+    best = relevance(passages)
+    return bool(abstain_below) and best is not None and best < abstain_below
 
 
 class RagPipeline:
-    def __init__(self, retriever: Retriever, reader: Reader):
+    """Retrieve, then read; when even the best passage is below `abstain_below` (cosine), answer
+    NOT_IN_DOCUMENTS instead of letting the decoder guess (0 or None: always read)."""
+
+    def __init__(self, retriever: Retriever, reader: Reader, *, abstain_below: float | None = ABSTAIN_BELOW):
         self.retriever = retriever
         self.reader = reader
+        self.abstain_below = abstain_below
 
     def ask(self, question: str, k: int = 20, *, on_token: Callable[[str], None] | None = None,
             **generation) -> Answer:
@@ -41,6 +114,13 @@ class RagPipeline:
         started = time.perf_counter()
         passages = self.retriever.retrieve(question, k) if k > 0 and self.reader.reads_passages else []
         retrieval_s = time.perf_counter() - started
+        if should_abstain(passages, self.abstain_below):
+            if on_token:
+                on_token(NOT_IN_DOCUMENTS)
+            return Answer(NOT_IN_DOCUMENTS, passages, self.reader.name, abstained=True,
+                          timings={"retrieval_s": retrieval_s, "first_token_s": 0.0, "total_s": 0.0},
+                          usage={"prompt_tokens": 0, "decode_steps": 0, "passages_read": 0,
+                                 "passages_retrieved": len(passages)})
         answer = self.reader.answer(question, passages, on_token=on_token, **generation)
         answer.timings["retrieval_s"] = retrieval_s
         answer.passages = answer.passages or passages
