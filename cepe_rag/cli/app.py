@@ -18,6 +18,7 @@ from rich.table import Table
 from cepe_rag.indexes.layout import check_index_folder
 from cepe_rag.models import check_model_reference, cpu_has_fast_bfloat16, default_device, resolve_dtype
 from cepe_rag.settings import (
+    ABSTAIN_BELOW,
     APE_SCALE,
     APE_TEMPERATURE,
     BENCH_METHODS,
@@ -26,10 +27,12 @@ from cepe_rag.settings import (
     DEFAULT_K,
     DEFAULT_PROMPT_STYLE,
     DEFAULT_READER,
+    DEFAULT_RETRIEVAL,
     DTYPES,
     MOST_RELEVANT,
     PROMPT_STYLES,
     READER_NAMES,
+    RETRIEVAL_MODES,
     ReaderSpec,
     check_choice,
 )
@@ -55,6 +58,11 @@ PromptOption = Annotated[str, typer.Option(
     "--prompt", help="instruction (a system instruction asking for a short answer), fewshot (plus two worked "
                      "examples of short answers) or query-aware (instruction, and the question before the passages "
                      "as well as after them).")]
+RetrievalOption = Annotated[str, typer.Option(
+    "--retrieval", help="hybrid (dense + BM25, fused by reciprocal rank), dense (MiniLM + FAISS) or lexical (BM25).")]
+SourceFilterOption = Annotated[str | None, typer.Option(
+    "--source", help="Only passages whose source path matches this glob (e.g. '*/reports/*.pdf').")]
+TitleFilterOption = Annotated[str | None, typer.Option("--title", help="Only passages whose title matches this glob.")]
 DtypeOption = Annotated[str | None, typer.Option(
     help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on the CPU; bfloat16 is ~2.5x faster "
          "on CPUs with AMX).")]
@@ -151,6 +159,12 @@ def ask(
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
     dtype: DtypeOption = None,
     prompt_style: PromptOption = DEFAULT_PROMPT_STYLE,
+    retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
+    source: SourceFilterOption = None,
+    title: TitleFilterOption = None,
+    abstain_below: Annotated[float, typer.Option(
+        help="Answer 'not in the documents' when the best passage's cosine similarity to the question is below "
+             "this (0: always answer).")] = ABSTAIN_BELOW,
 ) -> None:
     """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
     question = validate_question(question)
@@ -158,16 +172,14 @@ def ask(
                       prompt_style=prompt_style, cepe_model=cepe_model, n_prompt_passages=n_prompt_passages,
                       ape_temperature=ape_temperature, ape_scale=ape_scale, most_relevant=most_relevant)
     check_options([k], [spec], dtype)
+    check_retrieval(retrieval, abstain_below)
     check_index_folder(index_dir)
-    from cepe_rag.pipelines.rag import RagPipeline, Retriever
+    from cepe_rag.pipelines.rag import RagPipeline
     from cepe_rag.readers import GenerationConfig, build_reader
 
     _quiet_libraries()
     started = time.perf_counter()
-    retriever = Retriever(index_dir)
-    if retriever.store.faiss_is_stale:
-        console.print("[yellow]warning:[/] the last indexing run was interrupted; run `cepe-rag index` again "
-                      "to finish it (answering from what was committed)")
+    retriever = open_retriever(index_dir, retrieval, source, title)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     warn_slow_dtype(torch_dtype, device)
@@ -177,7 +189,7 @@ def ask(
         console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
                       "index; reading all of them")
     decoder = spec.checkpoint() if spec.reader == "cepe" else decoder
-    pipeline = RagPipeline(retriever, chosen)
+    pipeline = RagPipeline(retriever, chosen, abstain_below=abstain_below if retriever.mode != "lexical" else None)
     load_s = time.perf_counter() - started
 
     def show(delta: str) -> None:
@@ -193,6 +205,10 @@ def ask(
         print(json.dumps({"question": question, **asdict(answer)}, ensure_ascii=False))
         return
     sys.stdout.write("\n")
+    if answer.abstained:
+        console.print(f"[dim]not answered from the documents: the best passage's similarity to the question is "
+                      f"{max(p.dense_score for p in answer.passages if p.dense_score is not None):.2f}, below "
+                      f"--abstain-below {abstain_below}[/]")
     if answer.passages:
         table = Table(title="Sources", title_justify="left")
         for column in ("#", "score", "title", "source"):
@@ -219,6 +235,28 @@ def check_options(k: list[int], specs: list, dtype: str | None) -> None:
         check_model_reference(spec.cepe_model, "CEPE checkpoint")
         if spec.reader == "cepe":
             spec.checkpoint()  # one ships for the decoder, or one is given
+
+
+def check_retrieval(mode: str, abstain_below: float = 0.0) -> None:
+    check_choice(mode, RETRIEVAL_MODES, "retrieval mode")
+    if not 0.0 <= abstain_below <= 1.0:
+        raise CepeRagError(f"--abstain-below is a cosine similarity between 0 and 1, got {abstain_below}")
+
+
+def open_retriever(index_dir: Path, mode: str, source: str | None = None, title: str | None = None):
+    """The index's retriever, saying once what an interrupted or older index cannot do yet."""
+    from cepe_rag.pipelines.rag import PassageFilter, Retriever
+
+    retriever = Retriever(index_dir, mode=mode, filters=PassageFilter(source=source, title=title))
+    if retriever.store.faiss_is_stale:
+        console.print("[yellow]warning:[/] the last indexing run was interrupted; run `cepe-rag index` again "
+                      "to finish it (answering from what was committed)")
+    if retriever.lexical_missing:
+        console.print("[yellow]warning:[/] this index predates lexical search: searching densely; run "
+                      "`cepe-rag index` on it once to add BM25 (nothing is re-embedded)")
+    if retriever.filters and len(retriever.store.matching_ids(source, title)) == 0:
+        raise CepeRagError(f"no passage matches --source {source!r} --title {title!r}: see `cepe-rag docs list`")
+    return retriever
 
 
 def warn_slow_dtype(torch_dtype, device: str) -> None:
@@ -272,6 +310,9 @@ def evaluate(
     dtype: DtypeOption = None,
     prompt_style: PromptOption = DEFAULT_PROMPT_STYLE,
     summary_only: Annotated[bool, typer.Option(help="Only summarise the predictions already in --out.")] = False,
+    retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
+    source: SourceFilterOption = None,
+    title: TitleFilterOption = None,
 ) -> None:
     """Open-domain QA: retrieval once, then every reader at every k; resumable, cached per run folder."""
     try:
@@ -282,15 +323,15 @@ def evaluate(
                         n_prompt_passages=n_prompt_passages, ape_temperature=ape_temperature, ape_scale=ape_scale,
                         most_relevant=most_relevant) for name in readers.split(",") if name.strip()]
     check_options(ks, specs, dtype)
+    check_retrieval(retrieval)
     check_index_folder(index_dir)
     from rich.progress import Progress
 
     from cepe_rag.eval import answerable_subset, load_questions, run_eval, summarise_folder
-    from cepe_rag.pipelines.rag import Retriever
     from cepe_rag.readers import GenerationConfig, build_reader
 
     _quiet_libraries()
-    retriever = Retriever(index_dir)
+    retriever = open_retriever(index_dir, retrieval, source, title)
     examples = load_questions(questions, split=split)
     if answer_in_corpus:
         examples = answerable_subset(examples, retriever)
@@ -457,6 +498,7 @@ def serve(
     batch_window_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 5.0,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
     dtype: DtypeOption = None,
+    retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/retrieve, /health) over an index."""
     names = [name.strip() for value in reader or [DEFAULT_READER] for name in value.split(",") if name.strip()]
@@ -473,6 +515,7 @@ def serve(
             raise CepeRagError(f"{what} must be at least {least}, got {value}")
     if not 1 <= port <= 65535:
         raise CepeRagError(f"--port must be between 1 and 65535, got {port}")
+    check_retrieval(retrieval)
     check_index_folder(index_dir)
     check_port_free(host, port)  # before the models load
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
@@ -480,12 +523,11 @@ def serve(
                       "machine can use the server")
     import uvicorn
 
-    from cepe_rag.pipelines.rag import Retriever
     from cepe_rag.readers import GenerationConfig, build_reader
     from cepe_rag.serving import Limits, RagService, create_app
 
     _quiet_libraries()
-    retriever = Retriever(index_dir)
+    retriever = open_retriever(index_dir, retrieval)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     warn_slow_dtype(torch_dtype, device)

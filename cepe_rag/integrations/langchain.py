@@ -20,18 +20,26 @@ from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel,
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from cepe_rag.models import default_device, load_embedder
-from cepe_rag.pipelines.rag import Retriever
+from cepe_rag.pipelines.rag import PassageFilter, Retriever
 from cepe_rag.readers import GenerationConfig, Reader, build_reader
 from cepe_rag.readers.base import SYSTEM_PROMPT
-from cepe_rag.settings import DEFAULT_DECODER, DEFAULT_K, DEFAULT_PROMPT_STYLE, DEFAULT_READER, ReaderSpec
+from cepe_rag.settings import (
+    DEFAULT_DECODER,
+    DEFAULT_K,
+    DEFAULT_PROMPT_STYLE,
+    DEFAULT_READER,
+    DEFAULT_RETRIEVAL,
+    ReaderSpec,
+)
 from cepe_rag.types import Passage
 
 ContextLike = str | Document | Passage
 
 
 @lru_cache(maxsize=8)
-def _load_retriever(index: str, embedder: str | None):
-    return Retriever(index, embedder=load_embedder(embedder) if embedder else None)
+def _load_retriever(index: str, embedder: str | None, mode: str = DEFAULT_RETRIEVAL,
+                    filters: PassageFilter | None = None):
+    return Retriever(index, embedder=load_embedder(embedder) if embedder else None, mode=mode, filters=filters)
 
 
 def to_passages(contexts: Sequence[ContextLike]) -> list[Passage]:
@@ -51,19 +59,26 @@ def to_passages(contexts: Sequence[ContextLike]) -> list[Passage]:
 
 def to_documents(passages: Sequence[Passage]) -> list[Document]:
     return [Document(page_content=p.text, metadata={"id": p.id, "title": p.title, "source": p.source,
-                                                    "score": p.score}) for p in passages]
+                                                    "score": p.score, "dense_score": p.dense_score,
+                                                    "lexical_score": p.lexical_score}) for p in passages]
 
 
 class CepeRetriever(BaseRetriever):
-    """Dense retrieval over a cepe-rag index folder; scores and sources in each Document's metadata."""
+    """Retrieval over a cepe-rag index folder (hybrid, dense or lexical; optional source/title globs); scores
+    and sources in each Document's metadata."""
 
     index: str
     k: int = DEFAULT_K
     embedder: str | None = None
+    mode: str = DEFAULT_RETRIEVAL
+    source: str | None = None
+    title: str | None = None
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: int | None = None) -> list[Document]:
-        return to_documents(_load_retriever(str(self.index), self.embedder).retrieve(query, k or self.k))
+        retriever = _load_retriever(str(self.index), self.embedder, self.mode,
+                                    PassageFilter(source=self.source, title=self.title))
+        return to_documents(retriever.retrieve(query, k or self.k))
 
 
 class CepeLLM(BaseLLM):

@@ -94,4 +94,4 @@ class RetrieveRequest(BaseModel):
 
 def passage_json(passage: Passage) -> dict:
     return {"id": passage.id, "title": passage.title, "source": passage.source, "score": passage.score,
-            "text": passage.text}
+            "dense_score": passage.dense_score, "lexical_score": passage.lexical_score, "text": passage.text}
