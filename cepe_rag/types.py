@@ -32,7 +32,7 @@ class Answer:
     reader: str
     timings: dict[str, float] = field(default_factory=dict)
     usage: dict[str, int] = field(default_factory=dict)
-    abstained: bool = False  # no passage was relevant enough: the text says the documents do not answer it
+    abstained: str | None = None  # why no passage answers it (the text then says so); None: the reader answered
 
 
 MAX_QUESTION_CHARS = 20_000

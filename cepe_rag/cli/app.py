@@ -18,7 +18,6 @@ from rich.table import Table
 from cepe_rag.indexes.layout import check_index_folder
 from cepe_rag.models import check_model_reference, cpu_has_fast_bfloat16, default_device, resolve_dtype
 from cepe_rag.settings import (
-    ABSTAIN_BELOW,
     APE_SCALE,
     APE_TEMPERATURE,
     BENCH_METHODS,
@@ -63,6 +62,9 @@ RetrievalOption = Annotated[str, typer.Option(
 SourceFilterOption = Annotated[str | None, typer.Option(
     "--source", help="Only passages whose source path matches this glob (e.g. '*/reports/*.pdf').")]
 TitleFilterOption = Annotated[str | None, typer.Option("--title", help="Only passages whose title matches this glob.")]
+AbstainOption = Annotated[bool, typer.Option(
+    help="Answer 'not in the documents' instead of reading when no retrieved passage is relevant enough (README, "
+         "'Abstention'; lexical retrieval never abstains).")]
 DtypeOption = Annotated[str | None, typer.Option(
     help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on the CPU; bfloat16 is ~2.5x faster "
          "on CPUs with AMX).")]
@@ -162,9 +164,7 @@ def ask(
     retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
     source: SourceFilterOption = None,
     title: TitleFilterOption = None,
-    abstain_below: Annotated[float, typer.Option(
-        help="Answer 'not in the documents' when the best passage's cosine similarity to the question is below "
-             "this (0: always answer).")] = ABSTAIN_BELOW,
+    abstain: AbstainOption = True,
 ) -> None:
     """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
     question = validate_question(question)
@@ -172,9 +172,9 @@ def ask(
                       prompt_style=prompt_style, cepe_model=cepe_model, n_prompt_passages=n_prompt_passages,
                       ape_temperature=ape_temperature, ape_scale=ape_scale, most_relevant=most_relevant)
     check_options([k], [spec], dtype)
-    check_retrieval(retrieval, abstain_below)
+    check_retrieval(retrieval)
     check_index_folder(index_dir)
-    from cepe_rag.pipelines.rag import RagPipeline
+    from cepe_rag.pipelines.rag import Abstention, RagPipeline
     from cepe_rag.readers import GenerationConfig, build_reader
 
     _quiet_libraries()
@@ -189,7 +189,7 @@ def ask(
         console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
                       "index; reading all of them")
     decoder = spec.checkpoint() if spec.reader == "cepe" else decoder
-    pipeline = RagPipeline(retriever, chosen, abstain_below=abstain_below if retriever.mode != "lexical" else None)
+    pipeline = RagPipeline(retriever, chosen, abstention=Abstention() if abstain else None)
     load_s = time.perf_counter() - started
 
     def show(delta: str) -> None:
@@ -206,9 +206,7 @@ def ask(
         return
     sys.stdout.write("\n")
     if answer.abstained:
-        console.print(f"[dim]not answered from the documents: the best passage's similarity to the question is "
-                      f"{max(p.dense_score for p in answer.passages if p.dense_score is not None):.2f}, below "
-                      f"--abstain-below {abstain_below}[/]")
+        console.print(f"[dim]not read: {answer.abstained} (--no-abstain reads anyway)[/]", highlight=False)
     if answer.passages:
         table = Table(title="Sources", title_justify="left")
         for column in ("#", "score", "title", "source"):
@@ -237,10 +235,8 @@ def check_options(k: list[int], specs: list, dtype: str | None) -> None:
             spec.checkpoint()  # one ships for the decoder, or one is given
 
 
-def check_retrieval(mode: str, abstain_below: float = 0.0) -> None:
+def check_retrieval(mode: str) -> None:
     check_choice(mode, RETRIEVAL_MODES, "retrieval mode")
-    if not 0.0 <= abstain_below <= 1.0:
-        raise CepeRagError(f"--abstain-below is a cosine similarity between 0 and 1, got {abstain_below}")
 
 
 def open_retriever(index_dir: Path, mode: str, source: str | None = None, title: str | None = None):
@@ -499,6 +495,7 @@ def serve(
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
     dtype: DtypeOption = None,
     retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
+    abstain: AbstainOption = True,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/retrieve, /health) over an index."""
     names = [name.strip() for value in reader or [DEFAULT_READER] for name in value.split(",") if name.strip()]
@@ -523,6 +520,7 @@ def serve(
                       "machine can use the server")
     import uvicorn
 
+    from cepe_rag.pipelines.rag import Abstention
     from cepe_rag.readers import GenerationConfig, build_reader
     from cepe_rag.serving import Limits, RagService, create_app
 
@@ -536,7 +534,8 @@ def serve(
                for spec in specs}
     limits = Limits(max_tokens=max_tokens, default_max_tokens=min(96, max_tokens), max_k=max_k, default_k=k)
     service = RagService(readers, retriever, limits=limits, max_batch=max_batch, max_waiting=max_queue,
-                         batch_window_ms=batch_window_ms)
+                         batch_window_ms=batch_window_ms,
+                         abstention=Abstention() if abstain else None)
     console.print(f"serving {', '.join(readers)} over {index_dir} ({retriever.store.count()} passages) on "
                   f"http://{host}:{port}/v1{' (API key required)' if api_key else ''}", highlight=False)
     uvicorn.run(create_app(service, api_key=api_key), host=host, port=port, log_level="warning")

@@ -247,6 +247,12 @@ class IndexStore:
         return np.array([np.frombuffer(found[i], dtype=np.float32) for i in ids], dtype=np.float32).reshape(
             len(ids), self.manifest.dimension)
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` (stopwords aside) that no passage contains, after the lexical index's stemming."""
+        words = lexical_query(text).split(" OR ") if lexical_query(text) else []
+        return [w.strip('"') for w in words if self.db.execute(
+            f"SELECT 1 FROM {LEXICAL_TABLE} WHERE {LEXICAL_TABLE} MATCH ? LIMIT 1", (w,)).fetchone() is None]
+
     def matching_ids(self, source_glob: str | None = None, title_glob: str | None = None) -> np.ndarray:
         """Ids of the passages whose source path and title match these globs (case-sensitive, `*` and `?`)."""
         clauses, values = [], []

@@ -12,6 +12,7 @@ from cepe_rag.indexes import IndexStore
 from cepe_rag.models import embed_texts, load_query_embedder
 from cepe_rag.settings import (
     ABSTAIN_BELOW,
+    ABSTAIN_FLOOR,
     DEFAULT_RETRIEVAL,
     FUSION_DEPTH,
     LEXICAL_WEIGHT,
@@ -74,6 +75,16 @@ class Retriever:
                 passage.dense_score = float(vector @ query)
         return results
 
+    def unknown_words(self, question: str) -> list[str]:
+        """The question's words that no indexed passage contains ([] without a lexical index)."""
+        return self.store.unknown_words(question) if self.store.has_lexical_index else []
+
+    def abstention_reason(self, question: str, passages: list[Passage], abstention: Abstention | None) -> str | None:
+        """Why these passages do not answer the question, or None (read them)."""
+        if abstention is None or relevance(passages) is None:
+            return None
+        return abstention.reason(passages, self.unknown_words(question))
+
 
 def fuse(dense: list[Passage], lexical: list[Passage], lexical_weight: float = 1.0) -> list[Passage]:
     """Weighted reciprocal rank fusion: score = 1 / (RRF_CONSTANT + dense rank) + lexical_weight / (RRF_CONSTANT +
@@ -93,20 +104,37 @@ def relevance(passages: list[Passage]) -> float | None:
     return max(scores) if scores else None
 
 
-def should_abstain(passages: list[Passage], abstain_below: float | None) -> bool:
-    """True when passages were retrieved and even the best of them is less relevant than `abstain_below`."""
-    best = relevance(passages)
-    return bool(abstain_below) and best is not None and best < abstain_below
+@dataclass(frozen=True)
+class Abstention:
+    """When to answer NOT_IN_DOCUMENTS instead of reading: the best passage's cosine similarity is below `floor`,
+    or below `below` while the question names a word that no indexed passage contains (README, "Abstention")."""
+
+    below: float = ABSTAIN_BELOW
+    floor: float = ABSTAIN_FLOOR
+
+    def reason(self, passages: list[Passage], unknown_words: list[str]) -> str | None:
+        best = relevance(passages)
+        if best is None:
+            return None
+        if best < self.floor:
+            return f"the best passage's similarity to the question is {best:.2f}, below {self.floor}"
+        if unknown_words and best < self.below:
+            named = ", ".join(repr(w) for w in unknown_words[:3])
+            return f"no document contains {named} and the best passage's similarity is {best:.2f}, below {self.below}"
+        return None
+
+
+DEFAULT_ABSTENTION = Abstention()
 
 
 class RagPipeline:
-    """Retrieve, then read; when even the best passage is below `abstain_below` (cosine), answer
-    NOT_IN_DOCUMENTS instead of letting the decoder guess (0 or None: always read)."""
+    """Retrieve, then read; or, when `abstention` says no passage answers the question, say NOT_IN_DOCUMENTS
+    without running the reader (None: always read)."""
 
-    def __init__(self, retriever: Retriever, reader: Reader, *, abstain_below: float | None = ABSTAIN_BELOW):
+    def __init__(self, retriever: Retriever, reader: Reader, *, abstention: Abstention | None = DEFAULT_ABSTENTION):
         self.retriever = retriever
         self.reader = reader
-        self.abstain_below = abstain_below
+        self.abstention = abstention
 
     def ask(self, question: str, k: int = 20, *, on_token: Callable[[str], None] | None = None,
             **generation) -> Answer:
@@ -114,10 +142,11 @@ class RagPipeline:
         started = time.perf_counter()
         passages = self.retriever.retrieve(question, k) if k > 0 and self.reader.reads_passages else []
         retrieval_s = time.perf_counter() - started
-        if should_abstain(passages, self.abstain_below):
+        reason = self.retriever.abstention_reason(question, passages, self.abstention)
+        if reason:
             if on_token:
                 on_token(NOT_IN_DOCUMENTS)
-            return Answer(NOT_IN_DOCUMENTS, passages, self.reader.name, abstained=True,
+            return Answer(NOT_IN_DOCUMENTS, passages, self.reader.name, abstained=reason,
                           timings={"retrieval_s": retrieval_s, "first_token_s": 0.0, "total_s": 0.0},
                           usage={"prompt_tokens": 0, "decode_steps": 0, "passages_read": 0,
                                  "passages_retrieved": len(passages)})

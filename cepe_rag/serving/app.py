@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cepe_rag.pipelines.rag import Retriever
+from cepe_rag.pipelines.rag import DEFAULT_ABSTENTION, Abstention, Retriever
 from cepe_rag.readers import GenerationConfig, Reader
 from cepe_rag.serving.batching import Batcher, Job, QueueFull
 from cepe_rag.serving.schemas import (
@@ -32,6 +32,7 @@ from cepe_rag.serving.schemas import (
     RetrieveRequest,
     passage_json,
 )
+from cepe_rag.settings import NOT_IN_DOCUMENTS
 from cepe_rag.types import CepeRagError, Passage
 
 log = logging.getLogger("cepe_rag.serving")
@@ -41,11 +42,13 @@ class RagService:
     """What a server holds: the readers loaded at start (by model id), the retriever and the batcher."""
 
     def __init__(self, readers: dict[str, Reader], retriever: Retriever | None = None, *, limits: Limits | None = None,
-                 max_batch: int = 16, max_waiting: int = 64, batch_window_ms: float = 5.0):
+                 max_batch: int = 16, max_waiting: int = 64, batch_window_ms: float = 5.0,
+                 abstention: Abstention | None = DEFAULT_ABSTENTION):
         if not readers:
             raise CepeRagError("a server needs at least one reader")
         self.readers = readers
         self.retriever = retriever
+        self.abstention = abstention  # for passages the server retrieved; a request's own passages are always read
         self.limits = limits = limits or Limits()
         self.batcher = Batcher(readers, max_batch=max_batch, max_waiting=max_waiting,
                                window_s=batch_window_ms / 1000, reserved_answer_tokens=limits.max_tokens)
@@ -70,6 +73,13 @@ class RagService:
                 return self.retriever.retrieve(query, k)
 
         return await asyncio.to_thread(search)
+
+    async def abstention_reason(self, question: str, passages: list[Passage]) -> str | None:
+        def judge() -> str | None:
+            with self._retrieval_lock:
+                return self.retriever.abstention_reason(question, passages, self.abstention)
+
+        return await asyncio.to_thread(judge)
 
 
 def create_app(service: RagService, *, api_key: str | None = None) -> FastAPI:
@@ -137,7 +147,12 @@ def create_app(service: RagService, *, api_key: str | None = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         job = await make_job(service, body)
         try:
-            service.batcher.submit(job)
+            if job.abstained:  # no retrieved passage is relevant enough: answered without the model
+                job.text = NOT_IN_DOCUMENTS
+                for event in (("start", job.passages, 0), ("delta", NOT_IN_DOCUMENTS), ("end", "stop", 0)):
+                    job.events.put_nowait(event)
+            else:
+                service.batcher.submit(job)
         except QueueFull as error:
             raise ApiError(429, str(error), type="rate_limit_error", code="queue_full") from None
         try:
@@ -215,6 +230,7 @@ async def make_job(service: RagService, body: ChatCompletionRequest) -> Job:
         raise ApiError(400, f"stop: at most {limits.max_stop} non-empty strings of up to 100 characters",
                        param="stop", code="invalid_value")
     system, history, question = split_messages(body.messages, limits)
+    abstained = None
     reader = service.readers[body.model]
     k = service.check_k(body.k)
     if body.passages is not None:
@@ -228,6 +244,7 @@ async def make_job(service: RagService, body: ChatCompletionRequest) -> Job:
         passages = [Passage(id=i, text=p.text, title=p.title, source=p.source) for i, p in enumerate(body.passages)]
     elif reader.reads_passages:
         passages = await service.retrieve(question, k)  # from the last user message
+        abstained = await service.abstention_reason(question, passages)
     else:
         passages = []
     temperature = body.temperature or 0.0
@@ -235,7 +252,7 @@ async def make_job(service: RagService, body: ChatCompletionRequest) -> Job:
                                   top_p=body.top_p if body.top_p is not None else 1.0, stop_strings=tuple(stops),
                                   seed=body.seed if temperature > 0 else None)  # greedy ignores seeds
     return Job(reader=body.model, question=question, passages=passages, generation=generation, history=history,
-               system_prompt=system, loop=asyncio.get_running_loop())
+               system_prompt=system, loop=asyncio.get_running_loop(), abstained=abstained)
 
 
 class ClientGone(Exception):

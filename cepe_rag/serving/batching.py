@@ -46,6 +46,7 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     text: str = ""
     finished: bool = False
+    abstained: str | None = None  # why it is answered NOT_IN_DOCUMENTS without the model (no relevant passage)
 
     @property
     def key(self) -> tuple:

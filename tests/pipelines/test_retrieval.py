@@ -7,7 +7,7 @@ import pytest
 from cepe_rag.indexes import IndexStore
 from cepe_rag.indexes.store import lexical_query
 from cepe_rag.pipelines.indexing import build_index
-from cepe_rag.pipelines.rag import PassageFilter, RagPipeline, Retriever, fuse
+from cepe_rag.pipelines.rag import Abstention, PassageFilter, RagPipeline, Retriever, fuse
 from cepe_rag.settings import NOT_IN_DOCUMENTS
 from cepe_rag.types import CepeRagError, Passage
 from tests.pipelines.test_indexing import corpus, index_with  # noqa: F401 -- the fixture
@@ -137,14 +137,35 @@ def test_abstains_when_no_passage_is_relevant_enough(embedder, corpus, tmp_path)
     off_topic = "What is the mascot of the Quorvath goat racing league?"
     best = {q: max(p.dense_score for p in retriever.retrieve(q, k=2)) for q in (on_topic, off_topic)}
     assert best[on_topic] > best[off_topic]
-    threshold = (best[on_topic] + best[off_topic]) / 2
-    pipeline = RagPipeline(retriever, EchoReader(), abstain_below=threshold)
+    floor = (best[on_topic] + best[off_topic]) / 2
+    pipeline = RagPipeline(retriever, EchoReader(), abstention=Abstention(below=0.0, floor=floor))
     assert pipeline.ask(on_topic, k=2).text == "kubrick"
     streamed = []
     refused = pipeline.ask(off_topic, k=2, on_token=streamed.append)
-    assert refused.abstained and refused.text == NOT_IN_DOCUMENTS == "".join(streamed)
+    assert refused.text == NOT_IN_DOCUMENTS == "".join(streamed)
+    assert refused.abstained.startswith("the best passage's similarity to the question is")
     assert len(refused.passages) == 2  # the sources are still shown, with their scores
-    assert not RagPipeline(retriever, EchoReader(), abstain_below=0).ask(off_topic, k=2).abstained
+    assert not RagPipeline(retriever, EchoReader(), abstention=None).ask(off_topic, k=2).abstained
+
+
+def test_abstains_below_the_higher_threshold_only_for_words_no_document_contains(embedder, corpus,  # noqa: F811
+                                                                                 tmp_path):
+    index_with(embedder, [corpus], tmp_path / "idx")
+    retriever = Retriever(tmp_path / "idx", embedder=embedder)
+    assert retriever.unknown_words("Who painted the Quorvath otters?") == ["painted", "quorvath"]
+    assert retriever.unknown_words("Which tools do sea otters use?") == []  # "tools" matches "tool" (stemmed)
+    assert retriever.unknown_words("Do otters use rocks?") == []
+    strict = RagPipeline(retriever, EchoReader(), abstention=Abstention(below=0.99, floor=0.0))
+    assert strict.ask("Do otters use rocks?", k=1).text == "otters"  # every word is in the documents: read
+    refused = strict.ask("Who painted the Quorvath otters?", k=1)
+    assert refused.abstained.startswith("no document contains 'painted', 'quorvath'")
+
+
+def test_lexical_retrieval_never_abstains(embedder, corpus, tmp_path):  # noqa: F811
+    index_with(embedder, [corpus], tmp_path / "idx")
+    lexical = Retriever(tmp_path / "idx", mode="lexical")
+    pipeline = RagPipeline(lexical, EchoReader(), abstention=Abstention(below=1.0, floor=1.0))
+    assert pipeline.ask("Quorvath otters?", k=1).text == "otters"  # no cosine to judge by
 
 
 def test_store_embeddings_are_the_indexed_vectors(embedder, corpus, tmp_path):  # noqa: F811

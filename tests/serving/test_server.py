@@ -22,9 +22,10 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
 
 from cepe_rag.pipelines.indexing import build_index
-from cepe_rag.pipelines.rag import Retriever
+from cepe_rag.pipelines.rag import Abstention, Retriever
 from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig, ParallelReader
 from cepe_rag.serving import Limits, RagService, create_app
+from cepe_rag.settings import NOT_IN_DOCUMENTS
 from cepe_rag.types import Passage
 from tests.readers.conftest import tiny_chat_llama
 
@@ -83,9 +84,10 @@ def readers_for(model, tokenizer, max_tokens):
 
 @pytest.fixture(scope="module")
 def server(tiny_model, chat_tokenizer, retriever):
-    # A wide batching window: requests from test threads arrive tens of milliseconds apart.
+    # A wide batching window: requests from test threads arrive tens of milliseconds apart. No abstention: these
+    # tests are about the random model's answers (test_abstains_... turns it on).
     service = RagService(readers_for(tiny_model, chat_tokenizer, LIMITS.max_tokens), retriever, limits=LIMITS,
-                         max_batch=8, max_waiting=32, batch_window_ms=50)
+                         max_batch=8, max_waiting=32, batch_window_ms=50, abstention=None)
     with serving(service, api_key=KEY) as url:
         yield url, service
 
@@ -164,6 +166,25 @@ def ask(client, question, passages, max_tokens, stream):
         return "".join(c.choices[0].delta.content or "" for c in
                        client.chat.completions.create(stream=True, **kwargs) if c.choices)
     return client.chat.completions.create(**kwargs).choices[0].message.content
+
+
+def test_abstains_without_the_model_when_no_retrieved_passage_is_relevant(client, server):
+    service = server[1]
+    service.abstention = Abstention(floor=0.999)  # no passage of the test corpus is that close to any question
+    try:
+        messages = [{"role": "user", "content": "Who designed the Quorvath Bridge?"}]
+        whole = client.chat.completions.create(model="concat", messages=messages, max_tokens=10, extra_body={"k": 2})
+        assert whole.choices[0].message.content == NOT_IN_DOCUMENTS
+        sources = whole.model_extra["sources"]
+        assert len(sources) == 2 and all(s["dense_score"] < 0.999 for s in sources)  # the scores behind it
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="concat", messages=messages, max_tokens=10, stream=True, extra_body={"k": 2}) if c.choices)
+        assert streamed == NOT_IN_DOCUMENTS
+        own = client.chat.completions.create(model="concat", messages=messages, max_tokens=4,
+                                             extra_body={"passages": OWN})  # the client's passages: always read
+        assert own.choices[0].message.content != NOT_IN_DOCUMENTS
+    finally:
+        service.abstention = None
 
 
 def test_concurrent_requests_are_batched_and_answer_as_alone(client, server):
