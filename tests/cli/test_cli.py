@@ -72,6 +72,25 @@ def test_default_settings_answer_from_the_users_own_documents(tmp_path):
     assert answer["passages"][0]["title"] == "Quorvath Bridge"
 
 
+def test_abstains_on_what_the_documents_do_not_mention_and_filters_by_source(kubrick_index):
+    result = run_cli("ask", "Who painted the Quorvath goat mascot?", "--index", kubrick_index, "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["text"] == "The documents do not contain the answer to this question."
+    assert answer["abstained"].startswith("the best passage's similarity to the question is")
+    assert answer["usage"]["decode_steps"] == 0 and len(answer["passages"]) == 2  # sources still listed
+    assert all(p["dense_score"] < 0.68 for p in answer["passages"])
+    forced = run_cli("ask", "Who painted the Quorvath goat mascot?", "--index", kubrick_index, "--no-abstain",
+                     "--json", "--max-new-tokens", "8")
+    assert json.loads(forced.stdout)["abstained"] is None
+    only_tower = run_cli("ask", "Who directed 2001: A Space Odyssey?", "--index", kubrick_index, "--source",
+                         "*tower.txt", "--retrieval", "lexical", "--json", "--max-new-tokens", "8")
+    assert only_tower.returncode == 0, only_tower.stderr
+    assert [p["source"].rsplit("/", 1)[-1] for p in json.loads(only_tower.stdout)["passages"]] == []
+    assert_one_line_error(run_cli("ask", "Who?", "--index", kubrick_index, "--source", "*.pdf"),
+                          "no passage matches --source '*.pdf'")
+
+
 def test_ask_streams_answer_then_sources(kubrick_index):
     result = run_cli("ask", "Who directed 2001: A Space Odyssey?", "--index", kubrick_index, "--k", "5")
     assert result.returncode == 0, result.stderr
@@ -95,7 +114,7 @@ def test_closed_book_reader(kubrick_index):
 @pytest.mark.parametrize("args,fragment", [
     (["--k", "0"], "--k must be at least 1"), (["--k", "-1"], "--k must be at least 1"),
     (["--reader", "fid"], "unknown reader 'fid'"), (["--prompt", "poem"], "unknown prompt style 'poem'"),
-    (["--dtype", "int3"], "unknown dtype 'int3'"),
+    (["--dtype", "int3"], "unknown dtype 'int3'"), (["--retrieval", "fuzzy"], "unknown retrieval mode 'fuzzy'"),
     (["--reader", "cepe", "--cepe-model", "/tmp/nope-not-here"],
      "CEPE checkpoint '/tmp/nope-not-here': no such folder"),
 ])
