@@ -80,6 +80,12 @@ def index(
     overlap_tokens: Annotated[int, typer.Option(help="Token overlap between consecutive passages.")] = 32,
     batch_passages: Annotated[int, typer.Option(help="Passages embedded and committed per batch.")] = 1024,
     max_document_mb: Annotated[float, typer.Option(help="Skip documents with more text than this.")] = 10.0,
+    include: Annotated[list[str] | None, typer.Option(
+        help="Only files matching this glob, on paths relative to the SOURCE folder ('*.md', 'notes/**'); "
+             "repeatable.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help="Leave out files matching this glob ('drafts/**'); repeatable. Documents indexed earlier that the "
+             "filters now leave out are removed, like deleted files.")] = None,
 ) -> None:
     """Add new or changed documents to an index and drop deleted ones (safe to interrupt and re-run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -114,16 +120,19 @@ def index(
 
         summary = build_index(all_sources, index_dir, embedder_name=embedder, faiss_factory=faiss_factory,
                               chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens,
-                              batch_passages=batch_passages, max_document_mb=max_document_mb, hooks=Hooks())
+                              batch_passages=batch_passages, max_document_mb=max_document_mb,
+                              include=include or [], exclude=exclude or [], hooks=Hooks())
     for warning in summary.skipped[:20]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if len(summary.skipped) > 20:
         console.print(f"[yellow]warning:[/] ... and {len(summary.skipped) - 20} more")
     rate = summary.passages_added / summary.embed_seconds if summary.embed_seconds else 0
+    excluded = f" ({summary.documents_excluded} now excluded by the filters)" if summary.documents_excluded else ""
     console.print(
         f"{'[red]interrupted[/]: ' if summary.interrupted else ''}{summary.index}: "
         f"{summary.documents_seen} documents seen, {summary.documents_embedded} embedded, "
-        f"{summary.documents_unchanged} unchanged, {summary.documents_deleted} deleted, "
+        f"{summary.documents_unchanged} unchanged, {summary.documents_deleted} deleted"
+        f"{excluded}, "
         f"{len(summary.skipped)} skipped; {summary.passages_added} passages added, "
         f"{summary.passages_total} in the index ({summary.disk_bytes / 2**20:.1f} MiB); "
         f"{summary.seconds:.1f} s ({rate:,.0f} passages/s embedding)", highlight=False)

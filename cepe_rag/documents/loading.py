@@ -9,10 +9,11 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cepe_rag.documents.globs import PathFilter
 from cepe_rag.types import CepeRagError
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
@@ -48,15 +49,20 @@ class LoadReport:
 
 
 def iter_documents(
-    sources: list[str | Path], report: LoadReport, *, max_document_mb: float = DEFAULT_MAX_DOCUMENT_MB
+    sources: list[str | Path], report: LoadReport, *, max_document_mb: float = DEFAULT_MAX_DOCUMENT_MB,
+    include: Iterable[str] = (), exclude: Iterable[str] = (),
 ) -> Iterator[Document]:
-    """Documents from files and folders; a document over max_document_mb of text is skipped with a warning."""
+    """Documents from files and folders; a document over max_document_mb of text is skipped with a warning.
+
+    `include`/`exclude` are globs on paths relative to each source folder (globs.py): a file filtered out is
+    neither read nor reported. A file named as a source is always read: naming it is choosing it."""
     max_chars = int(max_document_mb * 2**20)
+    path_filter = PathFilter(include, exclude)
     for source in sources:
         path = Path(source)
         if not path.exists():
             raise CepeRagError(f"source not found: {path}")
-        files = [path] if path.is_file() else _walk(path, report)
+        files = [path] if path.is_file() else _walk(path, report, path_filter)
         for file in files:
             for document in _read_file(file, report, max_chars):
                 if len(document.text) > max_chars:
@@ -66,8 +72,9 @@ def iter_documents(
                 yield document
 
 
-def _walk(root: Path, report: LoadReport) -> Iterator[Path]:
+def _walk(root: Path, report: LoadReport, path_filter: PathFilter | None = None) -> Iterator[Path]:
     """Files under root in a stable order, following symlinks but never around a loop."""
+    path_filter = path_filter or PathFilter()
     seen_dirs: set[tuple[int, int]] = set()
     for directory, dirnames, filenames in os.walk(root, followlinks=True):
         stat = os.stat(directory)
@@ -76,15 +83,27 @@ def _walk(root: Path, report: LoadReport) -> Iterator[Path]:
             dirnames.clear()
             continue
         seen_dirs.add((stat.st_dev, stat.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        relative = relative_path(directory, root)
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith(".") and not path_filter.prunes(_join(relative, d)))
         for name in sorted(filenames):
             file = Path(directory) / name
-            if name.startswith("."):
+            if name.startswith(".") or not path_filter.accepts(_join(relative, name)):
                 continue
             if file.suffix.lower() in SUPPORTED_SUFFIXES:
                 yield file
             elif file.is_file():
                 report.warn(f"{file}: unsupported file type, skipped")
+
+
+def relative_path(path: str | Path, root: str | Path) -> str:
+    """`path` relative to the folder `root`, '/'-separated, as --include/--exclude patterns see it ('' for root)."""
+    relative = os.path.relpath(path, root)
+    return "" if relative == "." else relative.replace(os.sep, "/")
+
+
+def _join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
 
 
 def _read_file(file: Path, report: LoadReport, max_chars: int) -> Iterator[Document]:

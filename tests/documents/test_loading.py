@@ -119,3 +119,64 @@ def test_splitter_respects_token_budget(embedder):
     assert splitter.split("short text") == ["short text"]
     # A giant unbroken string is one WordPiece [UNK]; it must still be cut into bounded passages.
     assert max(len(c) for c in splitter.split("x" * 100_000)) <= 64 * 16
+
+
+def make_tree(root, files):
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content) if isinstance(content, bytes) else (root / name).write_text(content)
+
+
+def test_include_and_exclude_choose_files_by_their_path_in_the_folder(tmp_path):
+    make_tree(tmp_path, {"a.md": "top", "notes/b.md": "note", "notes/c.txt": "text note", "drafts/d.md": "draft",
+                         "drafts/deep/e.md": "deeper draft", "notes/drafts/f.md": "a nested drafts folder",
+                         "photo.png": b"\x89PNG", "drafts/bad.txt": b"\x00binary"})
+    docs, report = load(tmp_path, include=["*.md"], exclude=["drafts/**"])
+    assert sorted(d.text for d in docs) == ["a nested drafts folder", "note", "top"]  # drafts/** is anchored
+    assert report.skipped == []  # filtered-out files are neither read nor reported (photo.png, drafts/bad.txt)
+    docs, _ = load(tmp_path, exclude=["drafts", "*.png", "drafts/bad.txt"])  # a bare name: at any depth
+    assert sorted(d.text for d in docs) == ["note", "text note", "top"]
+    docs, _ = load(tmp_path, include=["notes/**", "/a.md"], exclude=["**/f.md"])
+    assert sorted(d.text for d in docs) == ["note", "text note", "top"]
+
+
+def test_excluded_folders_are_not_walked(tmp_path):
+    make_tree(tmp_path, {"keep.txt": "kept", "node_modules/x/y.txt": "dependency"})
+    os.symlink(tmp_path, tmp_path / "node_modules" / "x" / "loop")
+    docs, report = load(tmp_path, exclude=["node_modules/"])
+    assert [d.text for d in docs] == ["kept"] and report.skipped == []  # no symlink-loop warning from inside
+
+
+def test_a_file_named_as_a_source_is_read_whatever_the_filters(tmp_path):
+    make_tree(tmp_path, {"chosen.txt": "named on the command line"})
+    docs, _ = load(tmp_path / "chosen.txt", include=["*.md"], exclude=["*.txt"])
+    assert [d.text for d in docs] == ["named on the command line"]
+
+
+@pytest.mark.parametrize("pattern,path,matches", [
+    ("*.md", "a.md", True), ("*.md", "x/y/a.md", True), ("*.md", "a.txt", False), ("*.md", "a.md/b.txt", True),
+    ("drafts/**", "drafts/a/b.md", True), ("drafts/**", "x/drafts/a.md", False), ("drafts/", "x/drafts/a.md", True),
+    ("**/drafts/**", "x/drafts/a.md", True), ("sub/*.md", "sub/a.md", True), ("sub/*.md", "sub/x/a.md", False),
+    ("a/**/b.md", "a/b.md", True), ("a/**/b.md", "a/x/y/b.md", True), ("doc?.txt", "doc1.txt", True),
+    ("doc?.txt", "doc/.txt", False), ("[!a]*.md", "b.md", True), ("[!a]*.md", "a.md", False),
+    ("[^a].md", "^.md", True), ("[^a].md", "b.md", False), ("/top.md", "top.md", True), ("/top.md", "x/top.md", False),
+    ("./top.md", "top.md", True), ("a+b (1).md", "a+b (1).md", True), ("a+b (1).md", "aab (1).md", False),
+])
+def test_glob_patterns(pattern, path, matches):
+    from cepe_rag.documents.globs import compile_glob, path_matches
+
+    assert path_matches(compile_glob(pattern), path) is matches
+
+
+def test_glob_anywhere_matches_the_end_of_absolute_paths():
+    from cepe_rag.documents.globs import compile_glob, path_matches
+
+    assert path_matches(compile_glob("corpus/*.txt", anywhere=True), "home/me/corpus/a.txt")
+    assert not path_matches(compile_glob("corpus/*.txt", anywhere=True), "home/me/corpus/sub/a.txt")
+    assert not path_matches(compile_glob("/corpus/*.txt", anywhere=True), "home/me/corpus/a.txt")
+
+
+@pytest.mark.parametrize("pattern", ["", "   "])
+def test_an_empty_pattern_is_refused(tmp_path, pattern):
+    with pytest.raises(CepeRagError, match="empty glob pattern"):
+        load(tmp_path, include=[pattern])

@@ -260,3 +260,44 @@ def test_a_second_writer_on_the_same_index_stops_at_once(corpus, tmp_path):
     assert not (index / "passages.sqlite").exists()  # it stopped before touching the index
     with writer_lock(index):  # released when its holder is done; taken again
         pass
+
+
+def test_documents_the_filters_now_leave_out_are_removed_like_deleted_ones(embedder, corpus, tmp_path):
+    index = tmp_path / "idx"
+    index_with(embedder, [corpus], index)
+    (corpus / "drafts").mkdir()
+    (corpus / "drafts" / "nile.txt").write_text("The Nile is a river in Africa.")
+    index_with(embedder, [corpus], index)
+    store = IndexStore.open(index)
+    assert store.count() == 5
+    store.close()
+
+    filtered = index_with(embedder, [corpus], index, include=["*.txt"], exclude=["drafts/**"])
+    assert (filtered.documents_seen, filtered.documents_embedded, filtered.documents_unchanged) == (3, 0, 3)
+    assert (filtered.documents_deleted, filtered.documents_excluded, filtered.passages_total) == (2, 2, 3)
+    retriever = Retriever(index, embedder=embedder)
+    assert {p.title for p in retriever.retrieve("otters rivers Nile", k=10)} == {"kubrick", "eiffel", "everest"}
+    assert retriever.store.count() == retriever.store._faiss.ntotal == 3
+    assert not retriever.store.faiss_is_stale
+
+    (corpus / "eiffel.txt").unlink()  # deleted (not excluded) while the filters are on
+    deleted = index_with(embedder, [corpus], index, include=["*.txt"], exclude=["drafts/**"])
+    assert (deleted.documents_deleted, deleted.documents_excluded) == (1, 0)
+
+    everything = index_with(embedder, [corpus], index)  # without the filters, the folder contributes all again
+    assert (everything.documents_embedded, everything.documents_unchanged, everything.passages_total) == (2, 2, 4)
+
+
+def test_filters_that_leave_no_document_change_nothing(embedder, corpus, tmp_path):
+    index = tmp_path / "idx"
+    index_with(embedder, [corpus], index)
+    before = IndexStore.open(index)
+    count, version = before.count(), before.content_version()
+    before.close()
+    with pytest.raises(CepeRagError, match="passes --include/--exclude: nothing was removed"):
+        index_with(embedder, [corpus], index, include=["*.mdx"])  # a typo must not empty the index
+    after = IndexStore.open(index)
+    assert (after.count(), after.content_version()) == (count, version)
+    with pytest.raises(CepeRagError, match="empty glob pattern"):
+        index_with(embedder, [corpus], index, exclude=[""])
+
