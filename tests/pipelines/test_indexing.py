@@ -301,3 +301,21 @@ def test_filters_that_leave_no_document_change_nothing(embedder, corpus, tmp_pat
     with pytest.raises(CepeRagError, match="empty glob pattern"):
         index_with(embedder, [corpus], index, exclude=[""])
 
+
+def test_docx_and_csv_rows_are_retrievable(embedder, tmp_path):
+    from tests.documents.test_loading import write_docx
+
+    folder = tmp_path / "office"
+    folder.mkdir()
+    write_docx(folder / "minutes.docx", ["Board Minutes", "The board approved the new lighthouse in Velmarra."])
+    (folder / "staff.csv").write_text("name,role,office\nMaria Tollund,bridge engineer,Velmarra\n"
+                                      "Henrik Solberg,architect,Dunn\n")
+    (folder / "broken.docx").write_bytes(b"PK but not really a zip")
+    summary = index_with(embedder, [folder], tmp_path / "idx")
+    assert (summary.documents_embedded, len(summary.skipped)) == (2, 1)
+    assert "broken.docx: not a .docx file" in summary.skipped[0]
+    retriever = Retriever(tmp_path / "idx", embedder=embedder)
+    top = retriever.retrieve("Who is the bridge engineer?", k=1)[0]
+    assert top.source.endswith("staff.csv") and "name: Maria Tollund; role: bridge engineer" in top.text
+    top = retriever.retrieve("What did the board approve?", k=1)[0]
+    assert top.title == "Board Minutes" and "lighthouse" in top.text
