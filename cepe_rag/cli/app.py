@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cepe_rag.cli.docs import docs_app
 from cepe_rag.indexes.layout import check_index_folder
 from cepe_rag.models import check_model_reference, cpu_has_fast_bfloat16, default_device, resolve_dtype
 from cepe_rag.settings import (
@@ -139,6 +140,9 @@ def index(
     if summary.interrupted:
         console.print("committed work is kept and searchable; run the same command again to resume")
         raise typer.Exit(130)
+
+
+app.add_typer(docs_app, name="docs")
 
 
 @app.command()
