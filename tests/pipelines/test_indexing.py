@@ -260,3 +260,62 @@ def test_a_second_writer_on_the_same_index_stops_at_once(corpus, tmp_path):
     assert not (index / "passages.sqlite").exists()  # it stopped before touching the index
     with writer_lock(index):  # released when its holder is done; taken again
         pass
+
+
+def test_documents_the_filters_now_leave_out_are_removed_like_deleted_ones(embedder, corpus, tmp_path):
+    index = tmp_path / "idx"
+    index_with(embedder, [corpus], index)
+    (corpus / "drafts").mkdir()
+    (corpus / "drafts" / "nile.txt").write_text("The Nile is a river in Africa.")
+    index_with(embedder, [corpus], index)
+    store = IndexStore.open(index)
+    assert store.count() == 5
+    store.close()
+
+    filtered = index_with(embedder, [corpus], index, include=["*.txt"], exclude=["drafts/**"])
+    assert (filtered.documents_seen, filtered.documents_embedded, filtered.documents_unchanged) == (3, 0, 3)
+    assert (filtered.documents_deleted, filtered.documents_excluded, filtered.passages_total) == (2, 2, 3)
+    retriever = Retriever(index, embedder=embedder)
+    assert {p.title for p in retriever.retrieve("otters rivers Nile", k=10)} == {"kubrick", "eiffel", "everest"}
+    assert retriever.store.count() == retriever.store._faiss.ntotal == 3
+    assert not retriever.store.faiss_is_stale
+
+    (corpus / "eiffel.txt").unlink()  # deleted (not excluded) while the filters are on
+    deleted = index_with(embedder, [corpus], index, include=["*.txt"], exclude=["drafts/**"])
+    assert (deleted.documents_deleted, deleted.documents_excluded) == (1, 0)
+
+    everything = index_with(embedder, [corpus], index)  # without the filters, the folder contributes all again
+    assert (everything.documents_embedded, everything.documents_unchanged, everything.passages_total) == (2, 2, 4)
+
+
+def test_filters_that_leave_no_document_change_nothing(embedder, corpus, tmp_path):
+    index = tmp_path / "idx"
+    index_with(embedder, [corpus], index)
+    before = IndexStore.open(index)
+    count, version = before.count(), before.content_version()
+    before.close()
+    with pytest.raises(CepeRagError, match="passes --include/--exclude: nothing was removed"):
+        index_with(embedder, [corpus], index, include=["*.mdx"])  # a typo must not empty the index
+    after = IndexStore.open(index)
+    assert (after.count(), after.content_version()) == (count, version)
+    with pytest.raises(CepeRagError, match="empty glob pattern"):
+        index_with(embedder, [corpus], index, exclude=[""])
+
+
+def test_docx_and_csv_rows_are_retrievable(embedder, tmp_path):
+    from tests.documents.test_loading import write_docx
+
+    folder = tmp_path / "office"
+    folder.mkdir()
+    write_docx(folder / "minutes.docx", ["Board Minutes", "The board approved the new lighthouse in Velmarra."])
+    (folder / "staff.csv").write_text("name,role,office\nMaria Tollund,bridge engineer,Velmarra\n"
+                                      "Henrik Solberg,architect,Dunn\n")
+    (folder / "broken.docx").write_bytes(b"PK but not really a zip")
+    summary = index_with(embedder, [folder], tmp_path / "idx")
+    assert (summary.documents_embedded, len(summary.skipped)) == (2, 1)
+    assert "broken.docx: not a .docx file" in summary.skipped[0]
+    retriever = Retriever(tmp_path / "idx", embedder=embedder)
+    top = retriever.retrieve("Who is the bridge engineer?", k=1)[0]
+    assert top.source.endswith("staff.csv") and "name: Maria Tollund; role: bridge engineer" in top.text
+    top = retriever.retrieve("What did the board approve?", k=1)[0]
+    assert top.title == "Board Minutes" and "lighthouse" in top.text
