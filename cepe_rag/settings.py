@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cepe_rag.types import CepeRagError
 
+DEFAULT_INDEX = Path("indexes/default")
 DEFAULT_DECODER = "smollm2-135m-instruct"
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 # Chosen on the own-documents benchmark (README, "Readers"): the reader and prompt that answer from the user's

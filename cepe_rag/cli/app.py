@@ -24,6 +24,7 @@ from cepe_rag.settings import (
     BENCH_METHODS,
     DEFAULT_DECODER,
     DEFAULT_EMBEDDER,
+    DEFAULT_INDEX,
     DEFAULT_K,
     DEFAULT_PROMPT_STYLE,
     DEFAULT_READER,
@@ -41,7 +42,6 @@ from cepe_rag.types import CepeRagError, validate_question
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Retrieval-augmented generation that reads many passages through CEPE.")
 console = Console(stderr=True, soft_wrap=True)  # one message, one line
-DEFAULT_INDEX = Path("indexes/default")
 
 IndexOption = Annotated[Path, typer.Option("--index", help="Index folder.")]
 DecoderOption = Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")]

@@ -18,11 +18,11 @@ from rich.console import Console
 
 from cepe_rag.documents.globs import compile_glob, is_glob, path_matches
 from cepe_rag.indexes.layout import FAISS_FILE, check_index_folder
+from cepe_rag.settings import DEFAULT_INDEX
 from cepe_rag.types import CepeRagError
 
 docs_app = typer.Typer(no_args_is_help=True, help="List, show and remove the documents of an index (no model loads).")
 console = Console(stderr=True, soft_wrap=True)  # one message, one line
-DEFAULT_INDEX = Path("indexes/default")  # the same default as every other command (cli/app.py)
 IndexOption = Annotated[Path, typer.Option("--index", help="Index folder.")]
 MAX_LISTED = 20  # sources named after a removal; the rest are counted
 MAX_TITLE_WIDTH = 60

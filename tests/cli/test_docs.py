@@ -144,11 +144,3 @@ def test_remove_waits_for_no_writer_and_needs_an_index(docs_index, tmp_path):
     assert not (tmp_path / "none").exists()
     assert_one_line_error(run_cli("docs", "list", "--index", docs_index / "corpus"), "is not a cepe-rag index")
     assert_one_line_error(run_cli("docs", "list", "--index", index, "--source", ""), "empty glob pattern")
-
-
-def test_docs_uses_the_same_default_index_as_every_command():
-    from importlib import import_module
-
-    from cepe_rag.cli import docs
-
-    assert docs.DEFAULT_INDEX == import_module("cepe_rag.cli.app").DEFAULT_INDEX  # the package exports `app`, the Typer
