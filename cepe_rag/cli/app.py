@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import socket
@@ -44,20 +46,46 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True, soft_wrap=True)  # one message, one line
 
 IndexOption = Annotated[Path, typer.Option("--index", help="Index folder.")]
-DecoderOption = Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")]
-CepeModelOption = Annotated[str | None, typer.Option(
-    help="CEPE checkpoint (folder or hub id) for the cepe reader; it includes its own decoder. Default: the adapter "
-         "shipped for the decoder.")]
-PromptPassagesOption = Annotated[int, typer.Option(
-    help="cepe: top passages put in the prompt; the rest go through the encoder.")]
-ApeTemperatureOption = Annotated[float, typer.Option(help="parallel: attention temperature on passage tokens.")]
-ApeScaleOption = Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")]
-MostRelevantOption = Annotated[str, typer.Option(
-    help="concat: the most relevant passage first (after the instruction) or last (before the question).")]
-PromptOption = Annotated[str, typer.Option(
-    "--prompt", help="instruction (a system instruction asking for a short answer), fewshot (plus two worked "
-                     "examples of short answers) or query-aware (instruction, and the question before the passages "
-                     "as well as after them).")]
+def _option(name: str, annotation, default) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+# The options that describe a reader, shared by ask, eval and serve: declared once, added to each command's
+# signature by @reader_options and handed to it as one dict of ReaderSpec fields.
+READER_OPTIONS = [
+    _option("decoder", Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")], DEFAULT_DECODER),
+    _option("cepe_model", Annotated[str | None, typer.Option(
+        help="CEPE checkpoint (folder or hub id) for the cepe reader; it includes its own decoder. Default: the "
+             "adapter shipped for the decoder.")], None),
+    _option("n_prompt_passages", Annotated[int, typer.Option(
+        help="cepe: top passages put in the prompt; the rest go through the encoder.")], 0),
+    _option("ape_temperature", Annotated[float, typer.Option(
+        help="parallel: attention temperature on passage tokens.")], APE_TEMPERATURE),
+    _option("ape_scale", Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")],
+            APE_SCALE),
+    _option("most_relevant", Annotated[str, typer.Option(
+        help="concat: the most relevant passage first (after the instruction) or last (before the question).")],
+        "first"),
+    _option("prompt_style", Annotated[str, typer.Option(
+        "--prompt", help="instruction (a system instruction asking for a short answer), fewshot (plus two worked "
+                         "examples of short answers) or query-aware (instruction, and the question before the "
+                         "passages as well as after them).")], DEFAULT_PROMPT_STYLE),
+]
+
+
+def reader_options(command):
+    """Give `command` the shared reader options (typer reads `__signature__`); it receives them as `reader`-less
+    ReaderSpec fields in its `spec_options` argument."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "spec_options"]
+
+    @functools.wraps(command)
+    def with_options(*args, **kwargs):
+        return command(*args, spec_options={p.name: kwargs.pop(p.name) for p in READER_OPTIONS}, **kwargs)
+
+    with_options.__signature__ = inspect.Signature([*own, *READER_OPTIONS])
+    return with_options
+
+
 RetrievalOption = Annotated[str, typer.Option(
     "--retrieval", help="hybrid (dense + BM25, fused by reciprocal rank), dense (MiniLM + FAISS) or lexical (BM25).")]
 SourceFilterOption = Annotated[str | None, typer.Option(
@@ -156,34 +184,27 @@ app.add_typer(docs_app, name="docs")
 
 
 @app.command()
+@reader_options
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     index_dir: IndexOption = DEFAULT_INDEX,
     k: Annotated[int, typer.Option("--k", help="Passages to retrieve.")] = DEFAULT_K,
     reader: Annotated[str | None, typer.Option(help="concat, parallel, closed-book, or cepe. Default: cepe when "
                                                     "--cepe-model is given, else concat.")] = None,
-    decoder: DecoderOption = DEFAULT_DECODER,
-    cepe_model: CepeModelOption = None,
-    n_prompt_passages: PromptPassagesOption = 0,
-    ape_temperature: ApeTemperatureOption = APE_TEMPERATURE,
-    ape_scale: ApeScaleOption = APE_SCALE,
-    most_relevant: MostRelevantOption = "first",
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = 96,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result instead of streaming.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
     dtype: DtypeOption = None,
-    prompt_style: PromptOption = DEFAULT_PROMPT_STYLE,
     retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
     source: SourceFilterOption = None,
     title: TitleFilterOption = None,
     abstain: AbstainOption = True,
+    spec_options: dict | None = None,
 ) -> None:
     """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
     question = validate_question(question)
-    spec = ReaderSpec(reader=reader or ("cepe" if cepe_model else DEFAULT_READER), decoder=decoder,
-                      prompt_style=prompt_style, cepe_model=cepe_model, n_prompt_passages=n_prompt_passages,
-                      ape_temperature=ape_temperature, ape_scale=ape_scale, most_relevant=most_relevant)
+    spec = ReaderSpec(reader=reader or ("cepe" if spec_options["cepe_model"] else DEFAULT_READER), **spec_options)
     check_options([k], [spec], dtype)
     check_retrieval(retrieval)
     check_index_folder(index_dir)
@@ -201,7 +222,7 @@ def ask(
     if k > retriever.store.count() and chosen.reads_passages:
         console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
                       "index; reading all of them")
-    decoder = spec.checkpoint() if spec.reader == "cepe" else decoder
+    decoder = spec.checkpoint() if spec.reader == "cepe" else spec.decoder
     pipeline = RagPipeline(retriever, chosen, abstention=Abstention() if abstain else None)
     load_s = time.perf_counter() - started
 
@@ -298,6 +319,7 @@ def exit_now(code: int) -> None:
 
 
 @app.command("eval")
+@reader_options
 def evaluate(
     questions: Annotated[str, typer.Option(help="JSONL file (FlashRAG or NQ-open format) or hub dataset name.")],
     index_dir: IndexOption = DEFAULT_INDEX,
@@ -308,29 +330,21 @@ def evaluate(
     answer_in_corpus: Annotated[bool, typer.Option(help="Keep questions whose answer occurs in the corpus.")] = False,
     out: Annotated[Path, typer.Option(help="Run folder: retrieval cache, predictions, summary, plot.")] = Path(
         "runs/eval"),
-    decoder: DecoderOption = DEFAULT_DECODER,
-    cepe_model: CepeModelOption = None,
-    n_prompt_passages: PromptPassagesOption = 0,
-    ape_temperature: ApeTemperatureOption = APE_TEMPERATURE,
-    ape_scale: ApeScaleOption = APE_SCALE,
-    most_relevant: MostRelevantOption = "first",
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit (the paper: 25).")] = 25,
     split: Annotated[str, typer.Option(help="Split, for hub datasets.")] = "validation",
     dtype: DtypeOption = None,
-    prompt_style: PromptOption = DEFAULT_PROMPT_STYLE,
     summary_only: Annotated[bool, typer.Option(help="Only summarise the predictions already in --out.")] = False,
     retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
     source: SourceFilterOption = None,
     title: TitleFilterOption = None,
+    spec_options: dict | None = None,
 ) -> None:
     """Open-domain QA: retrieval once, then every reader at every k; resumable, cached per run folder."""
     try:
         ks = sorted({int(x) for x in k.split(",") if x.strip()})
     except ValueError:
         raise CepeRagError(f"--k {k!r}: expected comma-separated whole numbers, e.g. 5,20,50") from None
-    specs = [ReaderSpec(reader=name.strip(), decoder=decoder, prompt_style=prompt_style, cepe_model=cepe_model,
-                        n_prompt_passages=n_prompt_passages, ape_temperature=ape_temperature, ape_scale=ape_scale,
-                        most_relevant=most_relevant) for name in readers.split(",") if name.strip()]
+    specs = [ReaderSpec(reader=name.strip(), **spec_options) for name in readers.split(",") if name.strip()]
     check_options(ks, specs, dtype)
     check_retrieval(retrieval)
     check_index_folder(index_dir)
@@ -482,18 +496,12 @@ def train_command(
 
 
 @app.command()
+@reader_options
 def serve(
     index_dir: IndexOption = DEFAULT_INDEX,
     reader: Annotated[list[str] | None, typer.Option(
         help="Reader to load, repeatable or comma-separated: concat, parallel, cepe, closed-book. Each is a model id "
              "clients choose with `model`. Default: concat.")] = None,
-    decoder: DecoderOption = DEFAULT_DECODER,
-    cepe_model: CepeModelOption = None,
-    n_prompt_passages: PromptPassagesOption = 0,
-    ape_temperature: ApeTemperatureOption = APE_TEMPERATURE,
-    ape_scale: ApeScaleOption = APE_SCALE,
-    most_relevant: MostRelevantOption = "first",
-    prompt_style: PromptOption = DEFAULT_PROMPT_STYLE,
     k: Annotated[int, typer.Option("--k", help="Passages retrieved when a request does not ask for a k.")] = DEFAULT_K,
     max_k: Annotated[int, typer.Option(help="Largest k a request may ask for.")] = 100,
     max_tokens: Annotated[int, typer.Option(help="Longest answer a request may ask for, in tokens (prompts are "
@@ -509,12 +517,11 @@ def serve(
     dtype: DtypeOption = None,
     retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
     abstain: AbstainOption = True,
+    spec_options: dict | None = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/retrieve, /health) over an index."""
     names = [name.strip() for value in reader or [DEFAULT_READER] for name in value.split(",") if name.strip()]
-    specs = [ReaderSpec(reader=name, decoder=decoder, prompt_style=prompt_style, cepe_model=cepe_model,
-                        n_prompt_passages=n_prompt_passages, ape_temperature=ape_temperature, ape_scale=ape_scale,
-                        most_relevant=most_relevant) for name in names]
+    specs = [ReaderSpec(reader=name, **spec_options) for name in names]
     check_options([k], specs, dtype)
     if len({spec.label for spec in specs}) < len(specs):
         raise CepeRagError(f"--reader lists a reader twice: {', '.join(names)}")
