@@ -144,6 +144,7 @@ class RagPipeline:
         retrieval_s = time.perf_counter() - started
         reason = self.retriever.abstention_reason(question, passages, self.abstention)
         if reason:
+            self.reader.prepare(question, passages)  # a question too long for the decoder is an error all the same
             if on_token:
                 on_token(NOT_IN_DOCUMENTS)
             return Answer(NOT_IN_DOCUMENTS, passages, self.reader.name, abstained=reason,

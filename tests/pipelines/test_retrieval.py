@@ -124,6 +124,9 @@ class EchoReader:
     name = "echo"
     reads_passages = True
 
+    def prepare(self, question, passages):
+        return None
+
     def answer(self, question, passages, on_token=None, **_):
         from cepe_rag.types import Answer
 
