@@ -35,6 +35,9 @@ LEXICAL_WEIGHT = 0.2  # BM25 rank weight relative to the dense ranking: the best
 ABSTAIN_BELOW = 0.68
 ABSTAIN_FLOOR = 0.34
 NOT_IN_DOCUMENTS = "The documents do not contain the answer to this question."
+# cepe: cross-attention K/V cached per request up to this size (SmolLM2's adapter at k=50: ~90 MiB), else
+# re-projected from the encoder states at every step (same answers, a fraction of the memory).
+CROSS_KV_BUDGET_MB = 1024.0
 # APE's knobs for the parallel reader: the best of the NQ sweep (README); no setting reads on the own-documents
 # benchmark.
 APE_TEMPERATURE = 1.0
@@ -76,6 +79,7 @@ class ReaderSpec:
     ape_temperature: float = APE_TEMPERATURE  # parallel
     ape_scale: float = APE_SCALE  # parallel
     most_relevant: str = "first"  # concat: where the best passage goes
+    cross_kv_budget_mb: float = CROSS_KV_BUDGET_MB  # cepe: cache cross-attention K/V up to this; beyond, recompute
 
     @property
     def label(self) -> str:

@@ -78,6 +78,11 @@ class ContextStates:
     def tokens(self) -> int:
         return sum(s.shape[-2] for s in self.states)
 
+    def states_for(self, passages) -> dict[int, torch.Tensor]:
+        """The states of these passages that this set holds, by passage id (the CEPE reader's state source)."""
+        by_id = dict(zip(self.ids, self.states))
+        return {p.id: by_id[p.id] for p in passages if p.id in by_id}
+
     def select(self, ids: list[int]) -> list[torch.Tensor]:
         by_id = dict(zip(self.ids, self.states))
         missing = [i for i in ids if i not in by_id]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -126,6 +127,20 @@ class CepeForCausalLM(nn.Module):
             tokenizer.truncation_side = side
         # An empty chunk has no tokens at all (not just [CLS] [SEP]): it must add nothing.
         return [tokens if text.strip() else [] for text, tokens in zip(texts, ids)]
+
+    def states_stamp(self) -> str:
+        """What decides a passage's encoder states: the encoder's weights (a digest of every tensor's shape and first
+        values), its tokenizer, and the chunking. Stored states are used only under the same stamp."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.encoder.state_dict().items()):
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            # bfloat16-rounded, so a float32 and a bfloat16 load of one checkpoint share a stamp
+            digest.update(tensor.detach().flatten()[:4096].to(torch.bfloat16).float().cpu().numpy().tobytes())
+        tokenizer = self.encoder_tokenizer
+        config = self.config
+        return (f"encoder sha256:{digest.hexdigest()[:16]} vocab:{len(tokenizer) if tokenizer else 0} "
+                f"chunks:{self.max_chunk_tokens}/{config.chunk_truncation_side}/{config.chunk_add_special_tokens} "
+                f"states:{config.num_cross_attn_hidden_states} hidden:{self.encoder.config.hidden_size}")
 
     @torch.inference_mode()
     def encode_context(self, texts: Sequence[str], ids: Sequence[int] | None = None,

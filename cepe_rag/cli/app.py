@@ -24,6 +24,7 @@ from cepe_rag.settings import (
     APE_SCALE,
     APE_TEMPERATURE,
     BENCH_METHODS,
+    CROSS_KV_BUDGET_MB,
     DEFAULT_DECODER,
     DEFAULT_EMBEDDER,
     DEFAULT_INDEX,
@@ -66,6 +67,9 @@ READER_OPTIONS = [
     _option("most_relevant", Annotated[str, typer.Option(
         help="concat: the most relevant passage first (after the instruction) or last (before the question).")],
         "first"),
+    _option("cross_kv_budget_mb", Annotated[float, typer.Option(
+        help="cepe: cache the cross-attention K/V of a request up to this many MiB; beyond, re-project them from "
+             "the encoder states at every step (same answers, less memory, slower).")], CROSS_KV_BUDGET_MB),
     _option("prompt_style", Annotated[str, typer.Option(
         "--prompt", help="instruction (a system instruction asking for a short answer), fewshot (plus two worked "
                          "examples of short answers) or query-aware (instruction, and the question before the "
@@ -125,6 +129,14 @@ def index(
     exclude: Annotated[list[str] | None, typer.Option(
         help="Leave out files matching this glob ('drafts/**'); repeatable. Documents indexed earlier that the "
              "filters now leave out are removed, like deleted files.")] = None,
+    context_states: Annotated[bool, typer.Option(
+        help="Also store every passage's CEPE encoder states (float16), so the cepe reader never encodes a "
+             "passage at question time.")] = False,
+    cepe_model: Annotated[str | None, typer.Option(
+        help="With --context-states: the CEPE checkpoint whose encoder makes them (default: the adapter shipped "
+             "for --decoder).")] = None,
+    decoder: Annotated[str, typer.Option(help="With --context-states: the decoder whose shipped adapter to use.")] = (
+        DEFAULT_DECODER),
 ) -> None:
     """Add new or changed documents to an index and drop deleted ones (safe to interrupt and re-run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -136,6 +148,16 @@ def index(
     all_sources = list(sources or []) + ([demo_corpus_path()] if demo else [])
     if not all_sources:
         raise CepeRagError("give at least one SOURCE folder or file (or --demo)")
+    state_encoder = None
+    if context_states:
+        checkpoint = ReaderSpec(reader="cepe", decoder=decoder, cepe_model=cepe_model).checkpoint()
+        check_model_reference(checkpoint, "CEPE checkpoint")
+        from cepe_rag.cepe import load_cepe
+        from cepe_rag.pipelines.context_states import StateEncoder
+
+        state_encoder = StateEncoder(load_cepe(checkpoint, device=default_device()))
+    elif cepe_model:
+        raise CepeRagError("--cepe-model is for --context-states: add it, or leave --cepe-model out")
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console) as progress:
@@ -160,7 +182,8 @@ def index(
         summary = build_index(all_sources, index_dir, embedder_name=embedder, faiss_factory=faiss_factory,
                               chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens,
                               batch_passages=batch_passages, max_document_mb=max_document_mb,
-                              include=include or [], exclude=exclude or [], hooks=Hooks())
+                              include=include or [], exclude=exclude or [], state_encoder=state_encoder,
+                              hooks=Hooks())
     for warning in summary.skipped[:20]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if len(summary.skipped) > 20:
@@ -175,6 +198,10 @@ def index(
         f"{len(summary.skipped)} skipped; {summary.passages_added} passages added, "
         f"{summary.passages_total} in the index ({summary.disk_bytes / 2**20:.1f} MiB); "
         f"{summary.seconds:.1f} s ({rate:,.0f} passages/s embedding)", highlight=False)
+    if state_encoder is not None:
+        console.print(f"context states: {summary.states_added} passages encoded in {summary.states_seconds:.1f} s "
+                      f"({summary.states_added / max(summary.states_seconds, 1e-9):,.0f} passages/s)",
+                      highlight=False)
     if summary.interrupted:
         console.print("committed work is kept and searchable; run the same command again to resume")
         raise typer.Exit(130)
@@ -208,6 +235,7 @@ def ask(
     check_options([k], [spec], dtype)
     check_retrieval(retrieval)
     check_index_folder(index_dir)
+    from cepe_rag.pipelines.context_states import use_stored_states
     from cepe_rag.pipelines.rag import Abstention, RagPipeline
     from cepe_rag.readers import GenerationConfig, build_reader
 
@@ -219,6 +247,7 @@ def ask(
     warn_slow_dtype(torch_dtype, device)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     chosen = build_reader(spec, generation=generation, device=device, dtype=torch_dtype)
+    say_once(use_stored_states(chosen, retriever.store))
     if k > retriever.store.count() and chosen.reads_passages:
         console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
                       "index; reading all of them")
@@ -267,6 +296,11 @@ def check_options(k: list[int], specs: list, dtype: str | None) -> None:
         check_model_reference(spec.cepe_model, "CEPE checkpoint")
         if spec.reader == "cepe":
             spec.checkpoint()  # one ships for the decoder, or one is given
+
+
+def say_once(note: str | None) -> None:
+    if note:
+        console.print(f"[dim]{note}[/]", highlight=False)
 
 
 def check_retrieval(mode: str) -> None:
@@ -351,6 +385,7 @@ def evaluate(
     from rich.progress import Progress
 
     from cepe_rag.eval import answerable_subset, load_questions, run_eval, summarise_folder
+    from cepe_rag.pipelines.context_states import use_stored_states
     from cepe_rag.readers import GenerationConfig, build_reader
 
     _quiet_libraries()
@@ -369,6 +404,8 @@ def evaluate(
     generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=("\n",))
     common = {"dtype": str(torch_dtype).removeprefix("torch."), "max_new_tokens": max_new_tokens}
     built = {spec.label: build_reader(spec, generation=generation, device=device, dtype=torch_dtype) for spec in specs}
+    for reader in built.values():
+        say_once(use_stored_states(reader, retriever.store))
     settings = {spec.label: {**spec.settings(), **common} for spec in specs}
     console.print(f"{len(examples)} questions · readers {', '.join(built)} · k {ks} · run folder {out}")
     with Progress(console=console) as progress:
@@ -540,6 +577,7 @@ def serve(
                       "machine can use the server")
     import uvicorn
 
+    from cepe_rag.pipelines.context_states import use_stored_states
     from cepe_rag.pipelines.rag import Abstention
     from cepe_rag.readers import GenerationConfig, build_reader
     from cepe_rag.serving import Limits, RagService, create_app
@@ -552,6 +590,8 @@ def serve(
     generation = GenerationConfig(max_new_tokens=max_tokens)
     readers = {spec.label: build_reader(spec, generation=generation, device=device, dtype=torch_dtype)
                for spec in specs}
+    for reader in readers.values():
+        say_once(use_stored_states(reader, retriever.store))
     limits = Limits(max_tokens=max_tokens, default_max_tokens=min(96, max_tokens), max_k=max_k, default_k=k)
     service = RagService(readers, retriever, limits=limits, max_batch=max_batch, max_waiting=max_queue,
                          batch_window_ms=batch_window_ms,

@@ -43,6 +43,17 @@ CREATE TABLE IF NOT EXISTS passages (
 CREATE INDEX IF NOT EXISTS passages_by_document ON passages(doc_key);
 """
 
+# CEPE encoder states per passage (float16, tokens x hidden), written in the passages' own transactions and
+# removed with them; meta `context_states_encoder` stamps the encoder that made them.
+_STATES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS context_states (
+    passage_id INTEGER PRIMARY KEY REFERENCES passages(id) ON DELETE CASCADE,
+    tokens INTEGER NOT NULL,
+    states BLOB NOT NULL
+);
+"""
+STATES_STAMP_KEY = "context_states_encoder"
+
 # External-content FTS5: the text lives once, in `passages`; the triggers keep the BM25 index in the same transaction.
 _LEXICAL_SCHEMA = """
 CREATE VIRTUAL TABLE IF NOT EXISTS passages_fts USING fts5(
@@ -330,8 +341,9 @@ class IndexStore:
     # --- writing -------------------------------------------------------------------------------
 
     def replace_documents(self, documents: Iterable[tuple[str, str, str]], passages: list[StoredPassage],
-                          embeddings: np.ndarray) -> None:
-        """Commit (key, digest, source) documents with their passages in one transaction."""
+                          embeddings: np.ndarray, states: list[np.ndarray] | None = None) -> None:
+        """Commit (key, digest, source) documents with their passages (and, given, their context states) in one
+        transaction."""
         documents = list(documents)
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         was_stale, self.faiss_is_stale = self.faiss_is_stale, True  # until FAISS has caught up with this commit
@@ -345,9 +357,58 @@ class IndexStore:
                     (passage.doc_key, passage.position, passage.title, passage.text, passage.source, vector.tobytes()),
                 )
                 ids.append(cursor.lastrowid)
+            if states is not None:
+                self._insert_states(ids, states)
             self._bump_content_version()
         # FAISS follows only after the commit succeeded, so it never holds uncommitted ids.
         self._faiss_update(was_stale, removed, np.array(ids, dtype=np.int64), embeddings)
+
+    # --- context states ----------------------------------------------------------------------------
+
+    def context_states_stamp(self) -> str | None:
+        """What made the stored context states (None: the index holds none)."""
+        return self._meta(STATES_STAMP_KEY) if _has_table(self.db, "context_states") else None
+
+    def set_context_states_stamp(self, stamp: str) -> None:
+        """Claim the index's context states for an encoder; states of another encoder are dropped first."""
+        with self.db:
+            if self._meta(STATES_STAMP_KEY) not in (None, stamp):
+                self.db.execute("DELETE FROM context_states")
+            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (STATES_STAMP_KEY, stamp))
+
+    def passages_without_states(self, limit: int) -> list[Passage]:
+        rows = self.db.execute(
+            "SELECT id, text, title, source FROM passages WHERE id NOT IN (SELECT passage_id FROM context_states) "
+            "ORDER BY id LIMIT ?", (limit,))
+        return [Passage(id=pid, text=text, title=title, source=source) for pid, text, title, source in rows]
+
+    def add_context_states(self, ids: list[int], states: list[np.ndarray]) -> None:
+        with self.db:
+            self._insert_states(ids, states)
+
+    def context_states_count(self) -> int:
+        if not _has_table(self.db, "context_states"):
+            return 0
+        return self.db.execute("SELECT COUNT(*) FROM context_states").fetchone()[0]
+
+    def context_states(self, ids: list[int], hidden_size: int) -> dict[int, np.ndarray]:
+        """The stored float16 (tokens, hidden) states of these passages (those that have them); read from disk
+        per request, never all at once."""
+        found: dict[int, np.ndarray] = {}
+        if not _has_table(self.db, "context_states"):
+            return found
+        for start in range(0, len(ids), 900):
+            chunk = ids[start:start + 900]
+            rows = self.db.execute(f"SELECT passage_id, tokens, states FROM context_states WHERE passage_id IN "
+                                   f"({','.join('?' * len(chunk))})", chunk)
+            for pid, tokens, blob in rows:
+                found[pid] = np.frombuffer(blob, dtype=np.float16).reshape(tokens, hidden_size)
+        return found
+
+    def _insert_states(self, ids: list[int], states: list[np.ndarray]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO context_states(passage_id, tokens, states) VALUES (?, ?, ?)",
+                            [(pid, len(s), np.ascontiguousarray(s, dtype=np.float16).tobytes())
+                             for pid, s in zip(ids, states)])
 
     def delete_documents(self, keys: list[str]) -> int:
         was_stale, self.faiss_is_stale = self.faiss_is_stale, True
@@ -457,6 +518,7 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
             had_lexical = _has_table(db, LEXICAL_TABLE)
             with db:
                 db.executescript(_SCHEMA)
+                db.executescript(_STATES_SCHEMA)
                 db.executescript(_LEXICAL_SCHEMA)
                 if not had_lexical:  # an index from before lexical search: index what it holds, once
                     db.execute(f"INSERT INTO {LEXICAL_TABLE}({LEXICAL_TABLE}) VALUES ('rebuild')")

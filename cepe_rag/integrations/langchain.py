@@ -20,6 +20,7 @@ from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel,
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from cepe_rag.models import default_device, load_embedder
+from cepe_rag.pipelines.context_states import use_stored_states
 from cepe_rag.pipelines.rag import PassageFilter, Retriever
 from cepe_rag.readers import GenerationConfig, Reader, build_reader
 from cepe_rag.readers.base import SYSTEM_PROMPT
@@ -76,9 +77,14 @@ class CepeRetriever(BaseRetriever):
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: int | None = None) -> list[Document]:
-        retriever = _load_retriever(str(self.index), self.embedder, self.mode,
-                                    PassageFilter(source=self.source, title=self.title))
-        return to_documents(retriever.retrieve(query, k or self.k))
+        return to_documents(self._retriever().retrieve(query, k or self.k))
+
+    def _retriever(self) -> Retriever:
+        return _load_retriever(str(self.index), self.embedder, self.mode,
+                               PassageFilter(source=self.source, title=self.title))
+
+    def store(self):
+        return self._retriever().store
 
 
 class CepeLLM(BaseLLM):
@@ -129,6 +135,8 @@ class CepeLLM(BaseLLM):
         reader = build_reader(spec, generation=generation, device=self.device or default_device(),
                               system_prompt=system_prompt or self.system_prompt)
         reader.history = list(history or [])
+        if isinstance(self.retriever, CepeRetriever):  # passages from an index: its stored CEPE states, if any
+            use_stored_states(reader, self.retriever.store())
         return reader
 
     def passages_for(self, prompt: str, contexts: Sequence[ContextLike] | None, reader: Reader) -> list[Passage]:

@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cepe_rag.documents import Document, LoadReport, PassageSplitter, iter_documents
 from cepe_rag.documents.globs import PathFilter
@@ -15,7 +16,10 @@ from cepe_rag.indexes import IndexStore, Manifest, StoredPassage, writer_lock
 from cepe_rag.indexes.store import FAISS_FILE, check_factory_syntax
 from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.settings import DEFAULT_EMBEDDER
-from cepe_rag.types import CepeRagError
+from cepe_rag.types import CepeRagError, Passage
+
+if TYPE_CHECKING:  # the encoder (torch) is loaded only by runs that store context states
+    from cepe_rag.pipelines.context_states import StateEncoder
 
 
 @dataclass
@@ -32,6 +36,8 @@ class IndexingSummary:
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     embed_seconds: float = 0.0
+    states_added: int = 0  # CEPE context states written (with new passages, or for passages that had none)
+    states_seconds: float = 0.0
     disk_bytes: int = 0
     interrupted: bool = False
 
@@ -61,6 +67,7 @@ def build_index(
     max_document_mb: float = DEFAULT_MAX_DOCUMENT_MB,
     include: list[str] | tuple[str, ...] = (),
     exclude: list[str] | tuple[str, ...] = (),
+    state_encoder: StateEncoder | None = None,
     hooks: ProgressHooks | None = None,
 ) -> IndexingSummary:
     """Add new and changed documents of `sources` to the index and drop the deleted ones.
@@ -72,6 +79,9 @@ def build_index(
     index then holds what the folders contribute under these filters, so a document indexed earlier that they
     now leave out is removed like a deleted file (counted in `documents_excluded`). A run whose filters leave no
     document at all stops with an error before removing anything, so a mistyped pattern cannot empty the index.
+
+    With a `state_encoder`, every passage's CEPE context states are stored too: new passages' in their own
+    transaction, and those of passages indexed without them (or by another encoder) in batches after the walk.
     """
     started = time.perf_counter()
     hooks = hooks or ProgressHooks()
@@ -96,13 +106,26 @@ def build_index(
         batch_docs: list[Document] = []
         batch: list[StoredPassage] = []
 
+        def encode_states(passages: list[Passage]) -> list | None:
+            if state_encoder is None:
+                return None
+            t0 = time.perf_counter()
+            states = state_encoder.encode(passages)
+            summary.states_seconds += time.perf_counter() - t0
+            summary.states_added += len(states)
+            return states
+
+        if state_encoder is not None:
+            store.set_context_states_stamp(state_encoder.stamp)
+
         def flush() -> None:
             if not batch_docs:
                 return
             t0 = time.perf_counter()
             embeddings = embed_texts(embedder, [passage_embedding_text(p.title, p.text) for p in batch])
             summary.embed_seconds += time.perf_counter() - t0
-            store.replace_documents([(d.key, d.digest, d.source) for d in batch_docs], batch, embeddings)
+            states = encode_states([Passage(id=0, text=p.text, title=p.title) for p in batch])
+            store.replace_documents([(d.key, d.digest, d.source) for d in batch_docs], batch, embeddings, states)
             summary.documents_embedded += len(batch_docs)
             summary.passages_added += len(batch)
             hooks.passages(len(batch))
@@ -135,6 +158,9 @@ def build_index(
             summary.documents_deleted = len(gone)
             summary.documents_excluded = sum(_filtered_out(source, roots, path_filter) for _, source in gone_documents)
             summary.passages_deleted = store.delete_documents(gone) if gone else 0
+            while state_encoder is not None and (missing := store.passages_without_states(batch_passages)):
+                store.add_context_states([p.id for p in missing], encode_states(missing))
+                hooks.passages(len(missing))
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:

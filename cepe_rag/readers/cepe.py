@@ -3,32 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import torch
 
-from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache, ContextStates
+from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache
 from cepe_rag.readers.base import PreparedPrompt, Reader, passage_block, question_text
 from cepe_rag.readers.generation import GenerationConfig, generate
+from cepe_rag.settings import CROSS_KV_BUDGET_MB
 from cepe_rag.types import Passage
+
+STATES_DTYPE = torch.float16  # as stored in an index
+
+
+class StateSource(Protocol):
+    def states_for(self, passages: Sequence[Passage]) -> dict[int, torch.Tensor]: ...
 
 
 class CepeReader(Reader):
     """The paper's split: the top `n_prompt_passages` in the prompt, the next `n_encoder_passages` (all
-    the rest if None) through the encoder, one passage per chunk. `context_states` (precomputed at index
-    time, keyed by passage id) skip the encoder for the passages they cover."""
+    the rest if None) through the encoder, one passage per chunk. `context_states` (precomputed: a
+    ContextStates set, or an index's stored states) skip the encoder for the passages they cover.
+
+    States computed here are rounded to float16, as stored states are, so that an answer does not depend on
+    where its passages' states came from."""
 
     name = "cepe"
 
     def __init__(self, model: CepeForCausalLM, tokenizer, *, n_prompt_passages: int = 0,
-                 n_encoder_passages: int | None = None, context_states: ContextStates | None = None,
-                 cache_cross_kv: bool = True, max_cached_passages: int = 20_000, **kwargs):
+                 n_encoder_passages: int | None = None, context_states: StateSource | None = None,
+                 cross_kv_budget_mb: float = CROSS_KV_BUDGET_MB, max_cached_passages: int = 20_000, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
         self.n_prompt_passages = n_prompt_passages
         self.n_encoder_passages = n_encoder_passages
         self.context_states = context_states
-        self.cache_cross_kv = cache_cross_kv
+        self.cross_kv_budget_mb = cross_kv_budget_mb
         # Many questions retrieve the same passages (and top-5 is in top-20); keyed by text: ids are not unique.
-        self.encoded = ChunkStateCache(model, max_chunks=max_cached_passages)
+        self.encoded = ChunkStateCache(model, max_chunks=max_cached_passages, store_dtype=STATES_DTYPE)
 
     def split(self, passages: Sequence[Passage]) -> tuple[list[Passage], list[Passage]]:
         in_prompt = list(passages[: self.n_prompt_passages])
@@ -44,15 +55,25 @@ class CepeReader(Reader):
 
     def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:
         """Stored states where the index has them; the others through the (caching) encoder."""
-        stored = dict(zip(self.context_states.ids, self.context_states.states)) if self.context_states else {}
+        stored = self.context_states.states_for(passages) if self.context_states else {}
         texts = [p.as_prompt_text() for p in passages]
         unstored = list(dict.fromkeys(text for p, text in zip(passages, texts) if p.id not in stored))
         encoded = dict(zip(unstored, self.encoded.lookup(unstored)))
         return [stored[p.id] if p.id in stored else encoded[text] for p, text in zip(passages, texts)]
 
+    def caches_cross_kv(self, states_per_request: list[list[torch.Tensor]]) -> bool:
+        """Cache the cross-attention K/V for the whole answer when they fit the budget (one projection per request,
+        as fast as decoding gets); otherwise re-project them from the encoder states at every step (a fraction of
+        the memory: hidden states instead of K and V in every cross-attention layer). Same outputs either way."""
+        layers = self.model.cross_attention_layers()
+        projection = layers[0].cross_attn.k_proj
+        tokens = sum(s.shape[-2] for request in states_per_request for s in request)
+        needed = tokens * len(layers) * 2 * projection.out_features * projection.weight.element_size()
+        return needed <= self.cross_kv_budget_mb * 2**20
+
     def stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
         with torch.inference_mode():
             states = [self._chunk_states(p.plan) for p in prepared]
-            context = self.model.context_from_states(states, cache_kv=self.cache_cross_kv)
+            context = self.model.context_from_states(states, cache_kv=self.caches_cross_kv(states))
         yield from generate(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.model.device,
                             cross_context=context)

@@ -31,7 +31,8 @@ def build_reader(spec: ReaderSpec, *, generation: GenerationConfig | None = None
                  dtype: torch.dtype | None = None, system_prompt: str | None = None) -> Reader:
     """The reader `spec` describes; decoders and CEPE checkpoints load once per process and are shared."""
     check_choice(spec.reader, tuple(READERS), "reader")  # before any model loads
-    own_settings = {"cepe": {"n_prompt_passages": spec.n_prompt_passages},
+    own_settings = {"cepe": {"n_prompt_passages": spec.n_prompt_passages,
+                             "cross_kv_budget_mb": spec.cross_kv_budget_mb},
                     "concat": {"most_relevant": spec.most_relevant},
                     "parallel": {"ape_temperature": spec.ape_temperature, "ape_scale": spec.ape_scale}}
     options = {"generation": generation, "prompt_style": spec.prompt_style, **own_settings.get(spec.reader, {})}
