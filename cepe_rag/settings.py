@@ -48,7 +48,7 @@ READER_NAMES = ("concat", "parallel", "cepe", "closed-book")
 PROMPT_STYLES = ("instruction", "fewshot", "query-aware")
 MOST_RELEVANT = ("first", "last")  # concat: where the best passage goes
 DTYPES = ("float32", "bfloat16", "float16")
-BENCH_METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "parallel", "concat")
+BENCH_METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "cepe-stored", "parallel", "concat")
 
 
 def check_choice(value: str | None, choices: tuple[str, ...], what: str) -> None:

@@ -8,6 +8,9 @@ Methods:
   cepe              encoder states computed on the fly, cross-attention K/V computed once
   cepe-precomputed  encoder states given (as an index would store them), K/V computed once
   cepe-recompute    encoder states given, K/V re-projected at every step (the reference code)
+  cepe-stored       encoder states read from a real index on disk (`--index`, built with --context-states) inside
+                    the timed request, K/V computed once
+  (concat at k=0 is the plain decoder with no context: the baseline for decode speed)
   parallel          training-free parallel encoding with the decoder (batched passage prefill)
   concat            everything in the prompt (one causal prefill)
 """
@@ -45,7 +48,8 @@ class BenchConfig:
     model: str = "default"  # "default": SmolLM2-135M + MiniLM; "7b": LLaMA-2-7B + LLaMA-MLM-Large shapes, random
     device: str = "cpu"
     dtype: str = "float32"
-    cross_layers: int | None = None
+    cross_layers: int | None = None  # None: every decoder layer
+    index: str | None = None  # cepe-stored: an index with stored context states
 
 
 def _rss_mib() -> float:
@@ -122,6 +126,14 @@ def run_one(config: BenchConfig) -> dict:
             torch.cuda.synchronize()
 
     precomputed = None
+    stored = None
+    if config.method == "cepe-stored":  # opened once per process, as a server would; read per request below
+        from cepe_rag.indexes import IndexStore
+
+        store = IndexStore.open(config.index)
+        have = [row[0] for row in store.db.execute("SELECT passage_id FROM context_states ORDER BY passage_id")]
+        chosen = [have[i] for i in torch.randperm(len(have))[: config.k].tolist()]
+        stored = (store, chosen, model.encoder.config.hidden_size)
     if config.method in ("cepe-precomputed", "cepe-recompute"):
         with torch.inference_mode():  # done at index time, outside the timed request
             precomputed = [list(model.encode_token_chunks(encoder_passages.tolist()))]
@@ -135,8 +147,13 @@ def run_one(config: BenchConfig) -> dict:
     with torch.inference_mode():
         sync()
         started = time.perf_counter()
-        if config.method.startswith("cepe"):
+        if config.method == "cepe-stored":
+            store, chosen, hidden = stored
+            found = store.context_states(chosen, hidden)
+            states = [[torch.from_numpy(found[i].copy()).to(device) for i in chosen]]
+        elif config.method.startswith("cepe"):
             states = precomputed or [list(model.encode_token_chunks(encoder_passages.tolist()))]
+        if config.method.startswith("cepe"):
             extra["cross_context"] = model.context_from_states(states, cache_kv=config.method != "cepe-recompute")
             ids, positions = question, torch.arange(QUESTION_TOKENS, device=device)[None]
         elif config.method == "parallel":
@@ -170,8 +187,9 @@ def run_one(config: BenchConfig) -> dict:
             position += 1
     total_s = ttft + sum(step_times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else _peak_rss_mib()
+    context_tokens = sum(len(s) for s in states[0]) if stored else config.k * PASSAGE_TOKENS
     return {
-        **asdict(config), "context_tokens": config.k * PASSAGE_TOKENS, "ttft_s": ttft,
+        **asdict(config), "context_tokens": context_tokens, "ttft_s": ttft,
         "decode_ms": 1000 * statistics.median(step_times) if step_times else None,
         "tokens_per_s": config.answer_tokens / total_s, "memory_above_weights_mib": max(0.0, peak - base),
     }
@@ -197,7 +215,8 @@ def environment(device: str, dtype: str) -> dict:
 
 def run_all(methods: list[str], ks: list[int], *, model: str = "default", device: str = "cpu",
             dtype: str = "float32", answer_tokens: int = 32, max_concat_tokens: int = 16384,
-            max_parallel_k: int = 500, timeout_s: int = 1800, log=print) -> dict:
+            max_parallel_k: int = 500, timeout_s: int = 1800, cross_layers: int | None = None,
+            index: str | None = None, log=print) -> dict:
     """Every (method, k) in its own subprocess; failures (out of memory, timeout) are recorded, not fatal."""
     rows = []
     for k in ks:
@@ -210,7 +229,12 @@ def run_all(methods: list[str], ks: list[int], *, model: str = "default", device
                 rows.append({"method": method, "k": k, "context_tokens": k * PASSAGE_TOKENS,
                              "skipped": f"over --max-parallel-k {max_parallel_k}"})
                 continue
-            config = BenchConfig(method, k, answer_tokens, model, device, dtype)
+            if k == 0 and method != "concat":
+                continue  # no context: the plain decoder, measured once (as concat)
+            if method == "cepe-stored" and not index:
+                rows.append({"method": method, "k": k, "context_tokens": None, "skipped": "no --index given"})
+                continue
+            config = BenchConfig(method, k, answer_tokens, model, device, dtype, cross_layers, index)
             try:
                 done = subprocess.run([sys.executable, "-m", "cepe_rag.bench.speed", json.dumps(asdict(config))],
                                       capture_output=True, text=True, timeout=timeout_s)
@@ -223,20 +247,30 @@ def run_all(methods: list[str], ks: list[int], *, model: str = "default", device
             rows.append(row)
             log(_format_row(row))
     return {"environment": environment(device, dtype), "model": model, "passage_tokens": PASSAGE_TOKENS,
-            "answer_tokens": answer_tokens, "rows": rows, "ratios": ratios(rows)}
+            "cross_layers": cross_layers, "index": index, "answer_tokens": answer_tokens, "rows": rows,
+            "ratios": ratios(rows)}
 
 
 def ratios(rows: list[dict]) -> dict:
-    """Same-run ratios: concat over cepe-precomputed (TTFT, memory), at every k where both ran."""
+    """Same-run ratios: concat over cepe-precomputed and cepe-stored (TTFT, memory) at every k where both ran, and
+    each CEPE row's decode ms/token over the no-context decoder's (concat at k=0)."""
     by_key = {(r["method"], r["k"]): r for r in rows if "ttft_s" in r}
     out = {}
+    plain = by_key.get(("concat", 0))
     for (method, k), row in by_key.items():
-        cepe = by_key.get(("cepe-precomputed", k))
-        if method == "concat" and cepe:
-            out[f"k{k}_concat_over_cepe_precomputed_ttft"] = round(row["ttft_s"] / cepe["ttft_s"], 2)
+        for stored_as in ("cepe-precomputed", "cepe-stored"):
+            cepe = by_key.get((stored_as, k))
+            if method != "concat" or not cepe:
+                continue
+            name = stored_as.replace("-", "_")
+            out[f"k{k}_concat_over_{name}_ttft"] = round(row["ttft_s"] / cepe["ttft_s"], 2)
             if cepe["memory_above_weights_mib"] > 0:
-                out[f"k{k}_concat_over_cepe_precomputed_memory"] = round(
+                out[f"k{k}_concat_over_{name}_memory"] = round(
                     row["memory_above_weights_mib"] / cepe["memory_above_weights_mib"], 2)
+        if method.startswith("cepe") and plain and plain["decode_ms"] and row["decode_ms"]:
+            name = method.replace("-", "_")
+            out[f"k{k}_{name}_decode_over_no_context"] = round(row["decode_ms"] / plain["decode_ms"], 2)
+        cepe = by_key.get(("cepe-precomputed", k))
         if method == "cepe-recompute" and cepe:
             out[f"k{k}_recompute_over_cached_decode"] = round(row["decode_ms"] / cepe["decode_ms"], 2)
     return out

@@ -422,7 +422,7 @@ def evaluate(
 @app.command()
 def bench(
     methods: Annotated[str, typer.Option(help="Comma-separated: cepe, cepe-precomputed, cepe-recompute, "
-                                              "parallel, concat.")] = ",".join(BENCH_METHODS),
+                                              "cepe-stored, parallel, concat.")] = ",".join(BENCH_METHODS),
     k: Annotated[str, typer.Option("--k", help="Comma-separated passage counts (128 tokens each).")] = (
         "1,10,50,100,500,1000"),
     model: Annotated[str, typer.Option(help="default (SmolLM2-135M + MiniLM) or 7b (LLaMA-2-7B shapes, "
@@ -432,8 +432,13 @@ def bench(
     max_concat_tokens: Annotated[int, typer.Option(help="Skip concat above this many context tokens.")] = 16384,
     max_parallel_k: Annotated[int, typer.Option(help="Skip parallel above this many passages.")] = 500,
     out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md and bench.png.")] = Path("runs/bench"),
+    cross_layers: Annotated[int | None, typer.Option(
+        help="CEPE cross-attention in the last N decoder layers (the shipped SmolLM2 adapter: 8; default: all).",
+    )] = None,
+    index_dir: Annotated[Path | None, typer.Option("--index", help="cepe-stored: an index built with "
+                                                                   "--context-states.")] = None,
 ) -> None:
-    """Time to first token, decode speed and memory of every reader as the context grows."""
+    """Time to first token, decode speed and memory of every reader as the context grows (k=0: no context)."""
     from cepe_rag.bench import METHODS, run_all, write_reports
     from cepe_rag.bench.speed import TABLE_HEADER
 
@@ -446,8 +451,8 @@ def bench(
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     print(TABLE_HEADER, flush=True)
     result = run_all(chosen, sorted({int(x) for x in k.split(",")}), model=model, device=device, dtype=dtype,
-                     max_concat_tokens=max_concat_tokens, max_parallel_k=max_parallel_k,
-                     log=lambda line: print(line, flush=True))
+                     max_concat_tokens=max_concat_tokens, max_parallel_k=max_parallel_k, cross_layers=cross_layers,
+                     index=str(index_dir) if index_dir else None, log=lambda line: print(line, flush=True))
     write_reports(result, out)
     for name, value in result["ratios"].items():
         print(f"{name}: {value}")

@@ -11,21 +11,43 @@ pytestmark = pytest.mark.real_models
 
 
 @pytest.fixture(scope="module")
-def rows():
-    return [run_one(BenchConfig(method, k=2, answer_tokens=3)) for method in METHODS]
+def index_with_states(tmp_path_factory, embedder):
+    from cepe_rag.cepe import load_cepe
+    from cepe_rag.pipelines.context_states import StateEncoder
+    from cepe_rag.pipelines.indexing import build_index
+    from cepe_rag.settings import packaged_cepe
+
+    corpus = tmp_path_factory.mktemp("bench") / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text(f"Passage {i} is about the river number {i} and its bridges.")
+    encoder = StateEncoder(load_cepe(packaged_cepe()))
+    build_index([corpus], corpus.parent / "idx", embedder=embedder, state_encoder=encoder)
+    return str(corpus.parent / "idx")
+
+
+@pytest.fixture(scope="module")
+def rows(index_with_states):
+    return [run_one(BenchConfig(method, k=2, answer_tokens=3, cross_layers=8, index=index_with_states))
+            for method in METHODS] + [run_one(BenchConfig("concat", k=0, answer_tokens=3))]
 
 
 def test_every_method_measures_time_and_memory(rows):
     for row in rows:
-        assert row["context_tokens"] == 256
+        assert row["context_tokens"] == (0 if row["k"] == 0 else 256 if row["method"] != "cepe-stored" else
+                                         row["context_tokens"])
         assert row["ttft_s"] > 0 and row["decode_ms"] > 0 and row["tokens_per_s"] > 0
         assert row["memory_above_weights_mib"] >= 0
+    stored = next(r for r in rows if r["method"] == "cepe-stored")
+    assert 2 * 10 < stored["context_tokens"] < 2 * 40  # two real passages' MiniLM tokens, read from the index
 
 
 def test_ratios_and_reports(rows, tmp_path):
     found = ratios(rows)
-    assert set(found) == {"k2_concat_over_cepe_precomputed_ttft", "k2_recompute_over_cached_decode"} | (
-        {"k2_concat_over_cepe_precomputed_memory"} if any("memory" in k for k in found) else set())
+    expected = {"k2_concat_over_cepe_precomputed_ttft", "k2_concat_over_cepe_stored_ttft",
+                "k2_recompute_over_cached_decode"} | {f"k2_{m}_decode_over_no_context" for m in
+                                                      ("cepe", "cepe_precomputed", "cepe_recompute", "cepe_stored")}
+    assert expected <= set(found) and all("memory" in k for k in set(found) - expected)
     result = {"environment": {}, "rows": rows + [{"method": "concat", "k": 999, "context_tokens": 127872,
                                                   "skipped": "over --max-concat-tokens"}], "ratios": found}
     write_reports(result, tmp_path)
