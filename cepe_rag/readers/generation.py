@@ -44,6 +44,14 @@ def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torc
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class StepDeltas(list):
+    """One decoding step's new text per row, and which rows have ended (end of sequence or a stop string)."""
+
+    def __init__(self, deltas: list[str], done: list[bool]):
+        super().__init__(deltas)
+        self.done = list(done)
+
+
 def decode_stream(
     step: StepFn,
     prompts: list[list[int]],
@@ -54,8 +62,9 @@ def decode_stream(
     position_offsets: torch.Tensor | None = None,
     past_mask: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
-) -> Iterator[list[str]]:
-    """Yield, after each decoding step, the new text of every row ("" for finished rows).
+) -> Iterator[StepDeltas]:
+    """Yield, after each decoding step, the new text of every row ("" for finished rows) as StepDeltas, whose
+    `done` says which rows have ended.
 
     `past_mask`/`position_offsets` describe tokens already in `cache` (a shared context prefilled by a
     reader); positions of the prompt continue after them.
@@ -88,7 +97,7 @@ def decode_stream(
             if cut is not None:
                 text, done[row] = text[:cut], True
             deltas[row], emitted[row] = text[len(emitted[row]):], text
-        yield deltas
+        yield StepDeltas(deltas, done)
         if all(done):
             break
         ids = tokens.unsqueeze(-1)

@@ -198,13 +198,16 @@ class Batcher:
         stream = reader.stream_prepared(prepared, config)  # prompts prepared above, each with its own turns
         try:
             for step, deltas in enumerate(stream, start=1):
-                for job, delta in zip(rows, deltas):
+                ended = getattr(deltas, "done", None) or [False] * len(rows)
+                for job, delta, row_ended in zip(rows, deltas, ended):
                     if job.finished or job.cancelled.is_set():
                         continue
                     if delta:
                         job.text += delta
                         job.send("delta", delta)
-                    if step == job.generation.max_new_tokens:
+                    if row_ended:
+                        job.finish("stop", self._count_tokens(reader, job.text))  # ended: answer now, not at batch end
+                    elif step == job.generation.max_new_tokens:
                         # A row still producing text at its last step ran out of tokens; an empty delta means
                         # it had ended (end of sequence or a stop string).
                         job.finish("length" if delta else "stop", self._count_tokens(reader, job.text))
@@ -212,8 +215,7 @@ class Batcher:
                     break  # nobody left to stream to: free the model for the next batch
         finally:
             stream.close()
-        # The decoding loop does not say which row hit its end-of-sequence token, so rows that ended before
-        # their max_tokens are closed here, when the whole batch has ended.
+        # Readers whose stream does not say which rows ended: their rows are closed when the whole batch has ended.
         for job in rows:
             if not (job.finished or job.cancelled.is_set()):
                 job.finish("stop", self._count_tokens(reader, job.text))
