@@ -204,6 +204,27 @@ def test_ask_with_a_cepe_checkpoint(kubrick_index, tmp_path, chat_tokenizer):
                           "none ships for my/llm")
 
 
+def test_stored_context_states_answer_as_encoding_on_the_fly(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "film.txt").write_text("2001: A Space Odyssey is a 1968 film directed by Stanley Kubrick.")
+    (docs / "tower.txt").write_text("The Eiffel Tower in Paris was completed in 1889.")
+    plain = run_cli("index", docs, "--index", tmp_path / "plain")
+    stored = run_cli("index", docs, "--index", tmp_path / "stored", "--context-states")
+    assert plain.returncode == 0 and stored.returncode == 0, stored.stderr
+    assert "context states: 2 passages encoded" in stored.stderr
+    answers = {}
+    for name in ("plain", "stored"):
+        result = run_cli("ask", "Who directed 2001: A Space Odyssey?", "--index", tmp_path / name, "--reader", "cepe",
+                         "--k", "2", "--json", "--max-new-tokens", "12")
+        assert result.returncode == 0, result.stderr
+        answers[name] = json.loads(result.stdout)["text"]
+        assert ("stores no context states" in result.stderr) == (name == "plain")  # said once, when encoding
+    assert answers["stored"] == answers["plain"]
+    assert_one_line_error(run_cli("index", docs, "--index", tmp_path / "x", "--cepe-model", "/tmp/nope-not-here"),
+                          "--cepe-model is for --context-states")
+
+
 def test_eval_command_writes_a_summary(kubrick_index, tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question": "Who directed 2001?", "answer": ["Stanley Kubrick"]}) + "\n"
