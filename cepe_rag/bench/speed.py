@@ -131,7 +131,7 @@ def run_one(config: BenchConfig) -> dict:
         from cepe_rag.indexes import IndexStore
 
         store = IndexStore.open(config.index)
-        have = [row[0] for row in store.db.execute("SELECT passage_id FROM context_states ORDER BY passage_id")]
+        have = store.passage_ids_with_states()
         chosen = [have[i] for i in torch.randperm(len(have))[: config.k].tolist()]
         stored = (store, chosen, model.encoder.config.hidden_size)
     if config.method in ("cepe-precomputed", "cepe-recompute"):

@@ -386,6 +386,11 @@ class IndexStore:
         with self.db:
             self._insert_states(ids, states)
 
+    def passage_ids_with_states(self) -> list[int]:
+        if not _has_table(self.db, "context_states"):
+            return []
+        return [row[0] for row in self.db.execute("SELECT passage_id FROM context_states ORDER BY passage_id")]
+
     def context_states_count(self) -> int:
         if not _has_table(self.db, "context_states"):
             return 0

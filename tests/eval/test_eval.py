@@ -129,10 +129,13 @@ def test_run_folder_refuses_other_settings_and_other_index(tmp_path, embedder, c
     with pytest.raises(CepeRagError, match=r"other settings \(decoder 'a' -> 'b'\)"):
         run_eval(questions, retriever, {"closed-book": closed}, [1], run, settings={"closed-book": {"decoder": "b"}})
     run_eval(questions, retriever, {"closed-book": closed}, [1], run, settings={"closed-book": {"decoder": "a"}})
+    with pytest.raises(CepeRagError, match=r"hybrid retrieval\), not .*dense retrieval\)"):
+        run_eval(questions, Retriever(tmp_path / "idx", embedder=embedder, mode="dense"), {"closed-book": closed},
+                 [1], run, settings={"closed-book": {"decoder": "a"}})
 
     (corpus / "b.txt").write_text("Paris is in France.")
     build_index([corpus], tmp_path / "idx", embedder=embedder)
-    stale = r"was retrieved from .*\(version 1, 1 passages\), not .*\(version 2, 2 passages\)"
+    stale = r"was retrieved from .*\(version 1, 1 passages, hybrid retrieval\), not .*\(version 2, 2 passages, hybrid"
     with pytest.raises(CepeRagError, match=stale):
         run_eval(questions, Retriever(tmp_path / "idx", embedder=embedder), {"closed-book": closed}, [1], run,
                  settings={"closed-book": {"decoder": "a"}})
