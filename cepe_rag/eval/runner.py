@@ -85,7 +85,7 @@ def run_eval(questions: list[QAExample], retriever: Retriever, readers: dict[str
                         continue
                     passages = [replace(texts[pid], score=score) for pid, score in hits[question.id][:k]
                                 if pid in texts]
-                    record = _answer_one(reader, question, passages, k)
+                    record = _answer_one(reader_name, reader, question, passages, k)
                     done[question.id] = record
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                     handle.flush()
@@ -145,23 +145,25 @@ def _earlier_rows(out: Path, questions: list[QAExample], skip: set[tuple[str, in
     so that one summary covers the whole run folder; a partial file gives a row with its smaller n."""
     rows = []
     for path in sorted((out / "predictions").glob("*_k*.jsonl")):
-        reader, _, k = path.stem.rpartition("_k")
-        if not k.isdigit() or (reader, int(k)) in skip:
-            continue
         done = read_predictions(path)
         records = [done[q.id] for q in questions if q.id in done]
-        if records:
+        if not records:
+            continue
+        # Records say which reader and k made them; folders from before that are named by them.
+        named_reader, _, named_k = path.stem.rpartition("_k")
+        reader, k = records[0].get("reader", named_reader), records[0].get("k", named_k)
+        if str(k).isdigit() and (reader, int(k)) not in skip:
             rows.append(_summarise(reader, int(k), records))
     return sorted(rows, key=lambda row: (row["reader"], row["k"]))
 
 
-def _answer_one(reader: Reader, question: QAExample, passages: list[Passage], k: int) -> dict:
+def _answer_one(reader_name: str, reader: Reader, question: QAExample, passages: list[Passage], k: int) -> dict:
     started = time.perf_counter()
     answer = reader.answer(question.question, passages)
     latency = time.perf_counter() - started
     prediction = postprocess(answer.text)
     return {
-        "id": question.id, "question": question.question, "answers": question.answers,
+        "id": question.id, "reader": reader_name, "k": k, "question": question.question, "answers": question.answers,
         "raw": answer.text, "prediction": prediction,
         "em": exact_match(prediction, question.answers), "substring_em": substring_match(prediction, question.answers),
         "f1": token_f1(prediction, question.answers),

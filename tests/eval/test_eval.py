@@ -109,6 +109,8 @@ def test_run_eval_writes_reports_and_resumes(tmp_path, embedder, chat_tokenizer)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     rows = [(r["reader"], r["k"], r["n"]) for r in summary]
     assert rows == [("closed-book", 0, 3), ("concat", 1, 3), ("concat", 2, 3)]
+    record = json.loads((tmp_path / "run" / "predictions" / "concat_k2.jsonl").read_text().splitlines()[0])
+    assert (record["reader"], record["k"]) == ("concat", 2)  # the summary reads them from here, not the file name
 
 
 def test_run_folder_refuses_other_settings_and_other_index(tmp_path, embedder, chat_tokenizer):
