@@ -272,11 +272,14 @@ def ask(
         console.print(f"[dim]not read: {answer.abstained} (--no-abstain reads anyway)[/]", highlight=False)
     if answer.passages:
         table = Table(title="Sources", title_justify="left")
-        for column in ("#", "score", "title", "source"):
-            table.add_column(column)
-        for rank, passage in enumerate(answer.passages, start=1):
-            table.add_row(str(rank), f"{passage.score:.3f}", passage.title, passage.source)
-        Console().print(table)
+        # Ranked by the retriever's score (fused, for hybrid); shown: the cosine and BM25 a reader can judge.
+        for column in ("#", "similarity", "bm25", "title", "source"):
+            table.add_column(column, overflow="fold")  # in a narrow terminal a long path wraps, keeping its file name
+        for rank, p in enumerate(answer.passages, start=1):
+            table.add_row(str(rank), "–" if p.dense_score is None else f"{p.dense_score:.3f}",
+                          "–" if p.lexical_score is None else f"{p.lexical_score:.1f}", p.title, p.source)
+        # Piped output has no terminal width to fit: keep rows whole (rich would assume 80 columns).
+        Console(width=None if sys.stdout.isatty() else 240).print(table)
     t = answer.timings
     console.print(f"[dim]retrieval {t['retrieval_s'] * 1000:.0f} ms · first token {t['first_token_s']:.2f} s · "
                   f"generation {t['total_s']:.2f} s · {answer.usage['prompt_tokens']} prompt tokens · "
