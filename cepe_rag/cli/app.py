@@ -232,8 +232,7 @@ def ask(
     """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
     question = validate_question(question)
     spec = ReaderSpec(reader=reader or ("cepe" if spec_options["cepe_model"] else DEFAULT_READER), **spec_options)
-    check_options([k], [spec], dtype)
-    check_retrieval(retrieval)
+    check_options([k], [spec], dtype, retrieval)
     check_index_folder(index_dir)
     from cepe_rag.pipelines.context_states import use_stored_states
     from cepe_rag.pipelines.rag import Abstention, RagPipeline
@@ -286,11 +285,12 @@ def ask(
                   f"{answer.usage['passages_read']} of {answer.usage['passages_retrieved']} passages read[/]")
 
 
-def check_options(k: list[int], specs: list, dtype: str | None) -> None:
+def check_options(k: list[int], specs: list, dtype: str | None, retrieval: str = DEFAULT_RETRIEVAL) -> None:
     """Every argument checked before a model loads (a mistake costs well under a second, not a model load)."""
     if not k or min(k) < 1:
         raise CepeRagError("--k must be at least 1")
     check_choice(dtype, DTYPES, "dtype")
+    check_choice(retrieval, RETRIEVAL_MODES, "retrieval mode")
     for spec in specs:
         check_choice(spec.reader, READER_NAMES, "reader")
         check_choice(spec.prompt_style, PROMPT_STYLES, "prompt style")
@@ -306,10 +306,6 @@ def say_once(note: str | None) -> None:
         console.print(f"[dim]{note}[/]", highlight=False)
 
 
-def check_retrieval(mode: str) -> None:
-    check_choice(mode, RETRIEVAL_MODES, "retrieval mode")
-
-
 def open_retriever(index_dir: Path, mode: str, source: str | None = None, title: str | None = None):
     """The index's retriever, saying once what an interrupted or older index cannot do yet."""
     from cepe_rag.pipelines.rag import PassageFilter, Retriever
@@ -321,7 +317,7 @@ def open_retriever(index_dir: Path, mode: str, source: str | None = None, title:
     if retriever.lexical_missing:
         console.print("[yellow]warning:[/] this index predates lexical search: searching densely; run "
                       "`cepe-rag index` on it once to add BM25 (nothing is re-embedded)")
-    if retriever.filters and len(retriever.store.matching_ids(source, title)) == 0:
+    if retriever.allowed is not None and len(retriever.allowed) == 0:
         raise CepeRagError(f"no passage matches --source {source!r} --title {title!r}: see `cepe-rag docs list`")
     return retriever
 
@@ -382,8 +378,7 @@ def evaluate(
     except ValueError:
         raise CepeRagError(f"--k {k!r}: expected comma-separated whole numbers, e.g. 5,20,50") from None
     specs = [ReaderSpec(reader=name.strip(), **spec_options) for name in readers.split(",") if name.strip()]
-    check_options(ks, specs, dtype)
-    check_retrieval(retrieval)
+    check_options(ks, specs, dtype, retrieval)
     check_index_folder(index_dir)
     from rich.progress import Progress
 
@@ -567,7 +562,7 @@ def serve(
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/retrieve, /health) over an index."""
     names = [name.strip() for value in reader or [DEFAULT_READER] for name in value.split(",") if name.strip()]
     specs = [ReaderSpec(reader=name, **spec_options) for name in names]
-    check_options([k], specs, dtype)
+    check_options([k], specs, dtype, retrieval)
     if len({spec.label for spec in specs}) < len(specs):
         raise CepeRagError(f"--reader lists a reader twice: {', '.join(names)}")
     for value, least, what in ((max_k, k, "--max-k (at least --k)"), (max_tokens, 1, "--max-tokens"),
@@ -577,7 +572,6 @@ def serve(
             raise CepeRagError(f"{what} must be at least {least}, got {value}")
     if not 1 <= port <= 65535:
         raise CepeRagError(f"--port must be between 1 and 65535, got {port}")
-    check_retrieval(retrieval)
     check_index_folder(index_dir)
     check_port_free(host, port)  # before the models load
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

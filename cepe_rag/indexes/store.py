@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS context_states (
     states BLOB NOT NULL
 );
 """
+STATES_TABLE = "context_states"
 STATES_STAMP_KEY = "context_states_encoder"
 
 # External-content FTS5: the text lives once, in `passages`; the triggers keep the BM25 index in the same transaction.
@@ -141,6 +142,7 @@ class IndexStore:
         self._faiss: faiss.Index | None = None
         self.faiss_is_stale = False
         self.has_lexical_index = _has_table(db, LEXICAL_TABLE)
+        self.has_context_states = _has_table(db, STATES_TABLE)  # the table: an older index has none
 
     # --- opening -------------------------------------------------------------------------------
 
@@ -273,19 +275,14 @@ class IndexStore:
 
     def embeddings(self, ids: list[int]) -> np.ndarray:
         """The stored embeddings of these passages, in the order given (ids must exist)."""
-        found: dict[int, bytes] = {}
-        for start in range(0, len(ids), 900):
-            chunk = ids[start:start + 900]
-            found.update(self.db.execute(
-                f"SELECT id, embedding FROM passages WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        found = dict(self._rows_by_id("SELECT id, embedding FROM passages", ids))
         return np.array([np.frombuffer(found[i], dtype=np.float32) for i in ids], dtype=np.float32).reshape(
             len(ids), self.manifest.dimension)
 
     def unknown_words(self, text: str) -> list[str]:
         """The words of `text` (stopwords aside) that no passage contains, after the lexical index's stemming."""
-        words = lexical_query(text).split(" OR ") if lexical_query(text) else []
-        return [w.strip('"') for w in words if self.db.execute(
-            f"SELECT 1 FROM {LEXICAL_TABLE} WHERE {LEXICAL_TABLE} MATCH ? LIMIT 1", (w,)).fetchone() is None]
+        return [w for w in query_words(text) if self.db.execute(
+            f"SELECT 1 FROM {LEXICAL_TABLE} WHERE {LEXICAL_TABLE} MATCH ? LIMIT 1", (f'"{w}"',)).fetchone() is None]
 
     def matching_ids(self, source_glob: str | None = None, title_glob: str | None = None) -> np.ndarray:
         """Ids of the passages whose source path and title match these globs (case-sensitive, `*` and `?`)."""
@@ -307,15 +304,14 @@ class IndexStore:
         return self.db.execute("SELECT key, source FROM documents").fetchall()
 
     def passages(self, ids: list[int]) -> dict[int, Passage]:
-        found: dict[int, Passage] = {}
-        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+        return {pid: Passage(id=pid, text=text, title=title, source=source)
+                for pid, text, title, source in self._rows_by_id("SELECT id, text, title, source FROM passages", ids)}
+
+    def _rows_by_id(self, select: str, ids: list[int], id_column: str = "id") -> Iterator[tuple]:
+        """`select` restricted to these ids, in chunks under SQLite's bound-parameter limit."""
+        for start in range(0, len(ids), 900):
             chunk = ids[start:start + 900]
-            rows = self.db.execute(
-                f"SELECT id, text, title, source FROM passages WHERE id IN ({','.join('?' * len(chunk))})", chunk
-            )
-            for pid, text, title, source in rows:
-                found[pid] = Passage(id=pid, text=text, title=title, source=source)
-        return found
+            yield from self.db.execute(f"{select} WHERE {id_column} IN ({','.join('?' * len(chunk))})", chunk)
 
     def document_list(self) -> list[StoredDocument]:
         """Every document with its passage count and first passage's title, by source then key."""
@@ -367,14 +363,14 @@ class IndexStore:
 
     def context_states_stamp(self) -> str | None:
         """What made the stored context states (None: the index holds none)."""
-        return self._meta(STATES_STAMP_KEY) if _has_table(self.db, "context_states") else None
+        return self._meta(STATES_STAMP_KEY) if self.has_context_states else None
 
     def set_context_states_stamp(self, stamp: str) -> None:
         """Claim the index's context states for an encoder; states of another encoder are dropped first."""
         with self.db:
             if self._meta(STATES_STAMP_KEY) not in (None, stamp):
-                self.db.execute("DELETE FROM context_states")
-            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (STATES_STAMP_KEY, stamp))
+                self.db.execute(f"DELETE FROM {STATES_TABLE}")
+            self._set_meta(STATES_STAMP_KEY, stamp)
 
     def passages_without_states(self, limit: int) -> list[Passage]:
         rows = self.db.execute(
@@ -387,28 +383,20 @@ class IndexStore:
             self._insert_states(ids, states)
 
     def passage_ids_with_states(self) -> list[int]:
-        if not _has_table(self.db, "context_states"):
+        if not self.has_context_states:
             return []
-        return [row[0] for row in self.db.execute("SELECT passage_id FROM context_states ORDER BY passage_id")]
+        return [row[0] for row in self.db.execute(f"SELECT passage_id FROM {STATES_TABLE} ORDER BY passage_id")]
 
     def context_states_count(self) -> int:
-        if not _has_table(self.db, "context_states"):
-            return 0
-        return self.db.execute("SELECT COUNT(*) FROM context_states").fetchone()[0]
+        return self.db.execute(f"SELECT COUNT(*) FROM {STATES_TABLE}").fetchone()[0] if self.has_context_states else 0
 
     def context_states(self, ids: list[int], hidden_size: int) -> dict[int, np.ndarray]:
         """The stored float16 (tokens, hidden) states of these passages (those that have them); read from disk
         per request, never all at once."""
-        found: dict[int, np.ndarray] = {}
-        if not _has_table(self.db, "context_states"):
-            return found
-        for start in range(0, len(ids), 900):
-            chunk = ids[start:start + 900]
-            rows = self.db.execute(f"SELECT passage_id, tokens, states FROM context_states WHERE passage_id IN "
-                                   f"({','.join('?' * len(chunk))})", chunk)
-            for pid, tokens, blob in rows:
-                found[pid] = np.frombuffer(blob, dtype=np.float16).reshape(tokens, hidden_size)
-        return found
+        if not self.has_context_states:
+            return {}
+        rows = self._rows_by_id(f"SELECT passage_id, tokens, states FROM {STATES_TABLE}", ids, "passage_id")
+        return {pid: np.frombuffer(blob, dtype=np.float16).reshape(tokens, hidden_size) for pid, tokens, blob in rows}
 
     def _insert_states(self, ids: list[int], states: list[np.ndarray]) -> None:
         self.db.executemany("INSERT OR REPLACE INTO context_states(passage_id, tokens, states) VALUES (?, ?, ?)",
@@ -542,10 +530,14 @@ def _has_table(db: sqlite3.Connection, name: str) -> bool:
     return db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
 
 
+def query_words(text: str) -> list[str]:
+    """The text's distinct words, lower-cased, stopwords left out."""
+    return list(dict.fromkeys(w for w in re.findall(r"\w+", text.lower()) if w not in _STOPWORDS))
+
+
 def lexical_query(text: str) -> str:
     """An FTS5 query matching passages with any of the text's words (quoted: no FTS syntax gets through)."""
-    words = dict.fromkeys(w for w in re.findall(r"\w+", text.lower()) if w not in _STOPWORDS)
-    return " OR ".join(f'"{word}"' for word in words)
+    return " OR ".join(f'"{word}"' for word in query_words(text))
 
 
 def _set_search_defaults(index: faiss.Index) -> None:

@@ -47,6 +47,8 @@ class Retriever:
         self.lexical_weight = lexical_weight
         self.store = index if isinstance(index, IndexStore) else IndexStore.open(index)
         self.filters = filters or PassageFilter()
+        # Ids the filters let through, found once (like the FAISS index, fixed for this retriever's life).
+        self.allowed = self.store.matching_ids(self.filters.source, self.filters.title) if self.filters else None
         # An index from before lexical search answers densely until the next `cepe-rag index` adds BM25.
         self.lexical_missing = mode == "hybrid" and not self.store.has_lexical_index
         self.mode = "dense" if self.lexical_missing else mode
@@ -59,7 +61,7 @@ class Retriever:
     def retrieve_batch(self, questions: list[str], k: int) -> list[list[Passage]]:
         if k < 1:
             raise CepeRagError("k must be at least 1")
-        allowed = self.store.matching_ids(self.filters.source, self.filters.title) if self.filters else None
+        allowed = self.allowed
         if self.mode == "lexical":
             return self.store.lexical_search(questions, k, allowed)
         depth = k if self.mode == "dense" else max(k, FUSION_DEPTH)
