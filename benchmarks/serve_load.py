@@ -3,7 +3,8 @@
     python benchmarks/serve_load.py indexes/default [--reader parallel --k 20] [--requests 32] [--clients 1,4,16]
 
 Starts the server on a free loopback port with the packaged models (a fresh one per level, so no level gains from
-passages another level left in a reader's cache), streams greedy chat completions through the official `openai`
+passages another level left in a reader's cache), warms it with --warmup-rounds untimed rounds of other questions
+at the level's concurrency, streams greedy chat completions through the official `openai`
 client, and stops the server when done. Each level sends at most --requests requests and starts none after
 --max-seconds. Every answer is checked against the same question asked alone (the 1-client level, or a
 request sent on an idle server): nothing lost, nothing mixed between requests. Exit status 1 if any failed or
@@ -37,6 +38,16 @@ QUESTIONS = [
     "Who wrote One Hundred Years of Solitude?", "What is the longest river in Africa?",
     "Which city hosted the 2012 Summer Olympics?",
 ]
+# Sent before a level's timed requests, at its concurrency (never timed, never among QUESTIONS): a fresh server's
+# first batches of a shape pay one-off kernel set-up that a running server does not.
+WARMUP_QUESTIONS = [
+    "Who invented the telephone?", "What is the tallest mountain in the world?", "Who wrote Hamlet?",
+    "When did World War II end?", "What is the capital of Canada?", "Who discovered penicillin?",
+    "What is the smallest prime number?", "Where is the Eiffel Tower?", "Who painted The Starry Night?",
+    "What is the boiling point of water?", "Who was the first president of the United States?",
+    "What is the currency of Japan?", "Which planet is known as the Red Planet?", "Who wrote War and Peace?",
+    "What is the largest ocean on Earth?", "Who sculpted David?",
+]
 
 
 @contextmanager
@@ -48,7 +59,7 @@ def running_server(args):
     command = [sys.executable, "-m", "cepe_rag", "serve", "--index", args.index, "--reader", args.reader,
                "--k", str(args.k), "--max-tokens", str(args.max_tokens), "--host", "127.0.0.1", "--port", str(port),
                "--max-batch", str(args.max_batch), "--max-queue", str(max(64, args.requests)),
-               "--batch-window-ms", str(args.batch_window_ms),
+               "--batch-window-ms", str(args.batch_window_ms), *(["--dtype", args.dtype] if args.dtype else []),
                "--no-abstain"]  # every request reads: abstentions would answer instantly and flatter the throughput
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(command, stdout=log, stderr=log,
@@ -121,6 +132,9 @@ async def benchmark(args) -> list[dict]:
     for clients in sorted(int(c) for c in args.clients.split(",")):
         with running_server(args) as base_url:
             client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+            for _ in range(args.warmup_rounds):
+                await asyncio.gather(*(ask(client, args, WARMUP_QUESTIONS[i % len(WARMUP_QUESTIONS)])
+                                       for i in range(clients)))
             results, seconds = await run_level(client, args, clients)
             if clients == 1:
                 alone.update((r["question"], r["text"]) for r in results if "text" in r)
@@ -156,6 +170,9 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=600, help="No new request after this long, per level.")
     parser.add_argument("--max-tokens", type=int, default=32, help="Answer length limit.")
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--dtype", help="The server's --dtype (default: the server's own default).")
+    parser.add_argument("--warmup-rounds", type=int, default=1,
+                        help="Untimed rounds of `clients` concurrent requests (other questions) before each level.")
     parser.add_argument("--batch-window-ms", type=float, default=5.0)
     parser.add_argument("--out", type=Path, help="Also write the JSON here.")
     args = parser.parse_args()
@@ -163,6 +180,7 @@ def main() -> None:
         sys.exit(f"no index at {args.index}: build one with `cepe-rag index --demo --index {args.index}`")
     rows = asyncio.run(benchmark(args))
     result = {"reader": args.reader, "k": args.k, "max_tokens": args.max_tokens, "cpus": os.cpu_count(),
+              "warmup_rounds": args.warmup_rounds, "dtype": args.dtype or "default",
               "levels": rows}
     print(json.dumps(result, indent=2))
     if args.out:

@@ -90,10 +90,13 @@ def publish_folder(tmp: Path, target: Path) -> None:
 
 
 def resolve_dtype(name: str | None, device: str):
-    """A torch dtype from its name; None means bfloat16 on a GPU and float32 on the CPU."""
+    """A torch dtype from its name. None: bfloat16 on a GPU and on a CPU that computes it natively (AMX,
+    AVX512-BF16: 2-3x faster than float32 here, same answers on the QA benchmarks), else float32 (emulated
+    bfloat16 is several times slower)."""
     import torch
 
-    name = name or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    native = str(device).startswith("cuda") or (str(device) == "cpu" and cpu_has_fast_bfloat16())
+    name = name or ("bfloat16" if native else "float32")
     check_choice(name, DTYPES, "dtype")
     return getattr(torch, name)
 
@@ -123,7 +126,6 @@ def contiguous_head_input(model) -> None:
 
 def load_decoder(name: str = DEFAULT_DECODER, *, device: str = "cpu", dtype=None, trust_remote_code: bool = False):
     """Load a causal LM and its tokenizer, in eval mode and frozen."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = decoder_path(name)
@@ -134,7 +136,7 @@ def load_decoder(name: str = DEFAULT_DECODER, *, device: str = "cpu", dtype=None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or (torch.bfloat16 if on_gpu else torch.float32), trust_remote_code=trust_remote_code,
+            path, dtype=dtype or resolve_dtype(None, device), trust_remote_code=trust_remote_code,
             **extra,
         )
     except OSError as error:

@@ -134,6 +134,9 @@ def run_one(config: BenchConfig) -> dict:
         have = store.passage_ids_with_states()
         chosen = [have[i] for i in torch.randperm(len(have))[: config.k].tolist()]
         stored = (store, chosen, model.encoder.config.hidden_size)
+        gc.collect()
+        if not on_gpu:  # the open index (FAISS, SQLite pages) is the retriever's memory, held by every reader alike
+            base = _rss_mib()
     if config.method in ("cepe-precomputed", "cepe-recompute"):
         with torch.inference_mode():  # done at index time, outside the timed request
             precomputed = [list(model.encode_token_chunks(encoder_passages.tolist()))]

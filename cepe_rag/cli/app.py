@@ -99,8 +99,8 @@ AbstainOption = Annotated[bool, typer.Option(
     help="Answer 'not in the documents' instead of reading when no retrieved passage is relevant enough (README, "
          "'Abstention'; lexical retrieval never abstains).")]
 DtypeOption = Annotated[str | None, typer.Option(
-    help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on the CPU; bfloat16 is ~2.5x faster "
-         "on CPUs with AMX).")]
+    help="float32, bfloat16 or float16 (default: bfloat16 on a GPU and on CPUs with native bfloat16 (AMX, "
+         "AVX512-BF16: 2-3x faster), else float32).")]
 
 
 def _quiet_libraries() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cepe_rag.readers.generation import GenerationConfig, generate
+from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
 from cepe_rag.settings import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, check_choice
 from cepe_rag.types import Answer, CepeRagError, Passage
 
@@ -133,9 +133,6 @@ class Reader:
         prepared = [self.prepare(q, p) for q, p in zip(questions, passages)]
         yield from self.stream_prepared(prepared, generation or self.generation)
 
-    def _decode(self, prompts: list[list[int]], generation: GenerationConfig, **step_kwargs) -> Iterator[list[str]]:
-        yield from generate(self.model, prompts, self.tokenizer, generation, device=self.device, **step_kwargs)
-
     def stream(self, question: str, passages: Sequence[Passage], **generation) -> Iterator[str]:
         config = replace(self.generation, **generation)
         for deltas in self.stream_batch([question], [passages], config):
@@ -173,7 +170,13 @@ class Reader:
         ]
 
     def stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
-        yield from self._decode([p.ids for p in prepared], config)
+        yield from self.start(prepared, config).stream()
+
+    def start(self, prepared: list[PreparedPrompt], config: GenerationConfig,
+              limits: list[int] | None = None) -> DecodeBatch:
+        """The decoding state of these prepared requests, before its first step (`limits`: new tokens per row)."""
+        return DecodeBatch(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.device,
+                           limits=limits)
 
 
 def passage_block(text: str) -> str:

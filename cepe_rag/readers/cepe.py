@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 
 from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache
 from cepe_rag.readers.base import PreparedPrompt, Reader, passage_block, question_text
-from cepe_rag.readers.generation import GenerationConfig, generate
+from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
 from cepe_rag.settings import CROSS_KV_BUDGET_MB
 from cepe_rag.types import Passage
 
@@ -71,9 +71,10 @@ class CepeReader(Reader):
         needed = tokens * len(layers) * 2 * projection.out_features * projection.weight.element_size()
         return needed <= self.cross_kv_budget_mb * 2**20
 
-    def stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
+    def start(self, prepared: list[PreparedPrompt], config: GenerationConfig,
+              limits: list[int] | None = None) -> DecodeBatch:
         with torch.inference_mode():
             states = [self._chunk_states(p.plan) for p in prepared]
             context = self.model.context_from_states(states, cache_kv=self.caches_cross_kv(states))
-        yield from generate(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.model.device,
-                            cross_context=context)
+        return DecodeBatch(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.model.device,
+                           limits=limits, cross_context=context)

@@ -6,8 +6,9 @@ K/V computed once) and readers need text deltas as they are produced.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -21,10 +22,6 @@ class GenerationConfig:
     top_p: float = 1.0
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
-
-
-# step(input_ids, attention_mask, position_ids, cache) -> logits of the last position, (batch, vocab)
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
 def positions_from_mask(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
@@ -52,57 +49,125 @@ class StepDeltas(list):
         self.done = list(done)
 
 
-def decode_stream(
-    step: StepFn,
-    prompts: list[list[int]],
-    tokenizer,
-    config: GenerationConfig,
-    *,
-    cache,
-    position_offsets: torch.Tensor | None = None,
-    past_mask: torch.Tensor | None = None,
-    device: str | torch.device = "cpu",
-) -> Iterator[StepDeltas]:
-    """Yield, after each decoding step, the new text of every row ("" for finished rows) as StepDeltas, whose
-    `done` says which rows have ended.
+class RowContext(Protocol):
+    """A per-row forward argument (CEPE's cross context, the parallel reader's passage map) that follows its rows
+    when a batch shrinks or grows. `pad_self`/`pad_other`: decoder-cache positions added on the left of each side."""
 
-    `past_mask`/`position_offsets` describe tokens already in `cache` (a shared context prefilled by a
-    reader); positions of the prompt continue after them.
+    def select_rows(self, rows: torch.Tensor) -> RowContext: ...
+
+    def join(self, other: RowContext, pad_self: int, pad_other: int) -> RowContext: ...
+
+
+class DecodeBatch:
+    """The decoding state of a batch of rows: the decoder cache, the next input, each row's text so far.
+
+    `step()` runs one forward pass and returns the new text per row as StepDeltas. Between steps rows may leave
+    (`keep`) and prefilled rows may join (`join`): continuous batching. Rows are independent (left padding and
+    masks), so a row's greedy answer does not depend on its neighbours. `limits` caps each row's new tokens
+    (default: `config.max_new_tokens` for every row). `past_mask`/`position_offsets` describe tokens already in
+    `cache` (a shared context prefilled by a reader); positions of the prompt continue after them.
     """
-    eos_ids = _eos_ids(tokenizer)
-    ids, mask = pad_token_ids(prompts, pad_id_of(tokenizer), side="left", device=device)
-    offsets = position_offsets.to(device).unsqueeze(-1) if position_offsets is not None else 0
-    positions = positions_from_mask(mask, offsets)
-    full_mask = mask if past_mask is None else torch.cat([past_mask.to(device), mask], dim=-1)
-    generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
-    batch = len(prompts)
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    emitted = [""] * batch
-    done = [False] * batch
-    for _ in range(config.max_new_tokens):
-        logits = step(ids, full_mask, positions, cache)
-        tokens = _next_tokens(logits, config, generator)
-        deltas = [""] * batch
+
+    def __init__(self, model, prompts: list[list[int]], tokenizer, config: GenerationConfig, *, device, cache=None,
+                 position_offsets: torch.Tensor | None = None, past_mask: torch.Tensor | None = None,
+                 limits: list[int] | None = None, **forward_kwargs):
+        from transformers import DynamicCache
+
+        self.model, self.tokenizer, self.config, self.device = model, tokenizer, config, device
+        self.cache = cache if cache is not None else DynamicCache(config=model.config)
+        self.forward_kwargs = forward_kwargs
+        self.eos_ids = _eos_ids(tokenizer)
+        self.ids, mask = pad_token_ids(prompts, pad_id_of(tokenizer), side="left", device=device)
+        offsets = position_offsets.to(device).unsqueeze(-1) if position_offsets is not None else 0
+        self.positions = positions_from_mask(mask, offsets)
+        self.mask = mask if past_mask is None else torch.cat([past_mask.to(device), mask], dim=-1)
+        self.generator = (torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None
+                          else None)
+        batch = len(prompts)
+        self.limits = list(limits) if limits is not None else [config.max_new_tokens] * batch
+        self.generated: list[list[int]] = [[] for _ in range(batch)]
+        self.emitted = [""] * batch
+        self.done = [limit <= 0 for limit in self.limits]
+        self.steps = [0] * batch
+        self.out_of_tokens = [False] * batch  # ended by its limit rather than by end of sequence or a stop string
+
+    def __len__(self) -> int:
+        return len(self.done)
+
+    @torch.inference_mode()
+    def step(self) -> StepDeltas:
+        out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, cache=self.cache,
+                         use_cache=True, logits_to_keep=1, **self.forward_kwargs)
+        tokens = _next_tokens(out.logits[:, -1].float(), self.config, self.generator)
+        deltas = [""] * len(self)
         for row, token in enumerate(tokens.tolist()):
-            if done[row]:
+            if self.done[row]:
                 continue
-            if token in eos_ids:
-                done[row] = True
+            self.steps[row] += 1
+            if token in self.eos_ids:
+                self.done[row] = True
                 continue
-            generated[row].append(token)
-            text = tokenizer.decode(generated[row], skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                continue
-            cut = _stop_index(text, config.stop_strings, len(emitted[row]))
-            if cut is not None:
-                text, done[row] = text[:cut], True
-            deltas[row], emitted[row] = text[len(emitted[row]):], text
-        yield StepDeltas(deltas, done)
-        if all(done):
-            break
-        ids = tokens.unsqueeze(-1)
-        positions = positions[:, -1:] + 1
-        full_mask = torch.cat([full_mask, torch.ones((batch, 1), dtype=full_mask.dtype, device=device)], dim=-1)
+            self.generated[row].append(token)
+            text = self.tokenizer.decode(self.generated[row], skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # else an incomplete UTF-8 sequence: wait for the next token
+                cut = _stop_index(text, self.config.stop_strings, len(self.emitted[row]))
+                if cut is not None:
+                    text, self.done[row] = text[:cut], True
+                deltas[row], self.emitted[row] = text[len(self.emitted[row]):], text
+            if not self.done[row] and self.steps[row] >= self.limits[row]:
+                self.done[row] = self.out_of_tokens[row] = True
+        self.ids = tokens.unsqueeze(-1)
+        self.positions = self.positions[:, -1:] + 1
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=-1)
+        return StepDeltas(deltas, self.done)
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.mask.shape[1] - self.ids.shape[1]
+
+    @torch.inference_mode()
+    def keep(self, rows: list[int]) -> None:
+        """Drop every other row (finished or abandoned), so that the next steps compute only these."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.ids, self.positions, self.mask = self.ids[index], self.positions[index], self.mask[index]
+        self.forward_kwargs = {name: value.select_rows(index) for name, value in self.forward_kwargs.items()}
+        for name in ("limits", "generated", "emitted", "done", "steps", "out_of_tokens"):
+            setattr(self, name, [getattr(self, name)[row] for row in rows])
+
+    @torch.inference_mode()
+    def join(self, other: DecodeBatch) -> None:
+        """Append the rows of `other`, a batch of the same model and decoding config that has taken its first step
+        (its prompts are in its cache): both caches are left-padded to the longer one, the padding masked."""
+        if self.ids.shape[1] != 1 or other.ids.shape[1] != 1:
+            raise ValueError("only batches past their first step can join")
+        length = max(self.cached_tokens, other.cached_tokens)
+        pad_self, pad_other = length - self.cached_tokens, length - other.cached_tokens
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, pad_self), left_pad(theirs.keys, pad_other)])
+            mine.values = torch.cat([left_pad(mine.values, pad_self), left_pad(theirs.values, pad_other)])
+        self.mask = torch.cat([left_pad(self.mask, pad_self), left_pad(other.mask, pad_other)])
+        self.ids = torch.cat([self.ids, other.ids])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.forward_kwargs = {name: value.join(other.forward_kwargs[name], pad_self, pad_other)
+                               for name, value in self.forward_kwargs.items()}
+        for name in ("limits", "generated", "emitted", "done", "steps", "out_of_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def stream(self) -> Iterator[StepDeltas]:
+        """Step until every row has ended."""
+        while not all(self.done):
+            yield self.step()
+
+
+def left_pad(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """Zeros before the sequence dimension (the last for masks, the third of four for keys and values)."""
+    if count == 0:
+        return tensor
+    dim = 2 if tensor.dim() == 4 else -1
+    shape = list(tensor.shape)
+    shape[dim] = count
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _stop_index(text: str, stops: tuple[str, ...], already: int) -> int | None:
@@ -122,17 +187,8 @@ def _eos_ids(tokenizer) -> set[int]:
 
 def generate(model, prompts: list[list[int]], tokenizer, config: GenerationConfig, *, device, cache=None,
              position_offsets: torch.Tensor | None = None, past_mask: torch.Tensor | None = None,
-             **forward_kwargs) -> Iterator[list[str]]:
-    """decode_stream over a transformers-style causal LM; `forward_kwargs` reach every forward call
-    (e.g. `cross_context` for CEPE, `parallel_context` for the parallel reader)."""
-    from transformers import DynamicCache
-
-    def step(ids, mask, positions, step_cache):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=step_cache, use_cache=True,
-                    logits_to_keep=1, **forward_kwargs)
-        return out.logits[:, -1].float()
-
-    with torch.inference_mode():
-        yield from decode_stream(step, prompts, tokenizer, config, device=device,
-                                 cache=cache if cache is not None else DynamicCache(config=model.config),
-                                 position_offsets=position_offsets, past_mask=past_mask)
+             **forward_kwargs) -> Iterator[StepDeltas]:
+    """Decode a batch to the end; `forward_kwargs` reach every forward call (e.g. `cross_context` for CEPE,
+    `parallel_context` for the parallel reader)."""
+    yield from DecodeBatch(model, prompts, tokenizer, config, device=device, cache=cache,
+                           position_offsets=position_offsets, past_mask=past_mask, **forward_kwargs).stream()

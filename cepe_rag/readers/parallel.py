@@ -9,7 +9,7 @@ act on attention to passage tokens: a temperature on their logits, and a scale o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from cepe_rag.readers.base import PreparedPrompt, Reader
-from cepe_rag.readers.generation import GenerationConfig, generate
+from cepe_rag.readers.generation import DecodeBatch, GenerationConfig, left_pad
 from cepe_rag.settings import APE_SCALE, APE_TEMPERATURE
 from cepe_rag.types import Passage
 
@@ -33,6 +33,16 @@ class ParallelContext:
     is_passage: torch.Tensor  # (batch, cached tokens) bool
     temperature: float = 1.0
     lse_scale: float = 1.0
+
+    def select_rows(self, rows: torch.Tensor) -> ParallelContext:
+        return ParallelContext(self.is_passage[rows], self.temperature, self.lse_scale)
+
+    def join(self, other: ParallelContext, pad_self: int, pad_other: int) -> ParallelContext:
+        """Rows of both; each side's map shifted right by the padding its cache got on the left."""
+        mine, theirs = left_pad(self.is_passage, pad_self), left_pad(other.is_passage, pad_other)
+        width = max(mine.shape[1], theirs.shape[1])  # a map may stop short of the tokens generated since
+        mine, theirs = (torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in (mine, theirs))
+        return ParallelContext(torch.cat([mine, theirs]), self.temperature, self.lse_scale)
 
 
 def parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -168,21 +178,16 @@ class ParallelReader(Reader):
             if count > 1:
                 is_passage[row, total - length + prefix_length:] = True
         for layer_index in range(len(contexts[0])):
-            keys = torch.cat([_left_pad(ctx[layer_index][0], total) for ctx in contexts])
-            values = torch.cat([_left_pad(ctx[layer_index][1], total) for ctx in contexts])
+            keys = torch.cat([left_pad(ctx[layer_index][0], total - n) for ctx, n in zip(contexts, lengths)])
+            values = torch.cat([left_pad(ctx[layer_index][1], total - n) for ctx, n in zip(contexts, lengths)])
             cache.update(keys, values, layer_index)
         context = ParallelContext(is_passage, self.ape_temperature, self.ape_scale)
         return cache, past_mask, torch.tensor(offsets), context
 
-    def stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
+    def start(self, prepared: list[PreparedPrompt], config: GenerationConfig,
+              limits: list[int] | None = None) -> DecodeBatch:
         cache, past_mask, offsets, parallel_context = self.parallel_cache(prepared)
-        yield from generate(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.device,
-                            cache=cache, position_offsets=offsets, past_mask=past_mask,
-                            parallel_context=parallel_context)
+        return DecodeBatch(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.device,
+                           cache=cache, position_offsets=offsets, past_mask=past_mask, limits=limits,
+                           parallel_context=parallel_context)
 
-
-def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    missing = length - tensor.shape[2]
-    if missing == 0:
-        return tensor
-    return torch.cat([tensor.new_zeros((*tensor.shape[:2], missing, tensor.shape[3])), tensor], dim=2)

@@ -8,7 +8,7 @@ from functools import lru_cache
 import torch
 
 from cepe_rag.cepe import load_cepe
-from cepe_rag.models import load_decoder
+from cepe_rag.models import load_decoder, resolve_dtype
 from cepe_rag.readers.base import Reader
 from cepe_rag.readers.cepe import CepeReader
 from cepe_rag.readers.generation import GenerationConfig
@@ -51,4 +51,4 @@ def _decoder(name: str, device: str, dtype: torch.dtype | None):
 
 @lru_cache(maxsize=4)
 def _cepe_model(path: str, device: str, dtype: torch.dtype | None):
-    return load_cepe(path, device=device, dtype=dtype or torch.float32)
+    return load_cepe(path, device=device, dtype=dtype or resolve_dtype(None, device))

@@ -1,5 +1,5 @@
-"""Dynamic batching: requests that arrive within a short window are decoded together, in one batch, on one
-worker thread that owns the decoder.
+"""Continuous batching on one worker thread that owns the decoder: requests that arrive within a short window start
+together; between decoding steps, rows that ended leave the batch and waiting requests join it.
 
 The asyncio side only queues jobs and streams what the worker sends back. Rows of a batch are independent (left
 padding and attention masks), so greedy decoding gives each request the answer it gets alone; padding only changes
@@ -68,12 +68,11 @@ class Job:
 
 
 class Batcher:
-    """Collects waiting jobs into batches (same key, at most `max_batch`, the window counted from the oldest
-    job's arrival) and decodes each batch with the reader's batched decoding loop.
+    """Runs waiting jobs in one decoding batch per key (at most `max_batch` rows), admitting new jobs between
+    steps (`DecodeBatch.join`) and dropping rows that ended (`DecodeBatch.keep`).
 
     At most `max_waiting` jobs wait; `submit` raises QueueFull beyond that, so memory stays bounded. A cancelled
-    job (its client went away) leaves the waiting queue at once; in a running batch its row is no longer
-    streamed, and the batch stops as soon as no row is left to stream."""
+    job (its client went away) leaves the waiting queue at once, or the running batch at the next step."""
 
     def __init__(self, readers: dict[str, Reader], *, max_batch: int = 16, max_waiting: int = 64,
                  window_s: float = 0.005, reserved_answer_tokens: int = 512):
@@ -133,45 +132,54 @@ class Batcher:
 
     # --- the worker thread ----------------------------------------------------------------------------
 
-    def _next_batch(self) -> list[Job] | None:
+    def _next_jobs(self, running_key: tuple | None, room: int) -> list[Job] | None:
+        """The jobs to start now (None: the server is stopping). With nothing running: wait for a job, then out
+        the window (counted from the oldest job's arrival) for more of its key. While a batch runs: the jobs of its
+        key already waiting, no window; none if an older job of another key waits, so that the running batch drains
+        and that job is not starved."""
         with self._cond:
-            while True:
-                while not self._waiting and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return None
-                # Wait out the window, counted from the oldest job: after a long batch, jobs that queued
-                # during it go at once.
-                key = self._waiting[0].key
+            while running_key is None and not self._waiting and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            if not self._waiting or room <= 0 or running_key not in (None, self._waiting[0].key):
+                return []
+            key = self._waiting[0].key
+            if running_key is None:
                 deadline = self._waiting[0].submitted + self.window_s
                 while (not self._stopping and self._waiting and time.monotonic() < deadline
-                       and sum(j.key == key for j in self._waiting) < self.max_batch):
+                       and sum(j.key == key for j in self._waiting) < room):
                     self._cond.wait(deadline - time.monotonic())
-                batch = [j for j in self._waiting if j.key == key][: self.max_batch]
-                if batch:  # else the jobs of that key were all cancelled meanwhile: start over
-                    for job in batch:
-                        self._waiting.remove(job)
-                    self._running = batch
-                    return batch
+            jobs = [j for j in self._waiting if j.key == key][:room]
+            for job in jobs:
+                self._waiting.remove(job)
+            self._running = self._running + jobs
+            return jobs
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            try:
-                self._decode(batch)
-            except Exception:  # a bug or out of memory: fail this batch, keep serving
-                log.exception("decoding a batch of %d failed", len(batch))
-                for job in batch:
-                    if not job.finished:
-                        job.finished = True
-                        job.send("error", ApiError(500, "the model failed on this request", type="server_error"))
-            finally:
-                with self._cond:
-                    self._running = []
+        """Continuous batching: between two decoding steps, finished rows leave the batch and waiting requests join
+        it (after their own prefill), so nobody waits for the longest answer of a batch."""
+        batch, rows = None, []
+        while (jobs := self._next_jobs(rows[0].key if rows else None, self.max_batch - len(rows))) is not None:
+            if jobs and (started := self._start(jobs)) is not None:
+                if batch is None:
+                    batch, rows = started
+                else:
+                    batch.join(started[0])
+                    rows = rows + started[1]
+            if batch is not None and rows:
+                try:
+                    self._deliver(rows, batch, batch.step())
+                except Exception:  # a bug or out of memory: fail these rows, keep serving
+                    self._fail(rows, "decoding a batch of %d failed")
+                    batch, rows = None, []
+            batch, rows = self._prune(batch, rows)
 
-    def _decode(self, batch: list[Job]) -> None:
-        reader = self.readers[batch[0].reader]
+    def _start(self, jobs: list[Job]):
+        """Prepare and prefill newly admitted jobs as one batch; returns it (past its first step) with its jobs."""
+        reader = self.readers[jobs[0].reader]
         rows, prepared = [], []
-        for job in batch:
+        for job in jobs:
             if job.cancelled.is_set():
                 continue
             # A shallow copy shares the model, tokenizer and caches; only this request's turns and system
@@ -188,37 +196,51 @@ class Batcher:
                 continue
             rows.append(job)
         if not rows:
-            return
+            return None
         self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(rows))
         for job, prompt in zip(rows, prepared):
             job.send("start", list(prompt.passages), len(prompt.ids))
-        # Every row decodes up to the longest max_tokens of the batch and is cut at its own.
-        config = replace(rows[0].generation, max_new_tokens=max(j.generation.max_new_tokens for j in rows))
-        stream = reader.stream_prepared(prepared, config)  # prompts prepared above, each with its own turns
+        limits = [job.generation.max_new_tokens for job in rows]
         try:
-            for step, deltas in enumerate(stream, start=1):
-                ended = getattr(deltas, "done", None) or [False] * len(rows)
-                for job, delta, row_ended in zip(rows, deltas, ended):
-                    if job.finished or job.cancelled.is_set():
-                        continue
-                    if delta:
-                        job.text += delta
-                        job.send("delta", delta)
-                    if row_ended:
-                        job.finish("stop", self._count_tokens(reader, job.text))  # ended: answer now, not at batch end
-                    elif step == job.generation.max_new_tokens:
-                        # A row still producing text at its last step ran out of tokens; an empty delta means
-                        # it had ended (end of sequence or a stop string).
-                        job.finish("length" if delta else "stop", self._count_tokens(reader, job.text))
-                if all(job.finished or job.cancelled.is_set() for job in rows):
-                    break  # nobody left to stream to: free the model for the next batch
-        finally:
-            stream.close()
-        # Readers whose stream does not say which rows ended: their rows are closed when the whole batch has ended.
+            batch = reader.start(prepared, replace(rows[0].generation, max_new_tokens=max(limits)), limits=limits)
+            self._deliver(rows, batch, batch.step())
+        except Exception:
+            self._fail(rows, "starting a batch of %d failed")
+            return None
+        return batch, rows
+
+    def _deliver(self, rows: list[Job], batch, deltas) -> None:
+        reader = self.readers[rows[0].reader]
+        for index, (job, delta) in enumerate(zip(rows, deltas)):
+            if job.finished or job.cancelled.is_set():
+                continue
+            if delta:
+                job.text += delta
+                job.send("delta", delta)
+            if batch.done[index]:  # ended: answered now, not when the batch ends
+                reason = "length" if batch.out_of_tokens[index] else "stop"
+                job.finish(reason, self._count_tokens(reader, job.text))
+
+    def _prune(self, batch, rows: list[Job]):
+        """Rows that ended or whose client went away leave the batch: the next steps compute only the others."""
+        keep = [i for i, job in enumerate(rows) if not (job.finished or job.cancelled.is_set())]
+        if len(keep) < len(rows):
+            rows = [rows[i] for i in keep]
+            if rows:
+                batch.keep(keep)
+            else:
+                batch = None
+        with self._cond:
+            self._running = list(rows)
+        self.largest_batch = max(self.largest_batch, len(rows))
+        return batch, rows
+
+    def _fail(self, rows: list[Job], message: str) -> None:
+        log.exception(message, len(rows))
         for job in rows:
-            if not (job.finished or job.cancelled.is_set()):
-                job.finish("stop", self._count_tokens(reader, job.text))
+            if not job.finished:
+                job.finished = True
+                job.send("error", ApiError(500, "the model failed on this request", type="server_error"))
 
     @staticmethod
     def _count_tokens(reader: Reader, text: str) -> int:

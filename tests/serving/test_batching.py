@@ -8,9 +8,29 @@ from cepe_rag.readers.generation import StepDeltas
 from cepe_rag.serving.batching import Batcher, Job
 
 
-class ScriptedReader:
-    """Row 0 ends after one step; row 1 writes a word every step for five steps, slowly."""
+class ScriptedBatch:
+    """Row 0 ends after one step; row 1 writes a word every step until its limit of five, slowly."""
 
+    def __init__(self, limits):
+        self.limits, self.steps = list(limits), [0] * len(limits)
+        self.done, self.out_of_tokens, self.rows = [False] * len(limits), [False] * len(limits), [0, 1]
+
+    def step(self):
+        time.sleep(0.05)
+        deltas = []
+        for index, row in enumerate(self.rows):
+            self.steps[index] += 1
+            deltas.append("done" if row == 0 else f"w{self.steps[index] - 1} ")
+            self.done[index] = row == 0 or self.steps[index] >= self.limits[index]
+            self.out_of_tokens[index] = row == 1 and self.done[index]
+        return StepDeltas(deltas, self.done)
+
+    def keep(self, rows):
+        for name in ("limits", "steps", "done", "out_of_tokens", "rows"):
+            setattr(self, name, [getattr(self, name)[i] for i in rows])
+
+
+class ScriptedReader:
     system_prompt = None
     history = ()
     generation = GenerationConfig()
@@ -26,10 +46,8 @@ class ScriptedReader:
 
         return PreparedPrompt([1, 2, 3], list(passages))
 
-    def stream_prepared(self, prepared, config):
-        for step in range(5):
-            time.sleep(0.05)
-            yield StepDeltas(["done" if step == 0 else "", f"w{step} "], [True, False])
+    def start(self, prepared, config, limits=None):
+        return ScriptedBatch(limits)
 
 
 def test_a_row_that_ends_is_answered_before_its_batch_ends():

@@ -205,6 +205,35 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(client, server):
     assert service.batcher.largest_batch >= 2
 
 
+def test_a_request_arriving_mid_batch_joins_it_and_does_not_wait_for_its_end(client, server, tiny_model):
+    long_case, short_case = ("Tell me a long story about bridges.", OWN, 60, True), ("Otters?", OWN[1:], 5, True)
+    alone = [ask(client, *long_case), ask(client, *short_case)]
+    service = server[1]
+    service.batcher.largest_batch = 0
+    ended = {}
+
+    def timed(name, case):
+        text = ask(client, *case)
+        ended[name] = time.monotonic()
+        return text
+
+    slow = tiny_model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))  # ~60 steps: over a second
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            long_answer = pool.submit(timed, "long", long_case)
+            deadline = time.monotonic() + 10
+            while service.batcher.counts()["decoding"] == 0:  # the long request is decoding
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.1)
+            short_answer = timed("short", short_case)
+            assert [long_answer.result(), short_answer] == alone
+    finally:
+        slow.remove()
+    assert ended["short"] < ended["long"]  # answered while the long one was still decoding
+    assert service.batcher.largest_batch == 2  # by joining its batch, not by a batch of its own
+
+
 def error_of(response, status):
     assert response.status_code == status, response.text
     error = response.json()["error"]
