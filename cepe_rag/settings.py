@@ -46,6 +46,8 @@ APE_SCALE = 0.6
 # imports torch.
 READER_NAMES = ("concat", "parallel", "cepe", "closed-book")
 PROMPT_STYLES = ("instruction", "fewshot", "query-aware")
+# How `index --context-states` stores the states: float16, or int8 with a float32 scale per token (half the size).
+CONTEXT_STATE_FORMATS = ("float16", "int8")
 MOST_RELEVANT = ("first", "last")  # concat: where the best passage goes
 DTYPES = ("float32", "bfloat16", "float16")
 BENCH_METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "cepe-stored", "parallel", "concat")

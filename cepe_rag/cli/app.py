@@ -24,6 +24,7 @@ from cepe_rag.settings import (
     APE_SCALE,
     APE_TEMPERATURE,
     BENCH_METHODS,
+    CONTEXT_STATE_FORMATS,
     CROSS_KV_BUDGET_MB,
     DEFAULT_DECODER,
     DEFAULT_EMBEDDER,
@@ -137,6 +138,9 @@ def index(
              "for --decoder).")] = None,
     decoder: Annotated[str, typer.Option(help="With --context-states: the decoder whose shipped adapter to use.")] = (
         DEFAULT_DECODER),
+    states_format: Annotated[str, typer.Option(
+        "--states-format", help="With --context-states: float16, or int8 with a scale per token (half the disk; "
+                                "changing it re-encodes the states).")] = "float16",
 ) -> None:
     """Add new or changed documents to an index and drop deleted ones (safe to interrupt and re-run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -149,13 +153,16 @@ def index(
     if not all_sources:
         raise CepeRagError("give at least one SOURCE folder or file (or --demo)")
     state_encoder = None
+    check_choice(states_format, CONTEXT_STATE_FORMATS, "--states-format")
+    if states_format != "float16" and not context_states:
+        raise CepeRagError("--states-format is for --context-states: add it, or leave --states-format out")
     if context_states:
         checkpoint = ReaderSpec(reader="cepe", decoder=decoder, cepe_model=cepe_model).checkpoint()
         check_model_reference(checkpoint, "CEPE checkpoint")
         from cepe_rag.cepe import load_cepe
         from cepe_rag.pipelines.context_states import StateEncoder
 
-        state_encoder = StateEncoder(load_cepe(checkpoint, device=default_device()))
+        state_encoder = StateEncoder(load_cepe(checkpoint, device=default_device()), state_format=states_format)
     elif cepe_model:
         raise CepeRagError("--cepe-model is for --context-states: add it, or leave --cepe-model out")
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from cepe_rag.files import atomic_write
 from cepe_rag.indexes.layout import DB_FILE, FAISS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, check_index_folder
+from cepe_rag.settings import CONTEXT_STATE_FORMATS, check_choice
 from cepe_rag.types import CepeRagError, Passage
 
 _TRAINING_SAMPLE = 100_000
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS context_states (
 """
 STATES_TABLE = "context_states"
 STATES_STAMP_KEY = "context_states_encoder"
+STATES_FORMAT_KEY = "context_states_format"  # float16, or int8 with one float32 scale per token (half the bytes)
 
 # External-content FTS5: the text lives once, in `passages`; the triggers keep the BM25 index in the same transaction.
 _LEXICAL_SCHEMA = """
@@ -365,12 +367,19 @@ class IndexStore:
         """What made the stored context states (None: the index holds none)."""
         return self._meta(STATES_STAMP_KEY) if self.has_context_states else None
 
-    def set_context_states_stamp(self, stamp: str) -> None:
-        """Claim the index's context states for an encoder; states of another encoder are dropped first."""
+    def set_context_states_stamp(self, stamp: str, state_format: str = "float16") -> None:
+        """Claim the index's context states for an encoder and a storage format; states of another encoder or
+        format are dropped first."""
+        check_choice(state_format, CONTEXT_STATE_FORMATS, "context state format")
         with self.db:
-            if self._meta(STATES_STAMP_KEY) not in (None, stamp):
+            if (self._meta(STATES_STAMP_KEY), self.context_states_format()) not in ((None, "float16"),
+                                                                                    (stamp, state_format)):
                 self.db.execute(f"DELETE FROM {STATES_TABLE}")
             self._set_meta(STATES_STAMP_KEY, stamp)
+            self._set_meta(STATES_FORMAT_KEY, state_format)
+
+    def context_states_format(self) -> str:
+        return self._meta(STATES_FORMAT_KEY) or "float16"  # indexes from before the int8 option: float16
 
     def passages_without_states(self, limit: int) -> list[Passage]:
         rows = self.db.execute(
@@ -396,12 +405,13 @@ class IndexStore:
         if not self.has_context_states:
             return {}
         rows = self._rows_by_id(f"SELECT passage_id, tokens, states FROM {STATES_TABLE}", ids, "passage_id")
-        return {pid: np.frombuffer(blob, dtype=np.float16).reshape(tokens, hidden_size) for pid, tokens, blob in rows}
+        unpack = _unpack_int8 if self.context_states_format() == "int8" else _unpack_float16
+        return {pid: unpack(blob, tokens, hidden_size) for pid, tokens, blob in rows}
 
     def _insert_states(self, ids: list[int], states: list[np.ndarray]) -> None:
+        pack = _pack_int8 if self.context_states_format() == "int8" else _pack_float16
         self.db.executemany("INSERT OR REPLACE INTO context_states(passage_id, tokens, states) VALUES (?, ?, ?)",
-                            [(pid, len(s), np.ascontiguousarray(s, dtype=np.float16).tobytes())
-                             for pid, s in zip(ids, states)])
+                            [(pid, len(s), pack(s)) for pid, s in zip(ids, states)])
 
     def delete_documents(self, keys: list[str]) -> int:
         was_stale, self.faiss_is_stale = self.faiss_is_stale, True
@@ -524,6 +534,29 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
             f"{path} is corrupt ({error}): restore it or rebuild into another --index folder; it was left untouched"
         ) from None
     return db
+
+
+def _pack_float16(states: np.ndarray) -> bytes:
+    return np.ascontiguousarray(states, dtype=np.float16).tobytes()
+
+
+def _unpack_float16(blob: bytes, tokens: int, hidden: int) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.float16).reshape(tokens, hidden)
+
+
+def _pack_int8(states: np.ndarray) -> bytes:
+    """Symmetric int8 per token row, then the rows' float32 scales."""
+    states = np.asarray(states, dtype=np.float32)
+    scales = np.abs(states).max(axis=-1) / 127
+    scales[scales == 0] = 1.0  # an all-zero row: any scale gives zeros back
+    codes = np.clip(np.rint(states / scales[:, None]), -127, 127).astype(np.int8)
+    return codes.tobytes() + scales.astype(np.float32).tobytes()
+
+
+def _unpack_int8(blob: bytes, tokens: int, hidden: int) -> np.ndarray:
+    codes = np.frombuffer(blob, dtype=np.int8, count=tokens * hidden).reshape(tokens, hidden)
+    scales = np.frombuffer(blob, dtype=np.float32, offset=tokens * hidden, count=tokens)
+    return (codes.astype(np.float32) * scales[:, None]).astype(np.float16)
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:

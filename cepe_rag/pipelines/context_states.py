@@ -19,9 +19,10 @@ from cepe_rag.types import Passage
 class StateEncoder:
     """Index-time encoding with a CEPE model's encoder, exactly as the CEPE reader encodes a passage."""
 
-    def __init__(self, model, batch_size: int = 64):
+    def __init__(self, model, batch_size: int = 64, state_format: str = "float16"):
         self.model = model
         self.batch_size = batch_size
+        self.state_format = state_format  # how the store keeps them (CONTEXT_STATE_FORMATS)
         self.stamp = model.states_stamp()
         self.hidden_size = model.encoder.config.hidden_size
 

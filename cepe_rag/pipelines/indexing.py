@@ -116,7 +116,7 @@ def build_index(
             return states
 
         if state_encoder is not None:
-            store.set_context_states_stamp(state_encoder.stamp)
+            store.set_context_states_stamp(state_encoder.stamp, state_encoder.state_format)
 
         def flush() -> None:
             if not batch_docs:

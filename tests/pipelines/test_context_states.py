@@ -113,3 +113,28 @@ def test_the_stamp_ignores_the_load_dtype(reader, chat_tokenizer):
     halved = tiny_cepe_reader(tiny_chat_llama(chat_tokenizer), chat_tokenizer, "copy")
     halved.model.encoder.to(torch.bfloat16)
     assert halved.model.states_stamp() == stamp
+
+
+def test_int8_states_take_half_the_bytes_and_switching_format_re_encodes(embedder, corpus, tmp_path,  # noqa: F811
+                                                                          reader):
+    index = tmp_path / "idx"
+    index_with(embedder, [corpus], index, state_encoder=StateEncoder(reader.model))
+    with sqlite3.connect(index / "passages.sqlite") as db:
+        half = {pid: len(blob) for pid, blob in db.execute("SELECT passage_id, states FROM context_states")}
+    summary = index_with(embedder, [corpus], index, state_encoder=StateEncoder(reader.model, state_format="int8"))
+    assert summary.states_added == 4  # every passage again, in the new format
+    store = IndexStore.open(index)
+    assert store.context_states_format() == "int8"
+    with sqlite3.connect(index / "passages.sqlite") as db:
+        for pid, tokens, blob in db.execute("SELECT passage_id, tokens, states FROM context_states"):
+            assert len(blob) == half[pid] // 2 + 4 * tokens  # one byte per value, plus a float32 scale per token
+    ids = [int(i) for i in store.matching_ids()]
+    quantised = store.context_states(ids, reader.model.encoder.config.hidden_size)
+    for pid in ids:
+        passage = store.passages([pid])[pid]
+        fresh = reader.model.encode_context([passage.as_prompt_text()]).states[0].float().numpy()
+        step = np.abs(fresh).max(axis=-1, keepdims=True) / 127  # one quantisation step per token row
+        assert quantised[pid].dtype == np.float16
+        assert np.all(np.abs(quantised[pid].astype(np.float32) - fresh) <= step / 2 + 2e-3 * np.abs(fresh) + 1e-4)
+    assert index_with(embedder, [corpus], index,
+                      state_encoder=StateEncoder(reader.model, state_format="int8")).states_added == 0
