@@ -50,6 +50,9 @@ PROMPT_STYLES = ("instruction", "fewshot", "query-aware")
 CONTEXT_STATE_FORMATS = ("float16", "int8")
 MOST_RELEVANT = ("first", "last")  # concat: where the best passage goes
 DTYPES = ("float32", "bfloat16", "float16")
+INDEXING_ENGINES = ("local", "ray")  # cepe-rag index --engine: this process, or Ray workers
+DEFAULT_RAY_WORKERS = 1  # --engine ray: embedding actors (one CPU each)
+DEFAULT_RAY_BATCH_DOCUMENTS = 32  # --engine ray: documents per actor call
 BENCH_METHODS = ("cepe", "cepe-precomputed", "cepe-recompute", "cepe-stored", "parallel", "concat")
 
 

@@ -31,9 +31,12 @@ from cepe_rag.settings import (
     DEFAULT_INDEX,
     DEFAULT_K,
     DEFAULT_PROMPT_STYLE,
+    DEFAULT_RAY_BATCH_DOCUMENTS,
+    DEFAULT_RAY_WORKERS,
     DEFAULT_READER,
     DEFAULT_RETRIEVAL,
     DTYPES,
+    INDEXING_ENGINES,
     MOST_RELEVANT,
     PROMPT_STYLES,
     READER_NAMES,
@@ -141,6 +144,16 @@ def index(
     states_format: Annotated[str, typer.Option(
         "--states-format", help="With --context-states: float16, or int8 with a scale per token (half the disk; "
                                 "changing it re-encodes the states).")] = "float16",
+    engine: Annotated[str, typer.Option(
+        help="Where passages are split and embedded: local (this process) or ray (Ray workers; this process still "
+             "reads the documents and writes the index).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        help="With --engine ray: the cluster to use ('auto': the one this machine belongs to; default: a new local "
+             "Ray instance).")] = None,
+    ray_workers: Annotated[int | None, typer.Option(
+        help=f"With --engine ray: embedding actors, one CPU each (default {DEFAULT_RAY_WORKERS}).")] = None,
+    ray_batch_size: Annotated[int | None, typer.Option(
+        help=f"With --engine ray: documents per actor call (default {DEFAULT_RAY_BATCH_DOCUMENTS}).")] = None,
 ) -> None:
     """Add new or changed documents to an index and drop deleted ones (safe to interrupt and re-run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -152,6 +165,17 @@ def index(
     all_sources = list(sources or []) + ([demo_corpus_path()] if demo else [])
     if not all_sources:
         raise CepeRagError("give at least one SOURCE folder or file (or --demo)")
+    check_choice(engine, INDEXING_ENGINES, "engine")
+    ray_options = {"--ray-address": ray_address, "--ray-workers": ray_workers, "--ray-batch-size": ray_batch_size}
+    if engine != "ray" and (given := [name for name, value in ray_options.items() if value is not None]):
+        raise CepeRagError(f"{', '.join(given)} is for --engine ray: add it, or leave {given[0]} out")
+    indexing_engine = None
+    if engine == "ray":
+        from cepe_rag.pipelines.ray_indexing import RayEngine, connect
+
+        indexing_engine = RayEngine(address=ray_address, workers=ray_workers or DEFAULT_RAY_WORKERS,
+                                    batch_documents=ray_batch_size or DEFAULT_RAY_BATCH_DOCUMENTS)
+        connect(ray_address)  # a cluster that cannot be reached stops the run before any model loads
     state_encoder = None
     check_choice(states_format, CONTEXT_STATE_FORMATS, "--states-format")
     if states_format != "float16" and not context_states:
@@ -159,10 +183,13 @@ def index(
     if context_states:
         checkpoint = ReaderSpec(reader="cepe", decoder=decoder, cepe_model=cepe_model).checkpoint()
         check_model_reference(checkpoint, "CEPE checkpoint")
-        from cepe_rag.cepe import load_cepe
-        from cepe_rag.pipelines.context_states import StateEncoder
+        from cepe_rag.pipelines.context_states import load_state_encoder
 
-        state_encoder = StateEncoder(load_cepe(checkpoint, device=default_device()), state_format=states_format)
+        # This one stamps the index and fills in passages indexed without states; every Ray worker loads its own.
+        state_encoder = load_state_encoder(checkpoint, state_format=states_format)
+        if indexing_engine is not None:
+            indexing_engine.state_encoder_factory = functools.partial(load_state_encoder, checkpoint,
+                                                                      state_format=states_format)
     elif cepe_model:
         raise CepeRagError("--cepe-model is for --context-states: add it, or leave --cepe-model out")
 
@@ -190,7 +217,7 @@ def index(
                               chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens,
                               batch_passages=batch_passages, max_document_mb=max_document_mb,
                               include=include or [], exclude=exclude or [], state_encoder=state_encoder,
-                              hooks=Hooks())
+                              hooks=Hooks(), engine=indexing_engine)
     for warning in summary.skipped[:20]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if len(summary.skipped) > 20:

@@ -35,6 +35,15 @@ class StateEncoder:
         return [by_position[i].to(torch.float16).cpu().numpy() for i in range(len(passages))]
 
 
+def load_state_encoder(checkpoint: str, device: str | None = None, state_format: str = "float16") -> StateEncoder:
+    """A CEPE checkpoint's `StateEncoder` (on `device`, by default the GPU if there is one): `cepe-rag index
+    --context-states` makes one here and, with `--engine ray`, one in every worker."""
+    from cepe_rag.cepe import load_cepe  # transformers: only index runs that store states pay for it
+    from cepe_rag.models import default_device
+
+    return StateEncoder(load_cepe(checkpoint, device=device or default_device()), state_format=state_format)
+
+
 class StoredStates:
     """The CEPE reader's state source over an index: the stored states of the passages asked for, when the
     stored passage is the one given (same text and title: passages from elsewhere are encoded on the fly)."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from cepe_rag.documents import Document, LoadReport, PassageSplitter, iter_documents
 from cepe_rag.documents.globs import PathFilter
@@ -54,6 +57,59 @@ def passage_embedding_text(title: str, text: str) -> str:
     return f"{title}\n{text}" if title else text
 
 
+@dataclass
+class EmbeddedBatch:
+    """Whole documents with their passages, embeddings and (with --context-states) states: one transaction."""
+
+    documents: list[Document]
+    passages: list[StoredPassage]
+    embeddings: np.ndarray
+    states: list[np.ndarray] | None = None
+    embed_seconds: float = 0.0
+    states_seconds: float = 0.0
+
+
+class IndexingEngine(Protocol):
+    """Where the passages of new and changed documents are split and embedded (the local process by default;
+    `ray_indexing.RayEngine` spreads it over Ray workers). The caller stays the one writer of the index."""
+
+    def embed(self, documents: Iterable[Document], manifest: Manifest,
+              batch_passages: int) -> Iterator[EmbeddedBatch]: ...
+
+
+def split_document(document: Document, splitter: PassageSplitter) -> list[StoredPassage]:
+    return [StoredPassage(document.key, position, document.title, text, document.source)
+            for position, text in enumerate(splitter.split(document.text))]
+
+
+def encode_passages(embedder, state_encoder: StateEncoder | None, documents: list[Document],
+                    passages: Sequence[StoredPassage]) -> EmbeddedBatch:
+    """Embed passages (and encode their context states): the one place both engines compute them."""
+    t0 = time.perf_counter()
+    embeddings = embed_texts(embedder, [passage_embedding_text(p.title, p.text) for p in passages])
+    batch = EmbeddedBatch(documents, list(passages), embeddings, embed_seconds=time.perf_counter() - t0)
+    if state_encoder is not None:
+        t0 = time.perf_counter()
+        batch.states = state_encoder.encode([Passage(id=0, text=p.text, title=p.title) for p in passages])
+        batch.states_seconds = time.perf_counter() - t0
+    return batch
+
+
+def embed_locally(documents: Iterable[Document], splitter: PassageSplitter, embedder,
+                  state_encoder: StateEncoder | None, batch_passages: int) -> Iterator[EmbeddedBatch]:
+    """The single-process engine: documents are taken until a batch holds `batch_passages` passages."""
+    batch_documents: list[Document] = []
+    batch: list[StoredPassage] = []
+    for document in documents:
+        batch_documents.append(document)
+        batch.extend(split_document(document, splitter))
+        if len(batch) >= batch_passages:
+            yield encode_passages(embedder, state_encoder, batch_documents, batch)
+            batch_documents, batch = [], []
+    if batch_documents:
+        yield encode_passages(embedder, state_encoder, batch_documents, batch)
+
+
 def build_index(
     sources: list[str | Path],
     index_dir: str | Path,
@@ -69,6 +125,7 @@ def build_index(
     exclude: list[str] | tuple[str, ...] = (),
     state_encoder: StateEncoder | None = None,
     hooks: ProgressHooks | None = None,
+    engine: IndexingEngine | None = None,
 ) -> IndexingSummary:
     """Add new and changed documents of `sources` to the index and drop the deleted ones.
 
@@ -82,6 +139,11 @@ def build_index(
 
     With a `state_encoder`, every passage's CEPE context states are stored too: new passages' in their own
     transaction, and those of passages indexed without them (or by another encoder) in batches after the walk.
+
+    An `engine` (`ray_indexing.RayEngine`) splits and embeds the new and changed documents elsewhere; this
+    process still reads and hashes every document, decides what changed, and commits every batch itself. Its
+    `state_encoder` (which must then also make the engine's states) stamps the index and fills passages without
+    states.
     """
     started = time.perf_counter()
     hooks = hooks or ProgressHooks()
@@ -98,41 +160,15 @@ def build_index(
         manifest = Manifest(embedder=embedder_name, dimension=embedder.get_embedding_dimension(),
                             faiss_factory=faiss_factory, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)
         store = IndexStore.create_or_open(index_dir, manifest)
-        splitter = PassageSplitter(embedder.tokenizer, store.manifest.chunk_tokens, store.manifest.overlap_tokens)
         summary = IndexingSummary(index=str(index_dir))
         report = LoadReport()
         known = store.document_digests()
         seen: set[str] = set()
-        batch_docs: list[Document] = []
-        batch: list[StoredPassage] = []
-
-        def encode_states(passages: list[Passage]) -> list | None:
-            if state_encoder is None:
-                return None
-            t0 = time.perf_counter()
-            states = state_encoder.encode(passages)
-            summary.states_seconds += time.perf_counter() - t0
-            summary.states_added += len(states)
-            return states
-
         if state_encoder is not None:
             store.set_context_states_stamp(state_encoder.stamp, state_encoder.state_format)
 
-        def flush() -> None:
-            if not batch_docs:
-                return
-            t0 = time.perf_counter()
-            embeddings = embed_texts(embedder, [passage_embedding_text(p.title, p.text) for p in batch])
-            summary.embed_seconds += time.perf_counter() - t0
-            states = encode_states([Passage(id=0, text=p.text, title=p.title) for p in batch])
-            store.replace_documents([(d.key, d.digest, d.source) for d in batch_docs], batch, embeddings, states)
-            summary.documents_embedded += len(batch_docs)
-            summary.passages_added += len(batch)
-            hooks.passages(len(batch))
-            batch_docs.clear()
-            batch.clear()
-
-        try:
+        def changed_documents() -> Iterator[Document]:
+            """The walk: every document read and hashed here, and only the new or changed ones go on."""
             for document in iter_documents(roots, report, max_document_mb=max_document_mb, include=include,
                                            exclude=exclude):
                 hooks.documents(1)
@@ -142,12 +178,31 @@ def build_index(
                 if known.get(document.key) == document.digest:
                     summary.documents_unchanged += 1
                     continue
-                batch_docs.append(document)
-                batch.extend(StoredPassage(document.key, i, document.title, text, document.source)
-                             for i, text in enumerate(splitter.split(document.text)))
-                if len(batch) >= batch_passages:
-                    flush()
-            flush()
+                yield document
+
+        def encode_states(passages: list[Passage]) -> list | None:
+            t0 = time.perf_counter()
+            states = state_encoder.encode(passages)
+            summary.states_seconds += time.perf_counter() - t0
+            summary.states_added += len(states)
+            return states
+
+        try:
+            if engine is None:
+                splitter = PassageSplitter(embedder.tokenizer, store.manifest.chunk_tokens,
+                                           store.manifest.overlap_tokens)
+                batches = embed_locally(changed_documents(), splitter, embedder, state_encoder, batch_passages)
+            else:
+                batches = engine.embed(changed_documents(), store.manifest, batch_passages)
+            for batch in batches:  # each batch of whole documents is one transaction
+                store.replace_documents([(d.key, d.digest, d.source) for d in batch.documents], batch.passages,
+                                        batch.embeddings, batch.states)
+                summary.embed_seconds += batch.embed_seconds
+                summary.states_seconds += batch.states_seconds
+                summary.states_added += len(batch.states or [])
+                summary.documents_embedded += len(batch.documents)
+                summary.passages_added += len(batch.passages)
+                hooks.passages(len(batch.passages))
             if path_filter and not seen:
                 raise CepeRagError(f"no readable document in {', '.join(map(str, sources))} passes --include/--exclude"
                                    + (f" ({len(report.skipped)} skipped)" if report.skipped else "")
