@@ -72,9 +72,7 @@ class QdrantStore:
         if manifest.store != "qdrant":
             raise CepeRagError(f"{folder} is a FAISS index, not a Qdrant one: leave out --store/--qdrant-* options")
         where = _resolve(folder, manifest.qdrant, location)
-        store = cls(folder, manifest, _connect(where, folder), where)
-        store._check_collection(create=False)
-        return store
+        return cls(folder, manifest, _connect(where, folder), where)._checked(create=False)
 
     @classmethod
     def create_or_open(cls, folder: str | Path, manifest: Manifest, location: QdrantLocation | None = None
@@ -92,19 +90,27 @@ class QdrantStore:
                         f"{folder} was built with {field}={getattr(existing, field)!r}, this run asks for "
                         f"{getattr(manifest, field)!r}: use the same setting or another --index folder")
             where = _resolve(folder, existing.qdrant, location)
-            store = cls(folder, existing, _connect(where, folder), where)
-            store._check_collection(create=False)
+            store = cls(folder, existing, _connect(where, folder), where)._checked(create=False)
         elif folder.exists() and any(folder.iterdir()):
             raise CepeRagError(f"{folder} is not empty and is not a cepe-rag index: choose another --index folder")
         else:
             folder.mkdir(parents=True, exist_ok=True)
             where = _resolve(folder, None, location)
             manifest = replace(manifest, faiss_factory="Flat", store="qdrant", qdrant=_portable(folder, where))
-            store = cls(folder, manifest, _connect(where, folder), where)
-            store._check_collection(create=True)
+            store = cls(folder, manifest, _connect(where, folder), where)._checked(create=True)
             manifest.write(folder)  # last: a folder with a manifest always has its collection
         store._read_catalogue()
         return store
+
+    def _checked(self, *, create: bool) -> QdrantStore:
+        """This store, once its collection is known to fit the manifest (created if `create` and missing); closed
+        if not (an embedded store stays locked while its client is open)."""
+        try:
+            self._check_collection(create=create)
+        except BaseException:
+            self.close()
+            raise
+        return self
 
     def _check_collection(self, *, create: bool) -> None:
         name, manifest = self.collection, self.manifest
