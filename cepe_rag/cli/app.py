@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cepe_rag.cli.docs import docs_app
-from cepe_rag.indexes.layout import STORES, QdrantLocation, check_index_folder, check_store_options
+from cepe_rag.indexes.layout import STORES, QdrantLocation, check_index_folder, check_store_options, stored_in
 from cepe_rag.models import check_model_reference, cpu_has_fast_bfloat16, default_device, resolve_dtype
 from cepe_rag.settings import (
     APE_SCALE,
@@ -191,7 +191,7 @@ def index(
         check_index_folder(from_index)
     elif not all_sources:
         raise CepeRagError("give at least one SOURCE folder or file (or --demo)")
-    if qdrant is not None and (faiss_factory != "Flat" or context_states):
+    if (qdrant is not None or stored_in(index_dir) == "qdrant") and (faiss_factory != "Flat" or context_states):
         raise CepeRagError("--faiss and --context-states are for FAISS index folders, not --store qdrant")
     state_encoder = None
     if context_states:
