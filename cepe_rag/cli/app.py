@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cepe_rag.cli.docs import docs_app
-from cepe_rag.indexes.layout import check_index_folder
+from cepe_rag.indexes.layout import STORES, QdrantLocation, check_index_folder, check_store_options, stored_in
 from cepe_rag.models import check_model_reference, cpu_has_fast_bfloat16, default_device, resolve_dtype
 from cepe_rag.settings import (
     APE_SCALE,
@@ -94,6 +94,40 @@ def reader_options(command):
     return with_options
 
 
+# Where an index keeps its passages, shared by index, ask, eval and serve: given to `index`, they say where to create
+# the index (a new --index folder's manifest records it); given to the others, where the collection is reached from
+# here (overriding the manifest). Handed to the command as `qdrant`: a QdrantLocation, or None for FAISS.
+STORE_OPTIONS = [
+    _option("store", Annotated[str | None, typer.Option(
+        help=f"Where the passages live: {' or '.join(STORES)} (a Qdrant collection; the --index folder keeps its "
+             "manifest). Default: what the --index folder is; faiss for a new one.")], None),
+    _option("qdrant_url", Annotated[str | None, typer.Option(
+        help="A Qdrant server or cluster, e.g. http://localhost:6333 (API key from QDRANT_API_KEY); implies "
+             "--store qdrant.")], None),
+    _option("qdrant_path", Annotated[Path | None, typer.Option(
+        help="An embedded Qdrant store (a folder; one process at a time); implies --store qdrant. Default: qdrant/ "
+             "inside the --index folder.")], None),
+    _option("qdrant_collection", Annotated[str | None, typer.Option(
+        help="The Qdrant collection (default: the --index folder's name).")], None),
+]
+
+
+def store_options(command):
+    """Give `command` the --store/--qdrant-* options; it receives them checked against its --index folder (before
+    anything heavy loads) as `qdrant`: where its Qdrant collection is, or None."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "qdrant"]
+
+    @functools.wraps(command)
+    def with_options(*args, **kwargs):
+        chosen = [kwargs.pop(p.name) for p in STORE_OPTIONS]
+        store, url, path, collection = chosen
+        qdrant = check_store_options(kwargs["index_dir"], store, url, str(path) if path else None, collection)
+        return command(*args, qdrant=qdrant, **kwargs)
+
+    with_options.__signature__ = inspect.Signature([*own, *STORE_OPTIONS])
+    return with_options
+
+
 RetrievalOption = Annotated[str, typer.Option(
     "--retrieval", help="hybrid (dense + BM25, fused by reciprocal rank), dense (MiniLM + FAISS) or lexical (BM25).")]
 SourceFilterOption = Annotated[str | None, typer.Option(
@@ -116,6 +150,7 @@ def _quiet_libraries() -> None:
 
 
 @app.command()
+@store_options
 def index(
     sources: Annotated[list[Path] | None,
                        typer.Argument(help="Folders or files: txt, md, html, pdf, docx, csv, json, jsonl.")] = None,
@@ -154,17 +189,27 @@ def index(
         help=f"With --engine ray: embedding actors, one CPU each (default {DEFAULT_RAY_WORKERS}).")] = None,
     ray_batch_size: Annotated[int | None, typer.Option(
         help=f"With --engine ray: documents per actor call (default {DEFAULT_RAY_BATCH_DOCUMENTS}).")] = None,
+    from_index: Annotated[Path | None, typer.Option(
+        help="Instead of SOURCEs: copy this FAISS index folder's documents with their stored embeddings (nothing is "
+             "embedded) into --index, e.g. into Qdrant; the copy mirrors it (documents it lacks are removed).")] = None,
+    qdrant: QdrantLocation | None = None,
 ) -> None:
     """Add new or changed documents to an index and drop deleted ones (safe to interrupt and re-run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from cepe_rag.documents.loading import demo_corpus_path
-    from cepe_rag.pipelines.indexing import ProgressHooks, build_index
+    from cepe_rag.pipelines.indexing import ProgressHooks, build_index, copy_index
 
     _quiet_libraries()
     all_sources = list(sources or []) + ([demo_corpus_path()] if demo else [])
-    if not all_sources:
+    if from_index is not None:
+        if all_sources or context_states:
+            raise CepeRagError("--from-index copies an index: give it without SOURCEs, --demo or --context-states")
+        check_index_folder(from_index)
+    elif not all_sources:
         raise CepeRagError("give at least one SOURCE folder or file (or --demo)")
+    if (qdrant is not None or stored_in(index_dir) == "qdrant") and (faiss_factory != "Flat" or context_states):
+        raise CepeRagError("--faiss and --context-states are for FAISS index folders, not --store qdrant")
     check_choice(engine, INDEXING_ENGINES, "engine")
     ray_options = {"--ray-address": ray_address, "--ray-workers": ray_workers, "--ray-batch-size": ray_batch_size}
     if engine != "ray" and (given := [name for name, value in ray_options.items() if value is not None]):
@@ -213,11 +258,15 @@ def index(
                     self.task = progress.add_task("building faiss index", total=total, rate="")
                 progress.advance(self.task, done)
 
-        summary = build_index(all_sources, index_dir, embedder_name=embedder, faiss_factory=faiss_factory,
-                              chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens,
-                              batch_passages=batch_passages, max_document_mb=max_document_mb,
-                              include=include or [], exclude=exclude or [], state_encoder=state_encoder,
-                              hooks=Hooks(), engine=indexing_engine)
+        if from_index is not None:
+            summary = copy_index(from_index, index_dir, faiss_factory=faiss_factory, qdrant=qdrant,
+                                 batch_passages=batch_passages, hooks=Hooks())
+        else:
+            summary = build_index(all_sources, index_dir, embedder_name=embedder, faiss_factory=faiss_factory,
+                                  chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens,
+                                  batch_passages=batch_passages, max_document_mb=max_document_mb,
+                                  include=include or [], exclude=exclude or [], state_encoder=state_encoder,
+                                  qdrant=qdrant, hooks=Hooks(), engine=indexing_engine)
     for warning in summary.skipped[:20]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if len(summary.skipped) > 20:
@@ -226,12 +275,14 @@ def index(
     excluded = f" ({summary.documents_excluded} now excluded by the filters)" if summary.documents_excluded else ""
     console.print(
         f"{'[red]interrupted[/]: ' if summary.interrupted else ''}{summary.index}: "
-        f"{summary.documents_seen} documents seen, {summary.documents_embedded} embedded, "
+        f"{summary.documents_seen} documents seen, {summary.documents_embedded} "
+        f"{'copied' if from_index else 'embedded'}, "
         f"{summary.documents_unchanged} unchanged, {summary.documents_deleted} deleted"
         f"{excluded}, "
         f"{len(summary.skipped)} skipped; {summary.passages_added} passages added, "
         f"{summary.passages_total} in the index ({summary.disk_bytes / 2**20:.1f} MiB); "
-        f"{summary.seconds:.1f} s ({rate:,.0f} passages/s embedding)", highlight=False)
+        f"{summary.seconds:.1f} s" + ("" if from_index else f" ({rate:,.0f} passages/s embedding)"),
+        highlight=False)
     if state_encoder is not None:
         console.print(f"context states: {summary.states_added} passages encoded in {summary.states_seconds:.1f} s "
                       f"({summary.states_added / max(summary.states_seconds, 1e-9):,.0f} passages/s)",
@@ -246,6 +297,7 @@ app.add_typer(docs_app, name="docs")
 
 @app.command()
 @reader_options
+@store_options
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     index_dir: IndexOption = DEFAULT_INDEX,
@@ -262,6 +314,7 @@ def ask(
     title: TitleFilterOption = None,
     abstain: AbstainOption = True,
     spec_options: dict | None = None,
+    qdrant: QdrantLocation | None = None,
 ) -> None:
     """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
     question = validate_question(question)
@@ -274,7 +327,7 @@ def ask(
 
     _quiet_libraries()
     started = time.perf_counter()
-    retriever = open_retriever(index_dir, retrieval, source, title)
+    retriever = open_retriever(index_dir, retrieval, source, title, qdrant)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     warn_slow_dtype(torch_dtype, device)
@@ -340,15 +393,19 @@ def say_once(note: str | None) -> None:
         console.print(f"[dim]{note}[/]", highlight=False)
 
 
-def open_retriever(index_dir: Path, mode: str, source: str | None = None, title: str | None = None):
+def open_retriever(index_dir: Path, mode: str, source: str | None = None, title: str | None = None,
+                   qdrant: QdrantLocation | None = None):
     """The index's retriever, saying once what an interrupted or older index cannot do yet."""
+    from cepe_rag.indexes.qdrant import open_store
     from cepe_rag.pipelines.rag import PassageFilter, Retriever
 
-    retriever = Retriever(index_dir, mode=mode, filters=PassageFilter(source=source, title=title))
+    retriever = Retriever(open_store(index_dir, qdrant), mode=mode, filters=PassageFilter(source=source, title=title))
     if retriever.store.faiss_is_stale:
         console.print("[yellow]warning:[/] the last indexing run was interrupted; run `cepe-rag index` again "
                       "to finish it (answering from what was committed)")
-    if retriever.lexical_missing:
+    if retriever.lexical_missing and retriever.store.backend == "qdrant":
+        console.print("[dim]note: a Qdrant index has no BM25 index: searching densely[/]")
+    elif retriever.lexical_missing:
         console.print("[yellow]warning:[/] this index predates lexical search: searching densely; run "
                       "`cepe-rag index` on it once to add BM25 (nothing is re-embedded)")
     if retriever.allowed is not None and len(retriever.allowed) == 0:
@@ -387,6 +444,7 @@ def exit_now(code: int) -> None:
 
 @app.command("eval")
 @reader_options
+@store_options
 def evaluate(
     questions: Annotated[str, typer.Option(help="JSONL file (FlashRAG or NQ-open format) or hub dataset name.")],
     index_dir: IndexOption = DEFAULT_INDEX,
@@ -405,6 +463,7 @@ def evaluate(
     source: SourceFilterOption = None,
     title: TitleFilterOption = None,
     spec_options: dict | None = None,
+    qdrant: QdrantLocation | None = None,
 ) -> None:
     """Open-domain QA: retrieval once, then every reader at every k; resumable, cached per run folder."""
     try:
@@ -421,7 +480,7 @@ def evaluate(
     from cepe_rag.readers import GenerationConfig, build_reader
 
     _quiet_libraries()
-    retriever = open_retriever(index_dir, retrieval, source, title)
+    retriever = open_retriever(index_dir, retrieval, source, title, qdrant)
     examples = load_questions(questions, split=split)
     if answer_in_corpus:
         examples = answerable_subset(examples, retriever)
@@ -571,6 +630,7 @@ def train_command(
 
 @app.command()
 @reader_options
+@store_options
 def serve(
     index_dir: IndexOption = DEFAULT_INDEX,
     reader: Annotated[list[str] | None, typer.Option(
@@ -592,6 +652,7 @@ def serve(
     retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
     abstain: AbstainOption = True,
     spec_options: dict | None = None,
+    qdrant: QdrantLocation | None = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/retrieve, /health) over an index."""
     names = [name.strip() for value in reader or [DEFAULT_READER] for name in value.split(",") if name.strip()]
@@ -619,7 +680,7 @@ def serve(
     from cepe_rag.serving import Limits, RagService, create_app
 
     _quiet_libraries()
-    retriever = open_retriever(index_dir, retrieval)
+    retriever = open_retriever(index_dir, retrieval, qdrant=qdrant)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     warn_slow_dtype(torch_dtype, device)

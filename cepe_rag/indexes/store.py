@@ -90,6 +90,10 @@ class Manifest:
     metric: str = "inner_product"  # on L2-normalised embeddings, i.e. cosine similarity
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+    # Where the passages live: "faiss" (this folder: SQLite + FAISS) or "qdrant" (a collection, `qdrant` says
+    # where: url or path, and its name; indexes/qdrant.py). Older manifests lack both keys: FAISS.
+    store: str = "faiss"
+    qdrant: dict | None = None
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
@@ -111,7 +115,17 @@ class Manifest:
             raise CepeRagError(f"{path}: incomplete manifest ({error})") from None
 
     def write(self, folder: Path) -> None:
-        atomic_write(folder / MANIFEST_FILE, json.dumps(asdict(self), indent=2).encode())
+        data = asdict(self)
+        if self.store == "faiss":  # written as before: an older cepe-rag opens it unchanged
+            del data["store"], data["qdrant"]
+        atomic_write(folder / MANIFEST_FILE, json.dumps(data, indent=2).encode())
+
+    def check_faiss(self, folder: Path) -> Manifest:
+        """This manifest, if the passages are in the folder itself (not in Qdrant)."""
+        if self.store != "faiss":
+            raise CepeRagError(f"{folder} keeps its passages in {self.store.capitalize()} "
+                               f"({self.qdrant}): this command reads only FAISS index folders")
+        return self
 
 
 @dataclass
@@ -137,6 +151,8 @@ class StoredDocument:
 class IndexStore:
     """Open with `IndexStore.open(folder)` to search, `IndexStore.create_or_open(...)` to write."""
 
+    backend = "faiss"
+
     def __init__(self, folder: Path, manifest: Manifest, db: sqlite3.Connection):
         self.folder = folder
         self.manifest = manifest
@@ -153,7 +169,7 @@ class IndexStore:
         """Open an existing index for reading; every problem is a one-line CepeRagError."""
         folder = Path(folder)
         check_index_folder(folder)
-        manifest = Manifest.read(folder)
+        manifest = Manifest.read(folder).check_faiss(folder)
         store = cls(folder, manifest, _connect(folder / DB_FILE, create=False))
         store._load_faiss(required=True)
         return store
@@ -163,7 +179,7 @@ class IndexStore:
         """Open for writing, creating the folder; refuses a folder written for other settings."""
         folder = Path(folder)
         if (folder / MANIFEST_FILE).exists():
-            existing = Manifest.read(folder)
+            existing = Manifest.read(folder).check_faiss(folder)
             for field in ("embedder", "dimension", "faiss_factory", "chunk_tokens", "overlap_tokens"):
                 if getattr(existing, field) != getattr(manifest, field):
                     raise CepeRagError(
@@ -192,7 +208,7 @@ class IndexStore:
         metadata (the FAISS file is not loaded, so a corrupt one is not noticed here)."""
         folder = Path(folder)
         check_index_folder(folder)
-        store = cls(folder, Manifest.read(folder), _connect(folder / DB_FILE, create=False))
+        store = cls(folder, Manifest.read(folder).check_faiss(folder), _connect(folder / DB_FILE, create=False))
         store.faiss_is_stale = store.count() > 0 and (
             not (folder / FAISS_FILE).exists() or store._meta("faiss_version") != store._meta("content_version"))
         return store
@@ -256,9 +272,7 @@ class IndexStore:
 
     def lexical_search(self, queries: list[str], k: int, allowed: np.ndarray | None = None) -> list[list[Passage]]:
         """BM25 top-k passages for each query (FTS5, porter stemming), best first; score = BM25 (higher is better)."""
-        if not self.has_lexical_index:
-            raise CepeRagError(f"the index at {self.folder} was built before lexical search existed: run "
-                               "`cepe-rag index` on it once to add it (nothing is re-embedded)")
+        self.check_lexical()
         restrict = ""
         if allowed is not None:
             restrict = f" AND rowid IN ({','.join(str(int(i)) for i in allowed) or 'NULL'})"
@@ -274,6 +288,11 @@ class IndexStore:
             found = self.passages([pid for pid, _ in rows])
             results.append([replace(found[pid], score=float(score)) for pid, score in rows if pid in found])
         return results
+
+    def check_lexical(self) -> None:
+        if not self.has_lexical_index:
+            raise CepeRagError(f"the index at {self.folder} was built before lexical search existed: run "
+                               "`cepe-rag index` on it once to add it (nothing is re-embedded)")
 
     def embeddings(self, ids: list[int]) -> np.ndarray:
         """The stored embeddings of these passages, in the order given (ids must exist)."""
@@ -329,6 +348,23 @@ class IndexStore:
         rows = self.db.execute(
             "SELECT doc_key, position, title, text, source FROM passages WHERE doc_key = ? ORDER BY position", (key,))
         return [StoredPassage(*row) for row in rows]
+
+    def export_documents(self) -> Iterator[tuple[tuple[str, str, str], list[StoredPassage], np.ndarray]]:
+        """Every document as ((key, digest, source), its passages in order, their embeddings): to copy an index
+        without re-embedding it (`cepe-rag index --from-index`). One pass over SQLite, one document in memory."""
+        rows = self.db.execute(
+            "SELECT d.key, d.digest, d.source, p.position, p.title, p.text, p.source, p.embedding FROM documents d "
+            "JOIN passages p ON p.doc_key = d.key ORDER BY d.key, p.position")
+        current, passages, vectors = None, [], []
+        for key, digest, source, position, title, text, passage_source, vector in rows:
+            if current is not None and current[0] != key:
+                yield current, passages, np.array(vectors, dtype=np.float32)
+                passages, vectors = [], []
+            current = (key, digest, source)
+            passages.append(StoredPassage(key, position, title, text, passage_source))
+            vectors.append(np.frombuffer(vector, dtype=np.float32))
+        if current is not None:
+            yield current, passages, np.array(vectors, dtype=np.float32)
 
     def document_digests(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT key, digest FROM documents"))
@@ -449,6 +485,11 @@ class IndexStore:
         except RuntimeError:
             return
         self.faiss_is_stale = False
+
+    def finish_writes(self, progress=None) -> None:
+        """After a run's writes (or its interruption): the FAISS file caught up with SQLite."""
+        if self.count() or (self.folder / FAISS_FILE).exists():
+            self.commit_faiss(progress)
 
     def commit_faiss(self, progress=None) -> None:
         """Bring the FAISS file in line with SQLite (rebuilding from stored embeddings if needed)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun, CallbackManagerForRetrieverRun
@@ -19,6 +20,8 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from cepe_rag.indexes import open_store
+from cepe_rag.indexes.layout import QdrantLocation, check_store_options
 from cepe_rag.models import default_device, load_embedder
 from cepe_rag.pipelines.context_states import use_stored_states
 from cepe_rag.pipelines.rag import PassageFilter, Retriever
@@ -39,8 +42,9 @@ ContextLike = str | Document | Passage
 
 @lru_cache(maxsize=8)
 def _load_retriever(index: str, embedder: str | None, mode: str = DEFAULT_RETRIEVAL,
-                    filters: PassageFilter | None = None):
-    return Retriever(index, embedder=load_embedder(embedder) if embedder else None, mode=mode, filters=filters)
+                    filters: PassageFilter | None = None, qdrant: QdrantLocation | None = None):
+    return Retriever(open_store(index, qdrant), embedder=load_embedder(embedder) if embedder else None, mode=mode,
+                     filters=filters)
 
 
 def to_passages(contexts: Sequence[ContextLike]) -> list[Passage]:
@@ -66,7 +70,8 @@ def to_documents(passages: Sequence[Passage]) -> list[Document]:
 
 class CepeRetriever(BaseRetriever):
     """Retrieval over a cepe-rag index folder (hybrid, dense or lexical; optional source/title globs); scores
-    and sources in each Document's metadata."""
+    and sources in each Document's metadata. A Qdrant index folder is found through its manifest; `qdrant_url`,
+    `qdrant_path` or `qdrant_collection` say where its collection is reached from here instead."""
 
     index: str
     k: int = DEFAULT_K
@@ -74,14 +79,18 @@ class CepeRetriever(BaseRetriever):
     mode: str = DEFAULT_RETRIEVAL
     source: str | None = None
     title: str | None = None
+    qdrant_url: str | None = None
+    qdrant_path: str | None = None
+    qdrant_collection: str | None = None
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: int | None = None) -> list[Document]:
         return to_documents(self._retriever().retrieve(query, k or self.k))
 
     def _retriever(self) -> Retriever:
+        qdrant = check_store_options(Path(self.index), None, self.qdrant_url, self.qdrant_path, self.qdrant_collection)
         return _load_retriever(str(self.index), self.embedder, self.mode,
-                               PassageFilter(source=self.source, title=self.title))
+                               PassageFilter(source=self.source, title=self.title), qdrant)
 
     def store(self):
         return self._retriever().store

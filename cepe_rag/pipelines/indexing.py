@@ -1,4 +1,4 @@
-"""Index path: files -> documents -> passages -> embeddings (in batches) -> SQLite + FAISS."""
+"""Index path: files -> documents -> passages -> embeddings (in batches) -> SQLite + FAISS, or Qdrant."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from cepe_rag.documents import Document, LoadReport, PassageSplitter, iter_docum
 from cepe_rag.documents.globs import PathFilter
 from cepe_rag.documents.loading import DEFAULT_MAX_DOCUMENT_MB, relative_path
 from cepe_rag.documents.splitting import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS
-from cepe_rag.indexes import IndexStore, Manifest, StoredPassage, writer_lock
-from cepe_rag.indexes.store import FAISS_FILE, check_factory_syntax
+from cepe_rag.indexes import IndexStore, Manifest, QdrantStore, StoredPassage, create_or_open_store, writer_lock
+from cepe_rag.indexes.layout import QdrantLocation
+from cepe_rag.indexes.store import check_factory_syntax
 from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.settings import DEFAULT_EMBEDDER
 from cepe_rag.types import CepeRagError, Passage
@@ -124,6 +125,7 @@ def build_index(
     include: list[str] | tuple[str, ...] = (),
     exclude: list[str] | tuple[str, ...] = (),
     state_encoder: StateEncoder | None = None,
+    qdrant: QdrantLocation | None = None,
     hooks: ProgressHooks | None = None,
     engine: IndexingEngine | None = None,
 ) -> IndexingSummary:
@@ -144,6 +146,9 @@ def build_index(
     process still reads and hashes every document, decides what changed, and commits every batch itself. Its
     `state_encoder` (which must then also make the engine's states) stamps the index and fills passages without
     states.
+
+    With `qdrant` (or into a folder that already is a Qdrant index) the passages are written to a Qdrant
+    collection (indexes/qdrant.py) instead of the folder's SQLite + FAISS.
     """
     started = time.perf_counter()
     hooks = hooks or ProgressHooks()
@@ -159,7 +164,10 @@ def build_index(
         embedder = embedder or load_embedder(embedder_name)
         manifest = Manifest(embedder=embedder_name, dimension=embedder.get_embedding_dimension(),
                             faiss_factory=faiss_factory, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)
-        store = IndexStore.create_or_open(index_dir, manifest)
+        store = create_or_open_store(index_dir, manifest, qdrant)
+        if state_encoder is not None and store.backend != "faiss":
+            store.close()
+            raise CepeRagError("--context-states needs a FAISS index folder: Qdrant stores no CEPE context states")
         summary = IndexingSummary(index=str(index_dir))
         report = LoadReport()
         known = store.document_digests()
@@ -222,8 +230,7 @@ def build_index(
             summary.documents_seen = len(seen)
             summary.skipped = report.skipped
             # Committed batches are searchable even after an interruption; the next run resumes after them.
-            if store.count() or (store.folder / FAISS_FILE).exists():
-                store.commit_faiss(progress=hooks.rebuilding)
+            store.finish_writes(progress=hooks.rebuilding)
             summary.passages_total = store.count()
             summary.disk_bytes = store.disk_bytes()
             store.close()
@@ -242,6 +249,75 @@ def _filtered_out(source: str, roots: list[str], path_filter: PathFilter) -> boo
                and not path_filter.accepts(relative_path(source, root)) for root in roots)
 
 
-def _documents_under(store: IndexStore, roots: list[str]) -> list[tuple[str, str]]:
+def _documents_under(store: IndexStore | QdrantStore, roots: list[str]) -> list[tuple[str, str]]:
     return [(key, source) for key, source in store.document_sources()
             if any(source == root or source.startswith(root.rstrip(os.sep) + os.sep) for root in roots)]
+
+
+def copy_index(
+    source_index: str | Path,
+    index_dir: str | Path,
+    *,
+    faiss_factory: str = "Flat",
+    qdrant: QdrantLocation | None = None,
+    batch_passages: int = 1024,
+    hooks: ProgressHooks | None = None,
+) -> IndexingSummary:
+    """Make `index_dir` hold the documents of the FAISS index folder `source_index`, with their stored embeddings
+    (nothing is embedded): into Qdrant (`qdrant`, or a folder that is a Qdrant index), or another FAISS factory.
+
+    Incremental by document digest like `build_index`; the documents `index_dir` holds that `source_index` lacks
+    are removed, so the copy mirrors the source. Safe to interrupt and re-run."""
+    started = time.perf_counter()
+    hooks = hooks or ProgressHooks()
+    if Path(source_index).resolve() == Path(index_dir).resolve():
+        raise CepeRagError("--from-index names the --index folder itself: copy into another folder")
+    check_factory_syntax(faiss_factory)
+    source = IndexStore.open_catalog(source_index)
+    with writer_lock(index_dir):
+        manifest = Manifest(embedder=source.manifest.embedder, dimension=source.manifest.dimension,
+                            faiss_factory=faiss_factory, chunk_tokens=source.manifest.chunk_tokens,
+                            overlap_tokens=source.manifest.overlap_tokens)
+        store = create_or_open_store(index_dir, manifest, qdrant)
+        summary = IndexingSummary(index=str(index_dir))
+        known = store.document_digests()
+        seen: set[str] = set()
+        documents: list[tuple[str, str, str]] = []
+        passages: list[StoredPassage] = []
+        vectors: list[np.ndarray] = []
+
+        def flush() -> None:
+            if documents:
+                store.replace_documents(documents, passages, np.concatenate(vectors))
+                summary.documents_embedded += len(documents)  # copied: their embeddings as stored
+                summary.passages_added += len(passages)
+                hooks.passages(len(passages))
+                documents.clear(), passages.clear(), vectors.clear()
+
+        try:
+            for document, document_passages, embeddings in source.export_documents():
+                hooks.documents(1)
+                seen.add(document[0])
+                if known.get(document[0]) == document[1]:
+                    summary.documents_unchanged += 1
+                    continue
+                documents.append(document)
+                passages.extend(document_passages)
+                vectors.append(embeddings)
+                if len(passages) >= batch_passages:
+                    flush()
+            flush()
+            gone = [key for key in known if key not in seen]
+            summary.documents_deleted = len(gone)
+            summary.passages_deleted = store.delete_documents(gone) if gone else 0
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            source.close()
+            summary.documents_seen = len(seen)
+            store.finish_writes(progress=hooks.rebuilding)
+            summary.passages_total = store.count()
+            summary.disk_bytes = store.disk_bytes()
+            store.close()
+            summary.seconds = time.perf_counter() - started
+        return summary

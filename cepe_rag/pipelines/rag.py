@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cepe_rag.indexes import IndexStore
+from cepe_rag.indexes import IndexStore, QdrantStore, open_store
 from cepe_rag.models import embed_texts, load_query_embedder
 from cepe_rag.settings import (
     ABSTAIN_BELOW,
@@ -39,17 +39,21 @@ class PassageFilter:
 
 class Retriever:
     """Passages for a question from an index folder: dense (the embedder recorded in its manifest), lexical
-    (BM25), or both fused by reciprocal rank; optionally only passages whose metadata match `filters`."""
+    (BM25), or both fused by reciprocal rank; optionally only passages whose metadata match `filters`. The
+    passages are in the folder (FAISS + SQLite) or in Qdrant, as its manifest says."""
 
-    def __init__(self, index: str | Path | IndexStore, embedder=None, *, mode: str = DEFAULT_RETRIEVAL,
-                 filters: PassageFilter | None = None, lexical_weight: float = LEXICAL_WEIGHT):
+    def __init__(self, index: str | Path | IndexStore | QdrantStore, embedder=None, *,
+                 mode: str = DEFAULT_RETRIEVAL, filters: PassageFilter | None = None,
+                 lexical_weight: float = LEXICAL_WEIGHT):
         check_choice(mode, RETRIEVAL_MODES, "retrieval mode")
         self.lexical_weight = lexical_weight
-        self.store = index if isinstance(index, IndexStore) else IndexStore.open(index)
+        self.store = open_store(index) if isinstance(index, (str, Path)) else index
+        if mode == "lexical":
+            self.store.check_lexical()
         self.filters = filters or PassageFilter()
         # Ids the filters let through, found once (like the FAISS index, fixed for this retriever's life).
         self.allowed = self.store.matching_ids(self.filters.source, self.filters.title) if self.filters else None
-        # An index from before lexical search answers densely until the next `cepe-rag index` adds BM25.
+        # An index from before lexical search (or in Qdrant, which has none) answers hybrid requests densely.
         self.lexical_missing = mode == "hybrid" and not self.store.has_lexical_index
         self.mode = "dense" if self.lexical_missing else mode
         self.embedder = None if self.mode == "lexical" else (

@@ -179,6 +179,38 @@ def test_index_bad_inputs(tmp_path):
     assert_one_line_error(run_cli("ask", "q?", "--index", tmp_path / "c"), "is not a cepe-rag index")
 
 
+def test_a_qdrant_index_through_the_command_line(kubrick_index, tmp_path):
+    """`--store qdrant` in Qdrant's embedded mode: index, ask through the folder alone, copy
+    an index without re-embedding it, and one-line errors."""
+    pytest.importorskip("qdrant_client")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "film.txt").write_text("2001: A Space Odyssey is a 1968 film directed by Stanley Kubrick.")
+    (corpus / "tower.txt").write_text("The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889.")
+    index = tmp_path / "idx"
+    result = run_cli("index", corpus, "--index", index, "--store", "qdrant")
+    assert result.returncode == 0 and "2 embedded" in result.stderr, result.stderr
+    assert json.loads((index / "manifest.json").read_text())["qdrant"] == {"path": "qdrant", "collection": "idx"}
+
+    result = run_cli("ask", "Who directed 2001: A Space Odyssey?", "--index", index, "--k", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert "Kubrick" in answer["text"] and answer["passages"][0]["source"].endswith("film.txt")
+    assert answer["passages"][0]["dense_score"] > 0.5 and answer["passages"][0]["lexical_score"] is None
+    assert "no BM25 index: searching densely" in result.stderr
+
+    copied = run_cli("index", "--from-index", kubrick_index, "--index", tmp_path / "copy", "--qdrant-path",
+                     tmp_path / "store", "--qdrant-collection", "films")
+    assert copied.returncode == 0 and "2 copied" in copied.stderr, copied.stderr
+
+    assert_one_line_error(run_cli("ask", "Who?", "--index", index, "--retrieval", "lexical"), "no lexical (BM25)")
+    assert_one_line_error(run_cli("ask", "Who?", "--index", index, "--qdrant-url", "http://127.0.0.1:9"),
+                          "Qdrant at http://127.0.0.1:9")
+    assert_one_line_error(run_cli("index", corpus, "--index", index, "--store", "faiss"), "is a qdrant index")
+    assert_one_line_error(run_cli("index", corpus, "--index", kubrick_index, "--store", "qdrant"), "is a faiss index")
+    assert_one_line_error(run_cli("docs", "list", "--index", index), "keeps its passages in Qdrant")
+
+
 def test_ask_with_a_cepe_checkpoint(kubrick_index, tmp_path, chat_tokenizer):
     """A (tiny, random) checkpoint in the released layout loads from disk and answers through the CLI."""
     import torch
