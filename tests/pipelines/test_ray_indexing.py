@@ -78,6 +78,7 @@ class FakeStateEncoder:
     """Deterministic stand-in for a CEPE encoder: a passage's 'states' follow from its text."""
 
     stamp = "fake-encoder"
+    state_format = "float16"
 
     def encode(self, passages):
         return [np.full((1 + len(p.text) % 5, 4), len(p.text), dtype=np.float16) for p in passages]
