@@ -22,11 +22,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from cepe_rag.files import atomic_write
+from cepe_rag.files import atomic_write, atomic_write_with
 from cepe_rag.indexes.layout import DB_FILE, FAISS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, check_index_folder
 from cepe_rag.types import CepeRagError, Passage
 
-_TRAINING_SAMPLE = 100_000
+_TRAINING_SAMPLE = 100_000  # embeddings an untrained factory learns from, at least
+_TRAINING_PER_LIST = 40  # ... and this many per IVF list (faiss warns below 39), when the index holds that many
+_BUILD_BATCH = 8192  # embeddings read from SQLite and added to FAISS at a time
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -141,6 +143,7 @@ class IndexStore:
         self.db = db
         self._faiss: faiss.Index | None = None
         self.faiss_is_stale = False
+        self.faiss_is_mapped = False  # memory-mapped from the file: read-only, a change rebuilds it
         self.has_lexical_index = _has_table(db, LEXICAL_TABLE)
         self.has_context_states = _has_table(db, STATES_TABLE)  # the table: an older index has none
 
@@ -179,8 +182,7 @@ class IndexStore:
         store._load_faiss(required=False)
         if store._faiss is None and store.count() == 0:
             # Untrained factories (IVF, PQ) are built and trained at the end, from a sample of the data.
-            store._faiss = faiss.index_factory(manifest.dimension, f"IDMap2,{manifest.faiss_factory}",
-                                               faiss.METRIC_INNER_PRODUCT)
+            store._faiss = new_faiss_index(manifest.dimension, manifest.faiss_factory)
         return store
 
     @classmethod
@@ -196,23 +198,22 @@ class IndexStore:
         return store
 
     def _load_faiss(self, *, required: bool) -> None:
-        """Load the FAISS file. Reading (`required`), a missing, corrupt or stale file (an interrupted `index`
-        run) is replaced by one rebuilt in memory from the committed embeddings, so every committed passage is
-        searchable; nothing is written, and `faiss_is_stale` tells the caller to say so."""
+        """Load the FAISS file. Reading (`required`), it is memory-mapped where faiss can (its vectors stay in the
+        page cache, shared by every process that searches the index, and paged in from disk on demand), and a
+        missing, corrupt or stale file (an interrupted `index` run) is replaced by one rebuilt in memory from the
+        committed embeddings, so every committed passage is searchable; nothing is written, and `faiss_is_stale`
+        tells the caller to say so. Writing, it is read into memory, since it will change."""
         path = self.folder / FAISS_FILE
         self.faiss_is_stale = self._meta("faiss_version") != self._meta("content_version")
         index = None
         if path.exists():
-            try:
-                index = faiss.read_index(str(path))
-            except RuntimeError:
-                pass  # corrupt or truncated: handled as missing
+            index, self.faiss_is_mapped = read_faiss(path, mapped=required)
         if index is None:
             self.faiss_is_stale = self.count() > 0
         elif index.d != self.manifest.dimension:
             raise CepeRagError(f"{path} holds {index.d}-d vectors, the manifest says {self.manifest.dimension}")
         if required and self.faiss_is_stale:
-            index = self._build_faiss()
+            index, self.faiss_is_mapped = self._build_faiss(), False
         if index is None:
             return
         _set_search_defaults(index)
@@ -239,8 +240,7 @@ class IndexStore:
             return [[] for _ in queries]
         else:
             try:  # exact filtering inside FAISS (Flat, IVF, HNSW on the CPU)
-                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64)))
-                scores, ids = self._faiss.search(queries, k, params=params)
+                scores, ids = self._faiss.search(queries, k, params=_selecting(self._faiss, allowed))
             except (RuntimeError, TypeError):
                 raise CepeRagError("this FAISS index cannot filter passages (a GPU index?); search without "
                                    "filters or on the CPU") from None
@@ -426,10 +426,9 @@ class IndexStore:
 
     def _faiss_update(self, was_stale: bool, removed: list[int], ids: np.ndarray, embeddings: np.ndarray) -> None:
         """Apply a committed change to the in-memory FAISS index; if it cannot be, rebuild it at the end."""
-        if was_stale or self._faiss is None or not self._faiss.is_trained:
+        if was_stale or self._faiss is None or not self._faiss.is_trained or self.faiss_is_mapped:
             return
-        # IDMap2 removal shifts inner ids, which is only right for a Flat inner index; others rebuild.
-        if removed and not isinstance(faiss.downcast_index(self._faiss.index), faiss.IndexFlat):
+        if removed and not _removes_in_place(self._faiss):
             return
         try:
             if removed:
@@ -449,19 +448,20 @@ class IndexStore:
         content_version = self._meta("content_version")
         if not rebuilt and (self.folder / FAISS_FILE).exists() and self._meta("faiss_version") == content_version:
             return
-        data = faiss.serialize_index(self._faiss)
-        atomic_write(self.folder / FAISS_FILE, data.tobytes())
+        # Streamed to a temporary file, synced and renamed: no second copy of the index in memory, and a
+        # process that has the old file memory-mapped keeps reading it until it reopens the index.
+        index = self._faiss
+        atomic_write_with(self.folder / FAISS_FILE, lambda tmp: faiss.write_index(index, tmp))
         with self.db:
             self._set_meta("faiss_version", content_version)
 
     def _build_faiss(self, progress=None) -> faiss.Index:
-        index = faiss.index_factory(
-            self.manifest.dimension, f"IDMap2,{self.manifest.faiss_factory}", faiss.METRIC_INNER_PRODUCT
-        )
+        """A new FAISS index from the stored embeddings, streamed from SQLite in batches: besides the index
+        itself, only one batch (and, for an untrained factory, its training sample) is in memory."""
+        index = new_faiss_index(self.manifest.dimension, self.manifest.faiss_factory)
         total = self.count()
         if not index.is_trained:
-            sample = np.concatenate([e for _, e in self._iter_embeddings(_TRAINING_SAMPLE, sample=True)] or
-                                    [np.empty((0, self.manifest.dimension), np.float32)])
+            sample = self.training_sample(training_size(index, total))
             try:
                 index.train(sample)
             except RuntimeError as error:
@@ -469,17 +469,38 @@ class IndexStore:
                     f"cannot train faiss index {self.manifest.faiss_factory!r} on {len(sample)} passages "
                     f"({str(error).splitlines()[-1]}): use a smaller factory or more data"
                 ) from None
+            del sample
         _set_search_defaults(index)
-        for ids, embeddings in self._iter_embeddings(8192):
+        for ids, embeddings in self._iter_embeddings(_BUILD_BATCH):
             index.add_with_ids(embeddings, ids)
             if progress:
                 progress(len(ids), total)
         return index
 
-    def _iter_embeddings(self, batch: int, *, sample: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        query = "SELECT id, embedding FROM passages"
-        query += f" ORDER BY RANDOM() LIMIT {batch}" if sample else " ORDER BY id"
-        cursor = self.db.execute(query)
+    def training_sample(self, size: int, seed: int = 0) -> np.ndarray:
+        """`size` stored embeddings drawn uniformly (the same ones for the same index and seed), read by id so that
+        only the sampled rows are touched; every embedding when the index holds no more."""
+        if size >= self.count():
+            return _stack([e for _, e in self._iter_embeddings(_BUILD_BATCH)], self.manifest.dimension)
+        low, high = self.db.execute("SELECT MIN(id), MAX(id) FROM passages").fetchone()
+        rng = np.random.default_rng(seed)
+        chosen: list[np.ndarray] = []
+        found, tried = 0, np.zeros(0, dtype=np.int64)
+        while found < size:  # ids have holes where documents were replaced: draw more until enough exist
+            span = high - low + 1
+            draw = min(span, int((size - found) * span / max(self.count(), 1) * 1.1) + 16)
+            ids = np.setdiff1d(rng.choice(span, size=draw, replace=False) + low, tried, assume_unique=True)
+            if len(ids) == 0:
+                break
+            tried = np.union1d(tried, ids)
+            rows = list(self._rows_by_id("SELECT id, embedding FROM passages", ids.tolist()))[:size - found]
+            if rows:
+                chosen.append(np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1))
+                found += len(rows)
+        return _stack(chosen, self.manifest.dimension)
+
+    def _iter_embeddings(self, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        cursor = self.db.execute("SELECT id, embedding FROM passages ORDER BY id")
         while rows := cursor.fetchmany(batch):
             ids = np.array([r[0] for r in rows], dtype=np.int64)
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
@@ -540,13 +561,70 @@ def lexical_query(text: str) -> str:
     return " OR ".join(f'"{word}"' for word in query_words(text))
 
 
+def new_faiss_index(dimension: int, factory: str) -> faiss.Index:
+    """An empty index for this factory whose ids are passage ids. IVF indexes store ids in their inverted lists
+    and remove them in place, so they are used bare; the others are wrapped in an IndexIDMap2, whose id table
+    (~50 bytes a vector) an IVF-PQ index of 64-byte codes would otherwise more than double."""
+    index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
+    if _ivf(index) is not None:
+        return index
+    return faiss.index_factory(dimension, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+
+
+def training_size(index: faiss.Index, total: int) -> int:
+    """How many stored embeddings an untrained index learns from: at least 100k, and 40 per IVF list."""
+    ivf = _ivf(index)
+    return min(total, max(_TRAINING_SAMPLE, _TRAINING_PER_LIST * ivf.nlist if ivf is not None else 0))
+
+
+def read_faiss(path: Path, *, mapped: bool) -> tuple[faiss.Index | None, bool]:
+    """(the index, whether it is memory-mapped); (None, False) for a corrupt or truncated file. `mapped` asks for
+    a memory-mapping where this faiss can make one (IO_FLAG_MMAP_IFC maps flat codes and, in faiss >= 1.10,
+    inverted lists; IO_FLAG_MMAP the inverted lists of older versions), falling back to reading it into memory."""
+    flags = [getattr(faiss, name) for name in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP") if mapped and hasattr(faiss, name)]
+    for flag in [*flags, 0]:
+        try:
+            return faiss.read_index(str(path), flag), flag != 0
+        except RuntimeError:
+            continue  # this index type cannot be mapped that way (or the file is corrupt: the last try says)
+    return None, False
+
+
+def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _removes_in_place(index: faiss.Index) -> bool:
+    """Whether `remove_ids` keeps the other passages' ids right: an IVF index (ids in its lists), or an IDMap2
+    over a Flat one (IDMap2 removal shifts inner ids, which only a Flat index follows); others are rebuilt."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap2):  # (an index written before IVF indexes were used bare is one too)
+        return isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
+    return _ivf(index) is not None
+
+
+def _selecting(index: faiss.Index, allowed: np.ndarray) -> faiss.SearchParameters:
+    """Search parameters restricting a search to these ids. An IVF index takes only IVF parameters, which carry
+    their own nprobe: the index's is passed on, or the search would probe one list."""
+    selector = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
+    ivf = _ivf(index)
+    if ivf is None:
+        return faiss.SearchParameters(sel=selector)
+    return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+
+
+def _stack(parts: list[np.ndarray], dimension: int) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty((0, dimension), np.float32)
+
+
 def _set_search_defaults(index: faiss.Index) -> None:
     """faiss probes one IVF list by default, which misses too much; probe up to 32."""
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return
-    ivf.nprobe = min(ivf.nlist, 32)
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(ivf.nlist, 32)
 
 
 def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:
