@@ -29,6 +29,7 @@ from cepe_rag.types import CepeRagError, Passage
 _TRAINING_SAMPLE = 100_000  # embeddings an untrained factory learns from, at least
 _TRAINING_PER_LIST = 40  # ... and this many per IVF list (faiss warns below 39), when the index holds that many
 _BUILD_BATCH = 8192  # embeddings read from SQLite and added to FAISS at a time
+_PAGE_SIZE = 16384  # SQLite page of a new index: a 4 KiB page holds one ~2.2 KB passage row, a 16 KiB one seven
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -525,7 +526,10 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
         raise CepeRagError(f"{path} is missing: the index folder is incomplete")
     try:
         # Shared across threads for reads (async LangChain calls run in an executor); writes stay on one thread.
+        new = create and not path.exists()
         db = sqlite3.connect(path, check_same_thread=False)
+        if new:  # only an empty database takes a page size, and only before it is in WAL mode
+            db.execute(f"PRAGMA page_size={_PAGE_SIZE}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA foreign_keys=ON")
         if create:
