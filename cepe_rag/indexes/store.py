@@ -28,6 +28,7 @@ from cepe_rag.types import CepeRagError, Passage
 
 _TRAINING_SAMPLE = 100_000  # embeddings an untrained factory learns from, at least
 _TRAINING_PER_LIST = 40  # ... and this many per IVF list (faiss warns below 39), when the index holds that many
+_RERANK = 4  # a compressed index (PQ, SQ) proposes this many times k passages, re-scored on the stored embeddings
 _BUILD_BATCH = 8192  # embeddings read from SQLite and added to FAISS at a time
 _PAGE_SIZE = 16384  # SQLite page of a new index: a 4 KiB page holds one ~2.2 KB passage row, a 16 KiB one seven
 
@@ -235,16 +236,20 @@ class IndexStore:
             raise CepeRagError(f"the index at {self.folder} is empty: add documents with `cepe-rag index`")
         k = max(1, min(k, self._faiss.ntotal))
         queries = np.ascontiguousarray(query_embeddings, dtype=np.float32)
+        compressed = _compressed(self._faiss)
+        candidates = min(k * _RERANK, self._faiss.ntotal) if compressed else k
         if allowed is None:
-            scores, ids = self._faiss.search(queries, k)
+            scores, ids = self._faiss.search(queries, candidates)
         elif len(allowed) == 0:
             return [[] for _ in queries]
         else:
             try:  # exact filtering inside FAISS (Flat, IVF, HNSW on the CPU)
-                scores, ids = self._faiss.search(queries, k, params=_selecting(self._faiss, allowed))
+                scores, ids = self._faiss.search(queries, candidates, params=_selecting(self._faiss, allowed))
             except (RuntimeError, TypeError):
                 raise CepeRagError("this FAISS index cannot filter passages (a GPU index?); search without "
                                    "filters or on the CPU") from None
+        if compressed:
+            scores, ids = self._rescore(queries, ids, k)
         found = self.passages([int(i) for i in ids.ravel() if i >= 0])
         results = []
         for row_scores, row_ids in zip(scores, ids):
@@ -252,6 +257,22 @@ class IndexStore:
             results.append([replace(found[int(i)], score=float(s))
                             for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) in found])
         return results
+
+    def _rescore(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of a compressed index's candidates by exact inner product on their stored embeddings (the
+        codes' approximate scores misorder close passages); one SQLite read for all queries' candidates."""
+        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+        stored = dict(zip(wanted, self.embeddings(wanted))) if wanted else {}
+        scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
+        best = np.full((len(ids), k), -1, dtype=np.int64)
+        for row, (query, row_ids) in enumerate(zip(queries, ids)):
+            row_ids = np.array([i for i in row_ids if i >= 0 and int(i) in stored], dtype=np.int64)
+            if len(row_ids) == 0:
+                continue
+            exact = np.stack([stored[int(i)] for i in row_ids]) @ query
+            order = np.argsort(-exact, kind="stable")[:k]
+            scores[row, :len(order)], best[row, :len(order)] = exact[order], row_ids[order]
+        return scores, best
 
     def lexical_search(self, queries: list[str], k: int, allowed: np.ndarray | None = None) -> list[list[Passage]]:
         """BM25 top-k passages for each query (FTS5, porter stemming), best first; score = BM25 (higher is better)."""
@@ -570,9 +591,14 @@ def new_faiss_index(dimension: int, factory: str) -> faiss.Index:
     and remove them in place, so they are used bare; the others are wrapped in an IndexIDMap2, whose id table
     (~50 bytes a vector) an IVF-PQ index of 64-byte codes would otherwise more than double."""
     index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
-    if _ivf(index) is not None:
-        return index
-    return faiss.index_factory(dimension, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    if _ivf(index) is None:
+        index = faiss.index_factory(dimension, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    inner = _innermost(index)
+    if hasattr(inner, "do_polysemous_training"):
+        # The factory turns on polysemous training for PQ codes: minutes of simulated annealing, for a Hamming
+        # filter that this store never uses (measured: 184 s of a 221 s IVF64,PQ32 training on 5k vectors).
+        inner.do_polysemous_training = False
+    return index
 
 
 def training_size(index: faiss.Index, total: int) -> int:
@@ -592,6 +618,21 @@ def read_faiss(path: Path, *, mapped: bool) -> tuple[faiss.Index | None, bool]:
         except RuntimeError:
             continue  # this index type cannot be mapped that way (or the file is corrupt: the last try says)
     return None, False
+
+
+def _innermost(index: faiss.Index) -> faiss.Index:
+    """The index under its id map and transforms (an HNSW index's storage), downcast to its real type."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+        index = faiss.downcast_index(index.index)
+    if isinstance(index, faiss.IndexHNSW):
+        index = faiss.downcast_index(index.storage)
+    return index
+
+
+def _compressed(index: faiss.Index) -> bool:
+    """Whether the index scores with lossy codes (PQ, SQ, ...) rather than the full vectors."""
+    return not isinstance(_innermost(index), (faiss.IndexFlat, faiss.IndexIVFFlat))
 
 
 def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
