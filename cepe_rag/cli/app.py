@@ -137,6 +137,9 @@ def index(
              "for --decoder).")] = None,
     decoder: Annotated[str, typer.Option(help="With --context-states: the decoder whose shipped adapter to use.")] = (
         DEFAULT_DECODER),
+    force: Annotated[bool, typer.Option(
+        help="Index even when the estimate of RAM and disk (from the files' sizes) says the run will not fit.")] = (
+        False),
 ) -> None:
     """Add new or changed documents to an index and drop deleted ones (safe to interrupt and re-run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -183,7 +186,7 @@ def index(
                               chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens,
                               batch_passages=batch_passages, max_document_mb=max_document_mb,
                               include=include or [], exclude=exclude or [], state_encoder=state_encoder,
-                              hooks=Hooks())
+                              hooks=Hooks(), check_size=not force)
     for warning in summary.skipped[:20]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if len(summary.skipped) > 20:

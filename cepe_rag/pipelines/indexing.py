@@ -13,6 +13,8 @@ from cepe_rag.documents.globs import PathFilter
 from cepe_rag.documents.loading import DEFAULT_MAX_DOCUMENT_MB, relative_path
 from cepe_rag.documents.splitting import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS
 from cepe_rag.indexes import IndexStore, Manifest, StoredPassage, writer_lock
+from cepe_rag.indexes.layout import MANIFEST_FILE
+from cepe_rag.indexes.sizing import check_fits
 from cepe_rag.indexes.store import FAISS_FILE, check_factory_syntax
 from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.settings import DEFAULT_EMBEDDER
@@ -69,6 +71,7 @@ def build_index(
     exclude: list[str] | tuple[str, ...] = (),
     state_encoder: StateEncoder | None = None,
     hooks: ProgressHooks | None = None,
+    check_size: bool = True,
 ) -> IndexingSummary:
     """Add new and changed documents of `sources` to the index and drop the deleted ones.
 
@@ -82,6 +85,9 @@ def build_index(
 
     With a `state_encoder`, every passage's CEPE context states are stored too: new passages' in their own
     transaction, and those of passages indexed without them (or by another encoder) in batches after the walk.
+
+    With `check_size`, a run whose estimated RAM or disk (`indexes.sizing`, from the files' sizes) exceeds what
+    this machine has stops with a one-line error before anything is embedded.
     """
     started = time.perf_counter()
     hooks = hooks or ProgressHooks()
@@ -97,6 +103,12 @@ def build_index(
         embedder = embedder or load_embedder(embedder_name)
         manifest = Manifest(embedder=embedder_name, dimension=embedder.get_embedding_dimension(),
                             faiss_factory=faiss_factory, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)
+        if check_size:
+            existing = Manifest.read(Path(index_dir)) if (Path(index_dir) / MANIFEST_FILE).exists() else manifest
+            check_fits(roots, index_dir, factory=existing.faiss_factory, dimension=manifest.dimension,
+                       chunk_tokens=existing.chunk_tokens, overlap_tokens=existing.overlap_tokens,
+                       context_states=state_encoder is not None,
+                       existing_bytes=sum(f.stat().st_size for f in Path(index_dir).iterdir() if f.is_file()))
         store = IndexStore.create_or_open(index_dir, manifest)
         splitter = PassageSplitter(embedder.tokenizer, store.manifest.chunk_tokens, store.manifest.overlap_tokens)
         summary = IndexingSummary(index=str(index_dir))
