@@ -151,7 +151,7 @@ def test_estimate_per_factory():
     ivfpq = sizing.estimate(factory="IVF65536,PQ64", **wiki)
     assert flat.passages == ivfpq.passages == 21_000_000
     assert 30 * gib < flat.faiss_bytes < 34 * gib  # 384 × 4 bytes + the id map, a vector
-    assert ivfpq.faiss_bytes < 2 * gib and ivfpq.training_bytes == 40 * 65536 * 384 * 4
+    assert ivfpq.faiss_bytes < 2 * gib and ivfpq.training_bytes == 3 * 40 * 65536 * 384 * 4
     assert flat.ram_bytes > flat.faiss_bytes > ivfpq.ram_bytes
     states = sizing.estimate(factory="Flat", **{**wiki, "context_states": True})
     assert states.states_bytes > 500 * flat.sqlite_bytes / 100
