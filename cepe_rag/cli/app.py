@@ -193,6 +193,9 @@ def index(
         help="Instead of SOURCEs: copy this FAISS index folder's documents with their stored embeddings (nothing is "
              "embedded) into --index, e.g. into Qdrant; the copy mirrors it (documents it lacks are removed).")] = None,
     qdrant: QdrantLocation | None = None,
+    force: Annotated[bool, typer.Option(
+        help="Index even when the estimate of RAM and disk (from the files' sizes) says the run will not fit.")] = (
+        False),
 ) -> None:
     """Add new or changed documents to an index and drop deleted ones (safe to interrupt and re-run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -266,7 +269,7 @@ def index(
                                   chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens,
                                   batch_passages=batch_passages, max_document_mb=max_document_mb,
                                   include=include or [], exclude=exclude or [], state_encoder=state_encoder,
-                                  qdrant=qdrant, hooks=Hooks(), engine=indexing_engine)
+                                  qdrant=qdrant, hooks=Hooks(), engine=indexing_engine, check_size=not force)
     for warning in summary.skipped[:20]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if len(summary.skipped) > 20:

@@ -22,12 +22,16 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from cepe_rag.files import atomic_write
+from cepe_rag.files import atomic_write, atomic_write_with
 from cepe_rag.indexes.layout import DB_FILE, FAISS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, check_index_folder
 from cepe_rag.settings import CONTEXT_STATE_FORMATS, check_choice
 from cepe_rag.types import CepeRagError, Passage
 
-_TRAINING_SAMPLE = 100_000
+_TRAINING_SAMPLE = 100_000  # embeddings an untrained factory learns from, at least
+_TRAINING_PER_LIST = 40  # ... and this many per IVF list (faiss warns below 39), when the index holds that many
+_RERANK = 4  # a compressed index (PQ, SQ) proposes this many times k passages, re-scored on the stored embeddings
+_BUILD_BATCH = 8192  # embeddings read from SQLite and added to FAISS at a time
+_PAGE_SIZE = 16384  # SQLite page of a new index: a 4 KiB page holds one ~2.2 KB passage row, a 16 KiB one seven
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -159,6 +163,7 @@ class IndexStore:
         self.db = db
         self._faiss: faiss.Index | None = None
         self.faiss_is_stale = False
+        self.faiss_is_mapped = False  # memory-mapped from the file: read-only, a change rebuilds it
         self.has_lexical_index = _has_table(db, LEXICAL_TABLE)
         self.has_context_states = _has_table(db, STATES_TABLE)  # the table: an older index has none
 
@@ -197,8 +202,7 @@ class IndexStore:
         store._load_faiss(required=False)
         if store._faiss is None and store.count() == 0:
             # Untrained factories (IVF, PQ) are built and trained at the end, from a sample of the data.
-            store._faiss = faiss.index_factory(manifest.dimension, f"IDMap2,{manifest.faiss_factory}",
-                                               faiss.METRIC_INNER_PRODUCT)
+            store._faiss = new_faiss_index(manifest.dimension, manifest.faiss_factory)
         return store
 
     @classmethod
@@ -214,23 +218,22 @@ class IndexStore:
         return store
 
     def _load_faiss(self, *, required: bool) -> None:
-        """Load the FAISS file. Reading (`required`), a missing, corrupt or stale file (an interrupted `index`
-        run) is replaced by one rebuilt in memory from the committed embeddings, so every committed passage is
-        searchable; nothing is written, and `faiss_is_stale` tells the caller to say so."""
+        """Load the FAISS file. Reading (`required`), it is memory-mapped where faiss can (its vectors stay in the
+        page cache, shared by every process that searches the index, and paged in from disk on demand), and a
+        missing, corrupt or stale file (an interrupted `index` run) is replaced by one rebuilt in memory from the
+        committed embeddings, so every committed passage is searchable; nothing is written, and `faiss_is_stale`
+        tells the caller to say so. Writing, it is read into memory, since it will change."""
         path = self.folder / FAISS_FILE
         self.faiss_is_stale = self._meta("faiss_version") != self._meta("content_version")
         index = None
         if path.exists():
-            try:
-                index = faiss.read_index(str(path))
-            except RuntimeError:
-                pass  # corrupt or truncated: handled as missing
+            index, self.faiss_is_mapped = read_faiss(path, mapped=required)
         if index is None:
             self.faiss_is_stale = self.count() > 0
         elif index.d != self.manifest.dimension:
             raise CepeRagError(f"{path} holds {index.d}-d vectors, the manifest says {self.manifest.dimension}")
         if required and self.faiss_is_stale:
-            index = self._build_faiss()
+            index, self.faiss_is_mapped = self._build_faiss(), False
         if index is None:
             return
         _set_search_defaults(index)
@@ -251,17 +254,20 @@ class IndexStore:
             raise CepeRagError(f"the index at {self.folder} is empty: add documents with `cepe-rag index`")
         k = max(1, min(k, self._faiss.ntotal))
         queries = np.ascontiguousarray(query_embeddings, dtype=np.float32)
+        compressed = _compressed(self._faiss)
+        candidates = min(k * _RERANK, self._faiss.ntotal) if compressed else k
         if allowed is None:
-            scores, ids = self._faiss.search(queries, k)
+            scores, ids = self._faiss.search(queries, candidates)
         elif len(allowed) == 0:
             return [[] for _ in queries]
         else:
             try:  # exact filtering inside FAISS (Flat, IVF, HNSW on the CPU)
-                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64)))
-                scores, ids = self._faiss.search(queries, k, params=params)
+                scores, ids = self._faiss.search(queries, candidates, params=_selecting(self._faiss, allowed))
             except (RuntimeError, TypeError):
                 raise CepeRagError("this FAISS index cannot filter passages (a GPU index?); search without "
                                    "filters or on the CPU") from None
+        if compressed:
+            scores, ids = self._rescore(queries, ids, k)
         found = self.passages([int(i) for i in ids.ravel() if i >= 0])
         results = []
         for row_scores, row_ids in zip(scores, ids):
@@ -269,6 +275,22 @@ class IndexStore:
             results.append([replace(found[int(i)], score=float(s))
                             for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) in found])
         return results
+
+    def _rescore(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of a compressed index's candidates by exact inner product on their stored embeddings (the
+        codes' approximate scores misorder close passages); one SQLite read for all queries' candidates."""
+        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+        stored = dict(zip(wanted, self.embeddings(wanted))) if wanted else {}
+        scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
+        best = np.full((len(ids), k), -1, dtype=np.int64)
+        for row, (query, row_ids) in enumerate(zip(queries, ids)):
+            row_ids = np.array([i for i in row_ids if i >= 0 and int(i) in stored], dtype=np.int64)
+            if len(row_ids) == 0:
+                continue
+            exact = np.stack([stored[int(i)] for i in row_ids]) @ query
+            order = np.argsort(-exact, kind="stable")[:k]
+            scores[row, :len(order)], best[row, :len(order)] = exact[order], row_ids[order]
+        return scores, best
 
     def lexical_search(self, queries: list[str], k: int, allowed: np.ndarray | None = None) -> list[list[Passage]]:
         """BM25 top-k passages for each query (FTS5, porter stemming), best first; score = BM25 (higher is better)."""
@@ -472,10 +494,9 @@ class IndexStore:
 
     def _faiss_update(self, was_stale: bool, removed: list[int], ids: np.ndarray, embeddings: np.ndarray) -> None:
         """Apply a committed change to the in-memory FAISS index; if it cannot be, rebuild it at the end."""
-        if was_stale or self._faiss is None or not self._faiss.is_trained:
+        if was_stale or self._faiss is None or not self._faiss.is_trained or self.faiss_is_mapped:
             return
-        # IDMap2 removal shifts inner ids, which is only right for a Flat inner index; others rebuild.
-        if removed and not isinstance(faiss.downcast_index(self._faiss.index), faiss.IndexFlat):
+        if removed and not _removes_in_place(self._faiss):
             return
         try:
             if removed:
@@ -500,19 +521,20 @@ class IndexStore:
         content_version = self._meta("content_version")
         if not rebuilt and (self.folder / FAISS_FILE).exists() and self._meta("faiss_version") == content_version:
             return
-        data = faiss.serialize_index(self._faiss)
-        atomic_write(self.folder / FAISS_FILE, data.tobytes())
+        # Streamed to a temporary file, synced and renamed: no second copy of the index in memory, and a
+        # process that has the old file memory-mapped keeps reading it until it reopens the index.
+        index = self._faiss
+        atomic_write_with(self.folder / FAISS_FILE, lambda tmp: faiss.write_index(index, tmp))
         with self.db:
             self._set_meta("faiss_version", content_version)
 
     def _build_faiss(self, progress=None) -> faiss.Index:
-        index = faiss.index_factory(
-            self.manifest.dimension, f"IDMap2,{self.manifest.faiss_factory}", faiss.METRIC_INNER_PRODUCT
-        )
+        """A new FAISS index from the stored embeddings, streamed from SQLite in batches: besides the index
+        itself, only one batch (and, for an untrained factory, its training sample) is in memory."""
+        index = new_faiss_index(self.manifest.dimension, self.manifest.faiss_factory)
         total = self.count()
         if not index.is_trained:
-            sample = np.concatenate([e for _, e in self._iter_embeddings(_TRAINING_SAMPLE, sample=True)] or
-                                    [np.empty((0, self.manifest.dimension), np.float32)])
+            sample = self.training_sample(training_size(index, total))
             try:
                 index.train(sample)
             except RuntimeError as error:
@@ -520,17 +542,38 @@ class IndexStore:
                     f"cannot train faiss index {self.manifest.faiss_factory!r} on {len(sample)} passages "
                     f"({str(error).splitlines()[-1]}): use a smaller factory or more data"
                 ) from None
+            del sample
         _set_search_defaults(index)
-        for ids, embeddings in self._iter_embeddings(8192):
+        for ids, embeddings in self._iter_embeddings(_BUILD_BATCH):
             index.add_with_ids(embeddings, ids)
             if progress:
                 progress(len(ids), total)
         return index
 
-    def _iter_embeddings(self, batch: int, *, sample: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        query = "SELECT id, embedding FROM passages"
-        query += f" ORDER BY RANDOM() LIMIT {batch}" if sample else " ORDER BY id"
-        cursor = self.db.execute(query)
+    def training_sample(self, size: int, seed: int = 0) -> np.ndarray:
+        """`size` stored embeddings drawn uniformly (the same ones for the same index and seed), read by id so that
+        only the sampled rows are touched; every embedding when the index holds no more."""
+        if size >= self.count():
+            return _stack([e for _, e in self._iter_embeddings(_BUILD_BATCH)], self.manifest.dimension)
+        low, high = self.db.execute("SELECT MIN(id), MAX(id) FROM passages").fetchone()
+        rng = np.random.default_rng(seed)
+        chosen: list[np.ndarray] = []
+        found, tried = 0, np.zeros(0, dtype=np.int64)
+        while found < size:  # ids have holes where documents were replaced: draw more until enough exist
+            span = high - low + 1
+            draw = min(span, int((size - found) * span / max(self.count(), 1) * 1.1) + 16)
+            ids = np.setdiff1d(rng.choice(span, size=draw, replace=False) + low, tried, assume_unique=True)
+            if len(ids) == 0:
+                break
+            tried = np.union1d(tried, ids)
+            rows = list(self._rows_by_id("SELECT id, embedding FROM passages", ids.tolist()))[:size - found]
+            if rows:
+                chosen.append(np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1))
+                found += len(rows)
+        return _stack(chosen, self.manifest.dimension)
+
+    def _iter_embeddings(self, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        cursor = self.db.execute("SELECT id, embedding FROM passages ORDER BY id")
         while rows := cursor.fetchmany(batch):
             ids = np.array([r[0] for r in rows], dtype=np.int64)
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
@@ -555,7 +598,10 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
         raise CepeRagError(f"{path} is missing: the index folder is incomplete")
     try:
         # Shared across threads for reads (async LangChain calls run in an executor); writes stay on one thread.
+        new = create and not path.exists()
         db = sqlite3.connect(path, check_same_thread=False)
+        if new:  # only an empty database takes a page size, and only before it is in WAL mode
+            db.execute(f"PRAGMA page_size={_PAGE_SIZE}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA foreign_keys=ON")
         if create:
@@ -614,13 +660,92 @@ def lexical_query(text: str) -> str:
     return " OR ".join(f'"{word}"' for word in query_words(text))
 
 
+def new_faiss_index(dimension: int, factory: str) -> faiss.Index:
+    """An empty index for this factory whose ids are passage ids. IVF indexes store ids in their inverted lists
+    and remove them in place, so they are used bare; the others are wrapped in an IndexIDMap2, whose id table
+    (~50 bytes a vector) an IVF-PQ index of 64-byte codes would otherwise more than double."""
+    index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
+    if _ivf(index) is None:
+        index = faiss.index_factory(dimension, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    inner = _innermost(index)
+    if hasattr(inner, "do_polysemous_training"):
+        # The factory turns on polysemous training for PQ codes: minutes of simulated annealing, for a Hamming
+        # filter that this store never uses (measured: 184 s of a 221 s IVF64,PQ32 training on 5k vectors).
+        inner.do_polysemous_training = False
+    return index
+
+
+def training_size(index: faiss.Index, total: int) -> int:
+    """How many stored embeddings an untrained index learns from: at least 100k, and 40 per IVF list."""
+    ivf = _ivf(index)
+    return min(total, max(_TRAINING_SAMPLE, _TRAINING_PER_LIST * ivf.nlist if ivf is not None else 0))
+
+
+def read_faiss(path: Path, *, mapped: bool) -> tuple[faiss.Index | None, bool]:
+    """(the index, whether it was read with a memory-mapping flag); (None, False) for a corrupt or truncated file.
+    `mapped` asks for a memory-mapping where this faiss can make one, falling back to reading it into memory. In
+    faiss 1.15 IO_FLAG_MMAP_IFC maps Flat, PQ and SQ codes, HNSW storage and IVF lists alike (measured: a 294 MiB
+    Flat or IVF-Flat file opens with 12 MiB resident); IO_FLAG_MMAP maps IVF lists only. A version that accepts a
+    flag without mapping still returns a correct index, then flagged as mapped, which only makes it read-only."""
+    flags = [getattr(faiss, name) for name in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP") if mapped and hasattr(faiss, name)]
+    for flag in [*flags, 0]:
+        try:
+            return faiss.read_index(str(path), flag), flag != 0
+        except RuntimeError:
+            continue  # this index type cannot be mapped that way (or the file is corrupt: the last try says)
+    return None, False
+
+
+def _innermost(index: faiss.Index) -> faiss.Index:
+    """The index under its id map and transforms (an HNSW index's storage), downcast to its real type."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+        index = faiss.downcast_index(index.index)
+    if isinstance(index, faiss.IndexHNSW):
+        index = faiss.downcast_index(index.storage)
+    return index
+
+
+def _compressed(index: faiss.Index) -> bool:
+    """Whether the index scores with lossy codes (PQ, SQ, ...) rather than the full vectors."""
+    return not isinstance(_innermost(index), (faiss.IndexFlat, faiss.IndexIVFFlat))
+
+
+def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _removes_in_place(index: faiss.Index) -> bool:
+    """Whether `remove_ids` keeps the other passages' ids right: an IVF index (ids in its lists), or an IDMap2
+    over a Flat one (IDMap2 removal shifts inner ids, which only a Flat index follows); others are rebuilt."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap2):  # (an index written before IVF indexes were used bare is one too)
+        return isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
+    return _ivf(index) is not None
+
+
+def _selecting(index: faiss.Index, allowed: np.ndarray) -> faiss.SearchParameters:
+    """Search parameters restricting a search to these ids. An IVF index takes only IVF parameters, which carry
+    their own nprobe: the index's is passed on, or the search would probe one list."""
+    selector = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
+    ivf = _ivf(index)
+    if ivf is None:
+        return faiss.SearchParameters(sel=selector)
+    return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+
+
+def _stack(parts: list[np.ndarray], dimension: int) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty((0, dimension), np.float32)
+
+
 def _set_search_defaults(index: faiss.Index) -> None:
     """faiss probes one IVF list by default, which misses too much; probe up to 32."""
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return
-    ivf.nprobe = min(ivf.nlist, 32)
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(ivf.nlist, 32)
 
 
 def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:

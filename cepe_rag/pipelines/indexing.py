@@ -16,7 +16,8 @@ from cepe_rag.documents.globs import PathFilter
 from cepe_rag.documents.loading import DEFAULT_MAX_DOCUMENT_MB, relative_path
 from cepe_rag.documents.splitting import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS
 from cepe_rag.indexes import IndexStore, Manifest, QdrantStore, StoredPassage, create_or_open_store, writer_lock
-from cepe_rag.indexes.layout import QdrantLocation
+from cepe_rag.indexes.layout import MANIFEST_FILE, QdrantLocation
+from cepe_rag.indexes.sizing import check_fits
 from cepe_rag.indexes.store import check_factory_syntax
 from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.settings import DEFAULT_EMBEDDER
@@ -128,6 +129,7 @@ def build_index(
     qdrant: QdrantLocation | None = None,
     hooks: ProgressHooks | None = None,
     engine: IndexingEngine | None = None,
+    check_size: bool = True,
 ) -> IndexingSummary:
     """Add new and changed documents of `sources` to the index and drop the deleted ones.
 
@@ -149,6 +151,9 @@ def build_index(
 
     With `qdrant` (or into a folder that already is a Qdrant index) the passages are written to a Qdrant
     collection (indexes/qdrant.py) instead of the folder's SQLite + FAISS.
+
+    With `check_size`, a run whose estimated RAM or disk (`indexes.sizing`, from the files' sizes) exceeds what
+    this machine has stops with a one-line error before anything is embedded.
     """
     started = time.perf_counter()
     hooks = hooks or ProgressHooks()
@@ -164,6 +169,12 @@ def build_index(
         embedder = embedder or load_embedder(embedder_name)
         manifest = Manifest(embedder=embedder_name, dimension=embedder.get_embedding_dimension(),
                             faiss_factory=faiss_factory, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)
+        if check_size:
+            existing = Manifest.read(Path(index_dir)) if (Path(index_dir) / MANIFEST_FILE).exists() else manifest
+            check_fits(roots, index_dir, factory=existing.faiss_factory, dimension=manifest.dimension,
+                       chunk_tokens=existing.chunk_tokens, overlap_tokens=existing.overlap_tokens,
+                       context_states=state_encoder is not None,
+                       existing_bytes=sum(f.stat().st_size for f in Path(index_dir).iterdir() if f.is_file()))
         store = create_or_open_store(index_dir, manifest, qdrant)
         if state_encoder is not None and store.backend != "faiss":
             store.close()

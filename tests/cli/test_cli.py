@@ -130,6 +130,16 @@ def test_a_documents_folder_given_as_index_gets_the_right_advice(tmp_path):
                                   f"index them first: `cepe-rag index {tmp_path} --index indexes/NAME`")
 
 
+def test_a_corpus_that_will_not_fit_is_refused_in_one_line(tmp_path):
+    (tmp_path / "docs").mkdir()
+    with (tmp_path / "docs" / "huge.txt").open("wb") as handle:
+        handle.truncate(200 * 2**30)  # sparse: 200 GiB to the estimate, no disk used
+    result = run_cli("index", tmp_path / "docs", "--index", tmp_path / "idx")
+    assert_one_line_error(result, "this run needs ~")
+    assert "passages from 200.0 GiB of files" in result.stderr and "--force" in result.stderr
+    assert not (tmp_path / "idx" / "manifest.json").exists()
+
+
 def test_invalid_faiss_factory_is_refused_before_embedding(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("text")
