@@ -265,6 +265,10 @@ def test_stored_context_states_answer_as_encoding_on_the_fly(tmp_path):
     assert answers["stored"] == answers["plain"]
     assert_one_line_error(run_cli("index", docs, "--index", tmp_path / "x", "--cepe-model", "/tmp/nope-not-here"),
                           "--cepe-model is for --context-states")
+    assert_one_line_error(run_cli("index", docs, "--index", tmp_path / "x", "--states-format", "int8"),
+                          "--states-format is for --context-states")
+    assert_one_line_error(run_cli("index", docs, "--index", tmp_path / "x", "--context-states", "--states-format",
+                                  "int4"), "--states-format")
 
 
 def test_eval_command_writes_a_summary(kubrick_index, tmp_path):
