@@ -146,6 +146,18 @@ def load_decoder(name: str = DEFAULT_DECODER, *, device: str = "cpu", dtype=None
     return model, tokenizer
 
 
+def embedding_dimension(name: str = DEFAULT_EMBEDDER) -> int | None:
+    """The width of an embedder's vectors read from its folder, without loading it; None when the folder cannot
+    tell (a hub id not downloaded, or a layout with a projection after the transformer)."""
+    folder = Path(embedder_path(name))
+    try:
+        if any("Dense" in module["type"] for module in json.loads((folder / "modules.json").read_text())):
+            return None
+        return int(json.loads((folder / "config.json").read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_embedder(name: str = DEFAULT_EMBEDDER, *, device: str = "cpu"):
     from sentence_transformers import SentenceTransformer
 

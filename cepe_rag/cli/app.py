@@ -19,7 +19,13 @@ from rich.table import Table
 
 from cepe_rag.cli.docs import docs_app
 from cepe_rag.indexes.layout import STORES, QdrantLocation, check_index_folder, check_store_options, stored_in
-from cepe_rag.models import check_model_reference, cpu_has_fast_bfloat16, default_device, resolve_dtype
+from cepe_rag.models import (
+    check_model_reference,
+    cpu_has_fast_bfloat16,
+    default_device,
+    embedding_dimension,
+    resolve_dtype,
+)
 from cepe_rag.settings import (
     APE_SCALE,
     APE_TEMPERATURE,
@@ -201,7 +207,9 @@ def index(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from cepe_rag.documents.loading import demo_corpus_path
-    from cepe_rag.pipelines.indexing import ProgressHooks, build_index, copy_index
+    from cepe_rag.indexes import Manifest
+    from cepe_rag.indexes.store import check_factory_syntax
+    from cepe_rag.pipelines.indexing import ProgressHooks, build_index, check_run_fits, copy_index
 
     _quiet_libraries()
     all_sources = list(sources or []) + ([demo_corpus_path()] if demo else [])
@@ -211,8 +219,19 @@ def index(
         check_index_folder(from_index)
     elif not all_sources:
         raise CepeRagError("give at least one SOURCE folder or file (or --demo)")
+    for missing in (source for source in all_sources if not Path(source).exists()):
+        raise CepeRagError(f"source not found: {Path(missing).absolute()}")
     if (qdrant is not None or stored_in(index_dir) == "qdrant") and (faiss_factory != "Flat" or context_states):
         raise CepeRagError("--faiss and --context-states are for FAISS index folders, not --store qdrant")
+    check_factory_syntax(faiss_factory)
+    check_size = not force and from_index is None
+    if check_size and (dimension := embedding_dimension(embedder)) is not None:
+        # Before any model loads or Ray starts: a run that cannot fit stops in a second, not after the loading.
+        check_run_fits(all_sources, index_dir, Manifest(embedder=embedder, dimension=dimension,
+                                                        faiss_factory=faiss_factory, chunk_tokens=chunk_tokens,
+                                                        overlap_tokens=overlap_tokens),
+                       context_states=context_states)
+        check_size = False
     check_choice(engine, INDEXING_ENGINES, "engine")
     ray_options = {"--ray-address": ray_address, "--ray-workers": ray_workers, "--ray-batch-size": ray_batch_size}
     if engine != "ray" and (given := [name for name, value in ray_options.items() if value is not None]):
@@ -269,7 +288,7 @@ def index(
                                   chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens,
                                   batch_passages=batch_passages, max_document_mb=max_document_mb,
                                   include=include or [], exclude=exclude or [], state_encoder=state_encoder,
-                                  qdrant=qdrant, hooks=Hooks(), engine=indexing_engine, check_size=not force)
+                                  qdrant=qdrant, hooks=Hooks(), engine=indexing_engine, check_size=check_size)
     for warning in summary.skipped[:20]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if len(summary.skipped) > 20:

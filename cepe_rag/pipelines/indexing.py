@@ -170,11 +170,7 @@ def build_index(
         manifest = Manifest(embedder=embedder_name, dimension=embedder.get_embedding_dimension(),
                             faiss_factory=faiss_factory, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)
         if check_size:
-            existing = Manifest.read(Path(index_dir)) if (Path(index_dir) / MANIFEST_FILE).exists() else manifest
-            check_fits(roots, index_dir, factory=existing.faiss_factory, dimension=manifest.dimension,
-                       chunk_tokens=existing.chunk_tokens, overlap_tokens=existing.overlap_tokens,
-                       context_states=state_encoder is not None,
-                       existing_bytes=sum(f.stat().st_size for f in Path(index_dir).iterdir() if f.is_file()))
+            check_run_fits(roots, index_dir, manifest, context_states=state_encoder is not None)
         store = create_or_open_store(index_dir, manifest, qdrant)
         if state_encoder is not None and store.backend != "faiss":
             store.close()
@@ -250,6 +246,18 @@ def build_index(
             raise CepeRagError(f"no readable documents in {', '.join(map(str, sources))}"
                                + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
         return summary
+
+
+def check_run_fits(sources: list[str | Path], index_dir: str | Path, manifest: Manifest, *,
+                   context_states: bool) -> None:
+    """Stop with one line when indexing `sources` into `index_dir` would need more RAM or disk than this machine has
+    (`indexes.sizing`); an existing index's own settings and bytes count."""
+    folder = Path(index_dir)
+    existing = Manifest.read(folder) if (folder / MANIFEST_FILE).exists() else manifest
+    check_fits([os.path.abspath(s) for s in sources], folder, factory=existing.faiss_factory,
+               dimension=manifest.dimension, chunk_tokens=existing.chunk_tokens,
+               overlap_tokens=existing.overlap_tokens, context_states=context_states,
+               existing_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0)
 
 
 def _filtered_out(source: str, roots: list[str], path_filter: PathFilter) -> bool:

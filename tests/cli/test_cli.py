@@ -137,7 +137,8 @@ def test_a_corpus_that_will_not_fit_is_refused_in_one_line(tmp_path):
     result = run_cli("index", tmp_path / "docs", "--index", tmp_path / "idx")
     assert_one_line_error(result, "this run needs ~")
     assert "passages from 200.0 GiB of files" in result.stderr and "--force" in result.stderr
-    assert not (tmp_path / "idx" / "manifest.json").exists()
+    assert not (tmp_path / "idx").exists()  # refused before the writer's lock (and any model): nothing created
+    assert_one_line_error(run_cli("index", tmp_path / "nope", "--index", tmp_path / "idx"), "source not found")
 
 
 def test_invalid_faiss_factory_is_refused_before_embedding(tmp_path):
