@@ -209,7 +209,7 @@ def index(
     from cepe_rag.documents.loading import demo_corpus_path
     from cepe_rag.indexes import Manifest
     from cepe_rag.indexes.store import check_factory_syntax
-    from cepe_rag.pipelines.indexing import ProgressHooks, build_index, check_run_fits, copy_index
+    from cepe_rag.pipelines.indexing import ProgressHooks, build_index, check_run_fits, copy_index, source_roots
 
     _quiet_libraries()
     all_sources = list(sources or []) + ([demo_corpus_path()] if demo else [])
@@ -219,8 +219,8 @@ def index(
         check_index_folder(from_index)
     elif not all_sources:
         raise CepeRagError("give at least one SOURCE folder or file (or --demo)")
-    for missing in (source for source in all_sources if not Path(source).exists()):
-        raise CepeRagError(f"source not found: {Path(missing).absolute()}")
+    else:
+        source_roots(all_sources)  # a missing source stops here, before anything loads
     if (qdrant is not None or stored_in(index_dir) == "qdrant") and (faiss_factory != "Flat" or context_states):
         raise CepeRagError("--faiss and --context-states are for FAISS index folders, not --store qdrant")
     check_factory_syntax(faiss_factory)

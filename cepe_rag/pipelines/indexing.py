@@ -157,12 +157,7 @@ def build_index(
     """
     started = time.perf_counter()
     hooks = hooks or ProgressHooks()
-    if not sources:
-        raise CepeRagError("no sources given")
-    roots = [os.path.abspath(s) for s in sources]
-    for root in roots:
-        if not os.path.exists(root):
-            raise CepeRagError(f"source not found: {root}")
+    roots = source_roots(sources)
     check_factory_syntax(faiss_factory)
     path_filter = PathFilter(include, exclude)  # a bad pattern stops here, before the embedder loads
     with writer_lock(index_dir):  # one writer per folder: a second run stops instead of redoing the work
@@ -248,13 +243,24 @@ def build_index(
         return summary
 
 
+def source_roots(sources: Sequence[str | Path]) -> list[str]:
+    """The sources as absolute paths; a one-line error when there are none or one does not exist."""
+    if not sources:
+        raise CepeRagError("no sources given")
+    roots = [os.path.abspath(s) for s in sources]
+    for root in roots:
+        if not os.path.exists(root):
+            raise CepeRagError(f"source not found: {root}")
+    return roots
+
+
 def check_run_fits(sources: list[str | Path], index_dir: str | Path, manifest: Manifest, *,
                    context_states: bool) -> None:
     """Stop with one line when indexing `sources` into `index_dir` would need more RAM or disk than this machine has
     (`indexes.sizing`); an existing index's own settings and bytes count."""
     folder = Path(index_dir)
     existing = Manifest.read(folder) if (folder / MANIFEST_FILE).exists() else manifest
-    check_fits([os.path.abspath(s) for s in sources], folder, factory=existing.faiss_factory,
+    check_fits(source_roots(sources), folder, factory=existing.faiss_factory,
                dimension=manifest.dimension, chunk_tokens=existing.chunk_tokens,
                overlap_tokens=existing.overlap_tokens, context_states=context_states,
                existing_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0)

@@ -68,6 +68,9 @@ class DecodeBatch:
     `cache` (a shared context prefilled by a reader); positions of the prompt continue after them.
     """
 
+    # Per-row state kept as lists, one entry per row: `keep` and `join` carry them with their rows.
+    ROW_LISTS = ("limits", "generated", "emitted", "done", "steps", "out_of_tokens")
+
     def __init__(self, model, prompts: list[list[int]], tokenizer, config: GenerationConfig, *, device, cache=None,
                  position_offsets: torch.Tensor | None = None, past_mask: torch.Tensor | None = None,
                  limits: list[int] | None = None, **forward_kwargs):
@@ -132,7 +135,7 @@ class DecodeBatch:
         self.cache.batch_select_indices(index)
         self.ids, self.positions, self.mask = self.ids[index], self.positions[index], self.mask[index]
         self.forward_kwargs = {name: value.select_rows(index) for name, value in self.forward_kwargs.items()}
-        for name in ("limits", "generated", "emitted", "done", "steps", "out_of_tokens"):
+        for name in self.ROW_LISTS:
             setattr(self, name, [getattr(self, name)[row] for row in rows])
 
     @torch.inference_mode()
@@ -151,7 +154,7 @@ class DecodeBatch:
         self.positions = torch.cat([self.positions, other.positions])
         self.forward_kwargs = {name: value.join(other.forward_kwargs[name], pad_self, pad_other)
                                for name, value in self.forward_kwargs.items()}
-        for name in ("limits", "generated", "emitted", "done", "steps", "out_of_tokens"):
+        for name in self.ROW_LISTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def stream(self) -> Iterator[StepDeltas]:
