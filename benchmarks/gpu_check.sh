@@ -24,7 +24,7 @@ fi
 timeout 120 "$PY" -m pytest -q tests/cepe/test_cuda.py tests/cepe/test_modeling.py 2>&1 | tail -20 | tee "$OUT/cuda_tests.txt"
 for layers in 8 32; do
   timeout 150 "$PY" -m cepe_rag bench --model 7b --device cuda --dtype bfloat16 --cross-layers "$layers" \
-      --methods concat,cepe-precomputed,cepe-recompute --k 0,10,50,100 --out "$OUT/bench_7b_${layers}layers" \
+      --methods concat,cepe-precomputed,cepe-absorbed --k 0,10,50,100 --out "$OUT/bench_7b_${layers}layers" \
       2>&1 | tee "$OUT/bench_7b_${layers}layers.txt"
 done
 echo "finished $(date -u +%FT%TZ)" | tee -a "$OUT/environment.txt"

@@ -7,9 +7,10 @@ ids (speed does not depend on their content), 128 tokens each; cross-attention w
 Methods:
   cepe              encoder states computed on the fly, cross-attention K/V computed once
   cepe-precomputed  encoder states given (as an index would store them), K/V computed once
-  cepe-recompute    encoder states given, K/V re-projected at every step (the reference code)
+  cepe-absorbed     encoder states given, K/V never formed: attention reads the states through the projections
   cepe-stored       encoder states read from a real index on disk (`--index`, built with --context-states) inside
                     the timed request, K/V computed once
+  cepe-stored-absorbed  as cepe-stored, K/V never formed (the reader's choice beyond --cross-kv-budget-mb)
   (concat at k=0 is the plain decoder with no context: the baseline for decode speed)
   parallel          training-free parallel encoding with the decoder (batched passage prefill)
   concat            everything in the prompt (one causal prefill)
@@ -17,6 +18,7 @@ Methods:
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -53,12 +55,25 @@ class BenchConfig:
 
 
 def _rss_mib() -> float:
+    """The resident set now, after handing freed heap pages back (so that the base is what is live) and restarting
+    the kernel's high-water mark from here (so that loading a model, e.g. float32 weights cast to bfloat16, does not
+    count as the request's peak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass  # not glibc, or not Linux: the peak then counts from the process start
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_models(config: BenchConfig):
@@ -127,7 +142,7 @@ def run_one(config: BenchConfig) -> dict:
 
     precomputed = None
     stored = None
-    if config.method == "cepe-stored":  # opened once per process, as a server would; read per request below
+    if config.method.startswith("cepe-stored"):  # opened once per process, as a server would; read per request below
         from cepe_rag.indexes import IndexStore
 
         store = IndexStore.open(config.index)
@@ -137,7 +152,7 @@ def run_one(config: BenchConfig) -> dict:
         gc.collect()
         if not on_gpu:  # the open index (FAISS, SQLite pages) is the retriever's memory, held by every reader alike
             base = _rss_mib()
-    if config.method in ("cepe-precomputed", "cepe-recompute"):
+    if config.method in ("cepe-precomputed", "cepe-absorbed"):
         with torch.inference_mode():  # done at index time, outside the timed request
             precomputed = [list(model.encode_token_chunks(encoder_passages.tolist()))]
         gc.collect()
@@ -150,14 +165,15 @@ def run_one(config: BenchConfig) -> dict:
     with torch.inference_mode():
         sync()
         started = time.perf_counter()
-        if config.method == "cepe-stored":
+        if config.method.startswith("cepe-stored"):
             store, chosen, hidden = stored
             found = store.context_states(chosen, hidden)
             states = [[torch.from_numpy(found[i].copy()).to(device) for i in chosen]]
         elif config.method.startswith("cepe"):
             states = precomputed or [list(model.encode_token_chunks(encoder_passages.tolist()))]
         if config.method.startswith("cepe"):
-            extra["cross_context"] = model.context_from_states(states, cache_kv=config.method != "cepe-recompute")
+            extra["cross_context"] = model.context_from_states(
+                states, cross_kv="absorb" if config.method.endswith("absorbed") else "cache")
             ids, positions = question, torch.arange(QUESTION_TOKENS, device=device)[None]
         elif config.method == "parallel":
             reader = ParallelReader(model.decoder, _NoTokenizer())
@@ -179,6 +195,12 @@ def run_one(config: BenchConfig) -> dict:
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync()
         ttft = time.perf_counter() - started
+        # The no-context decoder steps in turn with this method's, in this process: a ratio of the two is immune to
+        # the machine's speed drifting between the subprocesses (it does, by 20-40% on a shared machine).
+        plain_cache = DynamicCache(config=model.config)
+        plain_out = model(input_ids=question, cache=plain_cache, use_cache=True, logits_to_keep=1)
+        plain_token, plain_position = plain_out.logits[:, -1].argmax(-1, keepdim=True), QUESTION_TOKENS
+        plain_times: list[float] = []
         position = int(positions[0, -1]) + 1
         for _ in range(config.answer_tokens - 1):
             step_started = time.perf_counter()
@@ -188,12 +210,20 @@ def run_one(config: BenchConfig) -> dict:
             sync()
             step_times.append(time.perf_counter() - step_started)
             position += 1
+            step_started = time.perf_counter()
+            plain_out = model(input_ids=plain_token, position_ids=torch.tensor([[plain_position]], device=device),
+                              cache=plain_cache, use_cache=True, logits_to_keep=1)
+            plain_token = plain_out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            plain_times.append(time.perf_counter() - step_started)
+            plain_position += 1
     total_s = ttft + sum(step_times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else _peak_rss_mib()
     context_tokens = sum(len(s) for s in states[0]) if stored else config.k * PASSAGE_TOKENS
     return {
         **asdict(config), "context_tokens": context_tokens, "ttft_s": ttft,
         "decode_ms": 1000 * statistics.median(step_times) if step_times else None,
+        "no_context_decode_ms": 1000 * statistics.median(plain_times) if plain_times else None,
         "tokens_per_s": config.answer_tokens / total_s, "memory_above_weights_mib": max(0.0, peak - base),
     }
 
@@ -234,7 +264,7 @@ def run_all(methods: list[str], ks: list[int], *, model: str = "default", device
                 continue
             if k == 0 and method != "concat":
                 continue  # no context: the plain decoder, measured once (as concat)
-            if method == "cepe-stored" and not index:
+            if method.startswith("cepe-stored") and not index:
                 rows.append({"method": method, "k": k, "context_tokens": None, "skipped": "no --index given"})
                 continue
             config = BenchConfig(method, k, answer_tokens, model, device, dtype, cross_layers, index)
@@ -255,13 +285,13 @@ def run_all(methods: list[str], ks: list[int], *, model: str = "default", device
 
 
 def ratios(rows: list[dict]) -> dict:
-    """Same-run ratios: concat over cepe-precomputed and cepe-stored (TTFT, memory) at every k where both ran, and
-    each CEPE row's decode ms/token over the no-context decoder's (concat at k=0)."""
+    """Same-run ratios: concat over each stored-states CEPE row (TTFT, memory) at every k where both ran, and
+    each CEPE row's decode ms/token over the no-context decoder's, timed in turn with it in the same process."""
     by_key = {(r["method"], r["k"]): r for r in rows if "ttft_s" in r}
     out = {}
     plain = by_key.get(("concat", 0))
     for (method, k), row in by_key.items():
-        for stored_as in ("cepe-precomputed", "cepe-stored"):
+        for stored_as in ("cepe-precomputed", "cepe-absorbed", "cepe-stored", "cepe-stored-absorbed"):
             cepe = by_key.get((stored_as, k))
             if method != "concat" or not cepe:
                 continue
@@ -270,26 +300,33 @@ def ratios(rows: list[dict]) -> dict:
             if cepe["memory_above_weights_mib"] > 0:
                 out[f"k{k}_concat_over_{name}_memory"] = round(
                     row["memory_above_weights_mib"] / cepe["memory_above_weights_mib"], 2)
-        if method.startswith("cepe") and plain and plain["decode_ms"] and row["decode_ms"]:
+        if method.startswith("cepe") and row["decode_ms"] and (row.get("no_context_decode_ms") or plain):
             name = method.replace("-", "_")
-            out[f"k{k}_{name}_decode_over_no_context"] = round(row["decode_ms"] / plain["decode_ms"], 2)
+            baseline = row.get("no_context_decode_ms") or plain["decode_ms"]
+            out[f"k{k}_{name}_decode_over_no_context"] = round(row["decode_ms"] / baseline, 2)
         cepe = by_key.get(("cepe-precomputed", k))
-        if method == "cepe-recompute" and cepe:
-            out[f"k{k}_recompute_over_cached_decode"] = round(row["decode_ms"] / cepe["decode_ms"], 2)
+        if method == "cepe-absorbed" and cepe:
+            out[f"k{k}_absorbed_over_cached_decode"] = round(row["decode_ms"] / cepe["decode_ms"], 2)
     return out
 
 
 def _format_row(row: dict) -> str:
     if "ttft_s" not in row:
         reason = row.get("skipped") or row.get("failed")
-        return f"| {row['method']} | {row['k']} | {row['context_tokens']} | {reason} | | | |"
-    decode = f"{row['decode_ms']:.1f}" if row["decode_ms"] is not None else "–"
-    return (f"| {row['method']} | {row['k']} | {row['context_tokens']} | {row['ttft_s']:.2f} | {decode} | "
-            f"{row['tokens_per_s']:.2f} | {row['memory_above_weights_mib']:.0f} |")
+        return f"| {row['method']} | {row['k']} | {row['context_tokens']} | {reason} | | | | |"
+
+    def ms(value):
+        return f"{value:.1f}" if value is not None else "–"
+
+    return (f"| {row['method']} | {row['k']} | {row['context_tokens']} | {row['ttft_s']:.2f} | "
+            f"{ms(row['decode_ms'])} | {ms(row.get('no_context_decode_ms'))} | {row['tokens_per_s']:.2f} | "
+            f"{row['memory_above_weights_mib']:.0f} |")
 
 
 TABLE_HEADER = ("| method | k | context tokens | time to first token (s) | decode ms/token "
-                "| tokens/s (32-token answer) | memory above weights (MiB) |\n|---|---|---|---|---|---|---|")
+                "| no-context decode ms/token (same process, in turn) | tokens/s (32-token answer) "
+                "| memory above weights (MiB) |\n"
+                "|---|---|---|---|---|---|---|---|")
 
 
 def write_reports(result: dict, out_dir) -> None:

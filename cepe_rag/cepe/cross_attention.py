@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CEPE_ARCHITECTURE = "LlamaForCausalContextLM"
+CROSS_KV_MODES = ("cache", "absorb", "project")
 
 
 @dataclass
@@ -28,17 +29,24 @@ class CrossContext:
 
     states: (batch, tokens, encoder_hidden) with all chunk padding removed, or (batch, n_states, tokens,
     encoder_hidden) when each cross-attention layer reads its own encoder layer (`num_cross_attn_hidden_states`
-    > 1); mask: (batch, tokens), True for real tokens. Cross-attention K/V are computed once per layer and
-    reused at every decoding step unless `cache_kv` is False (then recomputed each step: less memory, more
-    compute).
+    > 1); mask: (batch, tokens), True for real tokens. `cross_kv` says how the layers read them:
+      cache   K/V projected once per layer and kept for every decoding step (the most memory: two projections
+              per layer and token);
+      absorb  K/V never formed: the layers attend to the states themselves through their projection weights,
+              q.(W_k s) = (W_k^T q).s and sum a W_v s = W_v (sum a s), so the context costs its states alone, shared
+              by every layer, at about the decoding speed of `cache` (equal to rounding);
+      project K/V projected at every forward and dropped (training: one forward per context, and activation
+              checkpointing recomputes them).
     """
 
     states: torch.Tensor
     mask: torch.Tensor
-    cache_kv: bool = True
+    cross_kv: str = "cache"
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.cross_kv not in CROSS_KV_MODES:
+            raise ValueError(f"cross_kv must be one of {', '.join(CROSS_KV_MODES)}, not {self.cross_kv!r}")
         # A request with no context tokens must add exactly nothing: its output is zeroed.
         self.has_context = self.mask.any(-1).to(self.states.dtype)[:, None, None]
         # Additive rather than boolean: a fully masked row then softmaxes to finite values, not NaN.
@@ -49,7 +57,7 @@ class CrossContext:
             self.attn_bias = None
 
     @classmethod
-    def from_chunks(cls, chunks: list[list[torch.Tensor]], *, cache_kv: bool = True) -> CrossContext | None:
+    def from_chunks(cls, chunks: list[list[torch.Tensor]], *, cross_kv: str = "cache") -> CrossContext | None:
         """Build from per-request lists of per-chunk states (tokens, hidden); None if there is no token at all."""
         requests = [torch.cat(c, dim=-2) if c else None for c in chunks]
         lengths = [0 if r is None else r.shape[-2] for r in requests]
@@ -62,20 +70,20 @@ class CrossContext:
             if request is not None:
                 states[row, ..., : request.shape[-2], :] = request
                 mask[row, : request.shape[-2]] = True
-        return cls(states, mask, cache_kv)
+        return cls(states, mask, cross_kv)
 
     def key_values(self, attention: CrossAttention) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self.kv.get(attention.layer_idx)
         if cached is not None:
             return cached
         key_values = attention.project_context(self.states)
-        if self.cache_kv:
+        if self.cross_kv == "cache":
             self.kv[attention.layer_idx] = key_values
         return key_values
 
     def select_rows(self, rows: torch.Tensor) -> CrossContext:
         """These requests only (a batch whose other rows have ended), their cached K/V kept."""
-        picked = CrossContext(self.states[rows], self.mask[rows], self.cache_kv)
+        picked = CrossContext(self.states[rows], self.mask[rows], self.cross_kv)
         picked.kv = {layer: (k[rows], v[rows]) for layer, (k, v) in self.kv.items()}
         return picked
 
@@ -90,8 +98,8 @@ class CrossContext:
 
         joined = CrossContext(torch.cat([widen(self.states, -2), widen(other.states, -2)]),
                               torch.cat([widen(self.mask, -1), widen(other.mask, -1)]),
-                              self.cache_kv and other.cache_kv)
-        if joined.cache_kv and self.kv.keys() == other.kv.keys():
+                              self.cross_kv if self.cross_kv == other.cross_kv else "absorb")
+        if joined.cross_kv == "cache" and self.kv.keys() == other.kv.keys():
             joined.kv = {layer: tuple(torch.cat([widen(mine, -2), widen(theirs, -2)])
                                       for mine, theirs in zip(self.kv[layer], other.kv[layer])) for layer in self.kv}
         return joined
@@ -127,6 +135,20 @@ class CrossAttention(nn.Module):
         states = states.to(self.k_proj.weight.dtype)
         return self.k_proj(states).view(shape).transpose(1, 2), self.v_proj(states).view(shape).transpose(1, 2)
 
+    def attend_to_states(self, query: torch.Tensor, states: torch.Tensor, attn_mask: torch.Tensor | None):
+        """The attention of `query` (batch, kv_heads, queries, head_dim) to K/V that are never formed: W_k moves to
+        the query side and W_v after the weighted sum, so all heads read the one (tokens, encoder_hidden) sequence."""
+        if states.dim() == 4:
+            states = states[:, self.encoder_state_index]
+        batch, kv_heads, queries, _ = query.shape
+        key_weight = self.k_proj.weight.view(kv_heads, self.head_dim, -1)
+        value_weight = self.v_proj.weight.view(kv_heads, self.head_dim, -1)
+        absorbed = torch.matmul(query, key_weight).view(batch, 1, kv_heads * queries, -1)
+        states = states[:, None].to(absorbed.dtype)
+        mixed = F.scaled_dot_product_attention(absorbed, states, states, attn_mask=attn_mask,
+                                               scale=self.head_dim ** -0.5)
+        return torch.matmul(mixed.view(batch, kv_heads, queries, -1), value_weight.transpose(1, 2))
+
     def forward(self, hidden_states: torch.Tensor, context: CrossContext) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         groups = self.num_heads // self.num_kv_heads
@@ -136,9 +158,12 @@ class CrossAttention(nn.Module):
         # them into the query length. Same attention as GQA, without the K/V broadcast (at one decoding token
         # and thousands of context tokens, the CPU kernel runs ~1.6x faster).
         query = query.permute(0, 2, 3, 1, 4).reshape(batch, self.num_kv_heads, groups * length, self.head_dim)
-        key, value = context.key_values(self)
-        output = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=None if context.attn_bias is None else context.attn_bias.to(query.dtype))
+        attn_mask = None if context.attn_bias is None else context.attn_bias.to(query.dtype)
+        if context.cross_kv == "absorb":
+            output = self.attend_to_states(query, context.states, attn_mask)
+        else:
+            key, value = context.key_values(self)
+            output = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
         output = output.view(batch, self.num_kv_heads, groups, length, self.head_dim).permute(0, 3, 1, 2, 4)
         output = self.o_proj(output.reshape(batch, length, -1))
         return output * context.has_context.to(output.dtype)

@@ -169,17 +169,17 @@ class CepeForCausalLM(nn.Module):
         extra = (self.encoder.config.num_hidden_layers + 1,) if n_states > 1 else ()
         return torch.zeros((*extra, 0, self.encoder.config.hidden_size), device=device)
 
-    def context_from_texts(self, chunks_per_request: Sequence[Sequence[str]], *, cache_kv: bool = True):
+    def context_from_texts(self, chunks_per_request: Sequence[Sequence[str]], *, cross_kv: str = "cache"):
         """All chunks of all requests through the encoder as one batch, then one CrossContext."""
         flat = [text for chunks in chunks_per_request for text in chunks]
         states = self.encode_token_chunks(self.tokenize_chunks(flat)) if flat else []
-        return self.context_from_states(group_by_request(states, chunks_per_request), cache_kv=cache_kv)
+        return self.context_from_states(group_by_request(states, chunks_per_request), cross_kv=cross_kv)
 
-    def context_from_states(self, states_per_request: Sequence[Sequence[torch.Tensor]], *, cache_kv: bool = True):
+    def context_from_states(self, states_per_request: Sequence[Sequence[torch.Tensor]], *, cross_kv: str = "cache"):
         dtype = self.cross_attention_layers()[0].cross_attn.k_proj.weight.dtype
         return CrossContext.from_chunks(
             [[s.to(device=self.device, dtype=dtype) for s in request] for request in states_per_request],
-            cache_kv=cache_kv,
+            cross_kv=cross_kv,
         )
 
     # --- construction and checkpoints ------------------------------------------------------------

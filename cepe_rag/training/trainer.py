@@ -115,7 +115,8 @@ class CepeTrainingModule(nn.Module):
         else:
             with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
                 states = model.encode_token_chunks(model.tokenize_chunks(flat)) if flat else []
-        context = model.context_from_states(group_by_request(states, batch.chunks), cache_kv=False) if flat else None
+        context = (model.context_from_states(group_by_request(states, batch.chunks), cross_kv="project")
+                   if flat else None)
         device = model.device
         hidden = model.decoder.base_model(input_ids=batch.input_ids.to(device),
                                           attention_mask=batch.attention_mask.to(device),

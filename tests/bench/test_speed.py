@@ -34,8 +34,8 @@ def rows(index_with_states):
 
 def test_every_method_measures_time_and_memory(rows):
     for row in rows:
-        assert row["context_tokens"] == (0 if row["k"] == 0 else 256 if row["method"] != "cepe-stored" else
-                                         row["context_tokens"])
+        assert row["context_tokens"] == (0 if row["k"] == 0 else 256 if not row["method"].startswith("cepe-stored")
+                                         else row["context_tokens"])
         assert row["ttft_s"] > 0 and row["decode_ms"] > 0 and row["tokens_per_s"] > 0
         assert row["memory_above_weights_mib"] >= 0
     stored = next(r for r in rows if r["method"] == "cepe-stored")
@@ -44,14 +44,14 @@ def test_every_method_measures_time_and_memory(rows):
 
 def test_ratios_and_reports(rows, tmp_path):
     found = ratios(rows)
-    expected = {"k2_concat_over_cepe_precomputed_ttft", "k2_concat_over_cepe_stored_ttft",
-                "k2_recompute_over_cached_decode"} | {f"k2_{m}_decode_over_no_context" for m in
-                                                      ("cepe", "cepe_precomputed", "cepe_recompute", "cepe_stored")}
+    cepe_rows = ("cepe", "cepe_precomputed", "cepe_absorbed", "cepe_stored", "cepe_stored_absorbed")
+    expected = {f"k2_concat_over_{m}_ttft" for m in cepe_rows[1:]} | {"k2_absorbed_over_cached_decode"} | {
+        f"k2_{m}_decode_over_no_context" for m in cepe_rows}
     assert expected <= set(found) and all("memory" in k for k in set(found) - expected)
     result = {"environment": {}, "rows": rows + [{"method": "concat", "k": 999, "context_tokens": 127872,
                                                   "skipped": "over --max-concat-tokens"}], "ratios": found}
     write_reports(result, tmp_path)
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["method"] == "cepe"
     table = (tmp_path / "bench.md").read_text()
-    assert "| cepe-recompute | 2 | 256 |" in table and "over --max-concat-tokens" in table
+    assert "| cepe-absorbed | 2 | 256 |" in table and "over --max-concat-tokens" in table
     assert (tmp_path / "bench.png").stat().st_size > 1000

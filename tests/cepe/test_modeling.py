@@ -140,7 +140,9 @@ def test_batched_requests_equal_single_requests(minilm_tokenizer):
         torch.testing.assert_close(batched[row], single[0], rtol=0, atol=1e-12)
 
 
-def test_cached_and_recomputed_cross_kv_generate_identically(minilm_tokenizer):
+def test_cached_absorbed_and_projected_cross_kv_agree(minilm_tokenizer):
+    """`absorb` reassociates the projections (W_k to the query side, W_v after the weighted sum): equal to `cache` in
+    exact arithmetic, so to rounding in float64; greedy decoding then picks the same tokens."""
     model = tiny_cepe("copy", encoder_tokenizer=minilm_tokenizer)
     chunks = [["context one", "context two"], ["other"]]
     prompts = [[5, 6, 7, 8], [9, 10]]
@@ -155,16 +157,21 @@ def test_cached_and_recomputed_cross_kv_generate_identically(minilm_tokenizer):
         def convert_tokens_to_ids(self, token):
             return None
 
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    cached = model(input_ids=ids, cross_context=model.context_from_texts(chunks)).logits
     outputs = {}
-    for cache_kv in (True, False):
-        context = model.context_from_texts(chunks, cache_kv=cache_kv)
+    for mode in ("cache", "absorb", "project"):
+        context = model.context_from_texts(chunks, cross_kv=mode)
+        torch.testing.assert_close(model(input_ids=ids, cross_context=context).logits, cached, rtol=0, atol=1e-12)
         texts = ["", ""]
         for deltas in generate(model, prompts, Ids(), config, device=model.device, cross_context=context):
             texts = [t + d for t, d in zip(texts, deltas)]
-        outputs[cache_kv] = texts
-        assert bool(context.kv) == cache_kv
-    assert outputs[True] == outputs[False]
-    assert len(outputs[True][0].split()) == 12
+        outputs[mode] = texts
+        assert bool(context.kv) == (mode == "cache")
+    assert outputs["cache"] == outputs["absorb"] == outputs["project"]
+    assert len(outputs["cache"][0].split()) == 12
+    with pytest.raises(ValueError, match="cross_kv must be one of"):
+        model.context_from_texts(chunks, cross_kv="recompute")
 
 
 def test_llama_encoder_is_bidirectional():

@@ -94,17 +94,18 @@ def test_states_of_another_encoder_are_not_used(embedder, corpus, tmp_path, read
     assert "stores no context states" in use_stored_states(reader, IndexStore.open(tmp_path / "plain"))
 
 
-def test_cross_attention_kv_cached_within_the_budget_and_recomputed_beyond(reader):
+def test_cross_attention_kv_cached_within_the_budget_and_absorbed_beyond(reader):
     from tests.readers.test_readers import PASSAGES
 
     states = [[reader.model.encode_context([p.as_prompt_text() for p in PASSAGES[:3]]).states[0]]]
+    budget = reader.cross_kv_budget_mb
     reader.cross_kv_budget_mb = 1024
-    assert reader.caches_cross_kv(states)
+    assert reader.cross_kv_mode(states) == "cache"
     cached = reader.answer(QUESTION, PASSAGES[:6]).text
     reader.cross_kv_budget_mb = 0
-    assert not reader.caches_cross_kv(states)
+    assert reader.cross_kv_mode(states) == "absorb"
     assert reader.answer(QUESTION, PASSAGES[:6]).text == cached
-    reader.cross_kv_budget_mb = 1024
+    reader.cross_kv_budget_mb = budget
 
 
 def test_the_stamp_ignores_the_load_dtype(reader, chat_tokenizer):
