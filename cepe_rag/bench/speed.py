@@ -169,11 +169,14 @@ def run_one(config: BenchConfig) -> dict:
             store, chosen, hidden = stored
             found = store.context_states(chosen, hidden)
             states = [[torch.from_numpy(found[i].copy()).to(device) for i in chosen]]
+            del found
         elif config.method.startswith("cepe"):
             states = precomputed or [list(model.encode_token_chunks(encoder_passages.tolist()))]
         if config.method.startswith("cepe"):
             extra["cross_context"] = model.context_from_states(
                 states, cross_kv="absorb" if config.method.endswith("absorbed") else "cache")
+            context_tokens = sum(len(s) for s in states[0])
+            del states  # as in the reader: the context holds what the request needs
             ids, positions = question, torch.arange(QUESTION_TOKENS, device=device)[None]
         elif config.method == "parallel":
             reader = ParallelReader(model.decoder, _NoTokenizer())
@@ -219,7 +222,8 @@ def run_one(config: BenchConfig) -> dict:
             plain_position += 1
     total_s = ttft + sum(step_times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else _peak_rss_mib()
-    context_tokens = sum(len(s) for s in states[0]) if stored else config.k * PASSAGE_TOKENS
+    if not config.method.startswith("cepe-stored"):
+        context_tokens = config.k * PASSAGE_TOKENS
     return {
         **asdict(config), "context_tokens": context_tokens, "ttft_s": ttft,
         "decode_ms": 1000 * statistics.median(step_times) if step_times else None,
@@ -249,39 +253,66 @@ def environment(device: str, dtype: str) -> dict:
 def run_all(methods: list[str], ks: list[int], *, model: str = "default", device: str = "cpu",
             dtype: str = "float32", answer_tokens: int = 32, max_concat_tokens: int = 16384,
             max_parallel_k: int = 500, timeout_s: int = 1800, cross_layers: int | None = None,
-            index: str | None = None, log=print) -> dict:
-    """Every (method, k) in its own subprocess; failures (out of memory, timeout) are recorded, not fatal."""
-    rows = []
+            index: str | None = None, repeats: int = 1, log=print) -> dict:
+    """Every (method, k) in its own subprocess, `repeats` rounds of all of them (so that a slow spell of the machine
+    touches every row alike), each figure the median over the rounds; failures (out of memory, timeout) are
+    recorded, not fatal."""
+    rows: list[dict] = []
+    configs: list[tuple[int, BenchConfig]] = []
     for k in ks:
         for method in methods:
-            if method == "concat" and k * PASSAGE_TOKENS > max_concat_tokens:
-                rows.append({"method": method, "k": k, "context_tokens": k * PASSAGE_TOKENS,
-                             "skipped": f"over --max-concat-tokens {max_concat_tokens}"})
-                continue
-            if method == "parallel" and k > max_parallel_k:
-                rows.append({"method": method, "k": k, "context_tokens": k * PASSAGE_TOKENS,
-                             "skipped": f"over --max-parallel-k {max_parallel_k}"})
-                continue
+            skipped = (f"over --max-concat-tokens {max_concat_tokens}" if method == "concat" and
+                       k * PASSAGE_TOKENS > max_concat_tokens else
+                       f"over --max-parallel-k {max_parallel_k}" if method == "parallel" and k > max_parallel_k else
+                       "no --index given" if method.startswith("cepe-stored") and not index else None)
             if k == 0 and method != "concat":
                 continue  # no context: the plain decoder, measured once (as concat)
-            if method.startswith("cepe-stored") and not index:
-                rows.append({"method": method, "k": k, "context_tokens": None, "skipped": "no --index given"})
+            if skipped:
+                rows.append({"method": method, "k": k, "context_tokens": k * PASSAGE_TOKENS, "skipped": skipped})
                 continue
             config = BenchConfig(method, k, answer_tokens, model, device, dtype, cross_layers, index)
-            try:
-                done = subprocess.run([sys.executable, "-m", "cepe_rag.bench.speed", json.dumps(asdict(config))],
-                                      capture_output=True, text=True, timeout=timeout_s)
-                row = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {
-                    "method": method, "k": k, "context_tokens": k * PASSAGE_TOKENS,
-                    "failed": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-            except subprocess.TimeoutExpired:
-                row = {"method": method, "k": k, "context_tokens": k * PASSAGE_TOKENS,
-                       "failed": f"timeout after {timeout_s} s"}
-            rows.append(row)
+            configs.append((len(rows), config))
+            rows.append({})
+    runs: dict[int, list[dict]] = {position: [] for position, _ in configs}
+    for _ in range(repeats):
+        for position, config in configs:
+            row = _run_subprocess(config, timeout_s)
+            runs[position].append(row)
             log(_format_row(row))
+    for position, found in runs.items():
+        rows[position] = _median_row(found)
     return {"environment": environment(device, dtype), "model": model, "passage_tokens": PASSAGE_TOKENS,
-            "cross_layers": cross_layers, "index": index, "answer_tokens": answer_tokens, "rows": rows,
-            "ratios": ratios(rows)}
+            "cross_layers": cross_layers, "index": index, "answer_tokens": answer_tokens, "repeats": repeats,
+            "rows": rows, "ratios": ratios(rows)}
+
+
+def _run_subprocess(config: BenchConfig, timeout_s: int) -> dict:
+    failed = {"method": config.method, "k": config.k, "context_tokens": config.k * PASSAGE_TOKENS}
+    try:
+        done = subprocess.run([sys.executable, "-m", "cepe_rag.bench.speed", json.dumps(asdict(config))],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {**failed, "failed": f"timeout after {timeout_s} s"}
+    if done.returncode != 0:
+        return {**failed, "failed": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+MEASURED = ("ttft_s", "decode_ms", "no_context_decode_ms", "tokens_per_s", "memory_above_weights_mib")
+
+
+def _median_row(runs: list[dict]) -> dict:
+    """The median of every figure over the successful runs; with several, each run's figures under "runs"."""
+    done = [run for run in runs if "ttft_s" in run]
+    if not done:
+        return runs[-1]
+    row = dict(done[0])
+    for name in MEASURED:
+        values = [run[name] for run in done if run.get(name) is not None]
+        row[name] = statistics.median(values) if values else None
+    if len(runs) > 1:
+        row["runs"] = [{name: run.get(name) for name in (*MEASURED, "failed") if name in run} for run in runs]
+    return row
 
 
 def ratios(rows: list[dict]) -> dict:

@@ -57,19 +57,23 @@ class CrossContext:
             self.attn_bias = None
 
     @classmethod
-    def from_chunks(cls, chunks: list[list[torch.Tensor]], *, cross_kv: str = "cache") -> CrossContext | None:
-        """Build from per-request lists of per-chunk states (tokens, hidden); None if there is no token at all."""
-        requests = [torch.cat(c, dim=-2) if c else None for c in chunks]
-        lengths = [0 if r is None else r.shape[-2] for r in requests]
+    def from_chunks(cls, chunks: list[list[torch.Tensor]], *, cross_kv: str = "cache", dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> CrossContext | None:
+        """Build from per-request lists of per-chunk states (tokens, hidden), cast to `dtype` on `device` while they are
+        copied into one right-padded tensor (no intermediate copy of the whole context); None if there is no token."""
+        lengths = [sum(c.shape[-2] for c in request) for request in chunks]
         if max(lengths, default=0) == 0:
             return None
-        reference = next(r for r in requests if r is not None)
-        states = reference.new_zeros((len(requests), *reference.shape[:-2], max(lengths), reference.shape[-1]))
-        mask = torch.zeros((len(requests), max(lengths)), dtype=torch.bool, device=reference.device)
-        for row, request in enumerate(requests):
-            if request is not None:
-                states[row, ..., : request.shape[-2], :] = request
-                mask[row, : request.shape[-2]] = True
+        reference = next(c for request in chunks for c in request if c.shape[-2])
+        states = torch.zeros((len(chunks), *reference.shape[:-2], max(lengths), reference.shape[-1]),
+                             dtype=dtype or reference.dtype, device=device or reference.device)
+        mask = torch.zeros((len(chunks), max(lengths)), dtype=torch.bool, device=states.device)
+        for row, request in enumerate(chunks):
+            start = 0
+            for chunk in request:
+                states[row, ..., start:start + chunk.shape[-2], :] = chunk
+                start += chunk.shape[-2]
+            mask[row, :start] = True
         return cls(states, mask, cross_kv)
 
     def key_values(self, attention: CrossAttention) -> tuple[torch.Tensor, torch.Tensor]:

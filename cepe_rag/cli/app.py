@@ -551,6 +551,8 @@ def bench(
     )] = None,
     index_dir: Annotated[Path | None, typer.Option("--index", help="cepe-stored: an index built with "
                                                                    "--context-states.")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Rounds of every row, each in a fresh process; the table "
+                                                     "gives medians (the runs are in bench.json).")] = 1,
 ) -> None:
     """Time to first token, decode speed and memory of every reader as the context grows (k=0: no context)."""
     from cepe_rag.bench import METHODS, run_all, write_reports
@@ -566,7 +568,8 @@ def bench(
     print(TABLE_HEADER, flush=True)
     result = run_all(chosen, sorted({int(x) for x in k.split(",")}), model=model, device=device, dtype=dtype,
                      max_concat_tokens=max_concat_tokens, max_parallel_k=max_parallel_k, cross_layers=cross_layers,
-                     index=str(index_dir) if index_dir else None, log=lambda line: print(line, flush=True))
+                     index=str(index_dir) if index_dir else None, repeats=repeats,
+                     log=lambda line: print(line, flush=True))
     write_reports(result, out)
     for name, value in result["ratios"].items():
         print(f"{name}: {value}")

@@ -55,3 +55,17 @@ def test_ratios_and_reports(rows, tmp_path):
     table = (tmp_path / "bench.md").read_text()
     assert "| cepe-absorbed | 2 | 256 |" in table and "over --max-concat-tokens" in table
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_repeated_rows_report_the_median_of_the_runs_that_finished():
+    from cepe_rag.bench.speed import _median_row
+
+    def run(ttft, memory):
+        return {"method": "concat", "k": 2, "context_tokens": 256, "ttft_s": ttft, "decode_ms": 10.0,
+                "no_context_decode_ms": None, "tokens_per_s": 1.0, "memory_above_weights_mib": memory}
+
+    failed = {"method": "concat", "k": 2, "context_tokens": 256, "failed": "timeout after 1 s"}
+    row = _median_row([run(3.0, 500), failed, run(1.0, 900), run(2.0, 600)])
+    assert (row["ttft_s"], row["memory_above_weights_mib"], row["no_context_decode_ms"]) == (2.0, 600, None)
+    assert len(row["runs"]) == 4 and row["runs"][1] == {"failed": "timeout after 1 s"}
+    assert _median_row([failed]) == failed and "runs" not in _median_row([run(1.0, 1)])
