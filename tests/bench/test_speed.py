@@ -60,12 +60,15 @@ def test_ratios_and_reports(rows, tmp_path):
 def test_repeated_rows_report_the_median_of_the_runs_that_finished():
     from cepe_rag.bench.speed import _median_row
 
-    def run(ttft, memory):
-        return {"method": "concat", "k": 2, "context_tokens": 256, "ttft_s": ttft, "decode_ms": 10.0,
-                "no_context_decode_ms": None, "tokens_per_s": 1.0, "memory_above_weights_mib": memory}
+    def run(ttft, memory, decode=10.0, plain=None):
+        return {"method": "cepe", "k": 2, "context_tokens": 256, "ttft_s": ttft, "decode_ms": decode,
+                "no_context_decode_ms": plain, "tokens_per_s": 1.0, "memory_above_weights_mib": memory}
 
-    failed = {"method": "concat", "k": 2, "context_tokens": 256, "failed": "timeout after 1 s"}
+    failed = {"method": "cepe", "k": 2, "context_tokens": 256, "failed": "timeout after 1 s"}
     row = _median_row([run(3.0, 500), failed, run(1.0, 900), run(2.0, 600)])
     assert (row["ttft_s"], row["memory_above_weights_mib"], row["no_context_decode_ms"]) == (2.0, 600, None)
     assert len(row["runs"]) == 4 and row["runs"][1] == {"failed": "timeout after 1 s"}
+    # decode over no context is paired within each run: (15/10, 40/20, 33/30) -> 1.5, not median 33 / median 20
+    row = _median_row([run(1.0, 1, 15.0, 10.0), run(1.0, 1, 40.0, 20.0), run(1.0, 1, 33.0, 30.0)])
+    assert row["decode_over_no_context"] == 1.5 and ratios([row])["k2_cepe_decode_over_no_context"] == 1.5
     assert _median_row([failed]) == failed and "runs" not in _median_row([run(1.0, 1)])
