@@ -1,5 +1,7 @@
 """Continuous batching: rows that join a running batch or leave it decode exactly as they would alone."""
 
+import itertools
+
 import pytest
 
 from cepe_rag.readers import ConcatReader, GenerationConfig, ParallelReader
@@ -18,7 +20,7 @@ def tiny_model(chat_tokenizer):
     return tiny_chat_llama(chat_tokenizer).double()
 
 
-@pytest.fixture(params=["concat", "parallel", "cepe"])
+@pytest.fixture(params=["concat", "parallel", "cepe", "cepe-mixed-kv"])
 def reader(request, tiny_model, chat_tokenizer):
     config = GenerationConfig(max_new_tokens=9)
     if request.param == "concat":
@@ -27,6 +29,9 @@ def reader(request, tiny_model, chat_tokenizer):
         return ParallelReader(tiny_model, chat_tokenizer, generation=config)
     cepe = tiny_cepe_reader(tiny_model, chat_tokenizer, "copy")
     cepe.model.double()
+    if request.param == "cepe-mixed-kv":  # requests alternately cache and absorb their K/V; joins mix the two
+        modes = itertools.cycle(["cache", "absorb"])
+        cepe.cross_kv_mode = lambda states: next(modes)
     return cepe
 
 
