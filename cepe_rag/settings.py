@@ -35,8 +35,8 @@ LEXICAL_WEIGHT = 0.2  # BM25 rank weight relative to the dense ranking: the best
 ABSTAIN_BELOW = 0.68
 ABSTAIN_FLOOR = 0.34
 NOT_IN_DOCUMENTS = "The documents do not contain the answer to this question."
-# cepe: cross-attention K/V cached per request up to this size (SmolLM2's adapter, float32: ~12 KiB per context
-# token, 68 MiB at k=50), else never formed ("absorb": the states alone, 1/16 of it, decoding ~10% slower).
+# cepe: cross-attention K/V cached per request up to this size (SmolLM2's adapter, float32: 12 KiB per context
+# token, 65 MiB at k=50), else never formed ("absorb": the states alone, 1/8 of it, decoding about as fast).
 CROSS_KV_BUDGET_MB = 256.0
 # APE's knobs for the parallel reader: the best of the NQ sweep (README); no setting reads on the own-documents
 # benchmark.

@@ -62,7 +62,7 @@ def _rss_mib() -> float:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
-    except OSError:
+    except (OSError, AttributeError):
         pass  # not glibc, or not Linux: the peak then counts from the process start
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -175,7 +175,7 @@ def run_one(config: BenchConfig) -> dict:
         if config.method.startswith("cepe"):
             extra["cross_context"] = model.context_from_states(
                 states, cross_kv="absorb" if config.method.endswith("absorbed") else "cache")
-            context_tokens = sum(len(s) for s in states[0])
+            context_tokens = sum(s.shape[-2] for s in states[0])
             del states  # as in the reader: the context holds what the request needs
             ids, positions = question, torch.arange(QUESTION_TOKENS, device=device)[None]
         elif config.method == "parallel":
@@ -228,6 +228,8 @@ def run_one(config: BenchConfig) -> dict:
         **asdict(config), "context_tokens": context_tokens, "ttft_s": ttft,
         "decode_ms": 1000 * statistics.median(step_times) if step_times else None,
         "no_context_decode_ms": 1000 * statistics.median(plain_times) if plain_times else None,
+        "decode_over_no_context": (round(statistics.median(step_times) / statistics.median(plain_times), 3)
+                                   if step_times and plain_times else None),
         "tokens_per_s": config.answer_tokens / total_s, "memory_above_weights_mib": max(0.0, peak - base),
     }
 
@@ -305,7 +307,7 @@ def _median_row(runs: list[dict]) -> dict:
     """The median of every figure over the successful runs; with several, each run's figures under "runs"."""
     done = [run for run in runs if "ttft_s" in run]
     if not done:
-        return runs[-1]
+        return {**runs[-1], "runs": runs} if len(runs) > 1 else runs[-1]
     row = dict(done[0])
     for name in MEASURED:
         values = [run[name] for run in done if run.get(name) is not None]
@@ -341,9 +343,14 @@ def ratios(rows: list[dict]) -> dict:
             paired = row.get("decode_over_no_context") or row["decode_ms"] / (row.get("no_context_decode_ms") or
                                                                               plain["decode_ms"])
             out[f"k{k}_{name}_decode_over_no_context"] = round(paired, 2)
-        cepe = by_key.get(("cepe-precomputed", k))
-        if method == "cepe-absorbed" and cepe:
-            out[f"k{k}_absorbed_over_cached_decode"] = round(row["decode_ms"] / cepe["decode_ms"], 2)
+        # Each row's decode over the no-context decode of its own process, then the two ratios: drift-free.
+        for absorbed, cached, name in (("cepe-absorbed", "cepe-precomputed", "absorbed"),
+                                       ("cepe-stored-absorbed", "cepe-stored", "stored_absorbed")):
+            cepe = by_key.get((cached, k))
+            if method == absorbed and cepe and row.get("decode_over_no_context") and \
+                    cepe.get("decode_over_no_context"):
+                out[f"k{k}_{name}_over_cached_decode"] = round(
+                    row["decode_over_no_context"] / cepe["decode_over_no_context"], 2)
     return out
 
 

@@ -79,8 +79,8 @@ READER_OPTIONS = [
         "first"),
     _option("cross_kv_budget_mb", Annotated[float, typer.Option(
         help="cepe: cache the cross-attention K/V of a request up to this many MiB; beyond, never form them and "
-             "attend to the encoder states through the projections (equal answers to rounding, a sixteenth of "
-             "the memory with 8 layers, decoding ~10% slower).")], CROSS_KV_BUDGET_MB),
+             "attend to the encoder states through the projections (equal answers to rounding, an eighth of the "
+             "memory with 8 layers, decoding about as fast).")], CROSS_KV_BUDGET_MB),
     _option("prompt_style", Annotated[str, typer.Option(
         "--prompt", help="instruction (a system instruction asking for a short answer), fewshot (plus two worked "
                          "examples of short answers) or query-aware (instruction, and the question before the "

@@ -62,13 +62,15 @@ class CepeReader(Reader):
         return [stored[p.id] if p.id in stored else encoded[text] for p, text in zip(passages, texts)]
 
     def cross_kv_mode(self, states_per_request: list[list[torch.Tensor]]) -> str:
-        """Cache the cross-attention K/V for the whole answer when they fit the budget (one projection per request,
-        the fastest decoding); beyond it, attend to the encoder states through the projections ("absorb"): no
-        K/V at all, a sixteenth of the memory with 8 layers, decoding nearly as fast. Equal outputs, to rounding."""
+        """Cache the cross-attention K/V of the requests started together for their whole answers when they fit the
+        budget (one projection, the fastest decoding); beyond it, attend to the encoder states through the
+        projections ("absorb"): no K/V at all, 1/8 of the memory with 8 layers, decoding about as fast. Equal outputs,
+        to rounding. (Requests joining a running batch bring their own K/V; each start is budgeted on its own.)"""
         layers = self.model.cross_attention_layers()
         projection = layers[0].cross_attn.k_proj
-        tokens = sum(s.shape[-2] for request in states_per_request for s in request)
-        needed = tokens * len(layers) * 2 * projection.out_features * projection.weight.element_size()
+        longest = max((sum(s.shape[-2] for s in request) for request in states_per_request), default=0)
+        padded_tokens = len(states_per_request) * longest  # K/V are allocated padded to the longest request
+        needed = padded_tokens * len(layers) * 2 * projection.out_features * projection.weight.element_size()
         return "cache" if needed <= self.cross_kv_budget_mb * 2**20 else "absorb"
 
     def start(self, prepared: list[PreparedPrompt], config: GenerationConfig,

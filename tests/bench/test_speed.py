@@ -45,7 +45,8 @@ def test_every_method_measures_time_and_memory(rows):
 def test_ratios_and_reports(rows, tmp_path):
     found = ratios(rows)
     cepe_rows = ("cepe", "cepe_precomputed", "cepe_absorbed", "cepe_stored", "cepe_stored_absorbed")
-    expected = {f"k2_concat_over_{m}_ttft" for m in cepe_rows[1:]} | {"k2_absorbed_over_cached_decode"} | {
+    expected = {f"k2_concat_over_{m}_ttft" for m in cepe_rows[1:]} | {
+        "k2_absorbed_over_cached_decode", "k2_stored_absorbed_over_cached_decode"} | {
         f"k2_{m}_decode_over_no_context" for m in cepe_rows}
     assert expected <= set(found) and all("memory" in k for k in set(found) - expected)
     result = {"environment": {}, "rows": rows + [{"method": "concat", "k": 999, "context_tokens": 127872,
@@ -72,3 +73,4 @@ def test_repeated_rows_report_the_median_of_the_runs_that_finished():
     row = _median_row([run(1.0, 1, 15.0, 10.0), run(1.0, 1, 40.0, 20.0), run(1.0, 1, 33.0, 30.0)])
     assert row["decode_over_no_context"] == 1.5 and ratios([row])["k2_cepe_decode_over_no_context"] == 1.5
     assert _median_row([failed]) == failed and "runs" not in _median_row([run(1.0, 1)])
+    assert _median_row([failed, {**failed, "failed": "out of memory"}])["runs"][0] == failed  # every reason kept

@@ -186,10 +186,10 @@ def with_hidden_states(folder, tmp_path, n):
 CHUNKS = [[[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]], [[20, 21, 22], [], [23]]]
 
 
-def ours(model, input_ids, chunks_per_request):
+def ours(model, input_ids, chunks_per_request, cross_kv="cache"):
     flat = [c for chunks in chunks_per_request for c in chunks]
     states = group_by_request(model.encode_token_chunks(flat), chunks_per_request)
-    context = model.context_from_states(states)
+    context = model.context_from_states(states, cross_kv=cross_kv)
     return model(input_ids=input_ids, cross_context=context).logits
 
 
@@ -201,6 +201,8 @@ def test_forward_matches_the_reference(released, tmp_path, n_states):
     enc_ids, enc_mask = padded(CHUNKS, ctx_len=8)
     expected = reference_logits(folder, input_ids, enc_ids, enc_mask)
     torch.testing.assert_close(ours(model, input_ids, CHUNKS), expected, rtol=0, atol=TOLERANCE)
+    # K/V never formed (absorbed into the query and output sides): the same function, other rounding.
+    torch.testing.assert_close(ours(model, input_ids, CHUNKS, "absorb"), expected, rtol=0, atol=TOLERANCE)
     # The reference evaluation's left padding: the same up to float32 RoPE-table rounding.
     left = reference_logits(folder, input_ids, *padded(CHUNKS, ctx_len=8, side="left"))
     torch.testing.assert_close(left, expected, rtol=0, atol=1e-5)
