@@ -61,6 +61,7 @@ def running_server(args):
                "--k", str(args.k), "--max-tokens", str(args.max_tokens), "--host", "127.0.0.1", "--port", str(port),
                "--max-batch", str(args.max_batch), "--max-queue", str(max(64, args.requests)),
                "--batch-window-ms", str(args.batch_window_ms), *(["--dtype", args.dtype] if args.dtype else []),
+               *(["--cross-kv-budget-mb", str(args.cross_kv_budget_mb)] if args.cross_kv_budget_mb is not None else []),
                "--no-abstain"]  # every request reads: abstentions would answer instantly and flatter the throughput
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(command, stdout=log, stderr=log,
@@ -177,6 +178,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="Answer length limit.")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--dtype", help="The server's --dtype (default: the server's own default).")
+    parser.add_argument("--cross-kv-budget-mb", type=float,
+                        help="cepe: the server's --cross-kv-budget-mb (0: K/V always absorbed, never cached).")
     parser.add_argument("--warmup-rounds", type=int, default=1,
                         help="Untimed rounds of `clients` concurrent requests (other questions) before each level.")
     parser.add_argument("--batch-window-ms", type=float, default=5.0)
