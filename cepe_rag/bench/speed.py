@@ -54,7 +54,7 @@ class BenchConfig:
     index: str | None = None  # cepe-stored: an index with stored context states
 
 
-def _rss_mib() -> float:
+def _reset_peak_rss_mib() -> float:
     """The resident set now, after handing freed heap pages back (so that the base is what is live) and restarting
     the kernel's high-water mark from here (so that loading a model, e.g. float32 weights cast to bfloat16, does not
     count as the request's peak)."""
@@ -130,7 +130,7 @@ def run_one(config: BenchConfig) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
-        base = _rss_mib()
+        base = _reset_peak_rss_mib()
     device = config.device
     question = torch.randint(0, vocab, (1, QUESTION_TOKENS), device=device)
     passages = torch.randint(0, vocab, (config.k, PASSAGE_TOKENS), device=device)
@@ -151,15 +151,16 @@ def run_one(config: BenchConfig) -> dict:
         stored = (store, chosen, model.encoder.config.hidden_size)
         gc.collect()
         if not on_gpu:  # the open index (FAISS, SQLite pages) is the retriever's memory, held by every reader alike
-            base = _rss_mib()
+            base = _reset_peak_rss_mib()
     if config.method in ("cepe-precomputed", "cepe-absorbed"):
         with torch.inference_mode():  # done at index time, outside the timed request
             precomputed = [list(model.encode_token_chunks(encoder_passages.tolist()))]
         gc.collect()
         if not on_gpu:
-            base = _rss_mib()
+            base = _reset_peak_rss_mib()
 
     cache = DynamicCache(config=model.config)
+    context_tokens = config.k * PASSAGE_TOKENS  # cepe-stored: the real passages' token counts, read below
     extra: dict = {}
     step_times: list[float] = []
     with torch.inference_mode():
@@ -170,12 +171,12 @@ def run_one(config: BenchConfig) -> dict:
             found = store.context_states(chosen, hidden)
             states = [[torch.from_numpy(found[i].copy()).to(device) for i in chosen]]
             del found
+            context_tokens = sum(s.shape[-2] for s in states[0])
         elif config.method.startswith("cepe"):
             states = precomputed or [list(model.encode_token_chunks(encoder_passages.tolist()))]
         if config.method.startswith("cepe"):
             extra["cross_context"] = model.context_from_states(
                 states, cross_kv="absorb" if config.method.endswith("absorbed") else "cache")
-            context_tokens = sum(s.shape[-2] for s in states[0])
             del states  # as in the reader: the context holds what the request needs
             ids, positions = question, torch.arange(QUESTION_TOKENS, device=device)[None]
         elif config.method == "parallel":
@@ -222,8 +223,6 @@ def run_one(config: BenchConfig) -> dict:
             plain_position += 1
     total_s = ttft + sum(step_times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else _peak_rss_mib()
-    if not config.method.startswith("cepe-stored"):
-        context_tokens = config.k * PASSAGE_TOKENS
     return {
         **asdict(config), "context_tokens": context_tokens, "ttft_s": ttft,
         "decode_ms": 1000 * statistics.median(step_times) if step_times else None,
@@ -300,7 +299,10 @@ def _run_subprocess(config: BenchConfig, timeout_s: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-MEASURED = ("ttft_s", "decode_ms", "no_context_decode_ms", "tokens_per_s", "memory_above_weights_mib")
+# decode_over_no_context is paired within each run's process: its median is not a ratio of the medians, which
+# would pair figures from different processes again.
+MEASURED = ("ttft_s", "decode_ms", "no_context_decode_ms", "decode_over_no_context", "tokens_per_s",
+            "memory_above_weights_mib")
 
 
 def _median_row(runs: list[dict]) -> dict:
@@ -312,11 +314,6 @@ def _median_row(runs: list[dict]) -> dict:
     for name in MEASURED:
         values = [run[name] for run in done if run.get(name) is not None]
         row[name] = statistics.median(values) if values else None
-    # Decode over no context as timed in turn within each process, then the median: a ratio of the medians would
-    # pair figures from different processes again.
-    paired = [run["decode_ms"] / run["no_context_decode_ms"] for run in done
-              if run.get("decode_ms") and run.get("no_context_decode_ms")]
-    row["decode_over_no_context"] = round(statistics.median(paired), 3) if paired else None
     if len(runs) > 1:
         row["runs"] = [{name: run.get(name) for name in (*MEASURED, "failed") if name in run} for run in runs]
     return row
@@ -327,7 +324,6 @@ def ratios(rows: list[dict]) -> dict:
     each CEPE row's decode ms/token over the no-context decoder's, timed in turn with it in the same process."""
     by_key = {(r["method"], r["k"]): r for r in rows if "ttft_s" in r}
     out = {}
-    plain = by_key.get(("concat", 0))
     for (method, k), row in by_key.items():
         for stored_as in ("cepe-precomputed", "cepe-absorbed", "cepe-stored", "cepe-stored-absorbed"):
             cepe = by_key.get((stored_as, k))
@@ -338,11 +334,9 @@ def ratios(rows: list[dict]) -> dict:
             if cepe["memory_above_weights_mib"] > 0:
                 out[f"k{k}_concat_over_{name}_memory"] = round(
                     row["memory_above_weights_mib"] / cepe["memory_above_weights_mib"], 2)
-        if method.startswith("cepe") and row["decode_ms"] and (row.get("no_context_decode_ms") or plain):
+        if method.startswith("cepe") and row.get("decode_over_no_context"):
             name = method.replace("-", "_")
-            paired = row.get("decode_over_no_context") or row["decode_ms"] / (row.get("no_context_decode_ms") or
-                                                                              plain["decode_ms"])
-            out[f"k{k}_{name}_decode_over_no_context"] = round(paired, 2)
+            out[f"k{k}_{name}_decode_over_no_context"] = round(row["decode_over_no_context"], 2)
         # Each row's decode over the no-context decode of its own process, then the two ratios: drift-free.
         for absorbed, cached, name in (("cepe-absorbed", "cepe-precomputed", "absorbed"),
                                        ("cepe-stored-absorbed", "cepe-stored", "stored_absorbed")):

@@ -13,6 +13,7 @@ every decoder layer. With no context the forward pass is the stock one, bit for 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -57,8 +58,8 @@ class CrossContext:
             self.attn_bias = None
 
     @classmethod
-    def from_chunks(cls, chunks: list[list[torch.Tensor]], *, cross_kv: str = "cache", dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> CrossContext | None:
+    def from_chunks(cls, chunks: Sequence[Sequence[torch.Tensor]], *, cross_kv: str = "cache",
+                    dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> CrossContext | None:
         """Build from per-request lists of per-chunk states (tokens, hidden), cast to `dtype` on `device` while they are
         copied into one right-padded tensor (no intermediate copy of the whole context); None if there is no token."""
         lengths = [sum(c.shape[-2] for c in request) for request in chunks]
@@ -131,9 +132,12 @@ class CrossAttention(nn.Module):
         self.v_proj = nn.Linear(encoder_hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
+    def layer_states(self, states: torch.Tensor) -> torch.Tensor:
+        """The encoder states this layer reads: (batch, tokens, encoder_hidden)."""
+        return states[:, self.encoder_state_index] if states.dim() == 4 else states
+
     def project_context(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if states.dim() == 4:
-            states = states[:, self.encoder_state_index]
+        states = self.layer_states(states)
         batch, tokens, _ = states.shape
         shape = (batch, tokens, self.num_kv_heads, self.head_dim)
         states = states.to(self.k_proj.weight.dtype)
@@ -142,13 +146,11 @@ class CrossAttention(nn.Module):
     def attend_to_states(self, query: torch.Tensor, states: torch.Tensor, attn_mask: torch.Tensor | None):
         """The attention of `query` (batch, kv_heads, queries, head_dim) to K/V that are never formed: W_k moves to
         the query side and W_v after the weighted sum, so all heads read the one (tokens, encoder_hidden) sequence."""
-        if states.dim() == 4:
-            states = states[:, self.encoder_state_index]
         batch, kv_heads, queries, _ = query.shape
         key_weight = self.k_proj.weight.view(kv_heads, self.head_dim, -1)
         value_weight = self.v_proj.weight.view(kv_heads, self.head_dim, -1)
         absorbed = torch.matmul(query, key_weight).view(batch, 1, kv_heads * queries, -1)
-        states = states[:, None].to(absorbed.dtype)
+        states = self.layer_states(states)[:, None].to(absorbed.dtype)
         mixed = F.scaled_dot_product_attention(absorbed, states, states, attn_mask=attn_mask,
                                                scale=self.head_dim ** -0.5)
         return torch.matmul(mixed.view(batch, kv_heads, queries, -1), value_weight.transpose(1, 2))

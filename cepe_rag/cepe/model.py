@@ -177,8 +177,7 @@ class CepeForCausalLM(nn.Module):
 
     def context_from_states(self, states_per_request: Sequence[Sequence[torch.Tensor]], *, cross_kv: str = "cache"):
         dtype = self.cross_attention_layers()[0].cross_attn.k_proj.weight.dtype
-        return CrossContext.from_chunks([list(request) for request in states_per_request], cross_kv=cross_kv,
-                                        dtype=dtype, device=self.device)
+        return CrossContext.from_chunks(states_per_request, cross_kv=cross_kv, dtype=dtype, device=self.device)
 
     # --- construction and checkpoints ------------------------------------------------------------
 

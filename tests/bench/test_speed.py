@@ -61,9 +61,10 @@ def test_ratios_and_reports(rows, tmp_path):
 def test_repeated_rows_report_the_median_of_the_runs_that_finished():
     from cepe_rag.bench.speed import _median_row
 
-    def run(ttft, memory, decode=10.0, plain=None):
+    def run(ttft, memory, decode=10.0, plain=None):  # as run_one reports it
         return {"method": "cepe", "k": 2, "context_tokens": 256, "ttft_s": ttft, "decode_ms": decode,
-                "no_context_decode_ms": plain, "tokens_per_s": 1.0, "memory_above_weights_mib": memory}
+                "no_context_decode_ms": plain, "decode_over_no_context": decode / plain if plain else None,
+                "tokens_per_s": 1.0, "memory_above_weights_mib": memory}
 
     failed = {"method": "cepe", "k": 2, "context_tokens": 256, "failed": "timeout after 1 s"}
     row = _median_row([run(3.0, 500), failed, run(1.0, 900), run(2.0, 600)])
