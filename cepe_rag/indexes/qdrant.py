@@ -84,11 +84,7 @@ class QdrantStore:
             existing = Manifest.read(folder)
             if existing.store != "qdrant":
                 raise CepeRagError(f"{folder} is a FAISS index: leave out --store qdrant, or choose another --index")
-            for field in _SETTINGS:
-                if getattr(existing, field) != getattr(manifest, field):
-                    raise CepeRagError(
-                        f"{folder} was built with {field}={getattr(existing, field)!r}, this run asks for "
-                        f"{getattr(manifest, field)!r}: use the same setting or another --index folder")
+            existing.check_settings(manifest, folder, _SETTINGS)
             where = _resolve(folder, existing.qdrant, location)
             store = cls(folder, existing, _connect(where, folder), where)._checked(create=False)
         elif folder.exists() and any(folder.iterdir()):
@@ -187,9 +183,6 @@ class QdrantStore:
     def lexical_search(self, queries: list[str], k: int, allowed: np.ndarray | None = None) -> list[list[Passage]]:
         self.check_lexical()
         return []
-
-    def unknown_words(self, text: str) -> list[str]:
-        return []  # no vocabulary: abstention keeps its similarity floor only
 
     def embeddings(self, ids: list[int]) -> np.ndarray:
         """The stored embeddings of these passages, in the order given (ids must exist)."""

@@ -124,6 +124,14 @@ class Manifest:
             del data["store"], data["qdrant"]
         atomic_write(folder / MANIFEST_FILE, json.dumps(data, indent=2).encode())
 
+    def check_settings(self, wanted: Manifest, folder: Path, fields: tuple[str, ...]) -> Manifest:
+        """This manifest (of the index in `folder`), if a run asking for `wanted` may write to it."""
+        for field in fields:
+            if getattr(self, field) != getattr(wanted, field):
+                raise CepeRagError(f"{folder} was built with {field}={getattr(self, field)!r}, this run asks for "
+                                   f"{getattr(wanted, field)!r}: use the same setting or another --index folder")
+        return self
+
     def check_faiss(self, folder: Path) -> Manifest:
         """This manifest, if the passages are in the folder itself (not in Qdrant)."""
         if self.store != "faiss":
@@ -184,14 +192,8 @@ class IndexStore:
         """Open for writing, creating the folder; refuses a folder written for other settings."""
         folder = Path(folder)
         if (folder / MANIFEST_FILE).exists():
-            existing = Manifest.read(folder).check_faiss(folder)
-            for field in ("embedder", "dimension", "faiss_factory", "chunk_tokens", "overlap_tokens"):
-                if getattr(existing, field) != getattr(manifest, field):
-                    raise CepeRagError(
-                        f"{folder} was built with {field}={getattr(existing, field)!r}, this run asks for "
-                        f"{getattr(manifest, field)!r}: use the same setting or another --index folder"
-                    )
-            manifest = existing
+            manifest = Manifest.read(folder).check_faiss(folder).check_settings(
+                manifest, folder, ("embedder", "dimension", "faiss_factory", "chunk_tokens", "overlap_tokens"))
         elif folder.exists() and any(folder.iterdir()):
             raise CepeRagError(f"{folder} is not empty and is not a cepe-rag index: choose another --index folder")
         else:

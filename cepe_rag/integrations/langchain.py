@@ -21,7 +21,7 @@ from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel,
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from cepe_rag.indexes import open_store
-from cepe_rag.indexes.layout import QdrantLocation, check_store_options
+from cepe_rag.indexes.layout import check_store_options
 from cepe_rag.models import default_device, load_embedder
 from cepe_rag.pipelines.context_states import use_stored_states
 from cepe_rag.pipelines.rag import PassageFilter, Retriever
@@ -42,7 +42,10 @@ ContextLike = str | Document | Passage
 
 @lru_cache(maxsize=8)
 def _load_retriever(index: str, embedder: str | None, mode: str = DEFAULT_RETRIEVAL,
-                    filters: PassageFilter | None = None, qdrant: QdrantLocation | None = None):
+                    filters: PassageFilter | None = None, qdrant_url: str | None = None,
+                    qdrant_path: str | None = None, qdrant_collection: str | None = None):
+    """Opened once per setting (the manifest read and the store options checked then, not at every query)."""
+    qdrant = check_store_options(Path(index), None, qdrant_url, qdrant_path, qdrant_collection)
     return Retriever(open_store(index, qdrant), embedder=load_embedder(embedder) if embedder else None, mode=mode,
                      filters=filters)
 
@@ -88,9 +91,9 @@ class CepeRetriever(BaseRetriever):
         return to_documents(self._retriever().retrieve(query, k or self.k))
 
     def _retriever(self) -> Retriever:
-        qdrant = check_store_options(Path(self.index), None, self.qdrant_url, self.qdrant_path, self.qdrant_collection)
         return _load_retriever(str(self.index), self.embedder, self.mode,
-                               PassageFilter(source=self.source, title=self.title), qdrant)
+                               PassageFilter(source=self.source, title=self.title), self.qdrant_url, self.qdrant_path,
+                               self.qdrant_collection)
 
     def store(self):
         return self._retriever().store

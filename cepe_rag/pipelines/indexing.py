@@ -231,12 +231,7 @@ def build_index(
         finally:
             summary.documents_seen = len(seen)
             summary.skipped = report.skipped
-            # Committed batches are searchable even after an interruption; the next run resumes after them.
-            store.finish_writes(progress=hooks.rebuilding)
-            summary.passages_total = store.count()
-            summary.disk_bytes = store.disk_bytes()
-            store.close()
-            summary.seconds = time.perf_counter() - started
+            _finish_run(store, summary, hooks, started)
         if not summary.interrupted and summary.documents_seen == 0 and summary.passages_total == 0:
             raise CepeRagError(f"no readable documents in {', '.join(map(str, sources))}"
                                + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
@@ -340,9 +335,15 @@ def copy_index(
         finally:
             source.close()
             summary.documents_seen = len(seen)
-            store.finish_writes(progress=hooks.rebuilding)
-            summary.passages_total = store.count()
-            summary.disk_bytes = store.disk_bytes()
-            store.close()
-            summary.seconds = time.perf_counter() - started
+            _finish_run(store, summary, hooks, started)
         return summary
+
+
+def _finish_run(store, summary: IndexingSummary, hooks: ProgressHooks, started: float) -> None:
+    """Close a run, finished or interrupted: committed batches are searchable even after an interruption (the next
+    run resumes after them)."""
+    store.finish_writes(progress=hooks.rebuilding)
+    summary.passages_total = store.count()
+    summary.disk_bytes = store.disk_bytes()
+    store.close()
+    summary.seconds = time.perf_counter() - started

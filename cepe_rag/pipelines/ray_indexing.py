@@ -78,7 +78,8 @@ class IndexWorker:
         out["embed_seconds"] = np.full(len(passages), encoded.embed_seconds / len(passages))
         if encoded.states is not None:
             out["states"] = np.empty(len(passages), dtype=object)
-            out["states"][:] = encoded.states
+            for i, states in enumerate(encoded.states):  # one by one: older numpy reads equal shapes as one array
+                out["states"][i] = states
             out["states_seconds"] = np.full(len(passages), encoded.states_seconds / len(passages))
         return out
 
@@ -162,7 +163,8 @@ def _commit_batches(embedded, batch_passages: int) -> Iterator[EmbeddedBatch]:
         batch.passages += passages
         vectors += embeddings
         if states is not None:
-            batch.states = (batch.states or []) + [np.asarray(s) for s in states]
+            batch.states = batch.states if batch.states is not None else []
+            batch.states.extend(np.asarray(s) for s in states)
         batch.embed_seconds += embed_seconds
         batch.states_seconds += states_seconds
         if len(batch.passages) >= batch_passages:

@@ -19,7 +19,7 @@ from cepe_rag.indexes import IndexStore  # noqa: E402
 from cepe_rag.models import load_embedder  # noqa: E402
 from cepe_rag.pipelines.indexing import ProgressHooks, build_index  # noqa: E402
 from cepe_rag.pipelines.rag import Retriever  # noqa: E402
-from cepe_rag.pipelines.ray_indexing import RayEngine, check_reachable, connect  # noqa: E402
+from cepe_rag.pipelines.ray_indexing import IndexWorker, RayEngine, check_reachable, connect  # noqa: E402
 from cepe_rag.types import CepeRagError  # noqa: E402
 
 TOPICS = ["otters", "volcanoes", "the Roman empire", "jazz", "glaciers", "chess", "bees", "lighthouses"]
@@ -82,6 +82,14 @@ class FakeStateEncoder:
 
     def encode(self, passages):
         return [np.full((1 + len(p.text) % 5, 4), len(p.text), dtype=np.float16) for p in passages]
+
+
+def test_a_worker_batch_whose_states_all_have_one_shape(embedder):
+    # numpy would read a list of equal-shaped arrays as one 3-D array, which an object column cannot take whole.
+    worker = IndexWorker(lambda: embedder, FakeStateEncoder, chunk_tokens=64, overlap_tokens=0)
+    out = worker({"row": np.array([0, 1]), "title": np.array(["A", "B"], dtype=object),
+                  "text": np.array(["Same length.", "Also length."], dtype=object)})
+    assert [s.shape for s in out["states"]] == [(3, 4), (3, 4)] and out["embedding"].shape[0] == 2
 
 
 def test_same_index_top_k_and_states_as_the_single_process_path(local_ray, embedder, corpus, tmp_path):
