@@ -78,7 +78,7 @@ class IndexWorker:
         out["embed_seconds"] = np.full(len(passages), encoded.embed_seconds / len(passages))
         if encoded.states is not None:
             out["states"] = np.empty(len(passages), dtype=object)
-            for i, states in enumerate(encoded.states):  # one by one: older numpy reads equal shapes as one array
+            for i, states in enumerate(encoded.states):  # one by one: equal shapes must not be read as one array
                 out["states"][i] = states
             out["states_seconds"] = np.full(len(passages), encoded.states_seconds / len(passages))
         return out
