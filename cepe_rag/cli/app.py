@@ -625,6 +625,8 @@ def train_command(
                                                     "checkpointed, adapter saved); 0 = no limit.")] = 0.0,
     prepare_only: Annotated[bool, typer.Option(help="Build the run folder's examples and stop (to train them "
                                                     "elsewhere: the folder is all a training machine needs).")] = False,
+    schedule: Annotated[str, typer.Option(help="Learning rate after the warmup: cosine (to zero at --steps) or "
+                                               "constant (a run continued session after session).")] = "cosine",
 ) -> None:
     """Give the decoder CEPE cross-attention: train it on a stage of the recipe (resumable; multi-GPU with
     `accelerate launch -m cepe_rag.cli.app train ...`)."""
@@ -633,10 +635,12 @@ def train_command(
     _quiet_libraries()
     if stage not in STAGES:
         raise CepeRagError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
+    check_choice(schedule, ("cosine", "constant"), "schedule")
     config = TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=warmup_ratio,
                          lm_cof=lm_cof, kl_cof=(2.0 if stage == "ceped" else 0.0) if kl_cof is None else kl_cof,
                          train_encoder=train_encoder, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
-                         save_every=save_every, eval_every=eval_every, seed=seed, max_minutes=max_minutes)
+                         save_every=save_every, eval_every=eval_every, seed=seed, max_minutes=max_minutes,
+                         curriculum=stage in ("find", "swap"), schedule=schedule)
     records = run_training(out, config, decoder=decoder, encoder=encoder, init=init,
                            num_cross_attn_layers=cross_attn_layers, init_mode=init_mode, corpus=corpus,
                            languages=tuple(x.strip() for x in languages.split(",") if x.strip()), index=index_dir,

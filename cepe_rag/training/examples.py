@@ -10,7 +10,11 @@ a prompt (no loss) and a target (loss). The stages differ only in where the text
 - ceped:    the read examples plus the teacher's top-k distribution (the frozen decoder with the same
             passages in its prompt), for distillation;
 - qa:       real questions with the passages a retriever finds for them (k drawn from a range), the question
-            in the reader's chat prompt, the short gold answer as the target.
+            in the reader's chat prompt, the short gold answer as the target;
+- find:     an entity-swapped article among retrieved passages, its first sentence copied when asked for by
+            its (invented) title: pick one passage among many, then copy (`cepe_rag.training.swapping`);
+- swap:     a question asked of an entity-swapped article among retrieved passages, its swapped span the
+            answer: memory cannot answer, only reading can.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from cepe_rag.settings import check_choice
 from cepe_rag.training.corpus import Article
 from cepe_rag.types import CepeRagError, Passage
 
-STAGES = ("warmup", "standard", "read", "ceped", "qa")
+STAGES = ("warmup", "standard", "read", "ceped", "qa", "find", "swap")
 UNANSWERABLE_POLICIES = ("skip", "keep")
 BLANK = "_____"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
@@ -181,6 +185,10 @@ class ExampleBuilder:
         question = question_text(f"Fill in the blank: {blanked}")
         return TrainingExample(chunks, self.prompt_ids(question), self._tokens(span) + self.end_ids, question)
 
+    def find(self, title: str, first_sentence: str, passages: Sequence[Passage]) -> TrainingExample:
+        user_turn = f'Copy the first sentence of the document titled "{title}".'
+        return TrainingExample([p.as_prompt_text() for p in passages], self.prompt_ids(user_turn),
+                               self._tokens(first_sentence)[: self.max_decoder_tokens] + self.end_ids, user_turn)
 
     def qa(self, question: str, answer: str, passages: Sequence[Passage]) -> TrainingExample:
         user_turn = question_text(question)

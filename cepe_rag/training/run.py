@@ -59,12 +59,18 @@ def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tu
         return load_examples(train_path), load_examples(validation_path)
     source = {"questions": list(questions), "index": str(index) if index else None, "min_passages": min_passages,
               "max_passages": max_passages, "unanswerable": unanswerable} if stage == "qa" else \
+        {"corpus": corpus, "index": str(index) if index else None, "min_passages": min_passages,
+         "max_passages": max_passages, "entity_swapped": True, "curriculum": True} if stage in ("find", "swap") else \
         {"corpus": corpus, "languages": list(languages), "index": str(index) if index else None,
          "max_passages": max_passages, "max_decoder_tokens": max_decoder_tokens}
     reader = CepeReader(model, model.decoder_tokenizer)
     builder = ExampleBuilder(model.decoder_tokenizer, reader.chat_ids, max_decoder_tokens=max_decoder_tokens,
                              seed=seed)
-    if stage == "qa":
+    if stage in ("find", "swap"):
+        examples, held = swapped_examples(stage, builder, corpus=corpus, languages=languages, index=index,
+                                          min_passages=min_passages, max_passages=max_passages,
+                                          max_articles=max_articles, n_validation=n_validation, log=log)
+    elif stage == "qa":
         examples, held = qa_examples(builder, questions, index, corpus=corpus, languages=languages,
                                      min_passages=min_passages, max_passages=max_passages,
                                      max_questions=max_articles, n_validation=n_validation,
@@ -105,6 +111,34 @@ def article_examples(stage: str, model, builder: ExampleBuilder, prompt_ids, *, 
         log(f"teacher distributions for {len(examples) + len(held)} examples")
         add_teacher(examples, model, prompt_ids)
         add_teacher(held, model, prompt_ids)
+    return examples, held
+
+
+def swapped_examples(stage: str, builder: ExampleBuilder, *, corpus: str, languages: tuple[str, ...],
+                     index: Path | None, min_passages: int, max_passages: int, max_articles: int, n_validation: int,
+                     log=print) -> tuple[list[TrainingExample], list[TrainingExample]]:
+    """Entity-swapped `find`/`swap` examples: training articles in curriculum order over the number of passages;
+    validation from held-out articles, at every count in the range."""
+    import re
+
+    from cepe_rag.training.swapping import build_swapped_examples
+
+    if index is None:
+        raise CepeRagError(f"the {stage} stage needs --index (the distractors are passages retrieved from it)")
+    from cepe_rag.pipelines.rag import Retriever  # here: a run folder with its examples trains without faiss
+
+    articles = load_articles(corpus, languages=languages)
+    forbidden = {word.lower() for article in articles for word in re.findall(r"\w+", article.text + " " + article.title)}
+    training = [a for a in articles if not a.is_validation]
+    builder.rng.shuffle(training)
+    training = training[:max_articles] if max_articles else training
+    validation = [a for a in articles if a.is_validation]
+    log(f"building {stage} examples (entity-swapped) from {len(training)} training and {len(validation)} "
+        f"validation articles")
+    retrieve = Retriever(index).retrieve_batch
+    options = {"min_passages": min_passages, "max_passages": max_passages, "forbidden": forbidden}
+    examples = build_swapped_examples(stage, training, builder, retrieve, curriculum=True, **options)
+    held = build_swapped_examples(stage, validation, builder, retrieve, curriculum=False, **options)[:n_validation]
     return examples, held
 
 

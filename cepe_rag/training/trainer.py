@@ -49,6 +49,8 @@ class TrainConfig:
     eval_every: int = 100
     seed: int = 0
     max_minutes: float = 0.0  # stop (validated, checkpointed, model saved) after this much training; 0 = no limit
+    curriculum: bool = False  # first epoch in the examples' own (easy-to-hard) order, shuffled within blocks
+    schedule: str = "cosine"  # or "constant" (after the warmup): a run continued session after session
 
 
 @dataclass
@@ -154,7 +156,7 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
     `save_model(model, out_dir / "model")`. An interrupted run resumes from its last checkpoint."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     if not examples:
         raise CepeRagError("no training examples")
@@ -168,7 +170,9 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
     if config.gradient_checkpointing:
         model.decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * config.steps), config.steps)
+    warmup_steps = math.ceil(config.warmup_ratio * config.steps)
+    scheduler = (get_constant_schedule_with_warmup(optimizer, warmup_steps) if config.schedule == "constant" else
+                 get_cosine_schedule_with_warmup(optimizer, warmup_steps, config.steps))
     step = _load_checkpoint(out / CHECKPOINT_DIR, params, optimizer, scheduler)
     module, optimizer, scheduler = accelerator.prepare(
         CepeTrainingModule(model, train_encoder=config.train_encoder, state_cache=state_cache).train(),
@@ -232,7 +236,8 @@ def evaluate(module: nn.Module, examples: Sequence[TrainingExample], config: Tra
 
 
 def _order(n: int, config: TrainConfig, world: int, rank: int) -> Callable[[int], list[int]]:
-    """Example indices for a step: a fresh seeded shuffle per epoch, so a resumed run sees the same data."""
+    """Example indices for a step: a fresh seeded shuffle per epoch, so a resumed run sees the same data. With a
+    curriculum the first epoch keeps the examples' order, shuffled only within blocks of 32 steps."""
     per_step = config.batch_size * world
     cache: dict[int, list[int]] = {}
 
@@ -242,8 +247,13 @@ def _order(n: int, config: TrainConfig, world: int, rank: int) -> Callable[[int]
                               step * per_step + (rank + 1) * config.batch_size):
             epoch, offset = divmod(position, n)
             if epoch not in cache:
-                cache[epoch] = list(range(n))
-                random.Random(config.seed * 1_000_003 + epoch).shuffle(cache[epoch])
+                rng = random.Random(config.seed * 1_000_003 + epoch)
+                block = 32 * per_step if config.curriculum and epoch == 0 else n
+                cache[epoch] = []
+                for start in range(0, n, block):
+                    part = list(range(start, min(n, start + block)))
+                    rng.shuffle(part)
+                    cache[epoch] += part
             out.append(cache[epoch][offset])
         return out
 

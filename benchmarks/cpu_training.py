@@ -1,0 +1,168 @@
+"""CEPE training on this machine's CPU, continued session after session (issue 28).
+
+One process trains (one thread), one evaluates (the other): the trainer runs `cepe-rag train` in slices of
+`--slice-minutes` (each slice resumes the run folder's checkpoint: optimiser, schedule and data order kept) and
+saves an adapter after each; the evaluator scores every new adapter on the own-documents *tuning* questions
+(`cepe` reader, k = 5 and 20; never the test split) and copies the best one so far, float16 cross-attention
+only, to `benchmarks/results/cpu_training/adapter/`: the adapter a developer commits, and the one the next
+session starts from (`--init`), so short runs add up to one long one.
+
+Stages, each a run folder under `--runs`: `find` (an entity-swapped article picked by its invented title among
+retrieved passages and its first sentence copied) for `--find-steps`, then `swap` (questions asked of
+entity-swapped articles among retrieved passages) until the time is up. A session that finds a committed
+adapter whose history already holds the find stage goes straight to `swap`, with a new data seed (new swaps).
+
+    nohup python benchmarks/cpu_training.py --hours 2.5 > runs/cpu_training.log 2>&1 &
+
+Writes, in `benchmarks/results/cpu_training/`: `scores.jsonl` (every adapter's tuning scores), `log_{run}.jsonl`
+(the loss curves, copied from the run folders), `adapter/` (the best so far) and `best.json` (its scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "cpu_training"
+CLI = [sys.executable, "-m", "cepe_rag"]
+
+
+def one_thread(env: dict | None = None) -> dict:
+    return {**(env or os.environ), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def tuning_score(summary: list[dict]) -> float:
+    """Mean substring EM of the cepe reader over the evaluated k (5 and 20): the number that decides a commit."""
+    rows = [r for r in summary if r["reader"] == "cepe"]
+    return round(sum(r["substring_em"] for r in rows) / len(rows), 2) if rows else 0.0
+
+
+def evaluate(adapter: Path, name: str, args) -> dict:
+    out = Path(args.runs) / "eval" / name
+    command = CLI + ["eval", "--questions", args.questions, "--index", args.eval_index, "--readers", "cepe",
+                     "--cepe-model", str(adapter), "--k", args.eval_k, "--out", str(out), "--dtype", "bfloat16"]
+    subprocess.run(command, env=one_thread(), check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((out / "summary.json").read_text())
+    return {"adapter": name, "score": tuning_score(summary), "summary": summary, "time": time.strftime("%F %T")}
+
+
+def best_record() -> dict | None:
+    path = RESULTS / "best.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def keep_if_better(record: dict, adapter: Path) -> bool:
+    best = best_record()
+    with (RESULTS / "scores.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    if best is not None and record["score"] <= best["score"]:
+        return False
+    staging = RESULTS / "adapter.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(adapter, staging)
+    shutil.rmtree(RESULTS / "adapter", ignore_errors=True)
+    staging.rename(RESULTS / "adapter")
+    (RESULTS / "best.json").write_text(json.dumps(record, indent=2) + "\n")
+    return True
+
+
+def stage_plan(args) -> list[tuple[str, str | None]]:
+    """(stage, init) pairs for this session: resume what the run folders hold, else start from the committed
+    adapter (or from zero)."""
+    committed = RESULTS / "adapter"
+    history = []
+    if (committed / "cepe_adapter.json").exists():
+        history = [h["stage"] for h in json.loads((committed / "cepe_adapter.json").read_text())["training_history"]]
+    init = str(committed) if history else None
+    if "find" in history:
+        return [("swap", init)]
+    return [("find", init), ("swap", None)]  # swap starts from find's model
+
+
+def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Path:
+    out = Path(args.runs) / f"{stage}_s{seed}"
+    command = CLI + ["train", "--stage", stage, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
+                     "--lr", str(args.lr), "--warmup-ratio", "0.02", "--schedule", "constant", "--index", args.index,
+                     "--min-passages", "1", "--max-passages", str(args.max_passages), "--max-decoder-tokens", "48",
+                     "--eval-every", "100", "--save-every", "25", "--seed", str(seed), "--bf16",
+                     "--max-minutes", str(args.slice_minutes), "--validation", "64"]
+    if (out / "checkpoint").exists() or not init:
+        command += ["--encoder", args.encoder, "--cross-attn-layers", str(args.cross_attn_layers)]
+    if init:
+        command += ["--init", init]
+    subprocess.run(command, env=one_thread(), check=True)
+    shutil.copy(out / "log.jsonl", RESULTS / f"log_{out.name}.jsonl")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hours", type=float, default=2.5)
+    parser.add_argument("--slice-minutes", type=float, default=30)
+    parser.add_argument("--find-steps", type=int, default=600)
+    parser.add_argument("--swap-steps", type=int, default=100_000, help="a bound, not a plan: time ends the run")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--encoder", default="decoder-layers:4")
+    parser.add_argument("--cross-attn-layers", type=int, default=8)
+    parser.add_argument("--max-passages", type=int, default=20)
+    parser.add_argument("--index", default="indexes/default", help="training distractors (never the benchmark's)")
+    parser.add_argument("--eval-index", default="indexes/owndocs")
+    parser.add_argument("--questions", default="runs/owndocs/questions.tune.jsonl")
+    parser.add_argument("--eval-k", default="5,20")
+    parser.add_argument("--runs", default="runs/cpu_training")
+    parser.add_argument("--seed", type=int, default=None, help="data seed (default: one more than the sessions "
+                                                                "the committed adapter records)")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + 3600 * args.hours
+    plan = stage_plan(args)
+    committed = RESULTS / "adapter" / "cepe_adapter.json"
+    sessions = len(json.loads(committed.read_text())["training_history"]) if committed.exists() else 0
+    seed = args.seed if args.seed is not None else sessions
+    evaluator = None
+    previous = None
+    for stage, init in plan:
+        init = init or (str(previous / "model") if previous else None)
+        steps = args.find_steps if stage == "find" else args.swap_steps
+        while time.time() < deadline:
+            out = train_slice(stage, init, steps, args, seed)
+            done = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+            snapshot = Path(args.runs) / "snapshots" / f"{out.name}_step{done}"
+            shutil.rmtree(snapshot, ignore_errors=True)
+            shutil.copytree(out / "model", snapshot)
+            if evaluator is not None:
+                evaluator.wait()
+            evaluator = subprocess.Popen([sys.executable, __file__, "--evaluate", str(snapshot), *sys.argv[1:]])
+            previous = out
+            if done >= steps:
+                break
+    if evaluator is not None:
+        evaluator.wait()
+
+
+def evaluate_main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--evaluate", required=True)
+    known, rest = parser.parse_known_args()
+    sys.argv = [sys.argv[0], *rest]
+    args = argparse.Namespace(questions="runs/owndocs/questions.tune.jsonl", eval_index="indexes/owndocs",
+                              eval_k="5,20", runs="runs/cpu_training")
+    for flag in ("questions", "eval_index", "eval_k", "runs"):
+        option = "--" + flag.replace("_", "-")
+        if option in rest:
+            setattr(args, flag, rest[rest.index(option) + 1])
+    adapter = Path(known.evaluate)
+    record = evaluate(adapter, adapter.name, args)
+    kept = keep_if_better(record, adapter)
+    print(f"{adapter.name}: tuning score {record['score']}{' (best so far: kept)' if kept else ''}", flush=True)
+
+
+if __name__ == "__main__":
+    evaluate_main() if "--evaluate" in sys.argv else main()

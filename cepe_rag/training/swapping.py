@@ -1,0 +1,164 @@
+"""Entity-swapped reading practice: real corpus passages with their names replaced by invented ones.
+
+After Longpre et al. (2021, "Entity-based knowledge conflicts"): an article's subject and the answer of a
+question asked of it are replaced, consistently in every passage of the example, by invented names (or other
+years and numbers), so the decoder's memory cannot answer and the text is still real prose, not one template.
+The distractors are the passages a retriever finds for the original sentence, so near-topic passages stay in.
+
+Kept apart from the own-documents benchmark (`cepe_rag.eval.owndocs`): its invented names are built from
+syllables without the letters c, j and w, and every name made here has one of them, so no name is shared;
+the questions are the corpus's own sentences asked in place, none of the benchmark's templates.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+
+from cepe_rag.training.corpus import Article
+from cepe_rag.training.examples import BLANK, TrainingQuestion, cloze_candidates, question_from_cloze
+from cepe_rag.types import Passage
+
+ONSETS = ["c", "ch", "cl", "j", "w", "wh", "k", "m", "n", "l", "t", "d", "p", "s", "r", "v"]
+VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o", "au", "ie"]
+CODAS = ["", "", "", "n", "l", "r", "c", "m", "s", "w"]
+MARKED = set("cjw")  # the letters the own-documents names never contain
+_YEAR = re.compile(r"1\d{3}|20\d{2}")
+_NUMBER = re.compile(r"[\d,.]+")
+_WORD = re.compile(r"[A-Z][\w'’\-.]*")
+SKIP_WORDS = {"The", "A", "An", "Of", "And", "De", "Von", "Van", "In", "On", "At", "For", "To"}
+
+
+class SwapNames:
+    """Invented capitalised words, each with a c, j or w, never a word of `forbidden` (lower-cased)."""
+
+    def __init__(self, rng: random.Random, forbidden: set[str]):
+        self.rng = rng
+        self.forbidden = forbidden
+
+    def word(self) -> str:
+        while True:
+            n = self.rng.choice((2, 2, 2, 3))
+            word = "".join(self.rng.choice(ONSETS) + self.rng.choice(VOWELS) + self.rng.choice(CODAS) for _ in range(n))
+            if MARKED & set(word) and 4 <= len(word) <= 10 and word not in self.forbidden:
+                return word.capitalize()
+
+
+def _other_number(span: str, rng: random.Random) -> str:
+    if _YEAR.fullmatch(span):
+        year = int(span)
+        return str(rng.choice([y for y in range(max(1000, year - 60), min(2030, year + 60)) if y != year]))
+    digits = re.sub(r"\D", "", span)
+    for _ in range(20):
+        other = str(rng.randint(10 ** (len(digits) - 1) if len(digits) > 1 else 1, 10 ** len(digits) - 1))
+        if other != digits:
+            return f"{int(other):,}" if "," in span else other
+    return str(int(digits or 0) + 1)
+
+
+def subject_words(title: str) -> list[str]:
+    """The title's name words (a parenthesised qualifier such as "(film)" left out)."""
+    title = re.sub(r"\s*\(.*?\)\s*$", "", title)
+    return [w for w in _WORD.findall(title) if w not in SKIP_WORDS and len(w) >= 3]
+
+
+def swap_mapping(title: str, span: str, names: SwapNames, rng: random.Random) -> dict[str, str]:
+    """Old word or number -> new one: the subject's name words and the answer span."""
+    mapping = {word: names.word() for word in subject_words(title)}
+    if _NUMBER.fullmatch(span):
+        mapping[span] = _other_number(span, rng)
+    else:
+        for word in _WORD.findall(span):
+            if word not in SKIP_WORDS and word not in mapping:
+                mapping[word] = names.word()
+    return mapping
+
+
+def apply_mapping(text: str, mapping: dict[str, str]) -> str:
+    if not mapping:
+        return text
+    pattern = re.compile(r"(?<![\w'’])(" + "|".join(re.escape(k) for k in sorted(mapping, key=len, reverse=True))
+                         + r")(?![\w'’])")
+    return pattern.sub(lambda m: mapping[m.group(1)], text)
+
+
+def swapped_question(article: Article, names: SwapNames, rng: random.Random) -> tuple[TrainingQuestion, dict] | None:
+    """A question asked of the swapped article (its answer swapped too), with the mapping to apply to the other
+    passages of the example; None when the article offers no span whose swap changes the answer."""
+    candidates = cloze_candidates(article)
+    rng.shuffle(candidates)
+    for blanked, span in candidates:
+        mapping = swap_mapping(article.title, span, names, rng)
+        answer = apply_mapping(span, mapping)
+        if answer == span:
+            continue
+        question = question_from_cloze(apply_mapping(blanked, mapping), answer)
+        gold = Passage(0, apply_mapping(article.text, mapping), title=apply_mapping(article.title, mapping))
+        subject = {mapping[word] for word in subject_words(article.title)}
+        # The question must say which passage it asks about: it names the (invented) subject, or asks for it.
+        names_it = any(name in question for name in subject) or any(name in answer for name in subject)
+        if BLANK in question or answer not in gold.text or not names_it:
+            continue
+        return TrainingQuestion(question, [answer], gold=gold), {"mapping": mapping, "query": blanked.replace(BLANK, span)}
+    return None
+
+
+def swap_passages(passages: Sequence[Passage], mapping: dict[str, str]) -> list[Passage]:
+    return [Passage(p.id, apply_mapping(p.text, mapping), title=apply_mapping(p.title, mapping)) for p in passages]
+
+
+def curriculum_counts(n: int, min_passages: int, max_passages: int, rng: random.Random,
+                      curriculum: bool = True) -> list[int]:
+    """Passages per example, in training order. With the curriculum the largest count grows linearly over the
+    first half of the examples (from min to max) and stays at max after; three examples in four draw from the
+    upper half of the current range (the test k is where the reader must be good), one in four from all of it."""
+    counts = []
+    for i in range(n):
+        upper = min_passages + round((max_passages - min_passages) * min(1.0, 2 * i / max(1, n))) if curriculum \
+            else max_passages
+        low = min_passages if rng.random() < 0.25 else max(min_passages, (upper + 1) // 2)
+        counts.append(rng.randint(low, upper))
+    return counts
+
+
+def build_swapped_examples(stage: str, articles: Sequence[Article], builder, retrieve, *, min_passages: int,
+                           max_passages: int, forbidden: set[str], curriculum: bool = True):
+    """`find` or `swap` examples, in curriculum order (the trainer keeps it when its config says so):
+
+    - find: "What does the document titled <invented title> say first?" -> its first sentence, copied; the
+      swapped article among passages retrieved for its first sentence (learn to pick one passage, then copy);
+    - swap: a sentence of the swapped article asked in place -> the swapped span; the article among passages
+      retrieved for the original sentence (learn to answer from the passage that matches the question).
+    """
+    from cepe_rag.training.examples import sentences
+
+    rng = builder.rng
+    names = SwapNames(random.Random(rng.random()), forbidden)
+    items = []
+    for article in articles:
+        if stage == "find":
+            first = sentences(article.text)[:1]
+            mapping = {word: names.word() for word in subject_words(article.title)}
+            if not first or not mapping:
+                continue
+            items.append((article, mapping, first[0], None))
+        else:
+            made = swapped_question(article, names, rng)
+            if made is not None:
+                question, extra = made
+                items.append((article, extra["mapping"], extra["query"], question))
+    found = retrieve([query for _, _, query, _ in items], max_passages + 2)
+    counts = curriculum_counts(len(items), min_passages, max_passages, rng, curriculum)
+    examples = []
+    for (article, mapping, query, question), hits, n in zip(items, found, counts):
+        distractors = swap_passages([p for p in hits if p.title != article.title][: n - 1], mapping)
+        gold = Passage(0, apply_mapping(article.text, mapping), title=apply_mapping(article.title, mapping))
+        passages = list(distractors)
+        passages.insert(rng.randint(0, len(passages)), gold)
+        if stage == "find":
+            example = builder.find(gold.title, apply_mapping(query, mapping), passages)
+        else:
+            example = builder.qa(question.question, question.answers[0], passages)
+        examples.append(example)
+    return examples

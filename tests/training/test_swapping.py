@@ -1,0 +1,77 @@
+"""Entity-swapped examples: invented names applied consistently, answers only in the passages, a curriculum."""
+
+import random
+
+from cepe_rag.eval.owndocs import generate
+from cepe_rag.training.corpus import Article
+from cepe_rag.training.swapping import (
+    SwapNames,
+    apply_mapping,
+    build_swapped_examples,
+    curriculum_counts,
+    swapped_question,
+)
+from cepe_rag.types import Passage
+from tests.training.test_examples import ARTICLES
+
+
+def test_swap_names_never_meet_the_benchmark_names():
+    names = SwapNames(random.Random(0), forbidden={"paris"})
+    made = {names.word().lower() for _ in range(2000)}
+    benchmark = {word.lower() for entity in generate(n_groups=80, seed=0) for word in entity.name.split()}
+    assert not made & benchmark and "paris" not in made
+    assert all(set(word) & set("cjw") for word in made)
+
+
+def test_mapping_replaces_whole_words_only():
+    mapping = {"Nile": "Chawo", "1889": "1901"}
+    assert apply_mapping("The Nile, Niles and Nile's delta in 1889 (18890).", mapping) == \
+        "The Chawo, Niles and Nile's delta in 1901 (18890)."
+
+
+def test_swapped_question_answer_is_in_the_swapped_gold_and_not_the_original():
+    rng = random.Random(0)
+    names = SwapNames(rng, forbidden=set())
+    for article in ARTICLES:
+        made = swapped_question(article, names, rng)
+        assert made is not None
+        question, extra = made
+        answer = question.answers[0]
+        assert answer in question.gold.text and answer not in article.text
+        assert question.gold.text == apply_mapping(article.text, extra["mapping"])
+        assert not set(extra["mapping"].values()) & set(article.text.split())
+
+
+def test_curriculum_grows_the_number_of_passages():
+    counts = curriculum_counts(400, 1, 20, random.Random(0))
+    assert all(1 <= c <= 20 for c in counts)
+    assert max(counts[:40]) <= 4 and max(counts[200:]) == 20
+    assert sum(counts[:100]) < sum(counts[300:])
+    assert all(c == 20 or c >= 1 for c in curriculum_counts(50, 1, 20, random.Random(0), curriculum=False))
+
+
+def test_swapped_examples_hold_the_swapped_gold_among_swapped_distractors(chat_tokenizer):
+    from cepe_rag.readers import ClosedBookReader
+    from cepe_rag.training import ExampleBuilder
+    from tests.readers.conftest import tiny_chat_llama
+
+    reader = ClosedBookReader(tiny_chat_llama(chat_tokenizer), chat_tokenizer)
+    pool = [Passage(i, a.text, title=a.title) for i, a in enumerate(ARTICLES)]
+    queries = []
+
+    def retrieve(texts, k):
+        queries.extend(texts)
+        return [pool[:k] for _ in texts]
+
+    for stage in ("find", "swap"):
+        builder = ExampleBuilder(chat_tokenizer, reader.chat_ids, seed=0)
+        examples = build_swapped_examples(stage, ARTICLES, builder, retrieve, min_passages=1, max_passages=3,
+                                          forbidden=set(), curriculum=False)
+        assert len(examples) == len(ARTICLES)
+        for article, example in zip(ARTICLES, examples):
+            assert 1 <= len(example.chunks) <= 3
+            assert not any(article.title in chunk for chunk in example.chunks)  # the subject is renamed everywhere
+            target = chat_tokenizer.decode(example.target_ids).removesuffix("<|im_end|>").strip()
+            assert sum(target in chunk for chunk in example.chunks) >= 1
+            assert example.prompt_ids == reader.chat_ids(example.question)
+    assert all(query in " ".join(a.text for a in ARTICLES) for query in queries)  # retrieved for the real text
