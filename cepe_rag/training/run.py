@@ -128,7 +128,7 @@ def swapped_examples(stage: str, builder: ExampleBuilder, *, corpus: str, langua
     from cepe_rag.pipelines.rag import Retriever  # here: a run folder with its examples trains without faiss
 
     articles = load_articles(corpus, languages=languages)
-    forbidden = {word.lower() for article in articles for word in re.findall(r"\w+", article.text + " " + article.title)}
+    forbidden = {word.lower() for a in articles for word in re.findall(r"\w+", f"{a.title} {a.text}")}
     training = [a for a in articles if not a.is_validation]
     builder.rng.shuffle(training)
     training = training[:max_articles] if max_articles else training

@@ -100,7 +100,8 @@ def swapped_question(article: Article, names: SwapNames, rng: random.Random) -> 
         names_it = any(name in question for name in subject) or any(name in answer for name in subject)
         if BLANK in question or answer not in gold.text or not names_it:
             continue
-        return TrainingQuestion(question, [answer], gold=gold), {"mapping": mapping, "query": blanked.replace(BLANK, span)}
+        query = blanked.replace(BLANK, span)  # the original sentence: what the distractors are retrieved for
+        return TrainingQuestion(question, [answer], gold=gold), {"mapping": mapping, "query": query}
     return None
 
 

@@ -3,7 +3,6 @@
 import random
 
 from cepe_rag.eval.owndocs import generate
-from cepe_rag.training.corpus import Article
 from cepe_rag.training.swapping import (
     SwapNames,
     apply_mapping,
