@@ -93,6 +93,8 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
                      "--min-passages", "1", "--max-passages", str(args.max_passages), "--max-decoder-tokens", "48",
                      "--eval-every", "100", "--save-every", "25", "--seed", str(seed), "--bf16",
                      "--max-minutes", str(args.slice_minutes), "--validation", "64"]
+    if stage == "find":  # one pass: encode only the articles its steps will read
+        command += ["--max-articles", str(steps * 8)]
     if (out / "checkpoint").exists() or not init:
         command += ["--encoder", args.encoder, "--cross-attn-layers", str(args.cross_attn_layers)]
     if init:

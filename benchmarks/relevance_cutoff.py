@@ -23,8 +23,9 @@ from cepe_rag.eval.data import load_questions
 from cepe_rag.eval.metrics import paired_bootstrap, postprocess, substring_match
 from cepe_rag.eval.runner import answerable_subset
 from cepe_rag.models import resolve_dtype
-from cepe_rag.pipelines.rag import Retriever, read_within
+from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import GenerationConfig, build_reader
+from cepe_rag.readers.base import read_selection
 from cepe_rag.settings import ReaderSpec
 
 
@@ -70,7 +71,7 @@ def main() -> None:
                 for margin in margins:
                     correct, read, started = [], [], time.perf_counter()
                     for question, passages in zip(questions, found):
-                        kept = read_within(passages[:cap], margin)
+                        kept = read_selection(passages[:cap], margin)[0]
                         key = (name, question.id, tuple(p.id for p in kept))
                         if key not in answers:
                             answers[key] = postprocess(reader.answer(question.question, kept).text)

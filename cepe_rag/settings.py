@@ -20,6 +20,10 @@ DEFAULT_PROMPT_STYLE = "instruction"
 # Passages read per question: with the default reader, 5 answers more own-documents questions than 20 and as many
 # NQ questions (README, "The own-documents benchmark").
 DEFAULT_K = 5
+# The relevance cutoff: read only the retrieved passages (up to k) whose cosine similarity to the question is within
+# this margin of the best passage's; None reads all k (README, "Relevance cutoff": chosen on the own-documents
+# tuning questions and NQ questions 501+).
+DEFAULT_READ_MARGIN: float | None = 0.0
 # How passages are found: dense (MiniLM + FAISS), lexical (BM25 over SQLite FTS5), or hybrid (both, fused by
 # reciprocal rank). Chosen by measured recall@20 (README, "Retrieval").
 RETRIEVAL_MODES = ("hybrid", "dense", "lexical")
@@ -86,6 +90,7 @@ class ReaderSpec:
     ape_scale: float = APE_SCALE  # parallel
     most_relevant: str = "first"  # concat: where the best passage goes
     cross_kv_budget_mb: float = CROSS_KV_BUDGET_MB  # cepe: cache cross-attention K/V up to this; beyond, absorb
+    read_margin: float | None = DEFAULT_READ_MARGIN  # the relevance cutoff; None reads every retrieved passage
 
     @property
     def label(self) -> str:
@@ -103,6 +108,8 @@ class ReaderSpec:
     def settings(self) -> dict:
         """What an evaluation records for this reader, to refuse resuming a run with other settings."""
         common = {"decoder": self.decoder, "prompt": self.prompt_style}
+        if self.reader != "closed-book" and self.read_margin is not None:  # absent: every passage read (fixed k)
+            common["read_margin"] = self.read_margin
         if self.reader == "cepe":
             return {**common, "cepe_model": self.cepe_model or "packaged", "n_prompt_passages": self.n_prompt_passages}
         if self.reader == "parallel":

@@ -33,6 +33,7 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
     usage: dict[str, int] = field(default_factory=dict)
     abstained: str | None = None  # why no passage answers it (the text then says so); None: the reader answered
+    read_rule: str = ""  # which retrieved passages the reader read, and why (the relevance cutoff)
 
 
 MAX_QUESTION_CHARS = 20_000

@@ -39,6 +39,7 @@ from cepe_rag.settings import (
     DEFAULT_PROMPT_STYLE,
     DEFAULT_RAY_BATCH_DOCUMENTS,
     DEFAULT_RAY_WORKERS,
+    DEFAULT_READ_MARGIN,
     DEFAULT_READER,
     DEFAULT_RETRIEVAL,
     DTYPES,
@@ -81,6 +82,11 @@ READER_OPTIONS = [
         help="cepe: cache the cross-attention K/V of a request up to this many MiB; beyond, never form them and "
              "attend to the encoder states through the projections (equal answers to rounding, an eighth of the "
              "memory with 8 layers, decoding about as fast).")], CROSS_KV_BUDGET_MB),
+    _option("read_margin", Annotated[float, typer.Option(
+        help="Relevance cutoff: read the retrieved passages (up to --k) whose similarity to the question is within "
+             "this margin of the best one's (README, 'Relevance cutoff').")], DEFAULT_READ_MARGIN),
+    _option("cutoff", Annotated[bool, typer.Option(
+        help="--no-cutoff reads all --k passages, however unrelated to the question.")], True),
     _option("prompt_style", Annotated[str, typer.Option(
         "--prompt", help="instruction (a system instruction asking for a short answer), fewshot (plus two worked "
                          "examples of short answers) or query-aware (instruction, and the question before the "
@@ -95,7 +101,12 @@ def reader_options(command):
 
     @functools.wraps(command)
     def with_options(*args, **kwargs):
-        return command(*args, spec_options={p.name: kwargs.pop(p.name) for p in READER_OPTIONS}, **kwargs)
+        spec_options = {p.name: kwargs.pop(p.name) for p in READER_OPTIONS}
+        if not spec_options.pop("cutoff"):
+            spec_options["read_margin"] = None
+        elif spec_options["read_margin"] < 0:
+            raise CepeRagError("--read-margin must be 0 or more")
+        return command(*args, spec_options=spec_options, **kwargs)
 
     with_options.__signature__ = inspect.Signature([*own, *READER_OPTIONS])
     return with_options
@@ -324,7 +335,8 @@ app.add_typer(docs_app, name="docs")
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     index_dir: IndexOption = DEFAULT_INDEX,
-    k: Annotated[int, typer.Option("--k", help="Passages to retrieve.")] = DEFAULT_K,
+    k: Annotated[int, typer.Option("--k", help="Passages to retrieve; the relevance cutoff reads those close to the "
+                                               "best one (--no-cutoff: all of them).")] = DEFAULT_K,
     reader: Annotated[str | None, typer.Option(help="concat, parallel, closed-book, or cepe. Default: cepe when "
                                                     "--cepe-model is given, else concat.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = 96,
@@ -392,7 +404,7 @@ def ask(
     t = answer.timings
     console.print(f"[dim]retrieval {t['retrieval_s'] * 1000:.0f} ms · first token {t['first_token_s']:.2f} s · "
                   f"generation {t['total_s']:.2f} s · {answer.usage['prompt_tokens']} prompt tokens · "
-                  f"{answer.usage['passages_read']} of {answer.usage['passages_retrieved']} passages read[/]")
+                  f"{answer.read_rule or 'no passage read'}[/]", highlight=False)
 
 
 def check_options(k: list[int], specs: list, dtype: str | None, retrieval: str = DEFAULT_RETRIEVAL) -> None:

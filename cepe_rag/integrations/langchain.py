@@ -31,6 +31,7 @@ from cepe_rag.settings import (
     DEFAULT_DECODER,
     DEFAULT_K,
     DEFAULT_PROMPT_STYLE,
+    DEFAULT_READ_MARGIN,
     DEFAULT_READER,
     DEFAULT_RETRIEVAL,
     ReaderSpec,
@@ -59,7 +60,8 @@ def to_passages(contexts: Sequence[ContextLike]) -> list[Passage]:
             meta = context.metadata or {}
             passages.append(Passage(id=meta.get("id", position), text=context.page_content,
                                     title=str(meta.get("title", "")), source=str(meta.get("source", "")),
-                                    score=float(meta.get("score", 0.0))))
+                                    score=float(meta.get("score", 0.0)), dense_score=meta.get("dense_score"),
+                                    lexical_score=meta.get("lexical_score")))
         else:
             passages.append(Passage(id=position, text=str(context)))
     return passages
@@ -107,6 +109,7 @@ class CepeLLM(BaseLLM):
     prompt_style: str = DEFAULT_PROMPT_STYLE
     cepe_model: str | None = None
     n_prompt_passages: int = 0
+    read_margin: float | None = DEFAULT_READ_MARGIN  # the relevance cutoff (None: read all k passages)
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -136,12 +139,13 @@ class CepeLLM(BaseLLM):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"decoder": self.decoder, "reader": self.reader, "prompt_style": self.prompt_style,
-                "cepe_model": self.cepe_model,
+                "cepe_model": self.cepe_model, "read_margin": self.read_margin,
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "k": self.k}
 
     def make_reader(self, system_prompt: str | None = None, history: list[dict] | None = None) -> Reader:
         spec = ReaderSpec(reader=self.reader, decoder=self.decoder, prompt_style=self.prompt_style,
-                          cepe_model=self.cepe_model, n_prompt_passages=self.n_prompt_passages)
+                          cepe_model=self.cepe_model, n_prompt_passages=self.n_prompt_passages,
+                          read_margin=self.read_margin)
         generation = GenerationConfig(max_new_tokens=self.max_tokens, temperature=self.temperature,
                                       top_p=self.top_p, seed=self.seed)
         reader = build_reader(spec, generation=generation, device=self.device or default_device(),
@@ -171,6 +175,7 @@ class CepeLLM(BaseLLM):
         answers = reader.answer_batch(prompts, passages, **self._config(stop))
         return LLMResult(generations=[[GenerationChunk(text=a.text, generation_info={
             "sources": [p.source for p in a.passages], "passages_read": a.usage.get("passages_read", 0),
+            "read_rule": a.read_rule,
             "timings": a.timings})] for a in answers])
 
     def _stream(self, prompt: str, stop: list[str] | None = None,

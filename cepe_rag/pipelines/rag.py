@@ -110,15 +110,6 @@ def relevance(passages: list[Passage]) -> float | None:
     return max(scores) if scores else None
 
 
-def read_within(passages: list[Passage], margin: float) -> list[Passage]:
-    """The passages whose cosine similarity is within `margin` of the best one's, in their retrieved order (all of
-    them when no cosine is known, e.g. lexical retrieval)."""
-    best = relevance(passages)
-    if best is None:
-        return list(passages)
-    return [p for p in passages if p.dense_score is None or p.dense_score >= best - margin]
-
-
 @dataclass(frozen=True)
 class Abstention:
     """When to answer NOT_IN_DOCUMENTS instead of reading: the best passage's cosine similarity is below `floor`,

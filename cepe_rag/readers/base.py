@@ -37,6 +37,7 @@ class PreparedPrompt:
     ids: list[int]
     passages: list[Passage]
     plan: Any = None
+    read_rule: str = ""  # which of the given passages were read, and why (the relevance cutoff)
 
 
 class Reader:
@@ -47,9 +48,13 @@ class Reader:
     reads_passages = True  # False: retrieval is skipped, and the fewshot demonstrations carry no document
 
     def __init__(self, model, tokenizer, *, generation: GenerationConfig | None = None,
-                 system_prompt: str = SYSTEM_PROMPT, prompt_style: str = DEFAULT_PROMPT_STYLE):
+                 system_prompt: str = SYSTEM_PROMPT, prompt_style: str = DEFAULT_PROMPT_STYLE,
+                 read_margin: float | None = None):
         check_choice(prompt_style, PROMPT_STYLES, "prompt style")
+        if read_margin is not None and not read_margin >= 0:
+            raise CepeRagError(f"the relevance cutoff's margin must be 0 or more, not {read_margin}")
         self.model = model
+        self.read_margin = read_margin  # None: read every passage given (a fixed k)
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig()
         self.system_prompt = system_prompt
@@ -125,12 +130,21 @@ class Reader:
     def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
         raise NotImplementedError
 
+    def prepare_request(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
+        """`prepare` on the passages the relevance cutoff keeps: those whose cosine similarity to the question is
+        within `read_margin` of the best passage's (README, "Relevance cutoff"); the rule is recorded."""
+        kept, rule = read_selection(passages, self.read_margin if self.reads_passages else None)
+        prepared = self.prepare(question, kept)
+        prepared.read_rule = rule if len(prepared.passages) == len(kept) else \
+            f"{rule}; {len(prepared.passages)} fit the decoder's window"
+        return prepared
+
     # --- decoding ----------------------------------------------------------------------------------
 
     def stream_batch(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]],
                      generation: GenerationConfig | None = None) -> Iterator[list[str]]:
         """Text deltas for every question after each decoding step."""
-        prepared = [self.prepare(q, p) for q, p in zip(questions, passages)]
+        prepared = [self.prepare_request(q, p) for q, p in zip(questions, passages)]
         yield from self.stream_prepared(prepared, generation or self.generation)
 
     def stream(self, question: str, passages: Sequence[Passage], **generation) -> Iterator[str]:
@@ -149,7 +163,7 @@ class Reader:
         if len(questions) != len(passages):
             raise ValueError("one passage list per question")
         config = replace(self.generation, **generation)
-        prepared = [self.prepare(q, p) for q, p in zip(questions, passages)]
+        prepared = [self.prepare_request(q, p) for q, p in zip(questions, passages)]
         texts = [""] * len(questions)
         steps = 0
         started = time.perf_counter()
@@ -165,7 +179,8 @@ class Reader:
         timings = {"first_token_s": (first_token or time.perf_counter()) - started, "total_s": total}
         return [
             Answer(text=text.strip(), passages=list(prep.passages), reader=self.name, timings=dict(timings),
-                   usage={"prompt_tokens": len(prep.ids), "decode_steps": steps, "passages_read": len(prep.passages)})
+                   usage={"prompt_tokens": len(prep.ids), "decode_steps": steps, "passages_read": len(prep.passages)},
+                   read_rule=prep.read_rule)
             for text, prep in zip(texts, prepared)
         ]
 
@@ -177,6 +192,22 @@ class Reader:
         """The decoding state of these prepared requests, before its first step (`limits`: new tokens per row)."""
         return DecodeBatch(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.device,
                            limits=limits)
+
+
+def read_selection(passages: Sequence[Passage], margin: float | None) -> tuple[list[Passage], str]:
+    """(the passages to read, why): those within `margin` of the best cosine similarity, in their order; all of
+    them without a margin or without similarities (passages given by the caller, lexical retrieval)."""
+    passages = list(passages)
+    scores = [p.dense_score for p in passages if p.dense_score is not None]
+    if not passages:
+        return [], ""
+    if margin is None or not scores:
+        why = "no relevance cutoff" if margin is None else "no similarities to compare"
+        return passages, f"read {len(passages)} of {len(passages)} passages ({why})"
+    best = max(scores)
+    kept = [p for p in passages if p.dense_score is None or p.dense_score >= best - margin]
+    return kept, (f"read {len(kept)} of {len(passages)} passages: those within {margin:g} of the best similarity "
+                  f"({best:.2f})")
 
 
 def passage_block(text: str) -> str:

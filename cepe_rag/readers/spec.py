@@ -35,7 +35,8 @@ def build_reader(spec: ReaderSpec, *, generation: GenerationConfig | None = None
                              "cross_kv_budget_mb": spec.cross_kv_budget_mb},
                     "concat": {"most_relevant": spec.most_relevant},
                     "parallel": {"ape_temperature": spec.ape_temperature, "ape_scale": spec.ape_scale}}
-    options = {"generation": generation, "prompt_style": spec.prompt_style, **own_settings.get(spec.reader, {})}
+    options = {"generation": generation, "prompt_style": spec.prompt_style, "read_margin": spec.read_margin,
+               **own_settings.get(spec.reader, {})}
     if system_prompt:
         options["system_prompt"] = system_prompt
     if spec.reader == "cepe":

@@ -149,7 +149,8 @@ def create_app(service: RagService, *, api_key: str | None = None) -> FastAPI:
         try:
             if job.abstained:  # no retrieved passage is relevant enough: answered without the model
                 job.text = NOT_IN_DOCUMENTS
-                for event in (("start", job.passages, 0), ("delta", NOT_IN_DOCUMENTS), ("end", "stop", 0)):
+                rule = f"no passage read: {job.abstained}"
+                for event in (("start", job.passages, 0, rule), ("delta", NOT_IN_DOCUMENTS), ("end", "stop", 0)):
                     job.events.put_nowait(event)
             else:
                 service.batcher.submit(job)
@@ -160,7 +161,9 @@ def create_app(service: RagService, *, api_key: str | None = None) -> FastAPI:
             start = await next_event(job, request)
             if start[0] == "error":
                 raise start[1]
-            completion = Completion(body.model, sources=start[1], prompt_tokens=start[2])
+            read = {"passages_retrieved": len(job.passages),
+                    "passages_read": 0 if job.abstained else len(start[1]), "rule": start[3]}
+            completion = Completion(body.model, sources=start[1], prompt_tokens=start[2], read=read)
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return StreamingResponse(stream_events(service, job, completion, include_usage),
@@ -273,8 +276,9 @@ async def next_event(job: Job, request: Request, poll_s: float = 0.25) -> tuple:
 class Completion:
     """The response objects of one chat completion, in OpenAI's format, with the passages read as `sources`."""
 
-    def __init__(self, model: str, *, sources: list[Passage], prompt_tokens: int):
+    def __init__(self, model: str, *, sources: list[Passage], prompt_tokens: int, read: dict | None = None):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.read = read or {}  # how many passages were retrieved and read, and why (the relevance cutoff)
         self.created = int(time.time())
         self.model = model
         self.sources = [passage_json(p) for p in sources]
@@ -291,7 +295,7 @@ class Completion:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
                   "logprobs": None}
         return {**self.base("chat.completion"), "choices": [choice], "usage": self.usage(completion_tokens),
-                "sources": self.sources}
+                "sources": self.sources, "read": self.read}
 
     def chunk(self, delta: dict, finish_reason: str | None = None, **extra) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
@@ -307,7 +311,7 @@ async def stream_events(service: RagService, job: Job, completion: Completion,
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. When the client disconnects,
     Starlette cancels this generator, and `finally` frees the job's row."""
     try:
-        yield completion.chunk({"role": "assistant", "content": ""}, sources=completion.sources)
+        yield completion.chunk({"role": "assistant", "content": ""}, sources=completion.sources, read=completion.read)
         while True:
             event = await job.events.get()
             if event[0] == "delta":

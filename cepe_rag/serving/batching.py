@@ -31,8 +31,8 @@ class QueueFull(Exception):
 @dataclass(eq=False)  # compared by identity: the waiting queue removes exactly this job
 class Job:
     """One chat request on its way through the batcher. The worker thread reports back through `events`:
-    ("start", passages read, prompt tokens), then ("delta", text)..., then ("end", finish reason, completion
-    tokens); or ("error", ApiError) at any point."""
+    ("start", passages read, prompt tokens, which were read and why), then ("delta", text)..., then ("end", finish
+    reason, completion tokens); or ("error", ApiError) at any point."""
 
     reader: str
     question: str
@@ -189,7 +189,7 @@ class Batcher:
             view.system_prompt = job.system_prompt or reader.system_prompt
             view.generation = replace(job.generation, max_new_tokens=self.reserved_answer_tokens)
             try:
-                prepared.append(view.prepare(job.question, job.passages))
+                prepared.append(view.prepare_request(job.question, job.passages))
             except CepeRagError as error:  # too long for the decoder's window
                 job.finished = True
                 job.send("error", ApiError(400, str(error), param="messages", code="context_length_exceeded"))
@@ -199,7 +199,7 @@ class Batcher:
             return None
         self.batches += 1
         for job, prompt in zip(rows, prepared):
-            job.send("start", list(prompt.passages), len(prompt.ids))
+            job.send("start", list(prompt.passages), len(prompt.ids), prompt.read_rule)
         limits = [job.generation.max_new_tokens for job in rows]
         try:
             batch = reader.start(prepared, replace(rows[0].generation, max_new_tokens=max(limits)), limits=limits)

@@ -41,7 +41,7 @@ class ScriptedReader:
 
     tokenizer = tokenizer()
 
-    def prepare(self, question, passages):
+    def prepare_request(self, question, passages):
         from cepe_rag.readers.base import PreparedPrompt
 
         return PreparedPrompt([1, 2, 3], list(passages))
