@@ -95,13 +95,43 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
                      "--max-minutes", str(args.slice_minutes), "--validation", "64"]
     if stage == "find":  # one pass: encode only the articles its steps will read
         command += ["--max-articles", str(steps * 8)]
+    else:  # encoded as the steps reach them, kept in one file for every later slice and session of this encoder
+        states = Path(args.runs) / f"states_{args.encoder.replace(':', '')}.safetensors"
+        command += ["--lazy-states", "--states-cache", str(states)]
     if (out / "checkpoint").exists() or not init:
         command += ["--encoder", args.encoder, "--cross-attn-layers", str(args.cross_attn_layers)]
     if init:
         command += ["--init", init]
     subprocess.run(command, env=one_thread(), check=True)
     shutil.copy(out / "log.jsonl", RESULTS / f"log_{out.name}.jsonl")
+    plot_curves()
     return out
+
+
+def plot_curves() -> None:
+    """loss_curves.png: training CE (mean of 25 steps) and validation CE of every run, against examples trained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    for path in sorted(RESULTS.glob("log_*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        name = path.stem.removeprefix("log_")
+        steps = [r["step"] * 8 for r in records]
+        smooth = [sum(r["ce"] for r in records[max(0, i - 24): i + 1]) / len(records[max(0, i - 24): i + 1])
+                  for i in range(len(records))]
+        axis.plot(steps, smooth, label=f"{name} train")
+        held = [(r["step"] * 8, r["val_ce"]) for r in records if "val_ce" in r]
+        if held:
+            axis.plot(*zip(*held), marker="o", linestyle="--", label=f"{name} validation")
+    axis.set_xlabel("examples trained (this run)")
+    axis.set_ylabel("cross-entropy per answer token")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(RESULTS / "loss_curves.png", dpi=110)
 
 
 def main() -> None:

@@ -639,6 +639,11 @@ def train_command(
                                                     "elsewhere: the folder is all a training machine needs).")] = False,
     schedule: Annotated[str, typer.Option(help="Learning rate after the warmup: cosine (to zero at --steps) or "
                                                "constant (a run continued session after session).")] = "cosine",
+    states_cache: Annotated[Path | None, typer.Option(
+        help="The frozen encoder's passage states (default: encoder_states.safetensors in --out); runs with the same "
+             "encoder can share one file.")] = None,
+    lazy_states: Annotated[bool, typer.Option(
+        help="Encode a passage when a step first reads it, not all before training starts.")] = False,
 ) -> None:
     """Give the decoder CEPE cross-attention: train it on a stage of the recipe (resumable; multi-GPU with
     `accelerate launch -m cepe_rag.cli.app train ...`)."""
@@ -659,6 +664,7 @@ def train_command(
                            max_passages=max_passages, max_articles=max_articles, n_validation=validation,
                            max_decoder_tokens=max_decoder_tokens, questions=questions or [], min_passages=min_passages,
                            unanswerable=unanswerable, device=device or default_device(), prepare_only=prepare_only,
+                           states_file=states_cache, lazy_states=lazy_states,
                            log=lambda line: console.print(line, highlight=False))
     if prepare_only:
         console.print(f"examples in {out}; train them with the same command without --prepare-only")

@@ -189,7 +189,8 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
                  num_cross_attn_layers: int, init_mode: str, corpus: str, languages: tuple[str, ...],
                  index: Path | None, max_passages: int, max_articles: int, n_validation: int, device: str,
                  max_decoder_tokens: int = 256, questions: Sequence[str] = (), min_passages: int = 5,
-                 unanswerable: str = "skip", prepare_only: bool = False, log=print) -> list[dict]:
+                 unanswerable: str = "skip", prepare_only: bool = False, states_file: Path | None = None,
+                 lazy_states: bool = False, log=print) -> list[dict]:
 
     if init:
         model = load_cepe(init, device=device)  # trained weights kept: no re-initialisation
@@ -216,29 +217,63 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
         else:  # started from a released checkpoint: save in its layout
             trained.save_pretrained(folder)
 
-    cache = None
-    if not config.train_encoder:
-        cache = encoder_states(model, [*examples, *validation], out / "encoder_states.safetensors", bf16=config.bf16,
-                               log=log)
-    return train(model, examples, config, out, validation=validation, save_model=save, state_cache=cache)
+    if config.train_encoder:
+        return train(model, examples, config, out, validation=validation, save_model=save)
+    states_path = states_file or out / "encoder_states.safetensors"
+    cache = encoder_states(model, [*examples, *validation], states_path, bf16=config.bf16, lazy=lazy_states, log=log)
+    known = len(cache)
+    try:
+        return train(model, examples, config, out, validation=validation, save_model=save, state_cache=cache)
+    finally:
+        if len(cache) > known:  # what this run encoded, kept for the next one (also when it is interrupted)
+            save_encoder_states(cache, states_path)
 
 
-def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: bool, log=print) -> ChunkStateCache:
-    """Every distinct chunk encoded once by the frozen encoder (fp16, saved in the run folder: a resumed or
-    repeated run with the same encoder and texts loads them)."""
+def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: bool, lazy: bool = False,
+                   log=print) -> ChunkStateCache:
+    """The frozen encoder's states of every distinct chunk, fp16, loaded from `path` where it has them: stored by a
+    digest of each text, under the encoder's stamp (weights, tokenizer, chunking), so runs with the same encoder
+    may share the file. The others are encoded now and saved, or, `lazy`, when a training step first reads them (a
+    run then starts at once and encodes only what its steps reach; `save_encoder_states` keeps them for the next
+    run)."""
     texts = sorted({chunk for e in examples for chunk in e.chunks})
-    encoder = json.dumps(model.encoder.config.to_dict(), sort_keys=True, default=str)
-    key = hashlib.sha1("\x00".join([encoder, *texts]).encode()).hexdigest()  # states of this encoder, these texts
     cache = ChunkStateCache(model, store_dtype=torch.float16)
     if path.exists():
         stored = load_file(str(path), device=str(model.device))
-        if stored.pop("__key__", torch.zeros(0)).cpu().numpy().tobytes().decode(errors="ignore") == key:
+        if _stored_key(stored.pop("__key__", None)) == _texts_key(model, texts):  # one run folder's older layout
             cache.states.update((text, stored[str(i)]) for i, text in enumerate(texts))
-            return cache
-    log(f"encoding {len(texts)} distinct passages once with the frozen encoder")
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-        cache.lookup(texts)
-    tensors = {str(i): cache.states[text].contiguous() for i, text in enumerate(texts)}
-    tensors["__key__"] = torch.frombuffer(bytearray(key.encode()), dtype=torch.uint8)
-    atomic_write(path, save(tensors))
+        elif _stored_key(stored.pop("__encoder__", None)) == _encoder_key(model):
+            cache.states.update((text, stored[name]) for text in texts if (name := _text_key(text)) in stored)
+    missing = [text for text in texts if text not in cache.states]
+    if missing and not lazy:
+        log(f"encoding {len(missing)} distinct passages once with the frozen encoder")
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            cache.lookup(missing)
+        save_encoder_states(cache, path)
+    elif missing:
+        log(f"{len(texts) - len(missing)} of {len(texts)} distinct passages' states loaded; the rest are encoded as "
+            "training reaches them")
     return cache
+
+
+def save_encoder_states(cache: ChunkStateCache, path: Path) -> None:
+    tensors = {_text_key(text): state.contiguous() for text, state in cache.states.items()}
+    tensors["__encoder__"] = torch.frombuffer(bytearray(_encoder_key(cache.model).encode()), dtype=torch.uint8)
+    atomic_write(path, save(tensors))
+
+
+def _encoder_key(model) -> str:
+    return model.states_stamp()  # its weights, tokenizer and chunking: what the index's stored states are keyed by
+
+
+def _texts_key(model, texts: list[str]) -> str:
+    encoder = json.dumps(model.encoder.config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha1("\x00".join([encoder, *texts]).encode()).hexdigest()
+
+
+def _text_key(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _stored_key(tensor: torch.Tensor | None) -> str | None:
+    return None if tensor is None else tensor.cpu().numpy().tobytes().decode(errors="ignore")

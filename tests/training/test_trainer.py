@@ -211,3 +211,33 @@ def test_the_decoders_first_layers_as_a_bidirectional_encoder(chat_tokenizer):
     with torch.no_grad():
         first, second = encoder(input_ids=ids).last_hidden_state, encoder(input_ids=changed).last_hidden_state
     assert not torch.allclose(first[0, 0], second[0, 0])  # the first token sees the last: not causal
+
+
+def test_encoder_states_are_shared_by_text_and_encoded_lazily(chat_tokenizer, minilm_tokenizer, tmp_path):
+    from cepe_rag.training.run import encoder_states, save_encoder_states
+
+    model = tiny_model(chat_tokenizer, minilm_tokenizer)
+    first, second = copy_examples(chat_tokenizer, n=6, seed=1), copy_examples(chat_tokenizer, n=6, seed=2)
+    shared = tmp_path / "states.safetensors"
+    lazy = encoder_states(model, first, shared, bf16=False, lazy=True)
+    assert len(lazy) == 0 and not shared.exists()  # nothing encoded before a step reads it
+    texts = sorted({c for e in first for c in e.chunks})
+    expected = lazy.lookup(texts)
+    save_encoder_states(lazy, shared)
+    eager = encoder_states(model, first + second, shared, bf16=False)  # another run: loads first's, encodes second's
+    assert all(torch.equal(eager.states[t], s) for t, s in zip(texts, expected))
+    assert set(eager.states) == {c for e in first + second for c in e.chunks}
+    other = tiny_model(chat_tokenizer, minilm_tokenizer, seed=1)  # another encoder: nothing loaded from that file
+    assert len(encoder_states(other, first, shared, bf16=False, lazy=True)) == 0
+
+
+def test_a_curriculum_keeps_the_example_order_by_blocks():
+    from cepe_rag.training.trainer import _order
+
+    config = TrainConfig(batch_size=2, curriculum=True)
+    order = _order(200, config, 1, 0)
+    first_epoch = [i for step in range(100) for i in order(step)]
+    assert sorted(first_epoch) == list(range(200)) and first_epoch != list(range(200))
+    assert sorted(first_epoch[:64]) == list(range(64))  # blocks of 32 steps, shuffled inside
+    plain = _order(200, TrainConfig(batch_size=2), 1, 0)
+    assert sorted(i for step in range(100) for i in plain(step)[:1])[-1] > 150  # no curriculum: any example early
