@@ -195,8 +195,10 @@ class Reader:
 
 
 def read_selection(passages: Sequence[Passage], margin: float | None) -> tuple[list[Passage], str]:
-    """(the passages to read, why): those within `margin` of the best cosine similarity, in their order; all of
-    them without a margin or without similarities (passages given by the caller, lexical retrieval)."""
+    """(the passages to read, why): the first one (the retriever's best: hybrid ranking puts an exact name match
+    first even where its cosine is not the highest) and those within `margin` of the best cosine similarity, in
+    their order; all of them without a margin or without similarities (the caller's own passages, lexical
+    retrieval)."""
     passages = list(passages)
     scores = [p.dense_score for p in passages if p.dense_score is not None]
     if not passages:
@@ -205,9 +207,9 @@ def read_selection(passages: Sequence[Passage], margin: float | None) -> tuple[l
         why = "no relevance cutoff" if margin is None else "no similarities to compare"
         return passages, f"read {len(passages)} of {len(passages)} passages ({why})"
     best = max(scores)
-    kept = [p for p in passages if p.dense_score is None or p.dense_score >= best - margin]
-    return kept, (f"read {len(kept)} of {len(passages)} passages: those within {margin:g} of the best similarity "
-                  f"({best:.2f})")
+    kept = passages[:1] + [p for p in passages[1:] if p.dense_score is None or p.dense_score >= best - margin]
+    return kept, (f"read {len(kept)} of {len(passages)} passages: the top-ranked and those within {margin:g} of the "
+                  f"best similarity ({best:.2f})")
 
 
 def passage_block(text: str) -> str:
