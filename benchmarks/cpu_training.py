@@ -47,7 +47,8 @@ def tuning_score(summary: list[dict]) -> float:
 def evaluate(adapter: Path, name: str, args) -> dict:
     out = Path(args.runs) / "eval" / name
     command = CLI + ["eval", "--questions", args.questions, "--index", args.eval_index, "--readers", "cepe",
-                     "--cepe-model", str(adapter), "--k", args.eval_k, "--out", str(out), "--dtype", "bfloat16"]
+                     "--cepe-model", str(adapter), "--k", args.eval_k, "--out", str(out), "--dtype", "bfloat16",
+               "--no-cutoff"]  # k passages read, whatever the default relevance cutoff: the bar is about k=20
     subprocess.run(command, env=one_thread(), check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
     return {"adapter": name, "score": tuning_score(summary), "summary": summary, "time": time.strftime("%F %T")}
