@@ -11,6 +11,7 @@ and question where every runner-up token within 2 nats still leads to the assert
 """
 
 import pytest
+import torch
 from langchain_core.documents import Document
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
@@ -64,6 +65,7 @@ def llm():
 
 def test_contexts_reach_the_reader_not_the_prompt(prompts):
     llm = CepeLLM(max_tokens=32, dtype="float32")  # a content check: float32 (see FILM)
+    assert llm.make_reader().model.dtype == torch.float32
     result = llm.generate([QUESTION], contexts=FILM)
     generation = result.generations[0][0]
     assert "Kubrick" in generation.text
