@@ -89,12 +89,19 @@ def publish_folder(tmp: Path, target: Path) -> None:
             raise
 
 
+DTYPE_VARIABLE = "CEPE_RAG_DTYPE"
+
+
 def resolve_dtype(name: str | None, device: str):
-    """A torch dtype from its name. None: bfloat16 on a GPU and on a CPU that computes it natively (AMX,
-    AVX512-BF16: 2-3x faster than float32 here, same answers on the QA benchmarks), else float32 (emulated
-    bfloat16 is several times slower)."""
+    """A torch dtype from its name. None: the CEPE_RAG_DTYPE environment variable if set, else bfloat16 on a GPU
+    and on a CPU that computes it natively (AMX, AVX512-BF16: 2-3x faster than float32 here, same answers on the
+    QA benchmarks), else float32 (emulated bfloat16 is several times slower). The variable lets every entry point
+    (command line, LangChain, server) take another CPU's default, e.g. float32 when tests emulate an AVX2 CPU."""
     import torch
 
+    if not name and os.environ.get(DTYPE_VARIABLE):
+        name = os.environ[DTYPE_VARIABLE]
+        check_choice(name, DTYPES, f"dtype (environment variable {DTYPE_VARIABLE})")
     native = str(device).startswith("cuda") or (str(device) == "cpu" and cpu_has_fast_bfloat16())
     name = name or ("bfloat16" if native else "float32")
     check_choice(name, DTYPES, "dtype")

@@ -36,6 +36,26 @@ def test_fast_bfloat16_detection_reads_the_cpu_flags(tmp_path, flags, expected):
     assert cpu_has_fast_bfloat16(tmp_path / "missing") is None
 
 
+def test_the_default_dtype_follows_cepe_rag_dtype(monkeypatch):
+    """`make test-isa` gives the tests the dtype an emulated CPU would default to: the flags in /proc/cpuinfo do not
+    change with the kernel caps."""
+    import torch
+
+    from cepe_rag.models import resolve_dtype
+    from cepe_rag.types import CepeRagError
+
+    monkeypatch.setenv("CEPE_RAG_DTYPE", "float32")
+    assert resolve_dtype(None, "cpu") is torch.float32 and resolve_dtype(None, "cuda") is torch.float32
+    assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16  # --dtype (or dtype=) still wins
+    monkeypatch.setenv("CEPE_RAG_DTYPE", "bfloat16")
+    assert resolve_dtype(None, "cpu") is torch.bfloat16
+    monkeypatch.setenv("CEPE_RAG_DTYPE", "float64")
+    with pytest.raises(CepeRagError, match="unknown dtype \\(environment variable CEPE_RAG_DTYPE\\) 'float64'"):
+        resolve_dtype(None, "cpu")
+    monkeypatch.setenv("CEPE_RAG_DTYPE", "")  # empty: unset
+    assert resolve_dtype(None, "cpu") is (torch.bfloat16 if cpu_has_fast_bfloat16() else torch.float32)
+
+
 def test_query_embedder_gives_the_sentence_transformers_vectors():
     from cepe_rag.models import MeanPoolingEmbedder, embedder_path, load_embedder, load_query_embedder
 

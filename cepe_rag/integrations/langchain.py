@@ -22,7 +22,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from cepe_rag.indexes import open_store
 from cepe_rag.indexes.layout import check_store_options
-from cepe_rag.models import default_device, load_embedder
+from cepe_rag.models import default_device, load_embedder, resolve_dtype
 from cepe_rag.pipelines.context_states import use_stored_states
 from cepe_rag.pipelines.rag import PassageFilter, Retriever
 from cepe_rag.readers import GenerationConfig, Reader, build_reader
@@ -119,6 +119,8 @@ class CepeLLM(BaseLLM):
     retriever: BaseRetriever | None = None
     k: int = DEFAULT_K
     device: str | None = None
+    dtype: str | None = Field(default=None, description="float32, bfloat16 or float16; None: the CLI's default "
+                                                        "(CEPE_RAG_DTYPE, else bfloat16 where computed natively).")
     timeout: float | None = Field(default=None, description="Accepted for interface compatibility; unused.")
     max_retries: int = Field(default=0, description="Accepted for interface compatibility; unused.")
 
@@ -139,7 +141,7 @@ class CepeLLM(BaseLLM):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"decoder": self.decoder, "reader": self.reader, "prompt_style": self.prompt_style,
-                "cepe_model": self.cepe_model, "read_margin": self.read_margin,
+                "cepe_model": self.cepe_model, "read_margin": self.read_margin, "dtype": self.dtype,
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "k": self.k}
 
     def make_reader(self, system_prompt: str | None = None, history: list[dict] | None = None) -> Reader:
@@ -148,7 +150,8 @@ class CepeLLM(BaseLLM):
                           read_margin=self.read_margin)
         generation = GenerationConfig(max_new_tokens=self.max_tokens, temperature=self.temperature,
                                       top_p=self.top_p, seed=self.seed)
-        reader = build_reader(spec, generation=generation, device=self.device or default_device(),
+        device = self.device or default_device()
+        reader = build_reader(spec, generation=generation, device=device, dtype=resolve_dtype(self.dtype, device),
                               system_prompt=system_prompt or self.system_prompt)
         reader.history = list(history or [])
         if isinstance(self.retriever, CepeRetriever):  # passages from an index: its stored CEPE states, if any

@@ -10,6 +10,12 @@ import pytest
 pytestmark = pytest.mark.real_models
 
 
+# Where an answer's content is asserted, the ask runs in float32 (`--dtype float32`), on a question and passage
+# where every runner-up token within 2 nats of the best still gives the asserted word (issue 29; measured with
+# `python benchmarks/answer_margins.py`, README "Tests"): bfloat16's rounding, or another CPU's kernels, can flip a
+# closer decision.
+
+
 def run_cli(*args, cwd=None):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "cepe_rag", *map(str, args)], capture_output=True, text=True,
@@ -41,10 +47,11 @@ def kubrick_index(tmp_path_factory):
 
 
 def test_ask_answers_with_sources_as_json(kubrick_index):
-    result = run_cli("ask", "Who directed 2001: A Space Odyssey?", "--index", kubrick_index, "--k", "1", "--json")
+    result = run_cli("ask", "Who directed 2001: A Space Odyssey?", "--index", kubrick_index, "--k", "1", "--json",
+                     "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
-    assert "Kubrick" in answer["text"]
+    assert "Kubrick" in answer["text"]  # "The film is directed by Stanley Kubrick.", robustly (see run_cli)
     assert answer["passages"][0]["source"].endswith("film.txt")
     assert answer["reader"] == "concat"  # the default: it reads the user's documents (README, "Readers")
     assert {"retrieval_s", "first_token_s", "total_s"} <= set(answer["timings"])
@@ -100,7 +107,7 @@ def test_ask_streams_answer_then_sources(kubrick_index):
 
 def test_closed_book_reader(kubrick_index):
     result = run_cli("ask", "What is the capital of France?", "--index", kubrick_index, "--reader", "closed-book",
-                     "--json", "--max-new-tokens", "16")
+                     "--json", "--max-new-tokens", "16", "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["reader"] == "closed-book" and answer["passages"] == []
@@ -203,7 +210,8 @@ def test_a_qdrant_index_through_the_command_line(kubrick_index, tmp_path):
     assert result.returncode == 0 and "2 embedded" in result.stderr, result.stderr
     assert json.loads((index / "manifest.json").read_text())["qdrant"] == {"path": "qdrant", "collection": "idx"}
 
-    result = run_cli("ask", "Who directed 2001: A Space Odyssey?", "--index", index, "--k", "1", "--json")
+    result = run_cli("ask", "Who directed 2001: A Space Odyssey?", "--index", index, "--k", "1", "--json", "--dtype",
+                     "float32")
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert "Kubrick" in answer["text"] and answer["passages"][0]["source"].endswith("film.txt")
@@ -257,9 +265,9 @@ def test_stored_context_states_answer_as_encoding_on_the_fly(tmp_path):
     assert plain.returncode == 0 and stored.returncode == 0, stored.stderr
     assert "context states: 2 passages encoded" in stored.stderr
     answers = {}
-    for name in ("plain", "stored"):
+    for name in ("plain", "stored"):  # float32, as the index encoded them: bfloat16 states are not those states
         result = run_cli("ask", "Who directed 2001: A Space Odyssey?", "--index", tmp_path / name, "--reader", "cepe",
-                         "--k", "2", "--json", "--max-new-tokens", "12")
+                         "--k", "2", "--json", "--max-new-tokens", "12", "--dtype", "float32")
         assert result.returncode == 0, result.stderr
         answers[name] = json.loads(result.stdout)["text"]
         assert ("stores no context states" in result.stderr) == (name == "plain")  # said once, when encoding
