@@ -54,7 +54,9 @@ def main() -> None:
     args = parser.parse_args()
     caps = [int(c) for c in args.caps.split(",")]
     margins = [float(m) for m in args.margins.split(",")]
-    reader = build_reader(ReaderSpec(reader=args.reader, cepe_model=args.cepe_model), dtype=resolve_dtype(None, "cpu"),
+    # read_margin=None: the reader reads exactly the subset chosen here, not its own default cutoff of it
+    spec = ReaderSpec(reader=args.reader, cepe_model=args.cepe_model, read_margin=None)
+    reader = build_reader(spec, dtype=resolve_dtype(None, "cpu"),
                           generation=GenerationConfig(max_new_tokens=25, stop_strings=("\n",)))
     args.out.mkdir(parents=True, exist_ok=True)
     cache_path = args.out / f"answers_{args.reader}.jsonl"
