@@ -247,7 +247,7 @@ def test_ask_with_a_cepe_checkpoint(kubrick_index, tmp_path, chat_tokenizer):
                             encoder_tokenizer=AutoTokenizer.from_pretrained(embedder_path()))
     model.save_pretrained(tmp_path / "ckpt", tokenizer=chat_tokenizer)
     result = run_cli("ask", "Who directed 2001?", "--index", kubrick_index, "--cepe-model", tmp_path / "ckpt",
-                     "--json", "--max-new-tokens", "4")  # a configured checkpoint makes cepe the default reader
+                     "--json", "--max-new-tokens", "4", "--no-cutoff")  # a configured checkpoint: cepe by default
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["reader"] == "cepe" and answer["usage"]["passages_read"] == 2
