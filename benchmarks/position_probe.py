@@ -29,9 +29,10 @@ POSITIONS = ("first", "middle", "last")
 
 
 def spec_for(name: str, cepe_model: str | None) -> ReaderSpec:
+    """read_margin=None: every one of the k placed passages is read (the probe is about k, not the cutoff)."""
     if name == "cepe-prompt1":
-        return ReaderSpec(reader="cepe", n_prompt_passages=1, cepe_model=cepe_model)
-    return ReaderSpec(reader=name, cepe_model=cepe_model if name == "cepe" else None)
+        return ReaderSpec(reader="cepe", n_prompt_passages=1, cepe_model=cepe_model, read_margin=None)
+    return ReaderSpec(reader=name, cepe_model=cepe_model if name == "cepe" else None, read_margin=None)
 
 
 def place(gold, distractors: list, k: int, position: str) -> list:

@@ -207,6 +207,8 @@ def _summarise(reader: str, k: int, records: list[dict]) -> dict:
         "reader": reader, "k": k, "n": n,
         "em": round(100 * mean("em"), 1), "substring_em": round(100 * mean("substring_em"), 1),
         "f1": round(100 * mean("f1"), 1), "recall_at_k": round(100 * mean("recall"), 1),
+        # fewer than k where the relevance cutoff dropped some
+        "passages_read": round(sum(r.get("passages_read", 0) for r in records) / n, 2) if n else 0.0,
         "latency_s": round(latency / n, 2) if n else 0.0,
         "tokens_per_s": round(sum(r["decode_steps"] for r in records) / latency, 1) if latency else 0.0,
         "reader_efficiency": round(mean("substring_em") / mean("recall"), 2) if mean("recall") else None,
@@ -215,11 +217,12 @@ def _summarise(reader: str, k: int, records: list[dict]) -> dict:
 
 def write_reports(rows: list[dict], out: Path) -> None:
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| reader | k | n | EM | substring EM | F1 | recall@k | s/question | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| reader | k | n | EM | substring EM | F1 | recall@k | passages read | s/question | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['reader']} | {r['k']} | {r['n']} | {r['em']} | {r['substring_em']} | {r['f1']} | "
-                     f"{r['recall_at_k'] if r['k'] else '–'} | {r['latency_s']} | {r['tokens_per_s']} |")
+                     f"{r['recall_at_k'] if r['k'] else '–'} | {r.get('passages_read', '')} | {r['latency_s']} | "
+                     f"{r['tokens_per_s']} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "accuracy_vs_k.png")
 
