@@ -55,13 +55,13 @@ def build_encoder_for(spec: str, decoder: nn.Module, decoder_tokenizer):
 
 
 def new_cepe_model(decoder: str, encoder: str, *, num_cross_attn_layers: int, init_mode: str = "zero",
-                   device: str = "cpu", dtype=torch.float32, chunking: dict | None = None):
+                   device: str = "cpu", dtype=torch.float32, chunking: dict | None = None, gate: bool = False):
     """A fresh (untrained cross-attention) CEPE model over named decoder and encoder."""
     decoder_model, tokenizer = load_decoder(decoder, dtype=dtype)
     decoder_model.requires_grad_(False)
     encoder_model, encoder_tokenizer = build_encoder_for(encoder, decoder_model, tokenizer)
     model = CepeForCausalLM(decoder_model, encoder_model.eval(), num_cross_attn_layers=num_cross_attn_layers,
-                            init_mode=init_mode, encoder_tokenizer=encoder_tokenizer, chunking=chunking)
+                            init_mode=init_mode, encoder_tokenizer=encoder_tokenizer, chunking=chunking, gate=gate)
     model.decoder_tokenizer = tokenizer
     model.source_names = {"decoder": decoder, "encoder": encoder}
     return model.to(device)
@@ -80,6 +80,7 @@ def save_adapter(model, folder: str | Path, *, include_encoder: bool = False, ca
     save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
     config = {"format": ADAPTER_FORMAT, **names, "num_cross_attn_layers": model.config.num_cross_attn_layers,
               **{key: getattr(model.config, key) for key in CEPE_RAG_CHUNKING},
+              "cross_attn_gate": bool(getattr(model.config, "cross_attn_gate", False)),
               "includes_encoder": include_encoder, **(card or {})}
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
@@ -101,7 +102,8 @@ def load_adapter(folder: str | Path, *, dtype=torch.float32, device: str = "cpu"
     # Adapters written before the chunking was recorded were all trained with cepe-rag's own.
     chunking = {key: config.get(key, default) for key, default in CEPE_RAG_CHUNKING.items()}
     model = new_cepe_model(config["decoder"], config["encoder"], num_cross_attn_layers=config["num_cross_attn_layers"],
-                           init_mode="none", dtype=dtype, chunking=chunking)
+                           init_mode="none", dtype=dtype, chunking=chunking,
+                           gate=config.get("cross_attn_gate", False))
     own = {k: v for k, v in model.released_state_dict().items()}
     unknown = sorted(set(weights) - set(own))
     if unknown:

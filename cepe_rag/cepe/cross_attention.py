@@ -131,6 +131,9 @@ class CrossAttention(nn.Module):
         self.k_proj = nn.Linear(encoder_hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(encoder_hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        # Flamingo's gate (`cross_attn_gate`, cepe-rag adapters only): the block adds tanh(gate) times its output,
+        # zero at the start, so training can only learn to add to what the decoder reads in its own prompt.
+        self.gate = nn.Parameter(torch.zeros(1)) if getattr(config, "cross_attn_gate", False) else None
 
     def layer_states(self, states: torch.Tensor) -> torch.Tensor:
         """The encoder states this layer reads: (batch, tokens, encoder_hidden)."""
@@ -172,6 +175,8 @@ class CrossAttention(nn.Module):
             output = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
         output = output.view(batch, self.num_kv_heads, groups, length, self.head_dim).permute(0, 3, 1, 2, 4)
         output = self.o_proj(output.reshape(batch, length, -1))
+        if self.gate is not None:
+            output = output * torch.tanh(self.gate).to(output.dtype)
         return output * context.has_context.to(output.dtype)
 
 

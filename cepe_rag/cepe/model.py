@@ -51,7 +51,8 @@ class CepeForCausalLM(nn.Module):
 
     def __init__(self, decoder: nn.Module, encoder: nn.Module, *, num_cross_attn_layers: int | None = None,
                  init_mode: str = "zero", encoder_tokenizer=None, max_chunk_tokens: int = 256,
-                 chunking: dict | None = None):
+                 chunking: dict | None = None, gate: bool | None = None):
+        """gate: give every cross-attention block a zero-initialised tanh gate (None: as the config says)."""
         super().__init__()
         self.decoder = decoder
         self.encoder = encoder
@@ -68,6 +69,11 @@ class CepeForCausalLM(nn.Module):
                 setattr(config, name, value)
         for name, value in (chunking or {}).items():
             setattr(config, name, value)
+        if gate is not None:
+            config.cross_attn_gate = gate
+        if getattr(config, "cross_attn_gate", False) and init_mode == "zero":
+            raise CepeRagError("a zero gate over a zeroed o_proj never trains (both gradients are zero): initialise "
+                               "a gated model with init_mode='copy' (the gate alone makes it start as the decoder)")
         if config.chunk_truncation_side not in ("left", "right"):
             raise CepeRagError(f"chunk_truncation_side must be left or right, not {config.chunk_truncation_side!r}")
         if config.encode_mode != "context_only":
@@ -102,6 +108,15 @@ class CepeForCausalLM(nn.Module):
 
     def cross_attention_layers(self) -> list[nn.Module]:
         return [layer for layer in decoder_layers(self.decoder) if hasattr(layer, "cross_attn")]
+
+    def add_gates(self) -> None:
+        """Give every ungated cross-attention block a zero gate (a gated run from an ungated adapter): the model
+        then starts as the plain decoder, whatever the adapter had learned."""
+        self.config.cross_attn_gate = True
+        for layer in self.cross_attention_layers():
+            weight = layer.cross_attn.o_proj.weight
+            if layer.cross_attn.gate is None:
+                layer.cross_attn.gate = nn.Parameter(torch.zeros(1, device=weight.device, dtype=weight.dtype))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
                 cross_context: CrossContext | None = None, **kwargs):

@@ -604,8 +604,9 @@ def train_command(
                                               "decoder-layers:N (the decoder's first N layers).")] = DEFAULT_EMBEDDER,
     init: Annotated[str | None, typer.Option(help="Continue from a trained CEPE checkpoint or adapter "
                                                   "(its weights are kept).")] = None,
-    init_mode: Annotated[str, typer.Option(help="New cross-attention: zero (starts as the plain decoder) or "
-                                                "copy (from self-attention).")] = "zero",
+    init_mode: Annotated[str | None, typer.Option(help="New cross-attention: zero (starts as the plain decoder) or "
+                                                       "copy (from self-attention) [default: zero; copy with --gate]."
+                                                  )] = None,
     cross_attn_layers: Annotated[int, typer.Option(help="Cross-attention in the last N decoder layers.")] = 8,
     train_encoder: Annotated[bool, typer.Option(help="Train the encoder too.")] = False,
     lm_cof: Annotated[float, typer.Option(help="Weight of the cross-entropy loss.")] = 1.0,
@@ -644,6 +645,9 @@ def train_command(
              "encoder can share one file.")] = None,
     lazy_states: Annotated[bool, typer.Option(
         help="Encode a passage when a step first reads it, not all before training starts.")] = False,
+    gate: Annotated[bool, typer.Option(
+        help="A zero-initialised tanh gate on every cross-attention block (Flamingo): the model starts as the plain "
+             "decoder, also from an ungated --init, and can only learn to add to its prompt.")] = False,
 ) -> None:
     """Give the decoder CEPE cross-attention: train it on a stage of the recipe (resumable; multi-GPU with
     `accelerate launch -m cepe_rag.cli.app train ...`)."""
@@ -659,12 +663,13 @@ def train_command(
                          save_every=save_every, eval_every=eval_every, seed=seed, max_minutes=max_minutes,
                          curriculum=stage in ("find", "swap"), schedule=schedule)
     records = run_training(out, config, decoder=decoder, encoder=encoder, init=init,
-                           num_cross_attn_layers=cross_attn_layers, init_mode=init_mode, corpus=corpus,
+                           num_cross_attn_layers=cross_attn_layers,
+                           init_mode=init_mode or ("copy" if gate else "zero"), corpus=corpus,
                            languages=tuple(x.strip() for x in languages.split(",") if x.strip()), index=index_dir,
                            max_passages=max_passages, max_articles=max_articles, n_validation=validation,
                            max_decoder_tokens=max_decoder_tokens, questions=questions or [], min_passages=min_passages,
                            unanswerable=unanswerable, device=device or default_device(), prepare_only=prepare_only,
-                           states_file=states_cache, lazy_states=lazy_states,
+                           states_file=states_cache, lazy_states=lazy_states, gate=gate,
                            log=lambda line: console.print(line, highlight=False))
     if prepare_only:
         console.print(f"examples in {out}; train them with the same command without --prepare-only")

@@ -75,6 +75,33 @@ def test_zero_init_with_context_is_exactly_the_plain_decoder(family):
     assert torch.equal(model(input_ids=ids, cross_context=context).logits, plain(input_ids=ids).logits)
 
 
+def test_a_closed_gate_is_exactly_the_plain_decoder_and_an_open_one_scales_the_block(tmp_path, minilm_tokenizer):
+    """Flamingo's tanh gate: at its zero start a copy-initialised model (which otherwise reads its context) is the
+    plain decoder bit for bit; opened, each block adds tanh(gate) times the ungated block's output."""
+    plain, ungated = tiny_decoder(), tiny_cepe("copy")
+    gated = CepeForCausalLM(tiny_decoder(), tiny_bert(), num_cross_attn_layers=2, init_mode="copy", gate=True,
+                            encoder_tokenizer=minilm_tokenizer).double()
+    gated.eval()
+    ids = torch.randint(0, 120, (2, 9))
+    chunks = [random_chunks([5, 3]), random_chunks([4], seed=3)]
+    assert torch.equal(gated(input_ids=ids, cross_context=gated.context_from_states(chunks)).logits,
+                       plain(input_ids=ids).logits)
+    gate = gated.decoder.model.layers[-1].cross_attn.gate
+    with torch.no_grad():
+        gate.fill_(0.7)
+    hidden = torch.randn(2, 5, 32, dtype=torch.float64)
+    opened = gated.decoder.model.layers[-1].cross_attn(hidden, gated.context_from_states(chunks))
+    block = ungated.decoder.model.layers[-1].cross_attn(hidden, ungated.context_from_states(chunks))
+    torch.testing.assert_close(opened, torch.tanh(torch.tensor(0.7, dtype=torch.float64)) * block,
+                               rtol=1e-12, atol=1e-12)
+    gated.save_pretrained(tmp_path / "gated", tokenizer=minilm_tokenizer)  # the gate goes with it, config too
+    reloaded = load_cepe(tmp_path / "gated", dtype=torch.float64)
+    assert reloaded.config.cross_attn_gate and float(reloaded.decoder.model.layers[-1].cross_attn.gate) == 0.7
+    ungated.add_gates()  # a gated run from an ungated adapter starts as the plain decoder too
+    assert torch.equal(ungated(input_ids=ids, cross_context=ungated.context_from_states(chunks)).logits,
+                       plain(input_ids=ids).logits)
+
+
 def test_context_changes_the_output_and_only_last_layers_have_cross_attention():
     model = tiny_cepe("copy", n_cross=2)
     assert [hasattr(layer, "cross_attn") for layer in model.decoder.model.layers] == [False, True, True]

@@ -24,12 +24,13 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(embedder_path())
 
 
-def tiny_model(chat_tokenizer, minilm_tokenizer, seed=0):
+def tiny_model(chat_tokenizer, minilm_tokenizer, seed=0, gate=False):
     # Embeddings large enough that a 32-d hidden state can make one of 49K tokens likely.
     decoder = tiny_chat_llama(chat_tokenizer, num_hidden_layers=2, initializer_range=0.3)
     torch.manual_seed(seed)
     encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    model = CepeForCausalLM(decoder, encoder.eval(), init_mode="zero", encoder_tokenizer=minilm_tokenizer)
+    model = CepeForCausalLM(decoder, encoder.eval(), init_mode="copy" if gate else "zero",
+                            encoder_tokenizer=minilm_tokenizer, gate=gate)
     model.decoder_tokenizer = chat_tokenizer
     return model
 
@@ -79,6 +80,23 @@ def test_a_few_hundred_steps_learn_to_read_and_leave_the_decoder_alone(chat_toke
     assert read + 2 < misread, (read, misread)  # e^2: the right word over 7x likelier when it is in the context
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 300 and {"ce", "kl", "lr", "tokens_per_s"} <= log[0].keys()
+
+
+def test_a_gated_model_opens_its_gates_and_learns_to_read(chat_tokenizer, minilm_tokenizer, tmp_path):
+    model = tiny_model(chat_tokenizer, minilm_tokenizer, gate=True)
+    config = TrainConfig(stage="warmup", steps=300, batch_size=8, lr=3e-3, save_every=1000, eval_every=1000)
+    train(model, copy_examples(chat_tokenizer), config, tmp_path / "run", progress=False)
+    gates = [layer.cross_attn.gate.item() for layer in model.cross_attention_layers()]
+    assert all(abs(g) > 0.05 for g in gates), gates
+    module = CepeTrainingModule(model).eval()
+    test = copy_examples(chat_tokenizer, n=32, seed=1)
+    swapped = [TrainingExample([swap_word(c) for c in e.chunks], e.prompt_ids, e.target_ids) for e in test]
+    with torch.no_grad():
+        read, misread = module(collate(test, 0))[0].item(), module(collate(swapped, 0))[0].item()
+    assert read + 2 < misread, (read, misread)
+    with pytest.raises(CepeRagError, match="never trains"):
+        CepeForCausalLM(tiny_chat_llama(chat_tokenizer, num_hidden_layers=2), model.encoder, init_mode="zero",
+                        gate=True)
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(chat_tokenizer, minilm_tokenizer, tmp_path):
