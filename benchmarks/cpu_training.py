@@ -48,10 +48,12 @@ def evaluate(adapter: Path, name: str, args) -> dict:
     out = Path(args.runs) / "eval" / name
     command = CLI + ["eval", "--questions", args.questions, "--index", args.eval_index, "--readers", "cepe",
                      "--cepe-model", str(adapter), "--k", args.eval_k, "--out", str(out), "--dtype", "bfloat16",
-               "--no-cutoff"]  # k passages read, whatever the default relevance cutoff: the bar is about k=20
+                     "--n-prompt-passages", str(args.prompt_passages),
+                     "--no-cutoff"]  # k passages read, whatever the default relevance cutoff: the bar is about k=20
     subprocess.run(command, env=one_thread(), check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
-    return {"adapter": name, "score": tuning_score(summary), "summary": summary, "time": time.strftime("%F %T")}
+    return {"adapter": name, "score": tuning_score(summary), "n_prompt_passages": args.prompt_passages,
+            "summary": summary, "time": time.strftime("%F %T")}
 
 
 def best_record() -> dict | None:
@@ -88,7 +90,8 @@ def stage_plan(args) -> list[tuple[str, str | None]]:
 
 
 def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Path:
-    out = Path(args.runs) / f"{stage}_s{seed}"
+    variant = ("_gate" if args.gate else "") + (f"_p{args.prompt_passages}" if args.prompt_passages else "")
+    out = Path(args.runs) / f"{stage}{variant}_s{seed}"
     command = CLI + ["train", "--stage", stage, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
                      "--lr", str(args.lr), "--warmup-ratio", "0.02", "--schedule", "constant", "--index", args.index,
                      "--min-passages", "1", "--max-passages", str(args.max_passages), "--max-decoder-tokens", "48",
@@ -103,6 +106,10 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
         command += ["--encoder", args.encoder, "--cross-attn-layers", str(args.cross_attn_layers)]
     if init:
         command += ["--init", init]
+    if args.gate:
+        command += ["--gate"]
+    if args.prompt_passages:
+        command += ["--prompt-passages", str(args.prompt_passages)]
     subprocess.run(command, env=one_thread(), check=True)
     shutil.copy(out / "log.jsonl", RESULTS / f"log_{out.name}.jsonl")
     plot_curves()
@@ -150,6 +157,9 @@ def main() -> None:
     parser.add_argument("--questions", default="runs/owndocs/questions.tune.jsonl")
     parser.add_argument("--eval-k", default="5,20")
     parser.add_argument("--runs", default="runs/cpu_training")
+    parser.add_argument("--gate", action="store_true", help="a zero-initialised tanh gate per cross-attention block")
+    parser.add_argument("--prompt-passages", type=int, default=0,
+                        help="train and evaluate with the top N passages in the prompt (cepe --n-prompt-passages N)")
     parser.add_argument("--seed", type=int, default=None, help="data seed (default: one more than the sessions "
                                                                 "the committed adapter records)")
     args = parser.parse_args()
@@ -186,11 +196,12 @@ def evaluate_main() -> None:
     known, rest = parser.parse_known_args()
     sys.argv = [sys.argv[0], *rest]
     args = argparse.Namespace(questions="runs/owndocs/questions.tune.jsonl", eval_index="indexes/owndocs",
-                              eval_k="5,20", runs="runs/cpu_training")
-    for flag in ("questions", "eval_index", "eval_k", "runs"):
+                              eval_k="5,20", runs="runs/cpu_training", prompt_passages="0")
+    for flag in ("questions", "eval_index", "eval_k", "runs", "prompt_passages"):
         option = "--" + flag.replace("_", "-")
         if option in rest:
             setattr(args, flag, rest[rest.index(option) + 1])
+    args.prompt_passages = int(args.prompt_passages)
     adapter = Path(known.evaluate)
     record = evaluate(adapter, adapter.name, args)
     kept = keep_if_better(record, adapter)

@@ -648,6 +648,9 @@ def train_command(
     gate: Annotated[bool, typer.Option(
         help="A zero-initialised tanh gate on every cross-attention block (Flamingo): the model starts as the plain "
              "decoder, also from an ungated --init, and can only learn to add to its prompt.")] = False,
+    prompt_passages: Annotated[int, typer.Option(
+        help="find/swap/qa: the first N passages in the decoder's prompt, the rest through the encoder, as "
+             "`--reader cepe --n-prompt-passages N` reads them (swap/find: the gold is first half the time).")] = 0,
 ) -> None:
     """Give the decoder CEPE cross-attention: train it on a stage of the recipe (resumable; multi-GPU with
     `accelerate launch -m cepe_rag.cli.app train ...`)."""
@@ -670,6 +673,7 @@ def train_command(
                            max_decoder_tokens=max_decoder_tokens, questions=questions or [], min_passages=min_passages,
                            unanswerable=unanswerable, device=device or default_device(), prepare_only=prepare_only,
                            states_file=states_cache, lazy_states=lazy_states, gate=gate,
+                           prompt_passages=prompt_passages,
                            log=lambda line: console.print(line, highlight=False))
     if prepare_only:
         console.print(f"examples in {out}; train them with the same command without --prepare-only")

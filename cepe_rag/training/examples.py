@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cepe_rag.eval.metrics import answer_in_passages
 from cepe_rag.files import atomic_write
-from cepe_rag.readers.base import question_text
+from cepe_rag.readers.base import passage_block, question_text
 from cepe_rag.settings import check_choice
 from cepe_rag.training.corpus import Article
 from cepe_rag.types import CepeRagError, Passage
@@ -152,7 +152,10 @@ class ExampleBuilder:
     trained model sees at training time exactly what it sees when answering."""
 
     def __init__(self, decoder_tokenizer, prompt_ids: Callable[[str], list[int]], *, max_decoder_tokens: int = 256,
-                 seed: int = 0):
+                 seed: int = 0, prompt_passages: int = 0):
+        """prompt_passages: find/swap/qa put their first N passages in the prompt, as `cepe --n-prompt-passages N`
+        reads them (the paper's split), and the rest through the encoder."""
+        self.prompt_passages = prompt_passages
         self.tokenizer = decoder_tokenizer
         self.prompt_ids = prompt_ids
         self.max_decoder_tokens = max_decoder_tokens
@@ -185,15 +188,23 @@ class ExampleBuilder:
         question = question_text(f"Fill in the blank: {blanked}")
         return TrainingExample(chunks, self.prompt_ids(question), self._tokens(span) + self.end_ids, question)
 
+    def split(self, user_turn: str, passages: Sequence[Passage]) -> tuple[list[int], list[str]]:
+        """The prompt (the first `prompt_passages` passages ahead of the user turn, as CepeReader.prepare writes
+        them) and the encoder's chunks (the rest)."""
+        in_prompt, rest = passages[: self.prompt_passages], passages[self.prompt_passages:]
+        documents = "".join(passage_block(p.as_prompt_text()) for p in in_prompt)
+        return self.prompt_ids(documents + user_turn), [p.as_prompt_text() for p in rest]
+
     def find(self, title: str, first_sentence: str, passages: Sequence[Passage]) -> TrainingExample:
         user_turn = f'Copy the first sentence of the document titled "{title}".'
-        return TrainingExample([p.as_prompt_text() for p in passages], self.prompt_ids(user_turn),
-                               self._tokens(first_sentence)[: self.max_decoder_tokens] + self.end_ids, user_turn)
+        prompt, chunks = self.split(user_turn, passages)
+        return TrainingExample(chunks, prompt, self._tokens(first_sentence)[: self.max_decoder_tokens] + self.end_ids,
+                               user_turn)
 
     def qa(self, question: str, answer: str, passages: Sequence[Passage]) -> TrainingExample:
         user_turn = question_text(question)
-        return TrainingExample([p.as_prompt_text() for p in passages], self.prompt_ids(user_turn),
-                               self._tokens(answer) + self.end_ids, user_turn)
+        prompt, chunks = self.split(user_turn, passages)
+        return TrainingExample(chunks, prompt, self._tokens(answer) + self.end_ids, user_turn)
 
 
 Retrieve = Callable[[list[str], int], list[list[Passage]]]

@@ -51,7 +51,8 @@ def add_teacher(examples: list[TrainingExample], model, prompt_ids, *, top_k: in
 def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tuple[str, ...], index: Path | None,
                      max_passages: int, max_articles: int, n_validation: int, seed: int,
                      max_decoder_tokens: int = 256, questions: Sequence[str] = (), min_passages: int = 5,
-                     unanswerable: str = "skip", log=print) -> tuple[list[TrainingExample], list[TrainingExample]]:
+                     unanswerable: str = "skip", prompt_passages: int = 0,
+                     log=print) -> tuple[list[TrainingExample], list[TrainingExample]]:
     """Examples for `stage`, built once per run folder (a resumed run trains on exactly the same data), with
     `data_{stage}.json` saying what they were built from (the model card's record, wherever they train)."""
     train_path, validation_path = out / f"examples_{stage}.jsonl", out / f"validation_{stage}.jsonl"
@@ -63,9 +64,13 @@ def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tu
          "max_passages": max_passages, "entity_swapped": True, "curriculum": True} if stage in ("find", "swap") else \
         {"corpus": corpus, "languages": list(languages), "index": str(index) if index else None,
          "max_passages": max_passages, "max_decoder_tokens": max_decoder_tokens}
+    if prompt_passages:
+        if stage not in ("find", "swap", "qa"):
+            raise CepeRagError(f"--prompt-passages applies to the find, swap and qa stages, not {stage}")
+        source["prompt_passages"] = prompt_passages
     reader = CepeReader(model, model.decoder_tokenizer)
     builder = ExampleBuilder(model.decoder_tokenizer, reader.chat_ids, max_decoder_tokens=max_decoder_tokens,
-                             seed=seed)
+                             seed=seed, prompt_passages=prompt_passages)
     if stage in ("find", "swap"):
         examples, held = swapped_examples(stage, builder, corpus=corpus, languages=languages, index=index,
                                           min_passages=min_passages, max_passages=max_passages,
@@ -190,7 +195,7 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
                  index: Path | None, max_passages: int, max_articles: int, n_validation: int, device: str,
                  max_decoder_tokens: int = 256, questions: Sequence[str] = (), min_passages: int = 5,
                  unanswerable: str = "skip", prepare_only: bool = False, states_file: Path | None = None,
-                 lazy_states: bool = False, gate: bool = False, log=print) -> list[dict]:
+                 lazy_states: bool = False, gate: bool = False, prompt_passages: int = 0, log=print) -> list[dict]:
 
     if init:
         model = load_cepe(init, device=device)  # trained weights kept: no re-initialisation
@@ -203,7 +208,8 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
                                             index=index, max_passages=max_passages, max_articles=max_articles,
                                             n_validation=n_validation, seed=config.seed,
                                             max_decoder_tokens=max_decoder_tokens, questions=questions,
-                                            min_passages=min_passages, unanswerable=unanswerable, log=log)
+                                            min_passages=min_passages, unanswerable=unanswerable,
+                                            prompt_passages=prompt_passages, log=log)
     log(f"{len(examples)} training and {len(validation)} validation examples; {config.steps} steps of "
         f"{config.batch_size}")
     if prepare_only:
