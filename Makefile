@@ -22,7 +22,7 @@ env: $(VENV)/.installed
 
 demo: env
 	$(VENV)/bin/cepe-rag index --demo --index indexes/default
-	$(VENV)/bin/cepe-rag ask "$(QUESTION)" --index indexes/default --k 1
+	$(VENV)/bin/cepe-rag ask "$(QUESTION)" --index indexes/default
 
 # The own-documents benchmark: invented facts as Markdown files, indexed together with the demo corpus.
 owndocs: env

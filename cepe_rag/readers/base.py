@@ -208,8 +208,8 @@ def read_selection(passages: Sequence[Passage], margin: float | None) -> tuple[l
         return passages, f"read {len(passages)} of {len(passages)} passages ({why})"
     best = max(scores)
     kept = passages[:1] + [p for p in passages[1:] if p.dense_score is None or p.dense_score >= best - margin]
-    return kept, (f"read {len(kept)} of {len(passages)} passages: the top-ranked and those within {margin:g} of the "
-                  f"best similarity ({best:.2f})")
+    which = "any other as similar as the best" if margin == 0 else f"those within {margin:g} of the best similarity"
+    return kept, f"read {len(kept)} of {len(passages)} passages: the top-ranked and {which} ({best:.2f})"
 
 
 def passage_block(text: str) -> str:

@@ -16,7 +16,8 @@ def test_read_selection_keeps_passages_near_the_best_in_order():
     kept, rule = read_selection(SCORED, 0.05)
     assert [p.id for p in kept] == [0, 2, 3]  # a passage without a similarity is never cut
     assert rule == "read 3 of 5 passages: the top-ranked and those within 0.05 of the best similarity (0.71)"
-    assert [p.id for p in read_selection(SCORED, 0.0)[0]] == [0, 3]
+    assert read_selection(SCORED, 0.0) == ([SCORED[0], SCORED[3]], "read 2 of 5 passages: the top-ranked and any "
+                                                                      "other as similar as the best (0.71)")
     second_best = [SCORED[1], *SCORED[:1]]  # the top-ranked passage is read even when its cosine is not the best
     assert [p.id for p in read_selection(second_best, 0.1)[0]] == [1, 0]
     assert len(read_selection(SCORED, 1.0)[0]) == 5
