@@ -188,9 +188,12 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
         batch = collate([examples[i] for i in order(step)], pad_id)
         ce, kl = module(batch)
         loss = config.lm_cof * ce + config.kl_cof * kl
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-        optimizer.step()
+        if loss.requires_grad:
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+            optimizer.step()
+        else:  # no example of the batch has an encoder chunk (all its passages in the prompt): nothing to learn
+            grad_norm = torch.zeros(())
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

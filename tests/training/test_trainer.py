@@ -259,3 +259,15 @@ def test_a_curriculum_keeps_the_example_order_by_blocks():
     assert sorted(first_epoch[:64]) == list(range(64))  # blocks of 32 steps, shuffled inside
     plain = _order(200, TrainConfig(batch_size=2), 1, 0)
     assert sorted(i for step in range(100) for i in plain(step)[:1])[-1] > 150  # no curriculum: any example early
+
+
+def test_a_batch_without_encoder_chunks_is_a_step_that_changes_nothing(chat_tokenizer, minilm_tokenizer, tmp_path):
+    """With --prompt-passages a short example has its only passage in the prompt: a batch of them has no loss that
+    depends on the cross-attention, and is passed over rather than crashing the run."""
+    model = tiny_model(chat_tokenizer, minilm_tokenizer, gate=True)
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".cross_attn." in k}
+    examples = [TrainingExample([], e.prompt_ids, e.target_ids) for e in copy_examples(chat_tokenizer, n=8)]
+    records = train(model, examples, TrainConfig(stage="swap", steps=2, batch_size=4, save_every=1000,
+                                                 eval_every=1000), tmp_path / "run", progress=False)
+    assert len(records) == 2 and all(r["grad_norm"] == 0.0 for r in records)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if ".cross_attn." in k)
