@@ -40,7 +40,7 @@ def one_thread(env: dict | None = None) -> dict:
 
 def tuning_score(summary: list[dict]) -> float:
     """Mean substring EM of the cepe reader over the evaluated k (5 and 20): the number that decides a commit."""
-    rows = [r for r in summary if r["reader"] == "cepe"]
+    rows = [r for r in summary if r["reader"].startswith("cepe")]  # cepe, or cepe-prompt<N> with --prompt-passages
     return round(sum(r["substring_em"] for r in rows) / len(rows), 2) if rows else 0.0
 
 
