@@ -66,6 +66,11 @@ def check_choice(value: str | None, choices: tuple[str, ...], what: str) -> None
         raise CepeRagError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
 
 
+def check_read_margin(margin: float | None) -> None:
+    if margin is not None and not margin >= 0:  # `not >=` also refuses NaN
+        raise CepeRagError(f"the relevance cutoff's margin (--read-margin) must be 0 or more, not {margin}")
+
+
 # CEPE adapters shipped inside the package, by the decoder they were trained for.
 PACKAGED_CEPE = {DEFAULT_DECODER: "smollm2-135m-minilm"}
 
@@ -91,6 +96,9 @@ class ReaderSpec:
     most_relevant: str = "first"  # concat: where the best passage goes
     cross_kv_budget_mb: float = CROSS_KV_BUDGET_MB  # cepe: cache cross-attention K/V up to this; beyond, absorb
     read_margin: float | None = DEFAULT_READ_MARGIN  # the relevance cutoff; None reads every retrieved passage
+
+    def __post_init__(self):
+        check_read_margin(self.read_margin)  # refused where the spec is made: before any model loads
 
     @property
     def label(self) -> str:

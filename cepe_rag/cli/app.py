@@ -104,8 +104,6 @@ def reader_options(command):
         spec_options = {p.name: kwargs.pop(p.name) for p in READER_OPTIONS}
         if not spec_options.pop("cutoff"):
             spec_options["read_margin"] = None
-        elif spec_options["read_margin"] < 0:
-            raise CepeRagError("--read-margin must be 0 or more")
         return command(*args, spec_options=spec_options, **kwargs)
 
     with_options.__signature__ = inspect.Signature([*own, *READER_OPTIONS])

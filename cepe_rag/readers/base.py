@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
-from cepe_rag.settings import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, check_choice
+from cepe_rag.settings import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, check_choice, check_read_margin
 from cepe_rag.types import Answer, CepeRagError, Passage
 
 SYSTEM_PROMPT = (
@@ -51,8 +51,7 @@ class Reader:
                  system_prompt: str = SYSTEM_PROMPT, prompt_style: str = DEFAULT_PROMPT_STYLE,
                  read_margin: float | None = None):
         check_choice(prompt_style, PROMPT_STYLES, "prompt style")
-        if read_margin is not None and not read_margin >= 0:
-            raise CepeRagError(f"the relevance cutoff's margin must be 0 or more, not {read_margin}")
+        check_read_margin(read_margin)
         self.model = model
         self.read_margin = read_margin  # None: read every passage given (a fixed k)
         self.tokenizer = tokenizer

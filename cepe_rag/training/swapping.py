@@ -156,10 +156,13 @@ def build_swapped_examples(stage: str, articles: Sequence[Article], builder, ret
         distractors = swap_passages([p for p in hits if p.title != article.title][: n - 1], mapping)
         gold = Passage(0, apply_mapping(article.text, mapping), title=apply_mapping(article.title, mapping))
         passages = list(distractors)
-        # With passages in the prompt, the gold is the first (in the prompt) half the time, else anywhere in the
-        # encoder: the cross-attention must add what the prompt lacks and not spoil what it has.
-        in_prompt = builder.prompt_passages and (rng.random() < 0.5 or not passages)
-        passages.insert(0 if in_prompt else rng.randint(1 if builder.prompt_passages else 0, len(passages)), gold)
+        # With N passages in the prompt, the gold is the first (in the prompt) half the time, else anywhere after the
+        # first N (in the encoder): the cross-attention must add what the prompt lacks and not spoil what it has.
+        first_encoded = builder.prompt_passages
+        if first_encoded and (rng.random() < 0.5 or len(passages) < first_encoded):
+            passages.insert(0, gold)
+        else:
+            passages.insert(rng.randint(first_encoded, len(passages)), gold)
         if stage == "find":
             example = builder.find(gold.title, apply_mapping(query, mapping), passages)
         else:

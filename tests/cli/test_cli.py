@@ -255,6 +255,7 @@ def test_ask_with_a_cepe_checkpoint(kubrick_index, tmp_path, chat_tokenizer):
     assert answer["reader"] == "cepe" and answer["usage"]["passages_read"] == 2
     assert_one_line_error(run_cli("ask", "q?", "--index", kubrick_index, "--reader", "cepe", "--decoder", "my/llm"),
                           "none ships for my/llm")
+    assert_one_line_error(run_cli("ask", "q?", "--index", kubrick_index, "--read-margin=-0.5"), "must be 0 or more")
 
 
 def test_stored_context_states_answer_as_encoding_on_the_fly(tmp_path):

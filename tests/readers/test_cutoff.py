@@ -55,3 +55,5 @@ def test_the_cutoff_is_a_reader_setting_with_one_default():
     assert "read_margin" not in ReaderSpec(read_margin=None).settings()
     assert ReaderSpec(read_margin=0.1).settings()["read_margin"] == 0.1
     assert "read_margin" not in ReaderSpec(reader="closed-book").settings()
+    with pytest.raises(CepeRagError, match="must be 0 or more"):
+        ReaderSpec(read_margin=-0.1)  # refused where the spec is made, before a model loads
