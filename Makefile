@@ -1,7 +1,7 @@
 # Two entry points for a new user; each creates the virtual environment if needed.
 #   make demo   index the packaged Wikipedia summaries and answer a question with sources
 #   make test   run the test suite
-#   make test-isa   the real-model tests again under other CPUs' kernels (README, "Tests")
+#   make test-isa   the real-model tests again under other CPUs' kernels (docs/tests.md)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 QUESTION ?= Who directed 2001: A Space Odyssey?

@@ -1,5 +1,5 @@
 #!/bin/bash
-# ask start-up, before (e447653, checked out in /work/wt-e447: git worktree add ../wt-e447 e447653) and now, alternating; OMP_NUM_THREADS=1 as in the README's earlier measurement.
+# ask start-up, before (e447653, checked out in /work/wt-e447: git worktree add ../wt-e447 e447653) and now, alternating; OMP_NUM_THREADS=1 as in the earlier measurement (docs/cli.md, "ask").
 Q="Who directed 2001: A Space Odyssey?"
 export OMP_NUM_THREADS=1
 for i in 1 2 3; do

@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_report_header(config):
-    """The kernels and default dtype this run computes with (`make test-isa` caps them; README, "Tests")."""
+    """The kernels and default dtype this run computes with (`make test-isa` caps them; docs/tests.md)."""
     import torch
 
     from cepe_rag.models import resolve_dtype

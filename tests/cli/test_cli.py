@@ -12,7 +12,7 @@ pytestmark = pytest.mark.real_models
 
 # Where an answer's content is asserted, the ask runs in float32 (`--dtype float32`), on a question and passage
 # where every runner-up token within 2 nats of the best still gives the asserted word (issue 29; measured with
-# `python benchmarks/answer_margins.py`, README "Tests"): bfloat16's rounding, or another CPU's kernels, can flip a
+# `python benchmarks/answer_margins.py`, docs/tests.md): bfloat16's rounding, or another CPU's kernels, can flip a
 # closer decision.
 
 
@@ -53,7 +53,7 @@ def test_ask_answers_with_sources_as_json(kubrick_index):
     answer = json.loads(result.stdout)
     assert "Kubrick" in answer["text"]  # "The film is directed by Stanley Kubrick.", robustly (see run_cli)
     assert answer["passages"][0]["source"].endswith("film.txt")
-    assert answer["reader"] == "concat"  # the default: it reads the user's documents (README, "Readers")
+    assert answer["reader"] == "concat"  # the default: it reads the user's documents (docs/benchmarks.md, "Readers")
     assert {"retrieval_s", "first_token_s", "total_s"} <= set(answer["timings"])
 
 

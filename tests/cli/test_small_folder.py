@@ -3,7 +3,7 @@ founder and founding year), asked with the default settings: each answer reads t
 
 What the 135M decoder then makes of that one passage is asserted only where it answers robustly (the mayor, the
 year). Asked who designed the viaduct or founded the company, it copies the passage's first sentence instead
-(README, "Relevance cutoff"): a limit of the decoder, not of what it was given to read."""
+(docs/retrieval.md, "Relevance cutoff"): a limit of the decoder, not of what it was given to read."""
 
 import json
 

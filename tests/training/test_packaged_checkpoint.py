@@ -44,7 +44,7 @@ def test_the_shipped_adapter_answers_from_its_encoder_in_the_trained_format(monk
     Not asserted: which year it greedily picks. "1889" beats "1888" by 0.2 nats only, and the frozen decoder knows
     the year itself (forced to "completed in", it goes on "1889"); with a counterfactual year in the passage it
     still answers "1889" (log p of the passage's year moves by 0.02 nats): this adapter's answers hardly depend on
-    what it reads (README, "Results of the shipped adapter": answer loss 2.51 with its own passages, 2.59 with
+    what it reads (docs/training.md, "Results of the shipped adapter": answer loss 2.51 with its own passages, 2.59 with
     another question's). `python benchmarks/answer_margins.py` measures the greedy margins."""
     path = packaged_cepe()
     assert path is not None

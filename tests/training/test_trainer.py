@@ -66,7 +66,7 @@ def test_a_few_hundred_steps_learn_to_read_and_leave_the_decoder_alone(chat_toke
     records = train(model, examples, config, tmp_path / "run", progress=False)
     first, last = records[0]["ce"], sum(r["ce"] for r in records[-20:]) / 20
     # CE 11.9 -> 6.1 here from the paper's initialisation: its q/k/v copied from self-attention suit this random
-    # toy less than random ones did (they went below half); on the real decoder it learns faster (README,
+    # toy less than random ones did (they went below half); on the real decoder it learns faster (docs/training.md,
     # "Fidelity"). The check that matters is the reading one below.
     assert first > 8 and last < 0.6 * first, (first, last)
     after = decoder_weights(model)
