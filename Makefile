@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 QUESTION ?= Who directed 2001: A Space Odyssey?
 
-.PHONY: demo test test-isa lint env owndocs
+.PHONY: demo test test-isa lint env owndocs browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,7 +29,17 @@ owndocs: env
 	$(PY) benchmarks/owndocs.py --out runs/owndocs
 	$(VENV)/bin/cepe-rag index --demo runs/owndocs/corpus --index indexes/owndocs
 
-test: env
+# The chat page's test (tests/serving/test_chat_page.py) drives the distribution's Chromium through chromedriver:
+# installed with apt when missing and this is root; otherwise that test is skipped (CI sets CEPE_RAG_REQUIRE_BROWSER=1,
+# which makes it fail instead).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "note: no chromium/chromedriver and no root apt-get: the chat page's browser test will be skipped" \
+		"(apt-get install chromium chromium-driver)"; fi
+
+test: env browser
 	$(PY) -m pytest -q
 
 # The real-model tests (pytest -m real_models) under the kernels another CPU takes: oneDNN's and ATen's vector

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cepe_rag.pipelines.rag import DEFAULT_ABSTENTION, Abstention, Retriever
 from cepe_rag.readers import GenerationConfig, Reader
 from cepe_rag.serving.batching import Batcher, Job, QueueFull
+from cepe_rag.serving.page import add_chat_page
 from cepe_rag.serving.schemas import (
     ApiError,
     ChatCompletionRequest,
@@ -131,6 +132,8 @@ def create_app(service: RagService, *, api_key: str | None = None) -> FastAPI:
         if not service.batcher.alive:
             raise ApiError(503, "the decoder thread is not running", type="server_error", code="unhealthy")
         return {"status": "ok", **service.batcher.counts()}
+
+    add_chat_page(app)  # GET /: the chat page (static/chat.html); it needs no key, its /v1 requests do
 
     @app.get("/v1/models")
     async def models():
