@@ -2,7 +2,7 @@
 
     python benchmarks/abstention.py --out benchmarks/results/abstention
 
-The rule (cepe_rag.pipelines.rag.Abstention): abstain when the best passage's cosine similarity is below `floor`,
+The rule (cepe_rag.retrieval.Abstention): abstain when the best passage's cosine similarity is below `floor`,
 or below `below` while the question names a word no indexed passage contains.
 - `floor` is chosen on NQ-open dev answer-in-corpus questions 501+ (outside the NQ-500 benchmark): the largest
   value at which at most 5% of the questions whose answer was retrieved would abstain.
@@ -25,7 +25,7 @@ import numpy as np
 from cepe_rag.eval.data import load_questions
 from cepe_rag.eval.metrics import answer_in_passages
 from cepe_rag.eval.runner import answerable_subset, read_predictions
-from cepe_rag.pipelines.rag import Retriever, relevance
+from cepe_rag.retrieval import Retriever, relevance
 from cepe_rag.settings import DEFAULT_K
 
 GRID = np.round(np.arange(0.0, 0.90, 0.01), 2)

@@ -18,8 +18,8 @@ import torch
 
 from cepe_rag.eval import answerable_subset, load_questions, run_eval
 from cepe_rag.models import load_decoder
-from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig, ParallelReader
+from cepe_rag.retrieval import Retriever
 
 NQ_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq_open" / "NQ-open.dev.jsonl"
 SETTINGS = "1.0:1.0,0.8:1.0,1.0:0.8,1.0:0.6,0.8:0.6,1.0:0.4"

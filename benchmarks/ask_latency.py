@@ -13,8 +13,9 @@ import statistics
 import time
 
 from cepe_rag.models import load_decoder
-from cepe_rag.pipelines.rag import RagPipeline, Retriever
+from cepe_rag.pipelines.session import RagSession
 from cepe_rag.readers import GenerationConfig, make_reader
+from cepe_rag.retrieval import Retriever
 
 QUESTIONS = ["Who directed 2001: A Space Odyssey?", "What is the capital of Australia?",
              "Who wrote Pride and Prejudice?", "When did the Berlin Wall fall?", "Who painted the Mona Lisa?"]
@@ -33,8 +34,8 @@ def main() -> None:
     rows = []
     for name in args.readers.split(","):
         reader = make_reader(name, model, tokenizer, generation=GenerationConfig(max_new_tokens=64))
-        pipeline = RagPipeline(retriever, reader)
-        answers = [pipeline.ask(q, args.k) for q in QUESTIONS]
+        session = RagSession(reader, retriever, k=args.k)
+        answers = [session.answer(q) for q in QUESTIONS]
         rows.append({
             "reader": name, "k": args.k if name != "closed-book" else 0,
             "retrieval_ms": round(1000 * statistics.median(a.timings["retrieval_s"] for a in answers), 1),

@@ -21,7 +21,7 @@ from cepe_rag.eval.data import load_questions
 from cepe_rag.eval.metrics import answer_in_passages
 from cepe_rag.eval.runner import answerable_subset
 from cepe_rag.models import embed_texts, load_query_embedder
-from cepe_rag.pipelines.rag import Retriever
+from cepe_rag.retrieval import Retriever
 from cepe_rag.types import Passage
 
 INDEX = "indexes/default"

@@ -25,8 +25,8 @@ import torch
 from cepe_rag.eval.data import load_questions
 from cepe_rag.indexes import open_store
 from cepe_rag.models import resolve_dtype
-from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import build_reader
+from cepe_rag.retrieval import Retriever
 from cepe_rag.settings import ReaderSpec
 
 

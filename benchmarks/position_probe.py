@@ -21,8 +21,8 @@ from cepe_rag.eval.data import load_questions
 from cepe_rag.eval.metrics import postprocess, substring_match
 from cepe_rag.indexes import open_store
 from cepe_rag.models import resolve_dtype
-from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import GenerationConfig, build_reader
+from cepe_rag.retrieval import Retriever
 from cepe_rag.settings import ReaderSpec
 
 POSITIONS = ("first", "middle", "last")

@@ -22,7 +22,7 @@ from pathlib import Path
 from cepe_rag.eval.data import load_questions
 from cepe_rag.eval.metrics import answer_in_passages
 from cepe_rag.eval.runner import answerable_subset
-from cepe_rag.pipelines.rag import Retriever
+from cepe_rag.retrieval import Retriever
 
 TIE = 1e-5  # cosine similarities closer than this are ties (float32 sums in another order)
 

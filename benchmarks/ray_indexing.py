@@ -27,8 +27,8 @@ import numpy as np
 from cepe_rag.documents.loading import demo_corpus_path
 from cepe_rag.models import load_embedder
 from cepe_rag.pipelines.indexing import build_index
-from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.pipelines.ray_indexing import RayEngine, connect
+from cepe_rag.retrieval import Retriever
 
 
 def index_rows(index: Path) -> tuple[list, np.ndarray]:

@@ -23,9 +23,9 @@ from cepe_rag.eval.data import load_questions
 from cepe_rag.eval.metrics import paired_bootstrap, postprocess, substring_match
 from cepe_rag.eval.runner import answerable_subset
 from cepe_rag.models import resolve_dtype
-from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import GenerationConfig, build_reader
 from cepe_rag.readers.base import read_selection
+from cepe_rag.retrieval import Retriever
 from cepe_rag.settings import ReaderSpec
 
 

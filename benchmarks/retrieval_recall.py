@@ -19,7 +19,7 @@ from pathlib import Path
 from cepe_rag.eval.data import load_questions
 from cepe_rag.eval.metrics import answer_in_passages, paired_bootstrap
 from cepe_rag.eval.runner import answerable_subset
-from cepe_rag.pipelines.rag import Retriever
+from cepe_rag.retrieval import Retriever
 from cepe_rag.settings import RETRIEVAL_MODES
 
 

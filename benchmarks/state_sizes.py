@@ -16,8 +16,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from cepe_rag.cepe.encoder import ContextStates
 from cepe_rag.models import embedder_path, load_decoder
-from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import ParallelReader
+from cepe_rag.retrieval import Retriever
 
 
 def main() -> None:

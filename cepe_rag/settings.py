@@ -5,7 +5,7 @@ Nothing heavy is imported, so the command line checks its arguments before it lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from cepe_rag.types import CepeRagError
@@ -13,26 +13,32 @@ from cepe_rag.types import CepeRagError
 DEFAULT_INDEX = Path("indexes/default")
 DEFAULT_DECODER = "smollm2-135m-instruct"
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
-# Chosen on the own-documents benchmark (README, "Readers"): the reader and prompt that answer from the user's
+# How documents become passages, and how they are searched: defaults of `index`, of build_index and of a manifest.
+DEFAULT_CHUNK_TOKENS = 256  # the chunk length CEPE's encoder was trained with
+DEFAULT_OVERLAP_TOKENS = 32
+DEFAULT_FAISS_FACTORY = "Flat"
+# The longest answer, in tokens, unless asked otherwise (ask, chat, serve, LangChain; eval uses the paper's 25).
+DEFAULT_ANSWER_TOKENS = 96
+# Chosen on the own-documents benchmark (docs/benchmarks.md): the reader and prompt that answer from the user's
 # documents best without losing on NQ.
 DEFAULT_READER = "concat"
 DEFAULT_PROMPT_STYLE = "instruction"
 # Passages read per question: with the default reader, 5 answers more own-documents questions than 20 and as many
-# NQ questions (README, "The own-documents benchmark").
+# NQ questions (docs/benchmarks.md, "The own-documents benchmark").
 DEFAULT_K = 5
 # The relevance cutoff: read the top-ranked retrieved passage and the others (up to k) whose cosine similarity to the
 # question is within this margin of the best passage's; None reads all k. 0 was the best margin on both tuning sets
-# (README, "Relevance cutoff": own-documents tuning 77.0 vs 60.0 at fixed k=5, NQ questions 501+ 13.3 vs 8.7).
+# (docs/retrieval.md "Relevance cutoff": own-documents tuning 77.0 vs 60.0 at fixed k=5, NQ questions 501+ 13.3 vs 8.7).
 DEFAULT_READ_MARGIN: float | None = 0.0
 # How passages are found: dense (MiniLM + FAISS), lexical (BM25 over SQLite FTS5), or hybrid (both, fused by
-# reciprocal rank). Chosen by measured recall@20 (README, "Retrieval").
+# reciprocal rank). Chosen by measured recall@20 (docs/retrieval.md).
 RETRIEVAL_MODES = ("hybrid", "dense", "lexical")
 DEFAULT_RETRIEVAL = "hybrid"
 # Reciprocal rank fusion's constant (Cormack et al., 2009) and how deep each list is read before fusing.
 RRF_CONSTANT = 60
 FUSION_DEPTH = 100
 LEXICAL_WEIGHT = 0.2  # BM25 rank weight relative to the dense ranking: the best recall@20 on NQ questions 501+
-# Abstention (README, "Abstention"): answer NOT_IN_DOCUMENTS instead of reading when the best retrieved passage's
+# Abstention (docs/retrieval.md): answer NOT_IN_DOCUMENTS instead of reading when the best retrieved passage's
 # cosine similarity to the question is below ABSTAIN_FLOOR, or below ABSTAIN_BELOW while the question names a word
 # that no indexed passage contains. ABSTAIN_BELOW: calibrated on the own-documents tuning questions; ABSTAIN_FLOOR:
 # on NQ questions 501+ (at most 5% of those whose answer was retrieved abstain).
@@ -42,7 +48,7 @@ NOT_IN_DOCUMENTS = "The documents do not contain the answer to this question."
 # cepe: cross-attention K/V cached per request up to this size (SmolLM2's adapter, float32: 12 KiB per context
 # token, 65 MiB at k=50), else never formed ("absorb": the states alone, 1/8 of it, decoding about as fast).
 CROSS_KV_BUDGET_MB = 256.0
-# APE's knobs for the parallel reader: the best of the NQ sweep (README); no setting reads on the own-documents
+# APE's knobs for the parallel reader: the best of the NQ sweep (docs/benchmarks.md); none reads on the own-documents
 # benchmark.
 APE_TEMPERATURE = 1.0
 APE_SCALE = 0.6
@@ -82,20 +88,43 @@ def packaged_cepe(decoder: str = DEFAULT_DECODER) -> str | None:
     return str(folder) if folder and (folder / "cepe_adapter.json").exists() else None
 
 
+def reader_setting(default, help: str, reader: str | None = None, flag: str | None = None):
+    """A ReaderSpec field, with what the command line shows for it. `reader`: the reader whose constructor takes it
+    ("*": every reader's; None: it says which model loads)."""
+    return field(default=default, metadata={"help": help, "reader": reader, "flag": flag})
+
+
 @dataclass(frozen=True)
 class ReaderSpec:
-    """Everything that decides a reader's answers (besides generation settings)."""
+    """Everything that decides a reader's answers (besides generation settings): the one table that `build_reader`,
+    the command line's reader options (ask, chat, eval, serve), the evaluation label and LangChain's CepeLLM read.
+    A new reader adds its class to readers/spec.py's READERS and its own fields here."""
 
     reader: str = DEFAULT_READER
-    decoder: str = DEFAULT_DECODER
-    prompt_style: str = DEFAULT_PROMPT_STYLE
-    cepe_model: str | None = None  # cepe: a checkpoint; None = the adapter shipped for `decoder`
-    n_prompt_passages: int = 0  # cepe: top passages put in the prompt, the rest through the encoder
-    ape_temperature: float = APE_TEMPERATURE  # parallel
-    ape_scale: float = APE_SCALE  # parallel
-    most_relevant: str = "first"  # concat: where the best passage goes
-    cross_kv_budget_mb: float = CROSS_KV_BUDGET_MB  # cepe: cache cross-attention K/V up to this; beyond, absorb
-    read_margin: float | None = DEFAULT_READ_MARGIN  # the relevance cutoff; None reads every retrieved passage
+    decoder: str = reader_setting(DEFAULT_DECODER, "Chat decoder: Hugging Face id or folder.")
+    prompt_style: str = reader_setting(
+        DEFAULT_PROMPT_STYLE, "instruction (a system instruction asking for a short answer), fewshot (plus two worked "
+        "examples of short answers) or query-aware (instruction, and the question before the passages as well as "
+        "after them).", reader="*", flag="--prompt")
+    cepe_model: str | None = reader_setting(
+        None, "CEPE checkpoint (folder or hub id) for the cepe reader; it includes its own decoder. Default: the "
+        "adapter shipped for the decoder.")
+    n_prompt_passages: int = reader_setting(
+        0, "cepe: top passages put in the prompt; the rest go through the encoder.", reader="cepe")
+    ape_temperature: float = reader_setting(
+        APE_TEMPERATURE, "parallel: attention temperature on passage tokens.", reader="parallel")
+    ape_scale: float = reader_setting(APE_SCALE, "parallel: scale on the passages' log-sum-exp.", reader="parallel")
+    most_relevant: str = reader_setting(
+        "first", "concat: the most relevant passage first (after the instruction) or last (before the question).",
+        reader="concat")
+    cross_kv_budget_mb: float = reader_setting(
+        CROSS_KV_BUDGET_MB, "cepe: cache the cross-attention K/V of a request up to this many MiB; beyond, never form "
+        "them and attend to the encoder states through the projections (equal answers to rounding, an eighth of the "
+        "memory with 8 layers, decoding about as fast).", reader="cepe")
+    read_margin: float | None = reader_setting(
+        DEFAULT_READ_MARGIN, "Relevance cutoff: read the retrieved passages (up to --k) whose similarity to the "
+        "question is within this margin of the best one's (docs/retrieval.md, 'Relevance cutoff'); --no-cutoff reads "
+        "them all.", reader="*")
 
     def __post_init__(self):
         check_read_margin(self.read_margin)  # refused where the spec is made: before any model loads
@@ -105,6 +134,10 @@ class ReaderSpec:
         """The row name in evaluations: each prompt/encoder split of cepe is its own row."""
         return f"cepe-prompt{self.n_prompt_passages}" if self.reader == "cepe" and self.n_prompt_passages else \
             self.reader
+
+    def reader_options(self) -> dict:
+        """What the reader's constructor takes from this spec: the settings every reader has, and its own."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("reader") in ("*", self.reader)}
 
     def checkpoint(self) -> str:
         path = self.cepe_model or packaged_cepe(self.decoder)

@@ -47,3 +47,31 @@ def validate_question(question: str) -> str:
     if len(question) > MAX_QUESTION_CHARS:
         raise CepeRagError(f"the question is {len(question):,} characters; at most {MAX_QUESTION_CHARS:,} are accepted")
     return question
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """What a request brings besides its question, rendered by the chat template before it: a system prompt (None:
+    the reader's own) and the earlier turns as chat-template messages ({"role": "user" | "assistant", "content"})."""
+
+    system_prompt: str | None = None
+    history: tuple[dict, ...] = ()
+
+    def then(self, question: str, answer: str) -> Conversation:
+        """This conversation with one more exchange."""
+        return Conversation(self.system_prompt, (*self.history, {"role": "user", "content": question},
+                                                 {"role": "assistant", "content": answer}))
+
+
+SYSTEM_ROLES = ("system", "developer")
+
+
+def split_messages(messages: list[tuple[str, str]]) -> tuple[Conversation, str]:
+    """(role, text) messages (OpenAI's roles; LangChain's mapped onto them) -> (the conversation, the question: the
+    last message, which must be the user's). System messages, wherever they are, make the system prompt."""
+    system = "\n".join(text for role, text in messages if role in SYSTEM_ROLES) or None
+    turns = [(role, text) for role, text in messages if role not in SYSTEM_ROLES]
+    if not turns or turns[-1][0] != "user":
+        raise CepeRagError("the last message (after any system messages) must be the user's question")
+    history = tuple({"role": "user" if role == "user" else "assistant", "content": text} for role, text in turns[:-1])
+    return Conversation(system, history), turns[-1][1]

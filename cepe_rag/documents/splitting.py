@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
-DEFAULT_CHUNK_TOKENS = 256  # the chunk length CEPE's encoder was trained with
-DEFAULT_OVERLAP_TOKENS = 32
+from cepe_rag.settings import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS
 
 
 class PassageSplitter:

@@ -27,8 +27,8 @@ from cepe_rag.eval.metrics import (
     token_f1,
 )
 from cepe_rag.files import atomic_write
-from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import Reader
+from cepe_rag.retrieval import Retriever
 from cepe_rag.types import CepeRagError, Passage
 
 SETTINGS_FILE = "run.json"

@@ -24,7 +24,13 @@ import numpy as np
 
 from cepe_rag.files import atomic_write, atomic_write_with
 from cepe_rag.indexes.layout import DB_FILE, FAISS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, check_index_folder
-from cepe_rag.settings import CONTEXT_STATE_FORMATS, check_choice
+from cepe_rag.settings import (
+    CONTEXT_STATE_FORMATS,
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_FAISS_FACTORY,
+    DEFAULT_OVERLAP_TOKENS,
+    check_choice,
+)
 from cepe_rag.types import CepeRagError, Passage
 
 _TRAINING_SAMPLE = 100_000  # embeddings an untrained factory learns from, at least
@@ -88,9 +94,9 @@ too under until up very was we were what when where which while who whom why wil
 class Manifest:
     embedder: str
     dimension: int
-    faiss_factory: str = "Flat"
-    chunk_tokens: int = 256
-    overlap_tokens: int = 32
+    faiss_factory: str = DEFAULT_FAISS_FACTORY
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    overlap_tokens: int = DEFAULT_OVERLAP_TOKENS
     metric: str = "inner_product"  # on L2-normalised embeddings, i.e. cosine similarity
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION

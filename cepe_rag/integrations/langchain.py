@@ -7,6 +7,7 @@ the reader can encode them however it reads them (in parallel, through CEPE's en
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,25 +19,17 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Huma
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk, LLMResult
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, model_validator
 
 from cepe_rag.indexes import open_store
 from cepe_rag.indexes.layout import check_store_options
-from cepe_rag.models import default_device, load_embedder, resolve_dtype
-from cepe_rag.pipelines.context_states import use_stored_states
-from cepe_rag.pipelines.rag import PassageFilter, Retriever
-from cepe_rag.readers import GenerationConfig, Reader, build_reader
+from cepe_rag.models import default_device, load_embedder
+from cepe_rag.pipelines.session import RagSession
+from cepe_rag.readers import GenerationConfig
 from cepe_rag.readers.base import SYSTEM_PROMPT
-from cepe_rag.settings import (
-    DEFAULT_DECODER,
-    DEFAULT_K,
-    DEFAULT_PROMPT_STYLE,
-    DEFAULT_READ_MARGIN,
-    DEFAULT_READER,
-    DEFAULT_RETRIEVAL,
-    ReaderSpec,
-)
-from cepe_rag.types import Passage
+from cepe_rag.retrieval import PassageFilter, Retriever
+from cepe_rag.settings import DEFAULT_ANSWER_TOKENS, DEFAULT_DECODER, DEFAULT_K, DEFAULT_RETRIEVAL, ReaderSpec
+from cepe_rag.types import Conversation, Passage, split_messages
 
 ContextLike = str | Document | Passage
 
@@ -92,25 +85,28 @@ class CepeRetriever(BaseRetriever):
                                 k: int | None = None) -> list[Document]:
         return to_documents(self._retriever().retrieve(query, k or self.k))
 
+    def settings(self) -> tuple:
+        """What opens its retriever (a cache key)."""
+        return (str(self.index), self.embedder, self.mode, PassageFilter(source=self.source, title=self.title),
+                self.qdrant_url, self.qdrant_path, self.qdrant_collection)
+
     def _retriever(self) -> Retriever:
-        return _load_retriever(str(self.index), self.embedder, self.mode,
-                               PassageFilter(source=self.source, title=self.title), self.qdrant_url, self.qdrant_path,
-                               self.qdrant_collection)
+        return _load_retriever(*self.settings())
 
     def store(self):
         return self._retriever().store
 
 
 class CepeLLM(BaseLLM):
-    """A frozen decoder reading retrieved passages with one of cepe-rag's readers."""
+    """A frozen decoder reading retrieved passages with one of cepe-rag's readers, through the same RagSession as
+    `ask` and `serve`: passages from `contexts=`, from `retriever`, or none; with a CepeRetriever, a question no
+    indexed passage answers gets "not in the documents" (`abstain=False` reads anyway).
 
-    decoder: str = DEFAULT_DECODER
-    reader: str = DEFAULT_READER
-    prompt_style: str = DEFAULT_PROMPT_STYLE
-    cepe_model: str | None = None
-    n_prompt_passages: int = 0
-    read_margin: float | None = DEFAULT_READ_MARGIN  # the relevance cutoff (None: read all k passages)
-    max_tokens: int = 256
+    `spec` is the whole ReaderSpec; its fields may also be given one by one (`CepeLLM(reader="cepe",
+    n_prompt_passages=1)`, `CepeLLM(ape_scale=0.5, reader="parallel")`)."""
+
+    spec: ReaderSpec = Field(default_factory=ReaderSpec)
+    max_tokens: int = DEFAULT_ANSWER_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -118,6 +114,7 @@ class CepeLLM(BaseLLM):
     system_prompt: str = SYSTEM_PROMPT
     retriever: BaseRetriever | None = None
     k: int = DEFAULT_K
+    abstain: bool = True
     device: str | None = None
     dtype: str | None = Field(default=None, description="float32, bfloat16 or float16; None: the CLI's default "
                                                         "(CEPE_RAG_DTYPE, else bfloat16 where computed natively).")
@@ -125,6 +122,17 @@ class CepeLLM(BaseLLM):
     max_retries: int = Field(default=0, description="Accepted for interface compatibility; unused.")
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def gather_spec(cls, values: Any) -> Any:
+        """ReaderSpec's fields given one by one become (or amend) `spec`."""
+        if isinstance(values, dict):
+            names = {f.name for f in fields(ReaderSpec)}
+            given = {name: values.pop(name) for name in list(values) if name in names}
+            if given:
+                values["spec"] = replace(values.get("spec") or ReaderSpec(), **given)
+        return values
 
     @classmethod
     def from_model_id(cls, model_id: str = DEFAULT_DECODER, **kwargs: Any) -> CepeLLM:
@@ -140,63 +148,70 @@ class CepeLLM(BaseLLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"decoder": self.decoder, "reader": self.reader, "prompt_style": self.prompt_style,
-                "cepe_model": self.cepe_model, "read_margin": self.read_margin, "dtype": self.dtype,
-                "max_tokens": self.max_tokens, "temperature": self.temperature, "k": self.k}
+        return {**asdict(self.spec), "dtype": self.dtype, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "k": self.k}
 
-    def make_reader(self, system_prompt: str | None = None, history: list[dict] | None = None) -> Reader:
-        spec = ReaderSpec(reader=self.reader, decoder=self.decoder, prompt_style=self.prompt_style,
-                          cepe_model=self.cepe_model, n_prompt_passages=self.n_prompt_passages,
-                          read_margin=self.read_margin)
-        generation = GenerationConfig(max_new_tokens=self.max_tokens, temperature=self.temperature,
-                                      top_p=self.top_p, seed=self.seed)
-        device = self.device or default_device()
-        reader = build_reader(spec, generation=generation, device=device, dtype=resolve_dtype(self.dtype, device),
-                              system_prompt=system_prompt or self.system_prompt)
-        reader.history = list(history or [])
-        if isinstance(self.retriever, CepeRetriever):  # passages from an index: its stored CEPE states, if any
-            use_stored_states(reader, self.retriever.store())
-        return reader
+    def session(self) -> RagSession:
+        """The session these settings describe, loaded once per process (models are shared between sessions)."""
+        index = self.retriever.settings() if isinstance(self.retriever, CepeRetriever) else None
+        return _session(self.spec, self.device or default_device(), self.dtype, self.max_tokens, index,
+                        self.abstain, self.k)
 
-    def passages_for(self, prompt: str, contexts: Sequence[ContextLike] | None, reader: Reader) -> list[Passage]:
+    def own_passages(self, prompt: str, contexts: Sequence[ContextLike] | None) -> list[Passage] | None:
+        """The passages a call brings (contexts=, or another LangChain retriever's); None: the session retrieves."""
         if contexts is not None:
             return to_passages(contexts)
-        if self.retriever is not None and reader.reads_passages:
-            return to_passages(self.retriever.invoke(prompt, k=self.k) if isinstance(self.retriever, CepeRetriever)
-                               else self.retriever.invoke(prompt)[: self.k])
-        return []
+        if self.retriever is not None and not isinstance(self.retriever, CepeRetriever):
+            return to_passages(self.retriever.invoke(prompt)[: self.k])
+        return None
 
-    def _config(self, stop: list[str] | None) -> dict[str, Any]:
-        stops = tuple(stop if stop is not None else (self.stop or []))
-        return {"stop_strings": stops}
+    def _generation(self, stop: list[str] | None) -> dict[str, Any]:
+        return {"stop_strings": tuple(stop if stop is not None else (self.stop or [])), "temperature": self.temperature,
+                "top_p": self.top_p, "seed": self.seed}
+
+    def _conversation(self, conversation: Conversation | None) -> Conversation:
+        conversation = conversation or Conversation()
+        return replace(conversation, system_prompt=conversation.system_prompt or self.system_prompt)
 
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, *,
-                  contexts: Sequence[ContextLike] | None = None, **kwargs: Any) -> LLMResult:
-        reader = self.make_reader(kwargs.get("system_prompt"), kwargs.get("history"))
-        passages = [self.passages_for(p, contexts, reader) for p in prompts]
-        answers = reader.answer_batch(prompts, passages, **self._config(stop))
-        return LLMResult(generations=[[GenerationChunk(text=a.text, generation_info={
-            "sources": [p.source for p in a.passages], "passages_read": a.usage.get("passages_read", 0),
-            "read_rule": a.read_rule,
-            "timings": a.timings})] for a in answers])
+                  contexts: Sequence[ContextLike] | None = None, conversation: Conversation | None = None,
+                  **kwargs: Any) -> LLMResult:
+        session = self.session()
+        generations = []
+        for prompt in prompts:
+            answer = session.answer(prompt, passages=self.own_passages(prompt, contexts),
+                                    conversation=self._conversation(conversation), **self._generation(stop))
+            generations.append([GenerationChunk(text=answer.text, generation_info={
+                "sources": [p.source for p in answer.passages], "passages_read": answer.usage.get("passages_read", 0),
+                "read_rule": answer.read_rule, "abstained": answer.abstained, "timings": answer.timings})])
+        return LLMResult(generations=generations)
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, *,
-                contexts: Sequence[ContextLike] | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
-        reader = self.make_reader(kwargs.get("system_prompt"), kwargs.get("history"))
-        for delta in reader.stream(prompt, self.passages_for(prompt, contexts, reader), **self._config(stop)):
-            chunk = GenerationChunk(text=delta)
-            if run_manager:
-                run_manager.on_llm_new_token(delta, chunk=chunk)
-            yield chunk
+                contexts: Sequence[ContextLike] | None = None, conversation: Conversation | None = None,
+                **kwargs: Any) -> Iterator[GenerationChunk]:
+        for item in self.session().stream(prompt, passages=self.own_passages(prompt, contexts),
+                                          conversation=self._conversation(conversation), **self._generation(stop)):
+            if isinstance(item, str):
+                chunk = GenerationChunk(text=item)
+                if run_manager:
+                    run_manager.on_llm_new_token(item, chunk=chunk)
+                yield chunk
+
+
+@lru_cache(maxsize=8)
+def _session(spec: ReaderSpec, device: str, dtype: str | None, max_tokens: int, index: tuple | None, abstain: bool,
+             k: int) -> RagSession:
+    retriever = _load_retriever(*index) if index else None
+    return RagSession.open(None, [spec], retriever=retriever, device=device, dtype=dtype, abstain=abstain, k=k,
+                           generation=GenerationConfig(max_new_tokens=max_tokens))
 
 
 class ChatCepe(BaseChatModel):
     """Chat model over CepeLLM: system messages become the system prompt, earlier turns a transcript."""
 
     llm: CepeLLM = Field(default_factory=CepeLLM)
-    _last_usage: dict = PrivateAttr(default_factory=dict)
 
     def __init__(self, llm: CepeLLM | None = None, **kwargs: Any):
         # Standard chat-model parameters (temperature, max_tokens, stop, ...) configure the wrapped LLM.
@@ -213,7 +228,7 @@ class ChatCepe(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
         params = super()._get_ls_params(stop=stop, **kwargs)
-        model_name = kwargs.get("model") or self.llm.cepe_model or self.llm.decoder
+        model_name = kwargs.get("model") or self.llm.spec.cepe_model or self.llm.spec.decoder
         params.update(ls_provider="cepe-rag", ls_model_name=model_name,
                       ls_temperature=self.llm.temperature, ls_max_tokens=self.llm.max_tokens)
         if stop or self.llm.stop:
@@ -221,30 +236,25 @@ class ChatCepe(BaseChatModel):
         return params
 
     @staticmethod
-    def split_messages(messages: list[BaseMessage]) -> tuple[str | None, list[dict], str]:
-        """(system prompt, earlier turns as chat-template messages, the last user message)."""
-        system = "\n".join(str(m.content) for m in messages if isinstance(m, SystemMessage)) or None
-        turns = [m for m in messages if not isinstance(m, SystemMessage)]
-        if not turns:
-            return system, [], ""
-        *earlier, last = turns
-        history = [{"role": "user" if isinstance(m, HumanMessage) else "assistant", "content": m.text}
-                   for m in earlier]
-        return system, history, last.text
+    def split_messages(messages: list[BaseMessage]) -> tuple[Conversation, str]:
+        """(the conversation: system prompt and earlier turns, the question: the last message), as the server's."""
+        roles = [(("system" if isinstance(m, SystemMessage) else "user" if isinstance(m, HumanMessage)
+                   else "assistant"), m.text) for m in messages]
+        return split_messages(roles)
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        system, history, question = self.split_messages(messages)
-        result = self.llm._generate([question], stop=stop, run_manager=run_manager, system_prompt=system,
-                                    history=history, **kwargs)
+        conversation, question = self.split_messages(messages)
+        result = self.llm._generate([question], stop=stop, run_manager=run_manager, conversation=conversation,
+                                    **kwargs)
         generation = result.generations[0][0]
         message = AIMessage(content=generation.text, response_metadata=generation.generation_info or {})
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        system, history, question = self.split_messages(messages)
-        for chunk in self.llm._stream(question, stop=stop, system_prompt=system, history=history, **kwargs):
+        conversation, question = self.split_messages(messages)
+        for chunk in self.llm._stream(question, stop=stop, conversation=conversation, **kwargs):
             message_chunk = ChatGenerationChunk(message=AIMessageChunk(content=chunk.text))
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=message_chunk)

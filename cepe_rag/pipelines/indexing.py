@@ -14,13 +14,12 @@ import numpy as np
 from cepe_rag.documents import Document, LoadReport, PassageSplitter, iter_documents
 from cepe_rag.documents.globs import PathFilter
 from cepe_rag.documents.loading import DEFAULT_MAX_DOCUMENT_MB, relative_path
-from cepe_rag.documents.splitting import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS
 from cepe_rag.indexes import IndexStore, Manifest, QdrantStore, StoredPassage, create_or_open_store, writer_lock
 from cepe_rag.indexes.layout import MANIFEST_FILE, QdrantLocation
 from cepe_rag.indexes.sizing import check_fits
 from cepe_rag.indexes.store import check_factory_syntax
 from cepe_rag.models import embed_texts, load_embedder
-from cepe_rag.settings import DEFAULT_EMBEDDER
+from cepe_rag.settings import DEFAULT_CHUNK_TOKENS, DEFAULT_EMBEDDER, DEFAULT_FAISS_FACTORY, DEFAULT_OVERLAP_TOKENS
 from cepe_rag.types import CepeRagError, Passage
 
 if TYPE_CHECKING:  # the encoder (torch) is loaded only by runs that store context states
@@ -118,7 +117,7 @@ def build_index(
     *,
     embedder_name: str = DEFAULT_EMBEDDER,
     embedder=None,
-    faiss_factory: str = "Flat",
+    faiss_factory: str = DEFAULT_FAISS_FACTORY,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     overlap_tokens: int = DEFAULT_OVERLAP_TOKENS,
     batch_passages: int = 1024,
@@ -278,7 +277,7 @@ def copy_index(
     source_index: str | Path,
     index_dir: str | Path,
     *,
-    faiss_factory: str = "Flat",
+    faiss_factory: str = DEFAULT_FAISS_FACTORY,
     qdrant: QdrantLocation | None = None,
     batch_passages: int = 1024,
     hooks: ProgressHooks | None = None,

@@ -11,7 +11,9 @@ import torch
 
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
 from cepe_rag.settings import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, check_choice, check_read_margin
-from cepe_rag.types import Answer, CepeRagError, Passage
+from cepe_rag.types import Answer, CepeRagError, Conversation, Passage
+
+NO_CONVERSATION = Conversation()
 
 SYSTEM_PROMPT = (
     "You answer questions using the documents you are given. "
@@ -41,7 +43,8 @@ class PreparedPrompt:
 
 
 class Reader:
-    """Base class: subclasses decide how passages reach the decoder (`prepare` and `stream_batch`)."""
+    """Base class: subclasses decide how passages reach the decoder (`prepare` and `start`). A reader holds a model
+    and its settings, never a request's: a conversation comes with each request (`Conversation`)."""
 
     name = "base"
 
@@ -58,9 +61,6 @@ class Reader:
         self.generation = generation or GenerationConfig()
         self.system_prompt = system_prompt
         self.prompt_style = prompt_style
-        # Earlier turns of a conversation ({"role", "content"} messages), rendered by the chat template before
-        # the question.
-        self.history: list[dict] = []
 
     @property
     def device(self) -> torch.device:
@@ -83,33 +83,35 @@ class Reader:
         return [((passage_block(document) if self.reads_passages else "") + question_text(question), answer)
                 for document, question, answer in DEMONSTRATIONS]
 
-    def chat_text(self, user_text: str) -> str:
+    def chat_text(self, user_text: str, conversation: Conversation = NO_CONVERSATION) -> str:
         """The chat-formatted prompt, ending where the assistant's answer starts."""
+        system_prompt = conversation.system_prompt or self.system_prompt
         if self.has_chat_template:
-            messages = [{"role": "system", "content": self.system_prompt}]
+            messages = [{"role": "system", "content": system_prompt}]
             for user, answer in self.demonstrations():
                 messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-            messages += self.history + [{"role": "user", "content": user_text}]
+            messages += [*conversation.history, {"role": "user", "content": user_text}]
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         shots = "".join(f"{user}\nAnswer: {answer}\n\n" for user, answer in self.demonstrations())
-        shots += "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in self.history)
-        return f"{self.system_prompt}\n\n{shots}{user_text}\nAnswer:"
+        shots += "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in conversation.history)
+        return f"{system_prompt}\n\n{shots}{user_text}\nAnswer:"
 
     def tokenize(self, text: str, *, at_start: bool = False) -> list[int]:
         """Token ids of prompt text; BOS and the like only at the start of a non-chat prompt."""
         special = at_start and not self.has_chat_template
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
-    def chat_ids(self, user_text: str) -> list[int]:
-        return self.tokenize(self.chat_text(user_text), at_start=True)
+    def chat_ids(self, user_text: str, conversation: Conversation = NO_CONVERSATION) -> list[int]:
+        return self.tokenize(self.chat_text(user_text, conversation), at_start=True)
 
-    def pieces(self, question: str, passages: Sequence[Passage]) -> tuple[list[int], list[list[int]], list[int]]:
+    def pieces(self, question: str, passages: Sequence[Passage], conversation: Conversation = NO_CONVERSATION
+               ) -> tuple[list[int], list[list[int]], list[int]]:
         """The prompt in three parts, each tokenized on its own: the prefix (system turn, demonstrations, start of
         the user turn), one token list per passage, and the question up to where the answer starts. Joined they
         are the concat reader's prompt, token for token; the parallel reader prefills the passages side by side."""
         marker = "\x00PASSAGES\x00"
         head, _, tail = self.chat_text(self.ahead_of_passages(question, passages) + marker
-                                       + question_text(question)).partition(marker)
+                                       + question_text(question), conversation).partition(marker)
         prefix, query = self.tokenize(head, at_start=True), self.tokenize(tail)
         return prefix, [self.tokenize(passage_block(p.as_prompt_text())) for p in passages], query
 
@@ -126,43 +128,56 @@ class Reader:
                 f"(window {self.window} minus {self.generation.max_new_tokens} answer tokens): shorten it"
             )
 
-    def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
+    def prepare(self, question: str, passages: Sequence[Passage],
+                conversation: Conversation = NO_CONVERSATION) -> PreparedPrompt:
         raise NotImplementedError
 
-    def prepare_request(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
+    def prepare_request(self, question: str, passages: Sequence[Passage],
+                        conversation: Conversation | None = None) -> PreparedPrompt:
         """`prepare` on the passages the relevance cutoff keeps: those whose cosine similarity to the question is
-        within `read_margin` of the best passage's (README, "Relevance cutoff"); the rule is recorded."""
+        within `read_margin` of the best passage's (docs/retrieval.md, "Relevance cutoff"); the rule is recorded."""
         kept, rule = read_selection(passages, self.read_margin if self.reads_passages else None)
-        prepared = self.prepare(question, kept)
+        prepared = self.prepare(question, kept, conversation or NO_CONVERSATION)
         prepared.read_rule = rule if len(prepared.passages) == len(kept) else \
             f"{rule}; {len(prepared.passages)} fit the decoder's window"
         return prepared
 
     # --- decoding ----------------------------------------------------------------------------------
 
-    def stream_batch(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]],
-                     generation: GenerationConfig | None = None) -> Iterator[list[str]]:
-        """Text deltas for every question after each decoding step."""
-        prepared = [self.prepare_request(q, p) for q, p in zip(questions, passages)]
-        yield from self.stream_prepared(prepared, generation or self.generation)
+    def stream(self, question: str, passages: Sequence[Passage], *, conversation: Conversation | None = None,
+               **generation) -> Iterator[str]:
+        """The answer's text, delta by delta."""
+        for item in self.answer_stream(question, passages, conversation=conversation, **generation):
+            if isinstance(item, str):
+                yield item
 
-    def stream(self, question: str, passages: Sequence[Passage], **generation) -> Iterator[str]:
-        config = replace(self.generation, **generation)
-        for deltas in self.stream_batch([question], [passages], config):
+    def answer_stream(self, question: str, passages: Sequence[Passage], *, conversation: Conversation | None = None,
+                      **generation) -> Iterator[str | Answer]:
+        """The answer's text delta by delta, then the Answer itself (sources, timings, usage)."""
+        prepared = self.prepare_request(question, passages, conversation)
+        text, steps, started, first_token = "", 0, time.perf_counter(), None
+        for deltas in self.stream_prepared([prepared], replace(self.generation, **generation)):
+            steps += 1
+            first_token = first_token or time.perf_counter()
             if deltas[0]:
+                text += deltas[0]
                 yield deltas[0]
+        yield self.finished_answer(text, prepared, steps, started, first_token)
 
-    def answer(self, question: str, passages: Sequence[Passage], *, on_token: Callable[[str], None] | None = None,
-               **generation) -> Answer:
-        return self.answer_batch([question], [passages], on_token=on_token, **generation)[0]
+    def answer(self, question: str, passages: Sequence[Passage], *, conversation: Conversation | None = None,
+               on_token: Callable[[str], None] | None = None, **generation) -> Answer:
+        return self.answer_batch([question], [passages], conversations=[conversation], on_token=on_token,
+                                 **generation)[0]
 
     def answer_batch(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]], *,
+                     conversations: Sequence[Conversation | None] | None = None,
                      on_token: Callable[[str], None] | None = None, **generation) -> list[Answer]:
         """Answer several questions in one batch; on_token streams the first question's text."""
-        if len(questions) != len(passages):
-            raise ValueError("one passage list per question")
+        conversations = conversations or [None] * len(questions)
+        if not len(questions) == len(passages) == len(conversations):
+            raise ValueError("one passage list (and conversation) per question")
         config = replace(self.generation, **generation)
-        prepared = [self.prepare_request(q, p) for q, p in zip(questions, passages)]
+        prepared = [self.prepare_request(*request) for request in zip(questions, passages, conversations)]
         texts = [""] * len(questions)
         steps = 0
         started = time.perf_counter()
@@ -174,14 +189,16 @@ class Reader:
                 texts[row] += delta
             if on_token and deltas[0]:
                 on_token(deltas[0])
-        total = time.perf_counter() - started
-        timings = {"first_token_s": (first_token or time.perf_counter()) - started, "total_s": total}
-        return [
-            Answer(text=text.strip(), passages=list(prep.passages), reader=self.name, timings=dict(timings),
-                   usage={"prompt_tokens": len(prep.ids), "decode_steps": steps, "passages_read": len(prep.passages)},
-                   read_rule=prep.read_rule)
-            for text, prep in zip(texts, prepared)
-        ]
+        return [self.finished_answer(text, prep, steps, started, first_token) for text, prep in zip(texts, prepared)]
+
+    def finished_answer(self, text: str, prepared: PreparedPrompt, steps: int, started: float,
+                        first_token: float | None) -> Answer:
+        now = time.perf_counter()
+        return Answer(text=text.strip(), passages=list(prepared.passages), reader=self.name,
+                      timings={"first_token_s": (first_token or now) - started, "total_s": now - started},
+                      usage={"prompt_tokens": len(prepared.ids), "decode_steps": steps,
+                             "passages_read": len(prepared.passages)},
+                      read_rule=prepared.read_rule)
 
     def stream_prepared(self, prepared: list[PreparedPrompt], config: GenerationConfig) -> Iterator[list[str]]:
         yield from self.start(prepared, config).stream()

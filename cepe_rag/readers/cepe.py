@@ -8,10 +8,10 @@ from typing import Protocol
 import torch
 
 from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache
-from cepe_rag.readers.base import PreparedPrompt, Reader, passage_block, question_text
+from cepe_rag.readers.base import NO_CONVERSATION, PreparedPrompt, Reader, passage_block, question_text
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
 from cepe_rag.settings import CROSS_KV_BUDGET_MB
-from cepe_rag.types import Passage
+from cepe_rag.types import Conversation, Passage
 
 STATES_DTYPE = torch.float16  # as stored in an index
 
@@ -46,10 +46,12 @@ class CepeReader(Reader):
         rest = passages[self.n_prompt_passages:]
         return in_prompt, list(rest if self.n_encoder_passages is None else rest[: self.n_encoder_passages])
 
-    def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
+    def prepare(self, question: str, passages: Sequence[Passage],
+                conversation: Conversation = NO_CONVERSATION) -> PreparedPrompt:
         in_prompt, in_encoder = self.split(passages)
         documents = "".join(passage_block(p.as_prompt_text()) for p in in_prompt)
-        ids = self.chat_ids(self.ahead_of_passages(question, in_prompt) + documents + question_text(question))
+        ids = self.chat_ids(self.ahead_of_passages(question, in_prompt) + documents + question_text(question),
+                            conversation)
         self.check_fits(len(ids))
         return PreparedPrompt(ids, in_prompt + in_encoder, plan=in_encoder)
 

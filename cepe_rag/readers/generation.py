@@ -13,11 +13,12 @@ from typing import Protocol
 import torch
 
 from cepe_rag.padding import pad_id_of, pad_token_ids
+from cepe_rag.settings import DEFAULT_ANSWER_TOKENS
 
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_ANSWER_TOKENS
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     stop_strings: tuple[str, ...] = ()

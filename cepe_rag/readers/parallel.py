@@ -18,10 +18,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from cepe_rag.readers.base import PreparedPrompt, Reader
+from cepe_rag.readers.base import NO_CONVERSATION, PreparedPrompt, Reader
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig, left_pad
 from cepe_rag.settings import APE_SCALE, APE_TEMPERATURE
-from cepe_rag.types import Passage
+from cepe_rag.types import Conversation, Passage
 
 ATTENTION_NAME = "cepe_parallel"
 
@@ -104,12 +104,14 @@ class ParallelReader(Reader):
 
     # --- prompt pieces: prefix | passages (parallel) | question -----------------------------------
 
-    def pieces(self, question: str, passages: Sequence[Passage]) -> tuple[list[int], list[list[int]], list[int]]:
-        prefix, chunks, query = super().pieces(question, passages)
+    def pieces(self, question: str, passages: Sequence[Passage], conversation: Conversation = NO_CONVERSATION
+               ) -> tuple[list[int], list[list[int]], list[int]]:
+        prefix, chunks, query = super().pieces(question, passages, conversation)
         return prefix, [chunk[: self.max_passage_tokens] for chunk in chunks], query
 
-    def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
-        prefix, chunks, query = self.pieces(question, passages)
+    def prepare(self, question: str, passages: Sequence[Passage],
+                conversation: Conversation = NO_CONVERSATION) -> PreparedPrompt:
+        prefix, chunks, query = self.pieces(question, passages, conversation)
         self.check_fits(len(prefix) + max((len(c) for c in chunks), default=0) + len(query))
         return PreparedPrompt(query, list(passages), plan=(prefix, chunks))
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cepe_rag.readers.base import PreparedPrompt, Reader, question_text
+from cepe_rag.readers.base import NO_CONVERSATION, PreparedPrompt, Reader, question_text
 from cepe_rag.settings import MOST_RELEVANT, check_choice
-from cepe_rag.types import Passage
+from cepe_rag.types import Conversation, Passage
 
 
 class ConcatReader(Reader):
@@ -21,8 +21,9 @@ class ConcatReader(Reader):
         check_choice(most_relevant, MOST_RELEVANT, "most_relevant")
         self.most_relevant = most_relevant
 
-    def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
-        prefix, chunks, query = self.pieces(question, passages)
+    def prepare(self, question: str, passages: Sequence[Passage],
+                conversation: Conversation = NO_CONVERSATION) -> PreparedPrompt:
+        prefix, chunks, query = self.pieces(question, passages, conversation)
         self.check_fits(len(prefix) + len(query))
         budget = self.window - self.generation.max_new_tokens - len(prefix) - len(query)
         used: list[tuple[Passage, list[int]]] = []
@@ -48,7 +49,8 @@ class ClosedBookReader(Reader):
         kwargs.setdefault("system_prompt", self.system_prompt_default)
         super().__init__(model, tokenizer, **kwargs)
 
-    def prepare(self, question: str, passages: Sequence[Passage]) -> PreparedPrompt:
-        ids = self.chat_ids(question_text(question))
+    def prepare(self, question: str, passages: Sequence[Passage],
+                conversation: Conversation = NO_CONVERSATION) -> PreparedPrompt:
+        ids = self.chat_ids(question_text(question), conversation)
         self.check_fits(len(ids))
         return PreparedPrompt(ids, [])

@@ -31,12 +31,7 @@ def build_reader(spec: ReaderSpec, *, generation: GenerationConfig | None = None
                  dtype: torch.dtype | None = None, system_prompt: str | None = None) -> Reader:
     """The reader `spec` describes; decoders and CEPE checkpoints load once per process and are shared."""
     check_choice(spec.reader, tuple(READERS), "reader")  # before any model loads
-    own_settings = {"cepe": {"n_prompt_passages": spec.n_prompt_passages,
-                             "cross_kv_budget_mb": spec.cross_kv_budget_mb},
-                    "concat": {"most_relevant": spec.most_relevant},
-                    "parallel": {"ape_temperature": spec.ape_temperature, "ape_scale": spec.ape_scale}}
-    options = {"generation": generation, "prompt_style": spec.prompt_style, "read_margin": spec.read_margin,
-               **own_settings.get(spec.reader, {})}
+    options = {"generation": generation, **spec.reader_options()}
     if system_prompt:
         options["system_prompt"] = system_prompt
     if spec.reader == "cepe":

@@ -1,30 +1,23 @@
-"""Question path: question -> embedding -> FAISS top-k -> passages -> reader -> Answer with sources."""
+"""Retrieval: a question -> the index's passages for it, dense (embedder + FAISS or Qdrant), lexical (BM25) or both
+fused by reciprocal rank, optionally filtered by source and title."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cepe_rag.indexes import IndexStore, QdrantStore, open_store
 from cepe_rag.models import embed_texts, load_query_embedder
 from cepe_rag.settings import (
-    ABSTAIN_BELOW,
-    ABSTAIN_FLOOR,
     DEFAULT_RETRIEVAL,
     FUSION_DEPTH,
     LEXICAL_WEIGHT,
-    NOT_IN_DOCUMENTS,
     RETRIEVAL_MODES,
     RRF_CONSTANT,
     check_choice,
 )
-from cepe_rag.types import Answer, CepeRagError, Passage, validate_question
+from cepe_rag.types import CepeRagError, Passage
 
-if TYPE_CHECKING:
-    from cepe_rag.readers import Reader
 
 @dataclass(frozen=True)
 class PassageFilter:
@@ -85,12 +78,6 @@ class Retriever:
         """The question's words that no indexed passage contains ([] without a lexical index)."""
         return self.store.unknown_words(question) if self.store.has_lexical_index else []
 
-    def abstention_reason(self, question: str, passages: list[Passage], abstention: Abstention | None) -> str | None:
-        """Why these passages do not answer the question, or None (read them)."""
-        if abstention is None or relevance(passages) is None:
-            return None
-        return abstention.reason(passages, self.unknown_words(question))
-
 
 def fuse(dense: list[Passage], lexical: list[Passage], lexical_weight: float = 1.0) -> list[Passage]:
     """Weighted reciprocal rank fusion: score = 1 / (RRF_CONSTANT + dense rank) + lexical_weight / (RRF_CONSTANT +
@@ -108,57 +95,3 @@ def relevance(passages: list[Passage]) -> float | None:
     """How relevant the best retrieved passage is: its cosine similarity to the question (None: not known)."""
     scores = [p.dense_score for p in passages if p.dense_score is not None]
     return max(scores) if scores else None
-
-
-@dataclass(frozen=True)
-class Abstention:
-    """When to answer NOT_IN_DOCUMENTS instead of reading: the best passage's cosine similarity is below `floor`,
-    or below `below` while the question names a word that no indexed passage contains (README, "Abstention")."""
-
-    below: float = ABSTAIN_BELOW
-    floor: float = ABSTAIN_FLOOR
-
-    def reason(self, passages: list[Passage], unknown_words: list[str]) -> str | None:
-        best = relevance(passages)
-        if best is None:
-            return None
-        if best < self.floor:
-            return f"the best passage's similarity to the question is {best:.2f}, below {self.floor}"
-        if unknown_words and best < self.below:
-            named = ", ".join(repr(w) for w in unknown_words[:3])
-            return f"no document contains {named} and the best passage's similarity is {best:.2f}, below {self.below}"
-        return None
-
-
-DEFAULT_ABSTENTION = Abstention()
-
-
-class RagPipeline:
-    """Retrieve, then read; or, when `abstention` says no passage answers the question, say NOT_IN_DOCUMENTS
-    without running the reader (None: always read)."""
-
-    def __init__(self, retriever: Retriever, reader: Reader, *, abstention: Abstention | None = DEFAULT_ABSTENTION):
-        self.retriever = retriever
-        self.reader = reader
-        self.abstention = abstention
-
-    def ask(self, question: str, k: int = 20, *, on_token: Callable[[str], None] | None = None,
-            **generation) -> Answer:
-        question = validate_question(question)
-        started = time.perf_counter()
-        passages = self.retriever.retrieve(question, k) if k > 0 and self.reader.reads_passages else []
-        retrieval_s = time.perf_counter() - started
-        reason = self.retriever.abstention_reason(question, passages, self.abstention)
-        if reason:
-            self.reader.prepare(question, passages)  # a question too long for the decoder is an error all the same
-            if on_token:
-                on_token(NOT_IN_DOCUMENTS)
-            return Answer(NOT_IN_DOCUMENTS, passages, self.reader.name, abstained=reason,
-                          timings={"retrieval_s": retrieval_s, "first_token_s": 0.0, "total_s": 0.0},
-                          usage={"prompt_tokens": 0, "decode_steps": 0, "passages_read": 0,
-                                 "passages_retrieved": len(passages)})
-        answer = self.reader.answer(question, passages, on_token=on_token, **generation)
-        answer.timings["retrieval_s"] = retrieval_s
-        answer.passages = answer.passages or passages
-        answer.usage["passages_retrieved"] = len(passages)
-        return answer

@@ -10,7 +10,6 @@ import asyncio
 import hmac
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,8 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cepe_rag.pipelines.rag import DEFAULT_ABSTENTION, Abstention, Retriever
-from cepe_rag.readers import GenerationConfig, Reader
+from cepe_rag.pipelines.session import RagSession, Retrieved
+from cepe_rag.readers import GenerationConfig
 from cepe_rag.serving.batching import Batcher, Job, QueueFull
 from cepe_rag.serving.page import add_chat_page
 from cepe_rag.serving.schemas import (
@@ -34,28 +33,22 @@ from cepe_rag.serving.schemas import (
     passage_json,
 )
 from cepe_rag.settings import NOT_IN_DOCUMENTS
-from cepe_rag.types import CepeRagError, Passage
+from cepe_rag.types import CepeRagError, Conversation, Passage, split_messages
 
 log = logging.getLogger("cepe_rag.serving")
 
 
 class RagService:
-    """What a server holds: the readers loaded at start (by model id), the retriever and the batcher."""
+    """What a server holds: a RagSession (the readers loaded at start, by model id; the retriever; abstention),
+    the limits on requests, and the batcher that decodes them."""
 
-    def __init__(self, readers: dict[str, Reader], retriever: Retriever | None = None, *, limits: Limits | None = None,
-                 max_batch: int = 16, max_waiting: int = 64, batch_window_ms: float = 5.0,
-                 abstention: Abstention | None = DEFAULT_ABSTENTION):
-        if not readers:
-            raise CepeRagError("a server needs at least one reader")
-        self.readers = readers
-        self.retriever = retriever
-        self.abstention = abstention  # for passages the server retrieved; a request's own passages are always read
+    def __init__(self, session: RagSession, *, limits: Limits | None = None, max_batch: int = 16,
+                 max_waiting: int = 64, batch_window_ms: float = 5.0):
+        self.session = session
+        self.readers = session.readers
         self.limits = limits = limits or Limits()
-        self.batcher = Batcher(readers, max_batch=max_batch, max_waiting=max_waiting,
-                               window_s=batch_window_ms / 1000, reserved_answer_tokens=limits.max_tokens)
-        # Retrieval runs in request threads, beside the decoder thread; the query embedder's tokenizer is not
-        # safe to share between threads.
-        self._retrieval_lock = threading.Lock()
+        self.batcher = Batcher(session.readers, max_batch=max_batch, max_waiting=max_waiting,
+                               window_s=batch_window_ms / 1000)
 
     def check_k(self, k: int | None) -> int:
         k = self.limits.default_k if k is None else k
@@ -64,23 +57,19 @@ class RagService:
                            code="k_out_of_range")
         return k
 
-    async def retrieve(self, query: str, k: int) -> list[Passage]:
-        if self.retriever is None:
+    def check_index(self) -> None:
+        if self.session.retriever is None:
             raise ApiError(400, "this server has no index: send the passages to read in `passages`",
                            param="passages", code="no_index")
 
-        def search() -> list[Passage]:
-            with self._retrieval_lock:
-                return self.retriever.retrieve(query, k)
+    async def retrieve(self, query: str, k: int) -> list[Passage]:
+        self.check_index()
+        return await asyncio.to_thread(lambda: self.session.search(query, k))
 
-        return await asyncio.to_thread(search)
-
-    async def abstention_reason(self, question: str, passages: list[Passage]) -> str | None:
-        def judge() -> str | None:
-            with self._retrieval_lock:
-                return self.retriever.abstention_reason(question, passages, self.abstention)
-
-        return await asyncio.to_thread(judge)
+    async def passages_for(self, question: str, k: int, reader: str, conversation: Conversation) -> Retrieved:
+        self.check_index()
+        return await asyncio.to_thread(self.session.passages_for, question, k=k, reader=reader,
+                                       conversation=conversation)
 
 
 def create_app(service: RagService, *, api_key: str | None = None) -> FastAPI:
@@ -200,9 +189,8 @@ def check_text(text: str, max_chars: int, what: str, param: str) -> str:
     return text
 
 
-def split_messages(messages: list[ChatMessage], limits: Limits) -> tuple[str | None, list[dict], str]:
-    """(system prompt, earlier turns as chat-template messages, the question: the last user message), as
-    ChatCepe splits a LangChain conversation."""
+def request_messages(messages: list[ChatMessage], limits: Limits) -> tuple[Conversation, str]:
+    """The request's conversation and question (`types.split_messages`, as for LangChain), within the limits."""
     if len(messages) > limits.max_messages:
         raise ApiError(400, f"{len(messages)} messages; at most {limits.max_messages} are accepted",
                        param="messages", code="too_many_messages")
@@ -210,13 +198,11 @@ def split_messages(messages: list[ChatMessage], limits: Limits) -> tuple[str | N
         if len(message.text) > limits.max_message_chars:
             raise ApiError(400, f"messages.{position} is {len(message.text):,} characters; at most "
                                 f"{limits.max_message_chars:,} are accepted", param="messages", code="too_long")
-    system = "\n".join(m.text for m in messages if m.role in ("system", "developer")) or None
-    *earlier, last = [m for m in messages if m.role not in ("system", "developer")] or [None]
-    if last is None or last.role != "user":
-        raise ApiError(400, "the last message (after any system messages) must be the user's question",
-                       param="messages", code="no_question")
-    question = check_text(last.text, limits.max_message_chars, "the last user message", "messages")
-    return system, [{"role": m.role, "content": m.text} for m in earlier], question
+    try:
+        conversation, question = split_messages([(m.role, m.text) for m in messages])
+    except CepeRagError as error:
+        raise ApiError(400, str(error), param="messages", code="no_question") from None
+    return conversation, check_text(question, limits.max_message_chars, "the last user message", "messages")
 
 
 async def make_job(service: RagService, body: ChatCompletionRequest) -> Job:
@@ -235,11 +221,10 @@ async def make_job(service: RagService, body: ChatCompletionRequest) -> Job:
     if len(stops) > limits.max_stop or any(not s or len(s) > 100 for s in stops):
         raise ApiError(400, f"stop: at most {limits.max_stop} non-empty strings of up to 100 characters",
                        param="stop", code="invalid_value")
-    system, history, question = split_messages(body.messages, limits)
-    abstained = None
-    reader = service.readers[body.model]
+    conversation, question = request_messages(body.messages, limits)
     k = service.check_k(body.k)
-    if body.passages is not None:
+    found = Retrieved([], query=question)
+    if body.passages is not None:  # the caller's own passages: always read
         if len(body.passages) > limits.max_passages:
             raise ApiError(400, f"{len(body.passages)} passages; at most {limits.max_passages} are accepted",
                            param="passages", code="too_many_passages")
@@ -247,18 +232,16 @@ async def make_job(service: RagService, body: ChatCompletionRequest) -> Job:
             if len(p.text) + len(p.title) > limits.max_passage_chars:
                 raise ApiError(400, f"passages.{position} is longer than {limits.max_passage_chars:,} characters",
                                param="passages", code="too_long")
-        passages = [Passage(id=i, text=p.text, title=p.title, source=p.source) for i, p in enumerate(body.passages)]
-    elif reader.reads_passages:
-        passages = await service.retrieve(question, k)  # from the last user message
-        abstained = await service.abstention_reason(question, passages)
-    else:
-        passages = []
+        found.passages = [Passage(id=i, text=p.text, title=p.title, source=p.source)
+                          for i, p in enumerate(body.passages)]
+    elif service.readers[body.model].reads_passages:
+        found = await service.passages_for(question, k, body.model, conversation)
     temperature = body.temperature or 0.0
     generation = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature,
                                   top_p=body.top_p if body.top_p is not None else 1.0, stop_strings=tuple(stops),
                                   seed=body.seed if temperature > 0 else None)  # greedy ignores seeds
-    return Job(reader=body.model, question=question, passages=passages, generation=generation, history=history,
-               system_prompt=system, loop=asyncio.get_running_loop(), abstained=abstained)
+    return Job(reader=body.model, question=question, passages=found.passages, generation=generation,
+               conversation=conversation, loop=asyncio.get_running_loop(), abstained=found.abstained)
 
 
 class ClientGone(Exception):

@@ -10,7 +10,6 @@ unchanged.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import threading
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from cepe_rag.readers import GenerationConfig, Reader
 from cepe_rag.serving.schemas import ApiError
-from cepe_rag.types import CepeRagError, Passage
+from cepe_rag.types import CepeRagError, Conversation, Passage
 
 log = logging.getLogger("cepe_rag.serving")
 
@@ -38,8 +37,7 @@ class Job:
     question: str
     passages: list[Passage]
     generation: GenerationConfig
-    history: list[dict] = field(default_factory=list)  # earlier turns, rendered by the chat template
-    system_prompt: str | None = None
+    conversation: Conversation = field(default_factory=Conversation)  # system prompt, earlier turns
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -75,14 +73,11 @@ class Batcher:
     job (its client went away) leaves the waiting queue at once, or the running batch at the next step."""
 
     def __init__(self, readers: dict[str, Reader], *, max_batch: int = 16, max_waiting: int = 64,
-                 window_s: float = 0.005, reserved_answer_tokens: int = 512):
+                 window_s: float = 0.005):
         self.readers = readers
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.window_s = window_s
-        # Prompts are budgeted for the longest answer a request may ask for, so a request's passages do not
-        # depend on its max_tokens.
-        self.reserved_answer_tokens = reserved_answer_tokens
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
         self._cond = threading.Condition()
@@ -182,14 +177,10 @@ class Batcher:
         for job in jobs:
             if job.cancelled.is_set():
                 continue
-            # A shallow copy shares the model, tokenizer and caches; only this request's turns and system
-            # prompt differ (the reader renders them through the chat template).
-            view = copy.copy(reader)
-            view.history = job.history
-            view.system_prompt = job.system_prompt or reader.system_prompt
-            view.generation = replace(job.generation, max_new_tokens=self.reserved_answer_tokens)
+            # Prompts are budgeted for the reader's own answer length (the server's --max-tokens), not the
+            # request's, so a request's passages do not depend on its max_tokens.
             try:
-                prepared.append(view.prepare_request(job.question, job.passages))
+                prepared.append(reader.prepare_request(job.question, job.passages, job.conversation))
             except CepeRagError as error:  # too long for the decoder's window
                 job.finished = True
                 job.send("error", ApiError(400, str(error), param="messages", code="context_length_exceeded"))

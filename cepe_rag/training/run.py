@@ -101,7 +101,7 @@ def article_examples(stage: str, model, builder: ExampleBuilder, prompt_ids, *, 
         raise CepeRagError(f"no text in training corpus {corpus!r}")
     retrieve = None
     if index is not None and stage != "warmup":
-        from cepe_rag.pipelines.rag import Retriever  # here: a run folder with its examples trains without faiss
+        from cepe_rag.retrieval import Retriever  # here: a run folder with its examples trains without faiss
 
         retriever = Retriever(index)
         retrieve = retriever.retrieve_batch
@@ -130,7 +130,7 @@ def swapped_examples(stage: str, builder: ExampleBuilder, *, corpus: str, langua
 
     if index is None:
         raise CepeRagError(f"the {stage} stage needs --index (the distractors are passages retrieved from it)")
-    from cepe_rag.pipelines.rag import Retriever  # here: a run folder with its examples trains without faiss
+    from cepe_rag.retrieval import Retriever  # here: a run folder with its examples trains without faiss
 
     articles = load_articles(corpus, languages=languages)
     forbidden = {word.lower() for a in articles for word in re.findall(r"\w+", f"{a.title} {a.text}")}
@@ -173,7 +173,7 @@ def qa_examples(builder: ExampleBuilder, questions: Sequence[str], index: Path |
         records = [TrainingQuestion(q.question, q.answers) for q in load_questions(source)]
         sources.append((source, [q for q in records if not held_out(q.question)],
                         [q for q in records if held_out(q.question)]))
-    from cepe_rag.pipelines.rag import Retriever  # here: a run folder with its examples trains without faiss
+    from cepe_rag.retrieval import Retriever  # here: a run folder with its examples trains without faiss
 
     retrieve = Retriever(index).retrieve_batch
     options = {"min_passages": min_passages, "max_passages": max_passages, "unanswerable": unanswerable}

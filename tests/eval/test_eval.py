@@ -16,8 +16,8 @@ from cepe_rag.eval import (
 from cepe_rag.eval.metrics import answer_in_passages, paired_bootstrap, postprocess
 from cepe_rag.eval.runner import answerable_subset
 from cepe_rag.pipelines.indexing import build_index
-from cepe_rag.pipelines.rag import Retriever
 from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig
+from cepe_rag.retrieval import Retriever
 from cepe_rag.types import CepeRagError
 
 

@@ -16,7 +16,7 @@ from cepe_rag.indexes import IndexStore, QdrantStore, open_store  # noqa: E402
 from cepe_rag.indexes import qdrant as qdrant_module  # noqa: E402
 from cepe_rag.indexes.layout import QdrantLocation, check_store_options  # noqa: E402
 from cepe_rag.pipelines.indexing import build_index, copy_index  # noqa: E402
-from cepe_rag.pipelines.rag import Abstention, PassageFilter, Retriever  # noqa: E402
+from cepe_rag.retrieval import Abstention, PassageFilter, Retriever  # noqa: E402
 from cepe_rag.types import CepeRagError  # noqa: E402
 from tests.pipelines.test_indexing import FACTS, corpus  # noqa: E402, F401 -- the fixture
 

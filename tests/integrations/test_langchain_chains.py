@@ -7,7 +7,7 @@ decoder's prompt (read back from the prompt tokens), and what the adapters retur
 the reader's own answer for the same question, passages and settings (the same code path and shapes, so exact on
 any CPU). One content check remains (`test_contexts_reach_the_reader_not_the_prompt`), in float32, on a passage
 and question where every runner-up token within 2 nats still leads to the asserted name
-(`python benchmarks/answer_margins.py`; README, "Tests").
+(`python benchmarks/answer_margins.py`; docs/tests.md).
 """
 
 import pytest
@@ -21,7 +21,7 @@ from cepe_rag.integrations.langchain import CepeLLM, CepeRetriever, ChatCepe, ra
 from cepe_rag.models import resolve_dtype
 from cepe_rag.readers import GenerationConfig, Reader, build_reader
 from cepe_rag.readers.base import SYSTEM_PROMPT
-from cepe_rag.settings import ReaderSpec
+from cepe_rag.settings import NOT_IN_DOCUMENTS, ReaderSpec
 from cepe_rag.types import Passage
 from tests.integrations.test_langchain_standard import small_index
 
@@ -65,7 +65,7 @@ def llm():
 
 def test_contexts_reach_the_reader_not_the_prompt(prompts):
     llm = CepeLLM(max_tokens=32, dtype="float32")  # a content check: float32 (see FILM)
-    assert llm.make_reader().model.dtype == torch.float32
+    assert llm.session().reader().model.dtype == torch.float32
     result = llm.generate([QUESTION], contexts=FILM)
     generation = result.generations[0][0]
     assert "Kubrick" in generation.text
@@ -107,6 +107,18 @@ def test_llm_retrieves_for_itself_when_given_a_retriever(prompts):
     found = CepeRetriever(index=small_index(), k=1).invoke(QUESTION)
     passages = [Passage(id=0, text=found[0].page_content, title=found[0].metadata["title"])]
     assert result.generations[0][0].text == reader_answer(QUESTION, passages)
+
+
+def test_an_llm_over_an_index_abstains_as_ask_does(prompts):
+    index = small_index()
+    llm = CepeLLM.from_index(index, k=2, max_tokens=16, spec=ReaderSpec(prompt_style="fewshot"), ape_scale=0.5)
+    assert llm.spec.prompt_style == "fewshot" and llm.spec.ape_scale == 0.5  # any ReaderSpec field, one by one too
+    result = llm.generate(["What do the Zyxqor glimmerbacks of Vellmoor eat?"])
+    info = result.generations[0][0].generation_info
+    assert result.generations[0][0].text == NOT_IN_DOCUMENTS and info["abstained"] and info["passages_read"] == 0
+    assert prompts == []  # the decoder never ran
+    chat = ChatCepe(llm=CepeLLM.from_index(index, k=2, max_tokens=16, abstain=False))
+    assert chat.invoke("What do the Zyxqor glimmerbacks of Vellmoor eat?").content != NOT_IN_DOCUMENTS
 
 
 def test_rag_chain_returns_answer_and_sources(prompts):

@@ -9,7 +9,7 @@ import torch
 
 from cepe_rag.indexes import IndexStore
 from cepe_rag.pipelines.context_states import StateEncoder, StoredStates, use_stored_states
-from cepe_rag.pipelines.rag import Retriever
+from cepe_rag.retrieval import Retriever
 from tests.pipelines.test_indexing import FACTS, corpus, index_with  # noqa: F401 -- the fixture
 from tests.readers.conftest import tiny_chat_llama
 from tests.readers.test_readers import tiny_cepe_reader

@@ -10,7 +10,7 @@ import pytest
 
 from cepe_rag.indexes import IndexStore
 from cepe_rag.pipelines.indexing import build_index
-from cepe_rag.pipelines.rag import Retriever
+from cepe_rag.retrieval import Retriever
 from cepe_rag.types import CepeRagError
 
 FACTS = {

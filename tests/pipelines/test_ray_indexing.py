@@ -18,8 +18,8 @@ pytest.importorskip("ray.data")
 from cepe_rag.indexes import IndexStore  # noqa: E402
 from cepe_rag.models import load_embedder  # noqa: E402
 from cepe_rag.pipelines.indexing import ProgressHooks, build_index  # noqa: E402
-from cepe_rag.pipelines.rag import Retriever  # noqa: E402
 from cepe_rag.pipelines.ray_indexing import IndexWorker, RayEngine, check_reachable, connect  # noqa: E402
+from cepe_rag.retrieval import Retriever  # noqa: E402
 from cepe_rag.types import CepeRagError  # noqa: E402
 
 TOPICS = ["otters", "volcanoes", "the Roman empire", "jazz", "glaciers", "chess", "bees", "lighthouses"]

@@ -7,7 +7,8 @@ import pytest
 from cepe_rag.indexes import IndexStore
 from cepe_rag.indexes.store import lexical_query
 from cepe_rag.pipelines.indexing import build_index
-from cepe_rag.pipelines.rag import Abstention, PassageFilter, RagPipeline, Retriever, fuse
+from cepe_rag.pipelines.session import RagSession
+from cepe_rag.retrieval import Abstention, PassageFilter, Retriever, fuse
 from cepe_rag.settings import NOT_IN_DOCUMENTS
 from cepe_rag.types import CepeRagError, Passage
 from tests.pipelines.test_indexing import corpus, index_with  # noqa: F401 -- the fixture
@@ -124,13 +125,13 @@ class EchoReader:
     name = "echo"
     reads_passages = True
 
-    def prepare(self, question, passages):
+    def prepare_request(self, question, passages, conversation=None):
         return None
 
-    def answer(self, question, passages, on_token=None, **_):
+    def answer_stream(self, question, passages, **_):
         from cepe_rag.types import Answer
 
-        return Answer(passages[0].title if passages else "", list(passages), self.name)
+        yield Answer(passages[0].title if passages else "", list(passages), self.name)
 
 
 def test_abstains_when_no_passage_is_relevant_enough(embedder, corpus, tmp_path):  # noqa: F811
@@ -141,14 +142,14 @@ def test_abstains_when_no_passage_is_relevant_enough(embedder, corpus, tmp_path)
     best = {q: max(p.dense_score for p in retriever.retrieve(q, k=2)) for q in (on_topic, off_topic)}
     assert best[on_topic] > best[off_topic]
     floor = (best[on_topic] + best[off_topic]) / 2
-    pipeline = RagPipeline(retriever, EchoReader(), abstention=Abstention(below=0.0, floor=floor))
-    assert pipeline.ask(on_topic, k=2).text == "kubrick"
+    pipeline = RagSession(EchoReader(), retriever, abstention=Abstention(below=0.0, floor=floor), k=2)
+    assert pipeline.answer(on_topic).text == "kubrick"
     streamed = []
-    refused = pipeline.ask(off_topic, k=2, on_token=streamed.append)
+    refused = pipeline.answer(off_topic, on_token=streamed.append)
     assert refused.text == NOT_IN_DOCUMENTS == "".join(streamed)
     assert refused.abstained.startswith("the best passage's similarity to the question is")
     assert len(refused.passages) == 2  # the sources are still shown, with their scores
-    assert not RagPipeline(retriever, EchoReader(), abstention=None).ask(off_topic, k=2).abstained
+    assert not RagSession(EchoReader(), retriever, abstention=None).answer(off_topic, k=2).abstained
 
 
 def test_abstains_below_the_higher_threshold_only_for_words_no_document_contains(embedder, corpus,  # noqa: F811
@@ -158,17 +159,17 @@ def test_abstains_below_the_higher_threshold_only_for_words_no_document_contains
     assert retriever.unknown_words("Who painted the Quorvath otters?") == ["painted", "quorvath"]
     assert retriever.unknown_words("Which tools do sea otters use?") == []  # "tools" matches "tool" (stemmed)
     assert retriever.unknown_words("Do otters use rocks?") == []
-    strict = RagPipeline(retriever, EchoReader(), abstention=Abstention(below=0.99, floor=0.0))
-    assert strict.ask("Do otters use rocks?", k=1).text == "otters"  # every word is in the documents: read
-    refused = strict.ask("Who painted the Quorvath otters?", k=1)
+    strict = RagSession(EchoReader(), retriever, abstention=Abstention(below=0.99, floor=0.0), k=1)
+    assert strict.answer("Do otters use rocks?").text == "otters"  # every word is in the documents: read
+    refused = strict.answer("Who painted the Quorvath otters?")
     assert refused.abstained.startswith("no document contains 'painted', 'quorvath'")
 
 
 def test_lexical_retrieval_never_abstains(embedder, corpus, tmp_path):  # noqa: F811
     index_with(embedder, [corpus], tmp_path / "idx")
     lexical = Retriever(tmp_path / "idx", mode="lexical")
-    pipeline = RagPipeline(lexical, EchoReader(), abstention=Abstention(below=1.0, floor=1.0))
-    assert pipeline.ask("Quorvath otters?", k=1).text == "otters"  # no cosine to judge by
+    pipeline = RagSession(EchoReader(), lexical, abstention=Abstention(below=1.0, floor=1.0), k=1)
+    assert pipeline.answer("Quorvath otters?").text == "otters"  # no cosine to judge by
 
 
 def test_store_embeddings_are_the_indexed_vectors(embedder, corpus, tmp_path):  # noqa: F811

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from cepe_rag.padding import pad_token_ids
-from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig
+from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig, Reader
 from cepe_rag.readers.generation import _stop_index
 from cepe_rag.types import CepeRagError, Passage
 from tests.readers.conftest import tiny_chat_llama
@@ -157,15 +157,32 @@ def test_earlier_turns_go_through_the_chat_template(tiny_chat_model, chat_tokeni
 
     from cepe_rag.integrations.langchain import ChatCepe
 
-    system, history, question = ChatCepe.split_messages([
+    conversation, question = ChatCepe.split_messages([
         SystemMessage("Be brief."), HumanMessage("Who built the bridge?"), AIMessage("Maria Tollund."),
         HumanMessage("When?")])
-    assert system == "Be brief." and question == "When?"
-    assert history == [{"role": "user", "content": "Who built the bridge?"},
-                       {"role": "assistant", "content": "Maria Tollund."}]
+    assert conversation.system_prompt == "Be brief." and question == "When?"
+    assert conversation.history == ({"role": "user", "content": "Who built the bridge?"},
+                                    {"role": "assistant", "content": "Maria Tollund."})
     reader = ConcatReader(tiny_chat_model, chat_tokenizer)
-    reader.history = history
-    text = chat_tokenizer.decode(reader.prepare(question, PASSAGES[:1]).ids)
+    text = chat_tokenizer.decode(reader.prepare(question, PASSAGES[:1], conversation).ids)
+    assert "Be brief." in text and reader.system_prompt not in text  # the request's system prompt, not the reader's
     assert ("<|im_start|>user\nWho built the bridge?<|im_end|>\n<|im_start|>assistant\nMaria Tollund.<|im_end|>"
             in text)
     assert text.index("Maria Tollund.") < text.index("Passage number 0") < text.index("Question: When?")
+
+
+def test_one_table_describes_every_reader():
+    """ReaderSpec's fields are what every reader's constructor takes (settings.READER_NAMES lists READERS, for the
+    command line to check before torch loads)."""
+    import inspect
+
+    from cepe_rag.readers import READERS
+    from cepe_rag.settings import READER_NAMES, ReaderSpec
+
+    assert set(READER_NAMES) == set(READERS)
+    for name, reader_class in READERS.items():
+        taken = set(inspect.signature(reader_class.__init__).parameters) | set(
+            inspect.signature(Reader.__init__).parameters)
+        assert set(ReaderSpec(reader=name).reader_options()) <= taken, name
+    assert ReaderSpec(reader="parallel", ape_scale=0.5).reader_options() == {
+        "prompt_style": "instruction", "ape_temperature": 1.0, "ape_scale": 0.5, "read_margin": 0.0}

@@ -32,7 +32,6 @@ class ScriptedBatch:
 
 class ScriptedReader:
     system_prompt = None
-    history = ()
     generation = GenerationConfig()
 
     class tokenizer:  # noqa: N801 -- stands in for a tokenizer object
@@ -41,7 +40,7 @@ class ScriptedReader:
 
     tokenizer = tokenizer()
 
-    def prepare_request(self, question, passages):
+    def prepare_request(self, question, passages, conversation=None):
         from cepe_rag.readers.base import PreparedPrompt
 
         return PreparedPrompt([1, 2, 3], list(passages))

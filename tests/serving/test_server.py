@@ -22,11 +22,12 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
 
 from cepe_rag.pipelines.indexing import build_index
-from cepe_rag.pipelines.rag import Abstention, Retriever
+from cepe_rag.pipelines.session import RagSession
 from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig, ParallelReader
+from cepe_rag.retrieval import Abstention, Retriever
 from cepe_rag.serving import Limits, RagService, create_app
 from cepe_rag.settings import NOT_IN_DOCUMENTS
-from cepe_rag.types import Passage
+from cepe_rag.types import Conversation, Passage
 from tests.readers.conftest import tiny_chat_llama
 
 KEY = "test-key-123"
@@ -86,8 +87,8 @@ def readers_for(model, tokenizer, max_tokens):
 def server(tiny_model, chat_tokenizer, retriever):
     # A wide batching window: requests from test threads arrive tens of milliseconds apart. No abstention: these
     # tests are about the random model's answers (test_abstains_... turns it on).
-    service = RagService(readers_for(tiny_model, chat_tokenizer, LIMITS.max_tokens), retriever, limits=LIMITS,
-                         max_batch=8, max_waiting=32, batch_window_ms=50, abstention=None)
+    session = RagSession(readers_for(tiny_model, chat_tokenizer, LIMITS.max_tokens), retriever, abstention=None)
+    service = RagService(session, limits=LIMITS, max_batch=8, max_waiting=32, batch_window_ms=50)
     with serving(service, api_key=KEY) as url:
         yield url, service
 
@@ -124,13 +125,13 @@ def test_answers_equal_the_reader_called_directly_with_the_chat_history(client, 
         model="concat", max_tokens=12, extra_body={"passages": OWN},
         messages=[{"role": "system", "content": system}, *history,
                   {"role": "user", "content": "And the museum?"}]).choices[0].message.content
-    reader = ConcatReader(tiny_model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=LIMITS.max_tokens),
-                          system_prompt=system)
-    reader.history = history
+    reader = ConcatReader(tiny_model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=LIMITS.max_tokens))
     passages = [Passage(i, p["text"], p["title"]) for i, p in enumerate(OWN)]
-    assert reply == "".join(reader.stream("And the museum?", passages, max_new_tokens=12))
-    reader.history = []  # without the earlier turns the prompt, and here the answer, differ
-    assert reply != "".join(reader.stream("And the museum?", passages, max_new_tokens=12))
+    conversation = Conversation(system, tuple(history))
+    assert reply == "".join(reader.stream("And the museum?", passages, conversation=conversation, max_new_tokens=12))
+    # without the earlier turns the prompt, and here the answer, differ
+    alone = Conversation(system)
+    assert reply != "".join(reader.stream("And the museum?", passages, conversation=alone, max_new_tokens=12))
 
 
 def test_chatopenai_works_unchanged(server):
@@ -170,7 +171,7 @@ def ask(client, question, passages, max_tokens, stream):
 
 def test_abstains_without_the_model_when_no_retrieved_passage_is_relevant(client, server):
     service = server[1]
-    service.abstention = Abstention(floor=0.999)  # no passage of the test corpus is that close to any question
+    service.session.abstention = Abstention(floor=0.999)  # no passage of the test corpus is that close to any question
     try:
         messages = [{"role": "user", "content": "Who designed the Quorvath Bridge?"}]
         whole = client.chat.completions.create(model="concat", messages=messages, max_tokens=10, extra_body={"k": 2})
@@ -184,7 +185,7 @@ def test_abstains_without_the_model_when_no_retrieved_passage_is_relevant(client
                                              extra_body={"passages": OWN})  # the client's passages: always read
         assert own.choices[0].message.content != NOT_IN_DOCUMENTS
     finally:
-        service.abstention = None
+        service.session.abstention = None
 
 
 def test_concurrent_requests_are_batched_and_answer_as_alone(client, server):
@@ -340,7 +341,7 @@ def slow_server(chat_tokenizer):
     # This model does not end its answer by itself: a request for 400 tokens takes 400 steps, at least 4 s below.
     assert readers["concat"].answer("Tell me everything.", passages, max_new_tokens=400).usage["decode_steps"] == 400
     model.register_forward_pre_hook(lambda module, args: time.sleep(0.01))  # ~10 ms a decoding step
-    service = RagService(readers, None, limits=limits, max_batch=1, max_waiting=1, batch_window_ms=0)
+    service = RagService(RagSession(readers), limits=limits, max_batch=1, max_waiting=1, batch_window_ms=0)
     with serving(service) as url:
         yield url
 
