@@ -175,7 +175,8 @@ def test_hybrid_answers_densely_and_abstention_keeps_its_floor(embedder, corpus,
     assert retriever.unknown_words("Who calibrated the Zorblax gauge?") == []
     passages = retriever.retrieve("Who calibrated the Zorblax gauge?", 2)
     assert all(p.dense_score is not None and p.lexical_score is None for p in passages)
-    assert "below 0.34" in retriever.abstention_reason("Who calibrated the Zorblax gauge?", passages, Abstention())
+    unknown = retriever.unknown_words("Who calibrated the Zorblax gauge?")  # no lexical index: none known unknown
+    assert "below 0.34" in Abstention().reason(passages, unknown)
     with pytest.raises(CepeRagError, match="no lexical"):
         Retriever(retriever.store, mode="lexical")
 
