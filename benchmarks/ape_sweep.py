@@ -18,6 +18,7 @@ import torch
 
 from cepe_rag.eval import answerable_subset, load_questions, run_eval
 from cepe_rag.models import load_decoder
+from cepe_rag.pipelines.session import RagSession
 from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig, ParallelReader
 from cepe_rag.retrieval import Retriever
 
@@ -48,7 +49,7 @@ def main() -> None:
     if not args.no_baselines:
         readers["concat"] = ConcatReader(model, tokenizer, most_relevant=args.concat_order, **common)
         readers["closed-book"] = ClosedBookReader(model, tokenizer, **common)
-    run_eval(questions, retriever, readers, [int(k) for k in args.k.split(",")], args.out)
+    run_eval(questions, RagSession(readers, retriever), [int(k) for k in args.k.split(",")], args.out)
     print((Path(args.out) / "summary.md").read_text())
 
 

@@ -66,7 +66,7 @@ def main() -> None:
     }
     if args.context_states:
         from cepe_rag.cepe import load_cepe
-        from cepe_rag.pipelines.context_states import StateEncoder
+        from cepe_rag.cepe.states import StateEncoder
         from cepe_rag.settings import packaged_cepe
 
         encoder = StateEncoder(load_cepe(packaged_cepe()))

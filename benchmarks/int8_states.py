@@ -16,7 +16,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from cepe_rag.indexes.store import STATES_FORMAT_KEY, _pack_int8, _unpack_float16
+from cepe_rag.indexes.passage_db import STATES_FORMAT_KEY, pack_int8, unpack_float16
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
         before = db.execute("SELECT SUM(LENGTH(states)), COUNT(*) FROM context_states").fetchone()
         rows = db.execute("SELECT passage_id, tokens, states FROM context_states").fetchall()
         db.executemany("UPDATE context_states SET states = ? WHERE passage_id = ?",
-                       [(_pack_int8(_unpack_float16(blob, tokens, hidden)), pid) for pid, tokens, blob in rows])
+                       [(pack_int8(unpack_float16(blob, tokens, hidden)), pid) for pid, tokens, blob in rows])
         db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, 'int8')", (STATES_FORMAT_KEY,))
         after = db.execute("SELECT SUM(LENGTH(states)) FROM context_states").fetchone()[0]
     db.close()

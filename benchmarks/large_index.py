@@ -127,7 +127,8 @@ def phase_flat(args) -> dict:
 def phase_search(args) -> dict:
     import faiss
 
-    from cepe_rag.indexes.store import IndexStore, read_faiss
+    from cepe_rag.indexes.faiss_file import read_faiss
+    from cepe_rag.indexes.store import IndexStore
 
     centers, _, _ = load_demo(args.demo)
     _, queries = synthetic(centers, args.queries, seed=7, noise=args.noise)

@@ -14,7 +14,7 @@ import json
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from cepe_rag.cepe.encoder import ContextStates
+from cepe_rag.cepe.states import ContextStates
 from cepe_rag.models import embedder_path, load_decoder
 from cepe_rag.readers import ParallelReader
 from cepe_rag.retrieval import Retriever

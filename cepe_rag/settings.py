@@ -52,9 +52,7 @@ CROSS_KV_BUDGET_MB = 256.0
 # benchmark.
 APE_TEMPERATURE = 1.0
 APE_SCALE = 0.6
-# The choices every entry point offers, here (not beside their classes) so the CLI checks them before it
-# imports torch.
-READER_NAMES = ("concat", "parallel", "cepe", "closed-book")
+# The choices every entry point offers (the readers' names are readers.spec.READERS, beside their classes).
 PROMPT_STYLES = ("instruction", "fewshot", "query-aware")
 # How `index --context-states` stores the states: float16, or int8 with a float32 scale per token (half the size).
 CONTEXT_STATE_FORMATS = ("float16", "int8")

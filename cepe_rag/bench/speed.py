@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from cepe_rag.cepe import CepeForCausalLM, build_encoder
+from cepe_rag.indexes import IndexStore
 from cepe_rag.models import embedder_path, load_decoder
 from cepe_rag.readers.parallel import ParallelContext, ParallelReader
 from cepe_rag.settings import BENCH_METHODS
@@ -143,8 +144,6 @@ def run_one(config: BenchConfig) -> dict:
     precomputed = None
     stored = None
     if config.method.startswith("cepe-stored"):  # opened once per process, as a server would; read per request below
-        from cepe_rag.indexes import IndexStore
-
         store = IndexStore.open(config.index)
         have = store.passage_ids_with_states()
         chosen = [have[i] for i in torch.randperm(len(have))[: config.k].tolist()]

@@ -25,7 +25,8 @@ from cepe_rag.cepe.model import (
     REFERENCE_CHUNKING,
     CepeForCausalLM,
 )
-from cepe_rag.models import embedder_path, load_decoder
+from cepe_rag.cepe.states import StateEncoder
+from cepe_rag.models import default_device, embedder_path, load_decoder
 from cepe_rag.types import CepeRagError
 
 ADAPTER_CONFIG = "cepe_adapter.json"
@@ -187,3 +188,10 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "pytorch_model.bin").exists():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise CepeRagError(f"no weights in {folder} (model.safetensors, sharded safetensors or pytorch_model.bin)")
+
+
+def load_state_encoder(checkpoint: str, device: str | None = None, state_format: str = "float16") -> StateEncoder:
+    """A CEPE checkpoint's `StateEncoder` (on `device`, by default the GPU if there is one): `cepe-rag index
+    --context-states` makes one here and, with `--engine ray`, one in every worker."""
+
+    return StateEncoder(load_cepe(checkpoint, device=device or default_device()), state_format=state_format)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from cepe_rag.cepe.cross_attention import (
     decoder_layers,
     init_cross_attention,
 )
-from cepe_rag.cepe.encoder import ContextStates, encode_chunks, make_bidirectional
+from cepe_rag.cepe.encoder import encode_chunks, make_bidirectional
+from cepe_rag.cepe.states import ContextStates
 from cepe_rag.models import contiguous_head_input
 from cepe_rag.padding import pad_token_ids
 from cepe_rag.types import CepeRagError
@@ -279,36 +279,3 @@ def group_by_request(flat: Sequence, chunks_per_request: Sequence[Sequence]) -> 
         grouped.append(list(flat[start:start + len(chunks)]))
         start += len(chunks)
     return grouped
-
-
-class ChunkStateCache:
-    """Encoder states by chunk text: a chunk's states depend on its text alone, and the same passages come
-    back in many questions (and training examples). Missing texts are encoded in length-sorted batches;
-    beyond `max_chunks` the least recently used are dropped (None: keep all)."""
-
-    def __init__(self, model: CepeForCausalLM, *, max_chunks: int | None = None,
-                 store_dtype: torch.dtype | None = None, batch_size: int = 64):
-        self.model = model
-        self.max_chunks = max_chunks
-        self.store_dtype = store_dtype  # e.g. float16 to halve a training run's cache
-        self.batch_size = batch_size
-        self.states: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    @torch.no_grad()
-    def lookup(self, texts: Sequence[str]) -> list[torch.Tensor]:
-        missing = sorted(dict.fromkeys(t for t in texts if t not in self.states), key=len)  # stable order
-        for start in range(0, len(missing), self.batch_size):
-            group = missing[start:start + self.batch_size]
-            fresh = self.model.encode_token_chunks(self.model.tokenize_chunks(group), batch_size=self.batch_size)
-            for text, state in zip(group, fresh):
-                self.states[text] = state.to(self.store_dtype) if self.store_dtype else state
-        found = []
-        for text in texts:
-            self.states.move_to_end(text)
-            found.append(self.states[text])
-        while self.max_chunks is not None and len(self.states) > self.max_chunks:
-            self.states.popitem(last=False)
-        return found

@@ -12,11 +12,37 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Annotated
 
-from cepe_rag.cli.output import console, show_sources
+import typer
+
+from cepe_rag.cli.opening import open_session
+from cepe_rag.cli.options import (
+    AbstainOption,
+    DtypeOption,
+    IndexOption,
+    RetrievalOption,
+    SourceFilterOption,
+    TitleFilterOption,
+    check_options,
+    reader_options,
+    store_options,
+)
+from cepe_rag.cli.output import console, describe, show_sources
+from cepe_rag.indexes.layout import QdrantLocation, check_index_folder
 from cepe_rag.pipelines.session import RagSession
+from cepe_rag.readers import READERS
 from cepe_rag.retrieval import PassageFilter, Retriever
-from cepe_rag.settings import READER_NAMES, RETRIEVAL_MODES, ReaderSpec, check_choice
+from cepe_rag.settings import (
+    DEFAULT_ANSWER_TOKENS,
+    DEFAULT_INDEX,
+    DEFAULT_K,
+    DEFAULT_READER,
+    DEFAULT_RETRIEVAL,
+    RETRIEVAL_MODES,
+    ReaderSpec,
+    check_choice,
+)
 from cepe_rag.types import Answer, CepeRagError, Conversation
 
 # Earlier exchanges the prompt carries: a 2,048-token window also holds the passages (the oldest go first when a
@@ -110,7 +136,7 @@ class Chat:
         console.print(f"[dim]k={self.session.k}[/]")
 
     def set_reader(self, name: str) -> None:
-        check_choice(name, READER_NAMES, "reader")
+        check_choice(name, tuple(READERS), "reader")
         spec = replace(self.spec, reader=name)
         if name == "cepe":
             spec.checkpoint()  # one ships for the decoder, or one was given
@@ -210,3 +236,41 @@ def history_file() -> Path:
 def _write_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+@reader_options
+@store_options
+def chat(
+    index_dir: IndexOption = DEFAULT_INDEX,
+    k: Annotated[int, typer.Option("--k", help="Passages to retrieve; the relevance cutoff reads those close to the "
+                                               "best one (--no-cutoff: all of them).")] = DEFAULT_K,
+    reader: Annotated[str | None, typer.Option(help="concat, parallel, closed-book, or cepe. Default: cepe when "
+                                                    "--cepe-model is given, else concat.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = DEFAULT_ANSWER_TOKENS,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    dtype: DtypeOption = None,
+    retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
+    source: SourceFilterOption = None,
+    title: TitleFilterOption = None,
+    abstain: AbstainOption = True,
+    spec_options: dict | None = None,
+    qdrant: QdrantLocation | None = None,
+) -> None:
+    """Talk to your documents: load once, then answer question after question with sources (/help in the chat).
+    Piped input answers one question per line."""
+    spec = ReaderSpec(reader=reader or ("cepe" if spec_options["cepe_model"] else DEFAULT_READER), **spec_options)
+    check_options([k], [spec], dtype, retrieval)
+    check_index_folder(index_dir)
+    session = open_session(index_dir, [spec], retrieval=retrieval, source=source, title=title, qdrant=qdrant,
+                           device=device, dtype=dtype, abstain=abstain, k=k, max_new_tokens=max_new_tokens)
+    console.print(f"[dim]{describe(session, spec)}[/]")
+    conversation = Chat(session, spec, generation={"temperature": temperature})
+    if sys.stdin.isatty():
+        conversation.run_terminal()
+    else:
+        conversation.run_piped(sys.stdin)

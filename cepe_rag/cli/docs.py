@@ -18,6 +18,8 @@ from rich.console import Console
 
 from cepe_rag.documents.globs import compile_glob, is_glob, path_matches
 from cepe_rag.indexes.layout import FAISS_FILE, check_index_folder
+from cepe_rag.indexes.manifest import Manifest, writer_lock
+from cepe_rag.indexes.store import IndexStore
 from cepe_rag.settings import DEFAULT_INDEX
 from cepe_rag.types import CepeRagError
 
@@ -107,8 +109,6 @@ def remove(
     """Remove documents and their passages from the index; nothing changes unless every argument matches."""
     patterns = {t: compile_glob(t, anywhere=True) for t in targets if is_glob(t)}  # bad ones stop here
     check_index_folder(index_dir)  # before the lock, which would create a missing folder
-    from cepe_rag.indexes.store import IndexStore, Manifest, writer_lock
-
     with writer_lock(index_dir):  # the lock `index` takes: never two writers
         store = IndexStore.create_or_open(index_dir, Manifest.read(index_dir))
         try:
@@ -186,8 +186,6 @@ def _glob_matches(pattern, document) -> bool:
 
 
 def _open_catalog(index_dir: Path):
-    from cepe_rag.indexes.store import IndexStore
-
     return IndexStore.open_catalog(index_dir)
 
 

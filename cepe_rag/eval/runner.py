@@ -27,7 +27,7 @@ from cepe_rag.eval.metrics import (
     token_f1,
 )
 from cepe_rag.files import atomic_write
-from cepe_rag.readers import Reader
+from cepe_rag.pipelines.session import RagSession
 from cepe_rag.retrieval import Retriever
 from cepe_rag.types import CepeRagError, Passage
 
@@ -61,10 +61,13 @@ def cached_retrieval(questions: list[QAExample], retriever: Retriever, k: int, p
     return cached
 
 
-def run_eval(questions: list[QAExample], retriever: Retriever, readers: dict[str, Reader], ks: list[int],
-             out_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None,
-             settings: dict[str, dict] | None = None) -> list[dict]:
-    """settings: per reader name, whatever determines its answers (decoder, dtype, knobs), kept in run.json."""
+def run_eval(questions: list[QAExample], session: RagSession, ks: list[int], out_dir: str | Path, *,
+             progress: Callable[[str, int, int], None] | None = None, settings: dict[str, dict] | None = None
+             ) -> list[dict]:
+    """Every reader of the session at every k, each question answered through `RagSession.answer` with its cached
+    top-k as the caller's own passages (read as they are: a harness measures readers, so it never abstains).
+    settings: per reader name, whatever determines its answers (decoder, dtype, knobs), kept in run.json."""
+    retriever, readers = session.retriever, session.readers
     out = Path(out_dir)
     if not questions:
         raise CepeRagError("no questions to evaluate")
@@ -85,7 +88,7 @@ def run_eval(questions: list[QAExample], retriever: Retriever, readers: dict[str
                         continue
                     passages = [replace(texts[pid], score=score) for pid, score in hits[question.id][:k]
                                 if pid in texts]
-                    record = _answer_one(reader_name, reader, question, passages, k)
+                    record = _answer_one(session, reader_name, question, passages, k)
                     done[question.id] = record
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                     handle.flush()
@@ -157,9 +160,10 @@ def _earlier_rows(out: Path, questions: list[QAExample], skip: set[tuple[str, in
     return sorted(rows, key=lambda row: (row["reader"], row["k"]))
 
 
-def _answer_one(reader_name: str, reader: Reader, question: QAExample, passages: list[Passage], k: int) -> dict:
+def _answer_one(session: RagSession, reader_name: str, question: QAExample, passages: list[Passage], k: int
+                ) -> dict:
     started = time.perf_counter()
-    answer = reader.answer(question.question, passages)
+    answer = session.answer(question.question, reader=reader_name, passages=passages)
     latency = time.perf_counter() - started
     prediction = postprocess(answer.text)
     return {

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cepe_rag.indexes.layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, QdrantLocation, check_index_folder
-from cepe_rag.indexes.store import IndexStore, Manifest, StoredPassage
+from cepe_rag.indexes.store import Manifest, StoredPassage
 from cepe_rag.types import CepeRagError, Passage
 
 _PASSAGE_FIELDS = ["text", "title", "source"]
@@ -397,24 +397,3 @@ def _close_if_alive(reference: weakref.ref) -> None:
     client = reference()
     if client is not None:
         client.close()
-
-
-def open_store(folder: str | Path, location: QdrantLocation | None = None) -> IndexStore | QdrantStore:
-    """Open an index folder for searching, wherever its passages are (its manifest says)."""
-    folder = Path(folder)
-    check_index_folder(folder)
-    if Manifest.read(folder).store == "qdrant":
-        return QdrantStore.open(folder, location)
-    if location is not None:
-        raise CepeRagError(f"{folder} is a FAISS index, not a Qdrant one: leave out --store/--qdrant-* options")
-    return IndexStore.open(folder)
-
-
-def create_or_open_store(folder: str | Path, manifest: Manifest, location: QdrantLocation | None = None
-                         ) -> IndexStore | QdrantStore:
-    """Open an index folder for writing: in Qdrant when `location` is given or the folder already is a Qdrant
-    index, else a FAISS index folder."""
-    folder = Path(folder)
-    if location is not None or (folder / MANIFEST_FILE).exists() and Manifest.read(folder).store == "qdrant":
-        return QdrantStore.create_or_open(folder, manifest, location)
-    return IndexStore.create_or_open(folder, manifest)

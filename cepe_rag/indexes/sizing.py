@@ -15,7 +15,7 @@ from pathlib import Path
 import faiss
 
 from cepe_rag.documents.loading import SUPPORTED_SUFFIXES
-from cepe_rag.indexes.store import new_faiss_index, training_size
+from cepe_rag.indexes.faiss_file import new_faiss_index, training_size
 from cepe_rag.types import CepeRagError
 
 BYTES_PER_TOKEN = 4.2  # English text per MiniLM word-piece token (measured on the demo corpus: 484 chars / 115 tokens)

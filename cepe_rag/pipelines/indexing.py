@@ -14,16 +14,16 @@ import numpy as np
 from cepe_rag.documents import Document, LoadReport, PassageSplitter, iter_documents
 from cepe_rag.documents.globs import PathFilter
 from cepe_rag.documents.loading import DEFAULT_MAX_DOCUMENT_MB, relative_path
-from cepe_rag.indexes import IndexStore, Manifest, QdrantStore, StoredPassage, create_or_open_store, writer_lock
+from cepe_rag.indexes import IndexStore, Manifest, PassageStore, StoredPassage, create_or_open_store, writer_lock
+from cepe_rag.indexes.faiss_file import check_factory_syntax
 from cepe_rag.indexes.layout import MANIFEST_FILE, QdrantLocation
 from cepe_rag.indexes.sizing import check_fits
-from cepe_rag.indexes.store import check_factory_syntax
 from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.settings import DEFAULT_CHUNK_TOKENS, DEFAULT_EMBEDDER, DEFAULT_FAISS_FACTORY, DEFAULT_OVERLAP_TOKENS
 from cepe_rag.types import CepeRagError, Passage
 
 if TYPE_CHECKING:  # the encoder (torch) is loaded only by runs that store context states
-    from cepe_rag.pipelines.context_states import StateEncoder
+    from cepe_rag.cepe.states import StateEncoder
 
 
 @dataclass
@@ -268,7 +268,7 @@ def _filtered_out(source: str, roots: list[str], path_filter: PathFilter) -> boo
                and not path_filter.accepts(relative_path(source, root)) for root in roots)
 
 
-def _documents_under(store: IndexStore | QdrantStore, roots: list[str]) -> list[tuple[str, str]]:
+def _documents_under(store: PassageStore, roots: list[str]) -> list[tuple[str, str]]:
     return [(key, source) for key, source in store.document_sources()
             if any(source == root or source.startswith(root.rstrip(os.sep) + os.sep) for root in roots)]
 

@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cepe_rag.cepe.states import use_stored_states
+from cepe_rag.indexes import open_store
 from cepe_rag.indexes.layout import QdrantLocation
 from cepe_rag.models import default_device, resolve_dtype
-from cepe_rag.pipelines.context_states import use_stored_states
 from cepe_rag.readers import GenerationConfig, Reader, build_reader
 from cepe_rag.retrieval import DEFAULT_ABSTENTION, Abstention, PassageFilter, Retriever, relevance
 from cepe_rag.settings import DEFAULT_K, DEFAULT_RETRIEVAL, NOT_IN_DOCUMENTS, ReaderSpec
@@ -58,8 +59,6 @@ class RagSession:
         if len({spec.label for spec in specs}) < len(specs):
             raise CepeRagError(f"a reader is listed twice: {', '.join(spec.label for spec in specs)}")
         if retriever is None and index is not None:
-            from cepe_rag.indexes import open_store
-
             retriever = Retriever(open_store(index, qdrant), mode=retrieval, filters=filters)
         device = device or default_device()
         torch_dtype = resolve_dtype(dtype, device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Generic, TypeVar
 
 import torch
 
@@ -31,14 +31,17 @@ DEMONSTRATIONS = (
 )
 
 
+Plan = TypeVar("Plan")
+
+
 @dataclass
-class PreparedPrompt:
-    """One request ready for decoding, the whole plan: the prompt token ids, the passages the reader used, and
-    what else its decoding needs (the parallel reader's prefix and passage tokens, CEPE's encoder passages)."""
+class PreparedPrompt(Generic[Plan]):
+    """One request ready for decoding: the prompt token ids, the passages the reader used, and what else its decoding
+    needs, typed by its reader (`ParallelPlan`; CEPE's encoder passages; nothing for concat and closed-book)."""
 
     ids: list[int]
     passages: list[Passage]
-    plan: Any = None
+    plan: Plan | None = None
     read_rule: str = ""  # which of the given passages were read, and why (the relevance cutoff)
 
 

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 
-from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache
+from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache, StateSource
 from cepe_rag.readers.base import NO_CONVERSATION, PreparedPrompt, Reader, passage_block, question_text
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
 from cepe_rag.settings import CROSS_KV_BUDGET_MB
 from cepe_rag.types import Conversation, Passage
-
-STATES_DTYPE = torch.float16  # as stored in an index
-
-
-class StateSource(Protocol):
-    def states_for(self, passages: Sequence[Passage]) -> dict[int, torch.Tensor]: ...
 
 
 class CepeReader(Reader):
@@ -39,7 +32,7 @@ class CepeReader(Reader):
         self.context_states = context_states
         self.cross_kv_budget_mb = cross_kv_budget_mb
         # Many questions retrieve the same passages (and top-5 is in top-20); keyed by text: ids are not unique.
-        self.encoded = ChunkStateCache(model, max_chunks=max_cached_passages, store_dtype=STATES_DTYPE)
+        self.encoded = ChunkStateCache(model, max_chunks=max_cached_passages)
 
     def split(self, passages: Sequence[Passage]) -> tuple[list[Passage], list[Passage]]:
         in_prompt = list(passages[: self.n_prompt_passages])
@@ -47,7 +40,8 @@ class CepeReader(Reader):
         return in_prompt, list(rest if self.n_encoder_passages is None else rest[: self.n_encoder_passages])
 
     def prepare(self, question: str, passages: Sequence[Passage],
-                conversation: Conversation = NO_CONVERSATION) -> PreparedPrompt:
+                conversation: Conversation = NO_CONVERSATION) -> PreparedPrompt[list[Passage]]:
+        """The plan: the passages read through the encoder (the others are in the prompt)."""
         in_prompt, in_encoder = self.split(passages)
         documents = "".join(passage_block(p.as_prompt_text()) for p in in_prompt)
         ids = self.chat_ids(self.ahead_of_passages(question, in_prompt) + documents + question_text(question),

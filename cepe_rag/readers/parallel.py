@@ -82,6 +82,14 @@ AttentionInterface.register(ATTENTION_NAME, parallel_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
+@dataclass(frozen=True)
+class ParallelPlan:
+    """What a parallel request decodes from besides its question: the shared prefix and each passage, as token ids."""
+
+    prefix: list[int]
+    chunks: list[list[int]]
+
+
 class ParallelReader(Reader):
     """Works on any decoder, no trained weights; passage KV caches could be stored per passage."""
 
@@ -110,10 +118,10 @@ class ParallelReader(Reader):
         return prefix, [chunk[: self.max_passage_tokens] for chunk in chunks], query
 
     def prepare(self, question: str, passages: Sequence[Passage],
-                conversation: Conversation = NO_CONVERSATION) -> PreparedPrompt:
+                conversation: Conversation = NO_CONVERSATION) -> PreparedPrompt[ParallelPlan]:
         prefix, chunks, query = self.pieces(question, passages, conversation)
         self.check_fits(len(prefix) + max((len(c) for c in chunks), default=0) + len(query))
-        return PreparedPrompt(query, list(passages), plan=(prefix, chunks))
+        return PreparedPrompt(query, list(passages), plan=ParallelPlan(prefix, chunks))
 
     @torch.inference_mode()
     def encode_passages(self, prefix: list[int], chunks: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -156,7 +164,7 @@ class ParallelReader(Reader):
         return [[(layer.keys[row:row + 1, :, own[row]], layer.values[row:row + 1, :, own[row]])
                  for layer in cache.layers] for row in range(len(chunks))]
 
-    def parallel_cache(self, prepared: Sequence[PreparedPrompt]):
+    def parallel_cache(self, prepared: Sequence[PreparedPrompt[ParallelPlan]]):
         """KV caches of every prepared request's prefix + passages, left-padded to one batch.
 
         Returns (cache, past_mask, position_offsets, ParallelContext). APE's knobs only act on requests
@@ -164,7 +172,7 @@ class ParallelReader(Reader):
         """
         contexts, offsets, prefix_lengths, counts = [], [], [], []
         for request in prepared:
-            prefix, chunks = request.plan
+            prefix, chunks = request.plan.prefix, request.plan.chunks
             contexts.append(self.encode_passages(prefix, chunks))
             # Every passage sits at positions after the prefix; the question follows the longest one.
             offsets.append(len(prefix) + max((len(c) for c in chunks), default=0))

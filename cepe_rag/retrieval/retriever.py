@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cepe_rag.indexes import IndexStore, QdrantStore, open_store
+from cepe_rag.indexes import PassageStore, open_store
 from cepe_rag.models import embed_texts, load_query_embedder
 from cepe_rag.settings import (
     DEFAULT_RETRIEVAL,
@@ -35,7 +35,7 @@ class Retriever:
     (BM25), or both fused by reciprocal rank; optionally only passages whose metadata match `filters`. The
     passages are in the folder (FAISS + SQLite) or in Qdrant, as its manifest says."""
 
-    def __init__(self, index: str | Path | IndexStore | QdrantStore, embedder=None, *,
+    def __init__(self, index: str | Path | PassageStore, embedder=None, *,
                  mode: str = DEFAULT_RETRIEVAL, filters: PassageFilter | None = None,
                  lexical_weight: float = LEXICAL_WEIGHT):
         check_choice(mode, RETRIEVAL_MODES, "retrieval mode")

@@ -18,6 +18,7 @@ from cepe_rag.eval.data import load_questions
 from cepe_rag.files import atomic_write
 from cepe_rag.readers import CepeReader
 from cepe_rag.readers.base import passage_block
+from cepe_rag.retrieval import Retriever
 from cepe_rag.training.corpus import held_out, load_articles
 from cepe_rag.training.examples import (
     ExampleBuilder,
@@ -29,6 +30,7 @@ from cepe_rag.training.examples import (
     load_examples,
     save_examples,
 )
+from cepe_rag.training.swapping import build_swapped_examples
 from cepe_rag.training.trainer import TrainConfig, train
 from cepe_rag.types import CepeRagError
 
@@ -101,8 +103,6 @@ def article_examples(stage: str, model, builder: ExampleBuilder, prompt_ids, *, 
         raise CepeRagError(f"no text in training corpus {corpus!r}")
     retrieve = None
     if index is not None and stage != "warmup":
-        from cepe_rag.retrieval import Retriever  # here: a run folder with its examples trains without faiss
-
         retriever = Retriever(index)
         retrieve = retriever.retrieve_batch
     training = [a for a in articles if not a.is_validation]
@@ -126,12 +126,8 @@ def swapped_examples(stage: str, builder: ExampleBuilder, *, corpus: str, langua
     validation from held-out articles, at every count in the range."""
     import re
 
-    from cepe_rag.training.swapping import build_swapped_examples
-
     if index is None:
         raise CepeRagError(f"the {stage} stage needs --index (the distractors are passages retrieved from it)")
-    from cepe_rag.retrieval import Retriever  # here: a run folder with its examples trains without faiss
-
     articles = load_articles(corpus, languages=languages)
     forbidden = {word.lower() for a in articles for word in re.findall(r"\w+", f"{a.title} {a.text}")}
     training = [a for a in articles if not a.is_validation]
@@ -173,8 +169,6 @@ def qa_examples(builder: ExampleBuilder, questions: Sequence[str], index: Path |
         records = [TrainingQuestion(q.question, q.answers) for q in load_questions(source)]
         sources.append((source, [q for q in records if not held_out(q.question)],
                         [q for q in records if held_out(q.question)]))
-    from cepe_rag.retrieval import Retriever  # here: a run folder with its examples trains without faiss
-
     retrieve = Retriever(index).retrieve_batch
     options = {"min_passages": min_passages, "max_passages": max_passages, "unanswerable": unanswerable}
     examples, held = [], []
@@ -245,7 +239,7 @@ def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: 
     run then starts at once and encodes only what its steps reach; `save_encoder_states` keeps them for the next
     run)."""
     texts = sorted({chunk for e in examples for chunk in e.chunks})
-    cache = ChunkStateCache(model, store_dtype=torch.float16)
+    cache = ChunkStateCache(model)
     if path.exists():
         stored = load_file(str(path), device=str(model.device))
         if _stored_key(stored.pop("__key__", None)) == _texts_key(model, texts):  # one run folder's older layout

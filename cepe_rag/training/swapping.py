@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 
 from cepe_rag.training.corpus import Article
-from cepe_rag.training.examples import BLANK, TrainingQuestion, cloze_candidates, question_from_cloze
+from cepe_rag.training.examples import BLANK, TrainingQuestion, cloze_candidates, question_from_cloze, sentences
 from cepe_rag.types import Passage
 
 ONSETS = ["c", "ch", "cl", "j", "w", "wh", "k", "m", "n", "l", "t", "d", "p", "s", "r", "v"]
@@ -132,8 +132,6 @@ def build_swapped_examples(stage: str, articles: Sequence[Article], builder, ret
     - swap: a sentence of the swapped article asked in place -> the swapped span; the article among passages
       retrieved for the original sentence (learn to answer from the passage that matches the question).
     """
-    from cepe_rag.training.examples import sentences
-
     rng = builder.rng
     names = SwapNames(random.Random(rng.random()), forbidden)
     items = []

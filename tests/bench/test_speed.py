@@ -13,7 +13,7 @@ pytestmark = pytest.mark.real_models
 @pytest.fixture(scope="module")
 def index_with_states(tmp_path_factory, embedder):
     from cepe_rag.cepe import load_cepe
-    from cepe_rag.pipelines.context_states import StateEncoder
+    from cepe_rag.cepe.states import StateEncoder
     from cepe_rag.pipelines.indexing import build_index
     from cepe_rag.settings import packaged_cepe
 

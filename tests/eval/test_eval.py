@@ -16,6 +16,7 @@ from cepe_rag.eval import (
 from cepe_rag.eval.metrics import answer_in_passages, paired_bootstrap, postprocess
 from cepe_rag.eval.runner import answerable_subset
 from cepe_rag.pipelines.indexing import build_index
+from cepe_rag.pipelines.session import RagSession
 from cepe_rag.readers import ClosedBookReader, ConcatReader, GenerationConfig
 from cepe_rag.retrieval import Retriever
 from cepe_rag.types import CepeRagError
@@ -61,9 +62,9 @@ def test_real_nq_open_dev_file_loads():
 class CountingReader(ConcatReader):
     calls = 0
 
-    def answer(self, question, passages, **kwargs):
+    def answer_stream(self, question, passages, **kwargs):  # what RagSession.answer reads through
         CountingReader.calls += 1
-        return super().answer(question, passages, **kwargs)
+        return super().answer_stream(question, passages, **kwargs)
 
 
 def test_run_eval_writes_reports_and_resumes(tmp_path, embedder, chat_tokenizer):
@@ -86,7 +87,7 @@ def test_run_eval_writes_reports_and_resumes(tmp_path, embedder, chat_tokenizer)
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                          max_position_embeddings=512)).eval()
     reader = CountingReader(model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=3, stop_strings=("\n",)))
-    rows = run_eval(questions, retriever, {"concat": reader}, [1, 2], tmp_path / "run")
+    rows = run_eval(questions, RagSession({"concat": reader}, retriever), [1, 2], tmp_path / "run")
     assert CountingReader.calls == 6
     assert [(r["k"], r["n"]) for r in rows] == [(1, 3), (2, 3)]
     recall_at_1 = rows[0]["recall_at_k"]
@@ -98,14 +99,14 @@ def test_run_eval_writes_reports_and_resumes(tmp_path, embedder, chat_tokenizer)
     predictions = tmp_path / "run" / "predictions" / "concat_k2.jsonl"
     lines = predictions.read_text().splitlines()
     predictions.write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
-    again = run_eval(questions, retriever, {"concat": reader}, [1, 2], tmp_path / "run")
+    again = run_eval(questions, RagSession({"concat": reader}, retriever), [1, 2], tmp_path / "run")
     assert CountingReader.calls == 7
     metrics = ("reader", "k", "n", "em", "substring_em", "f1", "recall_at_k")
     assert [{m: r[m] for m in metrics} for r in again] == [{m: r[m] for m in metrics} for r in rows]
 
     # A later run with another reader: the folder's summary keeps the earlier rows too.
     closed = ClosedBookReader(model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=3))
-    run_eval(questions, retriever, {"closed-book": closed}, [1], tmp_path / "run")
+    run_eval(questions, RagSession({"closed-book": closed}, retriever), [1], tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     rows = [(r["reader"], r["k"], r["n"]) for r in summary]
     assert rows == [("closed-book", 0, 3), ("concat", 1, 3), ("concat", 2, 3)]
@@ -124,28 +125,30 @@ def test_run_folder_refuses_other_settings_and_other_index(tmp_path, embedder, c
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                          max_position_embeddings=512)).eval()
     closed = ClosedBookReader(model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=2))
-    run = tmp_path / "run"
-    run_eval(questions, retriever, {"closed-book": closed}, [1], run, settings={"closed-book": {"decoder": "a"}})
+    run, session = tmp_path / "run", RagSession({"closed-book": closed}, retriever)
+    run_eval(questions, session, [1], run, settings={"closed-book": {"decoder": "a"}})
     answers = (run / "predictions" / "closed-book_k0.jsonl").read_bytes()
 
     with pytest.raises(CepeRagError, match=r"other settings \(decoder 'a' -> 'b'\)"):
-        run_eval(questions, retriever, {"closed-book": closed}, [1], run, settings={"closed-book": {"decoder": "b"}})
-    run_eval(questions, retriever, {"closed-book": closed}, [1], run, settings={"closed-book": {"decoder": "a"}})
+        run_eval(questions, session, [1], run, settings={"closed-book": {"decoder": "b"}})
+    run_eval(questions, session, [1], run, settings={"closed-book": {"decoder": "a"}})
     with pytest.raises(CepeRagError, match=r"hybrid retrieval\), not .*dense retrieval\)"):
-        run_eval(questions, Retriever(tmp_path / "idx", embedder=embedder, mode="dense"), {"closed-book": closed},
-                 [1], run, settings={"closed-book": {"decoder": "a"}})
+        dense = Retriever(tmp_path / "idx", embedder=embedder, mode="dense")
+        run_eval(questions, RagSession({"closed-book": closed}, dense), [1], run,
+                 settings={"closed-book": {"decoder": "a"}})
 
     (corpus / "b.txt").write_text("Paris is in France.")
     build_index([corpus], tmp_path / "idx", embedder=embedder)
     stale = r"was retrieved from .*\(version 1, 1 passages, hybrid retrieval\), not .*\(version 2, 2 passages, hybrid"
     with pytest.raises(CepeRagError, match=stale):
-        run_eval(questions, Retriever(tmp_path / "idx", embedder=embedder), {"closed-book": closed}, [1], run,
+        reopened = Retriever(tmp_path / "idx", embedder=embedder)
+        run_eval(questions, RagSession({"closed-book": closed}, reopened), [1], run,
                  settings={"closed-book": {"decoder": "a"}})
     assert (run / "predictions" / "closed-book_k0.jsonl").read_bytes() == answers
 
     (run / "run.json").write_text("{not json")
     with pytest.raises(CepeRagError, match="not a run settings file"):
-        run_eval(questions, retriever, {"closed-book": closed}, [1], run)
+        run_eval(questions, RagSession({"closed-book": closed}, retriever), [1], run)
 
 
 def test_paired_bootstrap_interval():

@@ -7,9 +7,10 @@ import faiss
 import numpy as np
 import pytest
 
-from cepe_rag.indexes import sizing
+from cepe_rag.indexes import faiss_file, sizing
 from cepe_rag.indexes import store as store_module
-from cepe_rag.indexes.store import IndexStore, Manifest, StoredPassage, read_faiss
+from cepe_rag.indexes.faiss_file import read_faiss
+from cepe_rag.indexes.store import IndexStore, Manifest, StoredPassage
 from cepe_rag.pipelines.indexing import build_index
 from cepe_rag.types import CepeRagError
 
@@ -36,7 +37,7 @@ def fill(folder, factory: str, count: int = 3000, documents: int = 30) -> IndexS
 
 def test_ivf_pq_is_trained_on_a_sample_and_filled_from_sqlite_in_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "_BUILD_BATCH", 256)
-    monkeypatch.setattr(store_module, "_TRAINING_SAMPLE", 1000)
+    monkeypatch.setattr(faiss_file, "TRAINING_SAMPLE", 1000)
     monkeypatch.setattr(faiss, "serialize_index", None)  # the file is streamed by write_index, never serialized
     store = fill(tmp_path / "idx", "IVF16,PQ4")
     assert store.faiss_is_stale  # untrained during the run: nothing held in memory, built at the end

@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 
 from cepe_rag.indexes import IndexStore
-from cepe_rag.indexes.store import lexical_query
+from cepe_rag.indexes.passage_db import lexical_query
 from cepe_rag.pipelines.indexing import build_index
 from cepe_rag.pipelines.session import RagSession
 from cepe_rag.retrieval import Abstention, PassageFilter, Retriever, fuse

@@ -160,8 +160,9 @@ def test_retrieval_k_sources_and_closed_book(client, server):
     assert closed.model_extra["sources"] == []
 
 
-def ask(client, question, passages, max_tokens, stream):
-    kwargs = dict(model="concat", messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
+def ask(client, question, passages, max_tokens, stream, system=None):
+    messages = [{"role": "system", "content": system}] * (system is not None) + [{"role": "user", "content": question}]
+    kwargs = dict(model="concat", messages=messages, max_tokens=max_tokens,
                   extra_body={"passages": passages} if passages is not None else {"k": 2})
     if stream:
         return "".join(c.choices[0].delta.content or "" for c in
@@ -189,10 +190,15 @@ def test_abstains_without_the_model_when_no_retrieved_passage_is_relevant(client
 
 
 def test_concurrent_requests_are_batched_and_answer_as_alone(client, server):
-    cases = [(f"Question number {i} about {topic}?", OWN[i % 2:] if i % 3 else None, 4 + 3 * i, i % 2 == 0)
-             for i, topic in enumerate(["bridges", "museums", "otters", "towers", "films", "mountains", "ships"])]
+    """Requests with their own passages or retrieval, lengths, streaming and system prompts (none, or one of two),
+    batched together, answer exactly as each asked alone (float32): no request's settings reach another's."""
+    systems = [None, "You are a terse librarian.", "Answer like a ship's captain, in one sentence."]
+    cases = [(f"Question number {i} about {topic}?", OWN[i % 2:] if i % 3 else None, 4 + 3 * i, i % 2 == 0,
+              systems[i % 3]) for i, topic in enumerate(["bridges", "museums", "otters", "towers", "films",
+                                                          "mountains", "ships"])]
     alone = [ask(client, *case) for case in cases]
     assert len(set(alone)) == len(alone)  # different questions, different answers: a mix-up would show
+    assert any(ask(client, *case[:4]) != answer for case, answer in zip(cases, alone) if case[4])  # prompts matter
     service = server[1]
     service.batcher.largest_batch = 0
     start = threading.Barrier(len(cases))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from cepe_rag.cepe.states import StateEncoder, StoredStates, use_stored_states
 from cepe_rag.indexes import IndexStore
-from cepe_rag.pipelines.context_states import StateEncoder, StoredStates, use_stored_states
 from cepe_rag.retrieval import Retriever
 from tests.pipelines.test_indexing import FACTS, corpus, index_with  # noqa: F401 -- the fixture
 from tests.readers.conftest import tiny_chat_llama

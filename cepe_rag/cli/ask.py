@@ -1,0 +1,85 @@
+"""`cepe-rag ask`: one question, its answer streamed, then its sources."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+
+from cepe_rag.cli.opening import open_session
+from cepe_rag.cli.options import (
+    AbstainOption,
+    DtypeOption,
+    IndexOption,
+    RetrievalOption,
+    SourceFilterOption,
+    TitleFilterOption,
+    check_options,
+    reader_options,
+    store_options,
+)
+from cepe_rag.cli.output import console, describe, show_sources
+from cepe_rag.indexes.layout import QdrantLocation, check_index_folder
+from cepe_rag.settings import (
+    DEFAULT_ANSWER_TOKENS,
+    DEFAULT_INDEX,
+    DEFAULT_K,
+    DEFAULT_READER,
+    DEFAULT_RETRIEVAL,
+    ReaderSpec,
+)
+from cepe_rag.types import validate_question
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+@reader_options
+@store_options
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    index_dir: IndexOption = DEFAULT_INDEX,
+    k: Annotated[int, typer.Option("--k", help="Passages to retrieve; the relevance cutoff reads those close to the "
+                                               "best one (--no-cutoff: all of them).")] = DEFAULT_K,
+    reader: Annotated[str | None, typer.Option(help="concat, parallel, closed-book, or cepe. Default: cepe when "
+                                                    "--cepe-model is given, else concat.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = DEFAULT_ANSWER_TOKENS,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result instead of streaming.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    dtype: DtypeOption = None,
+    retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
+    source: SourceFilterOption = None,
+    title: TitleFilterOption = None,
+    abstain: AbstainOption = True,
+    spec_options: dict | None = None,
+    qdrant: QdrantLocation | None = None,
+) -> None:
+    """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
+    question = validate_question(question)
+    spec = ReaderSpec(reader=reader or ("cepe" if spec_options["cepe_model"] else DEFAULT_READER), **spec_options)
+    check_options([k], [spec], dtype, retrieval)
+    check_index_folder(index_dir)
+    started = time.perf_counter()
+    session = open_session(index_dir, [spec], retrieval=retrieval, source=source, title=title, qdrant=qdrant,
+                           device=device, dtype=dtype, abstain=abstain, k=k, max_new_tokens=max_new_tokens,
+                           temperature=temperature)
+    load_s = time.perf_counter() - started
+
+    def show(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    if not as_json:
+        console.print(f"[dim]{describe(session, spec)}[/]")
+    answer = session.answer(question, on_token=None if as_json else show)
+    answer.timings["load_s"] = load_s
+    if as_json:
+        print(json.dumps({"question": question, **asdict(answer)}, ensure_ascii=False))
+        return
+    sys.stdout.write("\n")
+    show_sources(answer)
