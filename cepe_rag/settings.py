@@ -124,8 +124,10 @@ class ReaderSpec:
         "question is within this margin of the best one's (docs/retrieval.md, 'Relevance cutoff'); --no-cutoff reads "
         "them all.", reader="*")
 
-    def __post_init__(self):
-        check_read_margin(self.read_margin)  # refused where the spec is made: before any model loads
+    def __post_init__(self):  # refused where the spec is made: before any model loads
+        check_choice(self.prompt_style, PROMPT_STYLES, "prompt style")
+        check_choice(self.most_relevant, MOST_RELEVANT, "--most-relevant")
+        check_read_margin(self.read_margin)
 
     @property
     def label(self) -> str:

@@ -16,18 +16,12 @@ import typer
 from cepe_rag.cli.output import console
 from cepe_rag.indexes.layout import STORES, check_store_options
 from cepe_rag.models import (
-    check_model_reference,
     cpu_has_fast_bfloat16,
 )
-from cepe_rag.readers import READERS
+from cepe_rag.pipelines.session import RagSession
 from cepe_rag.settings import (
     DEFAULT_RETRIEVAL,
-    DTYPES,
-    MOST_RELEVANT,
-    PROMPT_STYLES,
-    RETRIEVAL_MODES,
     ReaderSpec,
-    check_choice,
 )
 from cepe_rag.types import CepeRagError
 
@@ -123,16 +117,7 @@ def check_options(k: list[int], specs: list, dtype: str | None, retrieval: str =
     """Every argument checked before a model loads (a mistake costs well under a second, not a model load)."""
     if not k or min(k) < 1:
         raise CepeRagError("--k must be at least 1")
-    check_choice(dtype, DTYPES, "dtype")
-    check_choice(retrieval, RETRIEVAL_MODES, "retrieval mode")
-    for spec in specs:
-        check_choice(spec.reader, tuple(READERS), "reader")
-        check_choice(spec.prompt_style, PROMPT_STYLES, "prompt style")
-        check_choice(spec.most_relevant, MOST_RELEVANT, "--most-relevant")
-        check_model_reference(spec.decoder, "decoder")
-        check_model_reference(spec.cepe_model, "CEPE checkpoint")
-        if spec.reader == "cepe":
-            spec.checkpoint()  # one ships for the decoder, or one is given
+    RagSession.check(specs, dtype=dtype, retrieval=retrieval)
 
 
 def warn_slow_dtype(torch_dtype, device: str) -> None:

@@ -13,10 +13,18 @@ from pathlib import Path
 from cepe_rag.cepe.states import use_stored_states
 from cepe_rag.indexes import open_store
 from cepe_rag.indexes.layout import QdrantLocation
-from cepe_rag.models import default_device, resolve_dtype
-from cepe_rag.readers import GenerationConfig, Reader, build_reader
+from cepe_rag.models import check_model_reference, default_device, resolve_dtype
+from cepe_rag.readers import READERS, GenerationConfig, Reader, build_reader
 from cepe_rag.retrieval import DEFAULT_ABSTENTION, Abstention, PassageFilter, Retriever, relevance
-from cepe_rag.settings import DEFAULT_K, DEFAULT_RETRIEVAL, NOT_IN_DOCUMENTS, ReaderSpec
+from cepe_rag.settings import (
+    DEFAULT_K,
+    DEFAULT_RETRIEVAL,
+    DTYPES,
+    NOT_IN_DOCUMENTS,
+    RETRIEVAL_MODES,
+    ReaderSpec,
+    check_choice,
+)
 from cepe_rag.types import Answer, CepeRagError, Conversation, Passage, validate_question
 
 
@@ -56,6 +64,7 @@ class RagSession:
         """Everything set up once, from settings: the retriever over `index` (or `retriever`; neither: the caller
         brings passages), one reader per spec on `device` in `dtype` (the one rule, `models.resolve_dtype`), and the
         index's stored CEPE states where a reader can use them."""
+        cls.check(specs, dtype=dtype, retrieval=retrieval, k=k)
         if len({spec.label for spec in specs}) < len(specs):
             raise CepeRagError(f"a reader is listed twice: {', '.join(spec.label for spec in specs)}")
         if retriever is None and index is not None:
@@ -67,6 +76,21 @@ class RagSession:
         for spec in specs:
             session.add_reader(spec)
         return session
+
+    @staticmethod
+    def check(specs: Sequence[ReaderSpec], *, dtype: str | None = None, retrieval: str = DEFAULT_RETRIEVAL,
+              k: int = DEFAULT_K) -> None:
+        """Refuse settings that cannot work before any model loads: what `open` checks first, and the CLI too."""
+        if k < 1:
+            raise CepeRagError("k must be at least 1")
+        check_choice(dtype, DTYPES, "dtype")
+        check_choice(retrieval, RETRIEVAL_MODES, "retrieval mode")
+        for spec in specs:
+            check_choice(spec.reader, tuple(READERS), "reader")
+            check_model_reference(spec.decoder, "decoder")
+            check_model_reference(spec.cepe_model, "CEPE checkpoint")
+            if spec.reader == "cepe":
+                spec.checkpoint()  # one ships for the decoder, or one is given
 
     def add_reader(self, spec: ReaderSpec) -> Reader:
         """Load the reader `spec` describes into this session (a session made by `open`), under its label."""

@@ -6,7 +6,7 @@ from cepe_rag.pipelines.indexing import build_index
 from cepe_rag.pipelines.session import RagSession, follow_up_search
 from cepe_rag.readers import ConcatReader, GenerationConfig
 from cepe_rag.retrieval import Abstention, Retriever
-from cepe_rag.settings import NOT_IN_DOCUMENTS
+from cepe_rag.settings import NOT_IN_DOCUMENTS, ReaderSpec
 from cepe_rag.types import Answer, CepeRagError, Conversation, split_messages
 from tests.readers.conftest import tiny_chat_llama
 
@@ -114,3 +114,21 @@ def test_a_session_refuses_unknown_readers_and_k_below_one(session):
         session.answer("q?", reader="cepe")
     with pytest.raises(CepeRagError, match="k must be at least 1"):
         session.passages_for("q?", k=0)
+
+
+def test_open_refuses_settings_that_cannot_work_before_any_model_loads(monkeypatch):
+    import cepe_rag.pipelines.session as session_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(session_module, "build_reader", no_loading)
+    for specs, options, message in [([ReaderSpec(), ReaderSpec(reader="poem")], {}, "unknown reader 'poem'"),
+                                    ([ReaderSpec()], {"dtype": "float8"}, "unknown dtype"),
+                                    ([ReaderSpec()], {"retrieval": "psychic"}, "unknown retrieval mode"),
+                                    ([ReaderSpec()], {"k": 0}, "k must be at least 1"),
+                                    ([ReaderSpec(decoder="./no/such/folder")], {}, "no such folder")]:
+        with pytest.raises(CepeRagError, match=message):
+            RagSession.open(None, specs, **options)
+    with pytest.raises(CepeRagError, match="unknown prompt style"):
+        ReaderSpec(prompt_style="sonnet")
