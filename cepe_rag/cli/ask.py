@@ -13,10 +13,15 @@ import typer
 from cepe_rag.cli.opening import open_session
 from cepe_rag.cli.options import (
     AbstainOption,
+    DeviceOption,
     DtypeOption,
     IndexOption,
+    KOption,
+    MaxNewTokensOption,
+    ReaderOption,
     RetrievalOption,
     SourceFilterOption,
+    TemperatureOption,
     TitleFilterOption,
     check_options,
     reader_options,
@@ -43,14 +48,12 @@ app = typer.Typer(add_completion=False)
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     index_dir: IndexOption = DEFAULT_INDEX,
-    k: Annotated[int, typer.Option("--k", help="Passages to retrieve; the relevance cutoff reads those close to the "
-                                               "best one (--no-cutoff: all of them).")] = DEFAULT_K,
-    reader: Annotated[str | None, typer.Option(help="concat, parallel, closed-book, or cepe. Default: cepe when "
-                                                    "--cepe-model is given, else concat.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = DEFAULT_ANSWER_TOKENS,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    k: KOption = DEFAULT_K,
+    reader: ReaderOption = None,
+    max_new_tokens: MaxNewTokensOption = DEFAULT_ANSWER_TOKENS,
+    temperature: TemperatureOption = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result instead of streaming.")] = False,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    device: DeviceOption = None,
     dtype: DtypeOption = None,
     retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
     source: SourceFilterOption = None,

@@ -10,6 +10,7 @@ import typer
 from cepe_rag.bench import METHODS, run_all, write_reports
 from cepe_rag.bench.speed import TABLE_HEADER
 from cepe_rag.cli.options import (
+    DeviceOption,
     DtypeOption,
     quiet_libraries,
 )
@@ -34,7 +35,7 @@ def bench(
         "1,10,50,100,500,1000"),
     model: Annotated[str, typer.Option(help="default (SmolLM2-135M + MiniLM) or 7b (LLaMA-2-7B shapes, "
                                             "random weights).")] = "default",
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    device: DeviceOption = None,
     dtype: DtypeOption = None,
     max_concat_tokens: Annotated[int, typer.Option(help="Skip concat above this many context tokens.")] = 16384,
     max_parallel_k: Annotated[int, typer.Option(help="Skip parallel above this many passages.")] = 500,

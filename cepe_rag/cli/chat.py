@@ -12,17 +12,21 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
 from cepe_rag.cli.opening import open_session
 from cepe_rag.cli.options import (
     AbstainOption,
+    DeviceOption,
     DtypeOption,
     IndexOption,
+    KOption,
+    MaxNewTokensOption,
+    ReaderOption,
     RetrievalOption,
     SourceFilterOption,
+    TemperatureOption,
     TitleFilterOption,
     check_options,
     reader_options,
@@ -246,13 +250,11 @@ app = typer.Typer(add_completion=False)
 @store_options
 def chat(
     index_dir: IndexOption = DEFAULT_INDEX,
-    k: Annotated[int, typer.Option("--k", help="Passages to retrieve; the relevance cutoff reads those close to the "
-                                               "best one (--no-cutoff: all of them).")] = DEFAULT_K,
-    reader: Annotated[str | None, typer.Option(help="concat, parallel, closed-book, or cepe. Default: cepe when "
-                                                    "--cepe-model is given, else concat.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit in tokens.")] = DEFAULT_ANSWER_TOKENS,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    k: KOption = DEFAULT_K,
+    reader: ReaderOption = None,
+    max_new_tokens: MaxNewTokensOption = DEFAULT_ANSWER_TOKENS,
+    temperature: TemperatureOption = 0.0,
+    device: DeviceOption = None,
     dtype: DtypeOption = None,
     retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
     source: SourceFilterOption = None,

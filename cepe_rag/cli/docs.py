@@ -23,7 +23,8 @@ from cepe_rag.indexes.store import IndexStore
 from cepe_rag.settings import DEFAULT_INDEX
 from cepe_rag.types import CepeRagError
 
-docs_app = typer.Typer(no_args_is_help=True, help="List, show and remove the documents of an index (no model loads).")
+docs_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="List, show and remove the documents of an index (no model loads).")
 console = Console(stderr=True, soft_wrap=True)  # one message, one line
 IndexOption = Annotated[Path, typer.Option("--index", help="Index folder.")]
 MAX_LISTED = 20  # sources named after a removal; the rest are counted

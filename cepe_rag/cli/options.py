@@ -100,6 +100,13 @@ TitleFilterOption = Annotated[str | None, typer.Option("--title", help="Only pas
 AbstainOption = Annotated[bool, typer.Option(
     help="Answer 'not in the documents' instead of reading when no retrieved passage is relevant enough "
          "(docs/retrieval.md, 'Abstention'; lexical retrieval never abstains).")]
+KOption = Annotated[int, typer.Option("--k", help="Passages to retrieve; the relevance cutoff reads those close to the "
+                                                 "best one (--no-cutoff: all of them).")]
+ReaderOption = Annotated[str | None, typer.Option(help="concat, parallel, closed-book, or cepe. Default: cepe when "
+                                                       "--cepe-model is given, else concat.")]
+MaxNewTokensOption = Annotated[int, typer.Option(help="Answer length limit in tokens.")]
+TemperatureOption = Annotated[float, typer.Option(help="0 = greedy.")]
+DeviceOption = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")]
 DtypeOption = Annotated[str | None, typer.Option(
     help="float32, bfloat16 or float16 (default: bfloat16 on a GPU and on CPUs with native bfloat16 (AMX, "
          "AVX512-BF16: 2-3x faster), else float32).")]

@@ -11,6 +11,7 @@ import uvicorn
 from cepe_rag.cli.opening import open_session
 from cepe_rag.cli.options import (
     AbstainOption,
+    DeviceOption,
     DtypeOption,
     IndexOption,
     RetrievalOption,
@@ -53,7 +54,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for the model; beyond, HTTP 429.")] = 64,
     max_batch: Annotated[int, typer.Option(help="Requests decoded together in one batch.")] = 16,
     batch_window_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 5.0,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    device: DeviceOption = None,
     dtype: DtypeOption = None,
     retrieval: RetrievalOption = DEFAULT_RETRIEVAL,
     abstain: AbstainOption = True,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cepe_rag.cli.options import (
+    DeviceOption,
     quiet_libraries,
 )
 from cepe_rag.cli.output import console
@@ -70,7 +71,7 @@ def train_command(
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast (GPU, or CPU with AMX); losses stay fp32.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for activation memory.")] = False,
     seed: Annotated[int, typer.Option(help="Data and initialisation seed.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    device: DeviceOption = None,
     max_minutes: Annotated[float, typer.Option(help="Stop after this many minutes of training (validated, "
                                                     "checkpointed, adapter saved); 0 = no limit.")] = 0.0,
     prepare_only: Annotated[bool, typer.Option(help="Build the run folder's examples and stop (to train them "
