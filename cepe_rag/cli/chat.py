@@ -227,8 +227,12 @@ class Chat:
                 continue
             except EOFError:
                 return
-            if not self.turn(line):
-                return
+            try:
+                if not self.turn(line):
+                    return
+            except KeyboardInterrupt:  # before the answer began (retrieval, a command): the turn stops, not the chat
+                self.write("\n")
+                console.print("[dim]stopped[/]")
 
 
 def history_file() -> Path:
