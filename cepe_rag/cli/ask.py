@@ -23,6 +23,7 @@ from cepe_rag.cli.options import (
     SourceFilterOption,
     TemperatureOption,
     TitleFilterOption,
+    asked_reader,
     check_options,
     reader_options,
     store_options,
@@ -33,9 +34,7 @@ from cepe_rag.settings import (
     DEFAULT_ANSWER_TOKENS,
     DEFAULT_INDEX,
     DEFAULT_K,
-    DEFAULT_READER,
     DEFAULT_RETRIEVAL,
-    ReaderSpec,
 )
 from cepe_rag.types import validate_question
 
@@ -64,7 +63,7 @@ def ask(
 ) -> None:
     """Retrieve passages for QUESTION and answer it, streaming the answer and listing its sources."""
     question = validate_question(question)
-    spec = ReaderSpec(reader=reader or ("cepe" if spec_options["cepe_model"] else DEFAULT_READER), **spec_options)
+    spec = asked_reader(reader, spec_options)
     check_options([k], [spec], dtype, retrieval)
     check_index_folder(index_dir)
     started = time.perf_counter()

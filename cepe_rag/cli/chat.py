@@ -28,6 +28,7 @@ from cepe_rag.cli.options import (
     SourceFilterOption,
     TemperatureOption,
     TitleFilterOption,
+    asked_reader,
     check_options,
     reader_options,
     store_options,
@@ -41,7 +42,6 @@ from cepe_rag.settings import (
     DEFAULT_ANSWER_TOKENS,
     DEFAULT_INDEX,
     DEFAULT_K,
-    DEFAULT_READER,
     DEFAULT_RETRIEVAL,
     RETRIEVAL_MODES,
     ReaderSpec,
@@ -95,8 +95,7 @@ class Chat:
                                              on_token=show, **self.generation)
                 break
             except KeyboardInterrupt:
-                self.write("\n")
-                console.print("[dim]stopped[/]")
+                self.say_stopped()
                 return None
             except CepeRagError as error:
                 # A long conversation can outgrow the window: its oldest exchange goes, then the question again.
@@ -203,6 +202,10 @@ class Chat:
             console.print(f"[red]error:[/] {error}", highlight=False)
         return True
 
+    def say_stopped(self) -> None:
+        self.write("\n")
+        console.print("[dim]stopped[/]")
+
     def run_piped(self, lines: Iterable[str]) -> None:
         for line in lines:
             if not self.turn(line, keep=False):
@@ -231,8 +234,7 @@ class Chat:
                 if not self.turn(line):
                     return
             except KeyboardInterrupt:  # before the answer began (retrieval, a command): the turn stops, not the chat
-                self.write("\n")
-                console.print("[dim]stopped[/]")
+                self.say_stopped()
 
 
 def history_file() -> Path:
@@ -269,7 +271,7 @@ def chat(
 ) -> None:
     """Talk to your documents: load once, then answer question after question with sources (/help in the chat).
     Piped input answers one question per line."""
-    spec = ReaderSpec(reader=reader or ("cepe" if spec_options["cepe_model"] else DEFAULT_READER), **spec_options)
+    spec = asked_reader(reader, spec_options)
     check_options([k], [spec], dtype, retrieval)
     check_index_folder(index_dir)
     session = open_session(index_dir, [spec], retrieval=retrieval, source=source, title=title, qdrant=qdrant,

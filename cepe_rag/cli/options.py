@@ -20,6 +20,7 @@ from cepe_rag.models import (
 )
 from cepe_rag.pipelines.session import RagSession
 from cepe_rag.settings import (
+    DEFAULT_READER,
     DEFAULT_RETRIEVAL,
     ReaderSpec,
 )
@@ -118,6 +119,11 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def asked_reader(reader: str | None, spec_options: dict) -> ReaderSpec:
+    """The one reader `ask` and `chat` answer with: --reader, else cepe when --cepe-model is given, else the default."""
+    return ReaderSpec(reader=reader or ("cepe" if spec_options["cepe_model"] else DEFAULT_READER), **spec_options)
 
 
 def check_options(k: list[int], specs: list, dtype: str | None, retrieval: str = DEFAULT_RETRIEVAL) -> None:
