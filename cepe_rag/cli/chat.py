@@ -7,6 +7,7 @@ question per line, each on its own. Slash commands change k, the reader and retr
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -222,6 +223,9 @@ class Chat:
         except OSError:
             history = InMemoryHistory()
         prompt = PromptSession(history=history)
+        # Ctrl-C stops an answer even when the chat was started with SIGINT ignored (a background job of a script,
+        # nohup): Python then installs no handler of its own, and the chat's KeyboardInterrupt would never come.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         console.print("[dim]ask a question; /help lists the commands; Ctrl-D leaves[/]")
         while True:
             try:
