@@ -90,10 +90,12 @@ def stage_plan(args) -> list[tuple[str, str | None]]:
 
 
 def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Path:
-    variant = ("_gate" if args.gate else "") + (f"_p{args.prompt_passages}" if args.prompt_passages else "")
+    variant = (("_gate" if args.gate else "") + (f"_p{args.prompt_passages}" if args.prompt_passages else "")
+               + (f"_attn{args.attn_cof:g}" if args.attn_cof else ""))
     out = Path(args.runs) / f"{stage}{variant}_s{seed}"
     command = CLI + ["train", "--stage", stage, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
-                     "--lr", str(args.lr), "--warmup-ratio", "0.02", "--schedule", "constant", "--index", args.index,
+                     "--lr", str(args.lr), "--warmup-ratio", f"{args.warmup_steps / steps:.6g}",
+                     "--schedule", "constant", "--index", args.index,
                      "--min-passages", "1", "--max-passages", str(args.max_passages), "--max-decoder-tokens", "48",
                      "--eval-every", "100", "--save-every", "25", "--seed", str(seed), "--bf16",
                      "--max-minutes", str(args.slice_minutes), "--validation", "64"]
@@ -110,6 +112,8 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
         command += ["--gate"]
     if args.prompt_passages:
         command += ["--prompt-passages", str(args.prompt_passages)]
+    if args.attn_cof:
+        command += ["--attn-cof", str(args.attn_cof)]
     subprocess.run(command, env=one_thread(), check=True)
     shutil.copy(out / "log.jsonl", RESULTS / f"log_{out.name}.jsonl")
     plot_curves()
@@ -149,6 +153,9 @@ def main() -> None:
     parser.add_argument("--find-steps", type=int, default=600)
     parser.add_argument("--swap-steps", type=int, default=100_000, help="a bound, not a plan: time ends the run")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--warmup-steps", type=int, default=50,
+                        help="steps to reach --lr (sessions up to the fourth used 2%% of --swap-steps: 2,000 steps, "
+                             "so their lr never got past a third of --lr)")
     parser.add_argument("--encoder", default="decoder-layers:4")
     parser.add_argument("--cross-attn-layers", type=int, default=8)
     parser.add_argument("--max-passages", type=int, default=20)
@@ -160,6 +167,8 @@ def main() -> None:
     parser.add_argument("--gate", action="store_true", help="a zero-initialised tanh gate per cross-attention block")
     parser.add_argument("--prompt-passages", type=int, default=0,
                         help="train and evaluate with the top N passages in the prompt (cepe --n-prompt-passages N)")
+    parser.add_argument("--attn-cof", type=float, default=0.0,
+                        help="weight of the gold-attention loss (-log cross-attention mass on the gold passage)")
     parser.add_argument("--seed", type=int, default=None, help="data seed (default: one more than the sessions "
                                                                 "the committed adapter records)")
     args = parser.parse_args()

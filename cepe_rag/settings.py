@@ -30,6 +30,7 @@ DEFAULT_K = 5
 # question is within this margin of the best passage's; None reads all k. 0 was the best margin on both tuning sets
 # (docs/retrieval.md "Relevance cutoff": own-documents tuning 77.0 vs 60.0 at fixed k=5, NQ questions 501+ 13.3 vs 8.7).
 DEFAULT_READ_MARGIN: float | None = 0.0
+DEFAULT_FOCUS = False  # sentence focus (retrieval/focus.py)
 # How passages are found: dense (MiniLM + FAISS), lexical (BM25 over SQLite FTS5), or hybrid (both, fused by
 # reciprocal rank). Chosen by measured recall@20 (docs/retrieval.md).
 RETRIEVAL_MODES = ("hybrid", "dense", "lexical")
@@ -123,6 +124,9 @@ class ReaderSpec:
         DEFAULT_READ_MARGIN, "Relevance cutoff: read the retrieved passages (up to --k) whose similarity to the "
         "question is within this margin of the best one's (docs/retrieval.md, 'Relevance cutoff'); --no-cutoff reads "
         "them all.", reader="*")
+    focus: bool = reader_setting(
+        DEFAULT_FOCUS, "Sentence focus: each passage read is led by its sentence most similar to the question, "
+        "then read whole (docs/retrieval.md, 'Sentence focus').", reader="*")
 
     def __post_init__(self):  # refused where the spec is made: before any model loads
         check_choice(self.prompt_style, PROMPT_STYLES, "prompt style")
@@ -151,6 +155,8 @@ class ReaderSpec:
         common = {"decoder": self.decoder, "prompt": self.prompt_style}
         if self.reader != "closed-book" and self.read_margin is not None:  # absent: every passage read (fixed k)
             common["read_margin"] = self.read_margin
+        if self.reader != "closed-book" and self.focus:  # absent: passages read as they are
+            common["focus"] = True
         if self.reader == "cepe":
             return {**common, "cepe_model": self.cepe_model or "packaged", "n_prompt_passages": self.n_prompt_passages}
         if self.reader == "parallel":

@@ -20,9 +20,11 @@ class Passage:
     score: float = 0.0  # the retriever's ranking score: cosine (dense), BM25 (lexical) or fused (hybrid)
     dense_score: float | None = None  # hybrid retrieval: the passage's score in each list it was found in
     lexical_score: float | None = None
+    focused_text: str | None = None  # the text as a reader reads it (sentence focus reorders it); sources show `text`
 
     def as_prompt_text(self) -> str:
-        return f"Document (Title: {self.title}): {self.text}" if self.title else f"Document: {self.text}"
+        text = self.text if self.focused_text is None else self.focused_text
+        return f"Document (Title: {self.title}): {text}" if self.title else f"Document: {text}"
 
 
 @dataclass

@@ -15,7 +15,9 @@ from cepe_rag.indexes import open_store
 from cepe_rag.indexes.layout import QdrantLocation
 from cepe_rag.models import check_model_reference, default_device, resolve_dtype
 from cepe_rag.readers import READERS, GenerationConfig, Reader, build_reader
+from cepe_rag.readers.base import read_selection
 from cepe_rag.retrieval import DEFAULT_ABSTENTION, Abstention, PassageFilter, Retriever, relevance
+from cepe_rag.retrieval.focus import focus_passages
 from cepe_rag.settings import (
     DEFAULT_K,
     DEFAULT_RETRIEVAL,
@@ -122,9 +124,10 @@ class RagSession:
 
     def passages_for(self, question: str, *, k: int | None = None, reader: str | None = None,
                      conversation: Conversation | None = None) -> Retrieved:
-        """The passages to read for `question` (none for a reader that reads none), and whether to abstain. A
-        follow-up question ("when was it built?") is searched for alone and joined to the user's previous question;
-        the search whose best passage is more similar to its query wins (docs/chat.md, "Follow-up questions")."""
+        """The passages to read for `question` (none for a reader that reads none; sentence focus applied where the
+        reader asks for it), and whether to abstain. A follow-up question ("when was it built?") is searched for
+        alone and joined to the user's previous question; the search whose best passage is more similar to its query
+        wins (docs/chat.md, "Follow-up questions")."""
         k = self.k if k is None else k
         if k < 1:
             raise CepeRagError("k must be at least 1")
@@ -136,7 +139,20 @@ class RagSession:
             abstained = None
             if self.abstention is not None and relevance(passages) is not None:
                 abstained = self.abstention.reason(passages, self.retriever.unknown_words(query))
+        if abstained is None:
+            passages = self.focused(question, passages, self.reader(reader))
         return Retrieved(passages, abstained, query, time.perf_counter() - started)
+
+    def focused(self, question: str, passages: Sequence[Passage], reader: Reader) -> list[Passage]:
+        """The passages with sentence focus (retrieval/focus.py) on those `reader` will read (the relevance cutoff's),
+        when it asks for it and the session has an embedder to score sentences with."""
+        embedder = self.retriever.embedder if self.retriever is not None else None
+        if not (reader.focus and reader.reads_passages and embedder is not None and passages):
+            return list(passages)
+        kept, _ = read_selection(passages, reader.read_margin)
+        with self._retrieval_lock:
+            focused = {id(p): f for p, f in zip(kept, focus_passages(question, kept, embedder))}
+        return [focused.get(id(p), p) for p in passages]
 
     # --- answering ------------------------------------------------------------------------------------
 
@@ -156,7 +172,7 @@ class RagSession:
         text delta by delta, then the Answer itself (sources, timings, usage, and why it abstained)."""
         question = validate_question(question)
         chosen = self.reader(reader)
-        found = Retrieved(list(passages), query=question) if passages is not None else \
+        found = Retrieved(self.focused(question, passages, chosen), query=question) if passages is not None else \
             self.passages_for(question, k=k, reader=reader, conversation=conversation)
         if found.abstained:
             chosen.prepare_request(question, found.passages, conversation)  # too long is an error all the same

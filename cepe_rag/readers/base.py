@@ -55,11 +55,12 @@ class Reader:
 
     def __init__(self, model, tokenizer, *, generation: GenerationConfig | None = None,
                  system_prompt: str = SYSTEM_PROMPT, prompt_style: str = DEFAULT_PROMPT_STYLE,
-                 read_margin: float | None = None):
+                 read_margin: float | None = None, focus: bool = False):
         check_choice(prompt_style, PROMPT_STYLES, "prompt style")
         check_read_margin(read_margin)
         self.model = model
         self.read_margin = read_margin  # None: read every passage given (a fixed k)
+        self.focus = focus  # sentence focus on the passages read: applied by the session, which has the embedder
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig()
         self.system_prompt = system_prompt
@@ -143,6 +144,8 @@ class Reader:
         prepared = self.prepare(question, kept, conversation or NO_CONVERSATION)
         prepared.read_rule = rule if len(prepared.passages) == len(kept) else \
             f"{rule}; {len(prepared.passages)} fit the decoder's window"
+        if any(p.focused_text is not None for p in prepared.passages):
+            prepared.read_rule += "; each led by its sentence most similar to the question (sentence focus)"
         return prepared
 
     # --- decoding ----------------------------------------------------------------------------------

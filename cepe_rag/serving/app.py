@@ -232,8 +232,9 @@ async def make_job(service: RagService, body: ChatCompletionRequest) -> Job:
             if len(p.text) + len(p.title) > limits.max_passage_chars:
                 raise ApiError(400, f"passages.{position} is longer than {limits.max_passage_chars:,} characters",
                                param="passages", code="too_long")
-        found.passages = [Passage(id=i, text=p.text, title=p.title, source=p.source)
-                          for i, p in enumerate(body.passages)]
+        own = [Passage(id=i, text=p.text, title=p.title, source=p.source) for i, p in enumerate(body.passages)]
+        found.passages = await asyncio.to_thread(service.session.focused, question, own,
+                                                 service.readers[body.model])
     elif service.readers[body.model].reads_passages:
         found = await service.passages_for(question, k, body.model, conversation)
     temperature = body.temperature or 0.0

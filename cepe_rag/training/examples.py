@@ -49,6 +49,7 @@ class TrainingExample:
     question: str = ""  # read/ceped: the user turn without passages (the teacher's prompt adds them)
     teacher_ids: list[list[int]] = field(default_factory=list)  # per target token: top-k token ids
     teacher_probs: list[list[float]] = field(default_factory=list)  # their probabilities (rest = 1 - sum)
+    gold_chunk: int | None = None  # which of `chunks` holds the answer (the gold-attention loss), if one does
 
     @property
     def length(self) -> int:
@@ -195,16 +196,23 @@ class ExampleBuilder:
         documents = "".join(passage_block(p.as_prompt_text()) for p in in_prompt)
         return self.prompt_ids(documents + user_turn), [p.as_prompt_text() for p in rest]
 
-    def find(self, title: str, first_sentence: str, passages: Sequence[Passage]) -> TrainingExample:
+    def encoded_position(self, gold: int | None) -> int | None:
+        """Where passage `gold` (an index into an example's passages) lands among the encoder's chunks; None when
+        it is in the prompt or unknown."""
+        return gold - self.prompt_passages if gold is not None and gold >= self.prompt_passages else None
+
+    def find(self, title: str, first_sentence: str, passages: Sequence[Passage],
+             gold: int | None = None) -> TrainingExample:
         user_turn = f'Copy the first sentence of the document titled "{title}".'
         prompt, chunks = self.split(user_turn, passages)
         return TrainingExample(chunks, prompt, self._tokens(first_sentence)[: self.max_decoder_tokens] + self.end_ids,
-                               user_turn)
+                               user_turn, gold_chunk=self.encoded_position(gold))
 
-    def qa(self, question: str, answer: str, passages: Sequence[Passage]) -> TrainingExample:
+    def qa(self, question: str, answer: str, passages: Sequence[Passage], gold: int | None = None) -> TrainingExample:
         user_turn = question_text(question)
         prompt, chunks = self.split(user_turn, passages)
-        return TrainingExample(chunks, prompt, self._tokens(answer) + self.end_ids, user_turn)
+        return TrainingExample(chunks, prompt, self._tokens(answer) + self.end_ids, user_turn,
+                               gold_chunk=self.encoded_position(gold))
 
 
 Retrieve = Callable[[list[str], int], list[list[Passage]]]
@@ -224,14 +232,16 @@ def build_qa_examples(questions: Sequence[TrainingQuestion], builder: ExampleBui
     examples = []
     for question, hits in zip(questions, found):
         passages = hits[: builder.rng.randint(min_passages, max_passages)]
+        gold = None
         if question.gold is not None:  # a generated question: its article replaces a retrieved passage
             passages = [p for p in passages if p.title != question.gold.title][: len(passages) - 1]
-            passages.insert(builder.rng.randint(0, len(passages)), question.gold)
+            gold = builder.rng.randint(0, len(passages))
+            passages.insert(gold, question.gold)
         texts = [f"{p.title} {p.text}" for p in passages]
         present = [answer for answer in question.answers if answer_in_passages(texts, [answer])]
         if not present and unanswerable == "skip":
             continue
-        examples.append(builder.qa(question.question, (present or question.answers)[0], passages))
+        examples.append(builder.qa(question.question, (present or question.answers)[0], passages, gold))
     return examples
 
 

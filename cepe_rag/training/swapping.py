@@ -158,12 +158,13 @@ def build_swapped_examples(stage: str, articles: Sequence[Article], builder, ret
         # first N (in the encoder): the cross-attention must add what the prompt lacks and not spoil what it has.
         first_encoded = builder.prompt_passages
         if first_encoded and (rng.random() < 0.5 or len(passages) < first_encoded):
-            passages.insert(0, gold)
+            position = 0
         else:
-            passages.insert(rng.randint(first_encoded, len(passages)), gold)
+            position = rng.randint(first_encoded, len(passages))
+        passages.insert(position, gold)
         if stage == "find":
-            example = builder.find(gold.title, apply_mapping(query, mapping), passages)
+            example = builder.find(gold.title, apply_mapping(query, mapping), passages, position)
         else:
-            example = builder.qa(question.question, question.answers[0], passages)
+            example = builder.qa(question.question, question.answers[0], passages, position)
         examples.append(example)
     return examples

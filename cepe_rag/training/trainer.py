@@ -1,9 +1,10 @@
 """Train CEPE cross-attention on a frozen decoder: one loop for every stage, resumable, multi-GPU via accelerate.
 
     loss = lm_cof * CE(target tokens) + kl_cof * KL(teacher || student)   (KL only for the ceped stage)
+           + attn_cof * -log(cross-attention mass on the gold chunk)  (examples that know their gold chunk)
 
-Losses are computed in fp32 on the target positions only (padding and prompt never count), CE and KL
-logged separately. The decoder is frozen; cross-attention layers are trained; the encoder only with
+Losses are computed in fp32 on the target positions only (padding and prompt never count), each logged
+separately. The decoder is frozen; cross-attention layers are trained; the encoder only with
 `train_encoder`. A loaded checkpoint is never re-initialised.
 """
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache
+from cepe_rag.cepe.cross_attention import CrossContext
 from cepe_rag.cepe.model import group_by_request
 from cepe_rag.padding import pad_id_of, pad_token_ids
 from cepe_rag.training.examples import TrainingExample
@@ -42,6 +44,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     lm_cof: float = 1.0
     kl_cof: float = 0.0
+    attn_cof: float = 0.0  # gold-attention loss: make the cross-attention pick the passage that holds the answer
     train_encoder: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -61,6 +64,7 @@ class Batch:
     labels: torch.Tensor  # -100 on prompt and padding
     teacher_ids: torch.Tensor | None  # (target tokens, top-k), in the row-major order of the labels
     teacher_probs: torch.Tensor | None
+    gold_chunks: list[int | None]
 
     @property
     def n_tokens(self) -> int:
@@ -76,7 +80,8 @@ def collate(examples: Sequence[TrainingExample], pad_id: int) -> Batch:
     if all(e.teacher_ids for e in examples):
         teacher_ids = torch.tensor([t for e in examples for t in e.teacher_ids], dtype=torch.long)
         teacher_probs = torch.tensor([p for e in examples for p in e.teacher_probs], dtype=torch.float32)
-    return Batch([e.chunks for e in examples], ids, mask, labels, teacher_ids, teacher_probs)
+    return Batch([e.chunks for e in examples], ids, mask, labels, teacher_ids, teacher_probs,
+                 [e.gold_chunk for e in examples])
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
@@ -91,14 +96,42 @@ def distillation_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     return (teacher * (teacher.clamp(min=1e-12).log() - student)).sum(-1).mean()
 
 
+def gold_token_mask(states_per_request: Sequence[Sequence[torch.Tensor]], gold_chunks: Sequence[int | None],
+                    width: int) -> torch.Tensor:
+    """(batch, width) True on the context tokens of each request's gold chunk, laid out as CrossContext.from_chunks
+    concatenates the chunks; a row without a gold chunk is all False."""
+    mask = torch.zeros((len(states_per_request), width), dtype=torch.bool)
+    for row, (states, gold) in enumerate(zip(states_per_request, gold_chunks)):
+        if gold is not None:
+            start = sum(s.shape[-2] for s in states[:gold])
+            mask[row, start:start + states[gold].shape[-2]] = True
+    return mask
+
+
+def gold_attention_mass(attention: nn.Module, hidden_states: torch.Tensor, context: CrossContext,
+                        gold: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, length): the share of each query's cross-attention softmax that falls on the gold tokens,
+    computed as the layer computes its attention (same projections, scale and padding bias) but in fp32 at least."""
+    batch, length, _ = hidden_states.shape
+    query = attention.q_proj(attention.layernorm(hidden_states)).view(batch, length, attention.num_kv_heads, -1,
+                                                                      attention.head_dim)
+    key, _ = context.key_values(attention)  # (batch, kv_heads, tokens, head_dim)
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.einsum("blkgd,bktd->bkglt", query.to(dtype), key.to(dtype)) * attention.head_dim ** -0.5
+    scores = scores.masked_fill(~context.mask[:, None, None, None, :], float("-inf"))
+    mass = (scores.softmax(-1) * gold[:, None, None, None, :]).sum(-1)
+    return mass.reshape(batch, -1, length)
+
+
 class CepeTrainingModule(nn.Module):
     """The model plus its losses in one forward, so accelerate/DDP can wrap it."""
 
     def __init__(self, model: CepeForCausalLM, *, train_encoder: bool = False,
-                 state_cache: ChunkStateCache | None = None):
+                 state_cache: ChunkStateCache | None = None, gold_attention: bool = False):
         super().__init__()
         self.model = model
         self.train_encoder = train_encoder
+        self.gold_attention = gold_attention  # compute the gold-attention loss (costs one more K projection a layer)
         # A frozen encoder gives every passage the same states in every example it appears in.
         self.state_cache = state_cache if not train_encoder else None
 
@@ -108,7 +141,8 @@ class CepeTrainingModule(nn.Module):
             self.model.encoder.eval()  # no dropout in a frozen encoder
         return self
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(CE, KL, gold-attention loss); a loss that does not apply to the batch is 0."""
         model = self.model
         flat = [text for chunks in batch.chunks for text in chunks]
         if self.state_cache is not None:
@@ -117,21 +151,42 @@ class CepeTrainingModule(nn.Module):
         else:
             with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
                 states = model.encode_token_chunks(model.tokenize_chunks(flat)) if flat else []
-        context = (model.context_from_states(group_by_request(states, batch.chunks), cross_kv="project")
-                   if flat else None)
+        per_request = group_by_request(states, batch.chunks)
+        context = model.context_from_states(per_request, cross_kv="project") if flat else None
         device = model.device
-        hidden = model.decoder.base_model(input_ids=batch.input_ids.to(device),
-                                          attention_mask=batch.attention_mask.to(device),
-                                          cross_context=context, use_cache=False).last_hidden_state
         labels = batch.labels.to(device)[:, 1:]
         predicting = labels != -100
+        masses, hooks = [], []
+        if self.gold_attention and context is not None and any(g is not None for g in batch.gold_chunks):
+            gold = gold_token_mask(per_request, batch.gold_chunks, context.mask.shape[1]).to(device)
+
+            def record_mass(attention, args, output):
+                masses.append(gold_attention_mass(attention, args[0], args[1], gold))
+
+            hooks = [layer.cross_attn.register_forward_hook(record_mass) for layer in model.cross_attention_layers()]
+        try:
+            hidden = model.decoder.base_model(input_ids=batch.input_ids.to(device),
+                                              attention_mask=batch.attention_mask.to(device),
+                                              cross_context=context, use_cache=False).last_hidden_state
+        finally:
+            for hook in hooks:
+                hook.remove()
         # The LM head only where a target token is predicted: fp32 logits for a few hundred rows, not all.
         logits = model.decoder.get_output_embeddings()(hidden[:, :-1][predicting])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         ce = F.cross_entropy(logits, labels[predicting])
-        if batch.teacher_ids is None:
-            return ce, torch.zeros((), device=device)
-        return ce, distillation_kl(logits, batch.teacher_ids.to(device), batch.teacher_probs.to(device))
+        zero = torch.zeros((), device=device)
+        kl = (zero if batch.teacher_ids is None else
+              distillation_kl(logits, batch.teacher_ids.to(device), batch.teacher_probs.to(device)))
+        rows = torch.tensor([g is not None for g in batch.gold_chunks], device=device)
+        where = predicting & rows[:, None]
+        if not masses or not bool(where.any()):
+            return ce, kl, zero
+        # At the positions that predict an answer token of a row whose gold chunk is encoded; mean over heads,
+        # positions and layers.
+        mass = torch.stack(masses)[..., :-1]  # (layers, batch, heads, length - 1)
+        nll = -mass.clamp_min(1e-6).log().mean(2)  # (layers, batch, length - 1)
+        return ce, kl, nll[:, where].mean()
 
 
 def trainable_parameters(model: CepeForCausalLM, train_encoder: bool) -> dict[str, nn.Parameter]:
@@ -175,7 +230,8 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
                  get_cosine_schedule_with_warmup(optimizer, warmup_steps, config.steps))
     step = _load_checkpoint(out / CHECKPOINT_DIR, params, optimizer, scheduler)
     module, optimizer, scheduler = accelerator.prepare(
-        CepeTrainingModule(model, train_encoder=config.train_encoder, state_cache=state_cache).train(),
+        CepeTrainingModule(model, train_encoder=config.train_encoder, state_cache=state_cache,
+                           gold_attention=config.attn_cof > 0).train(),
         optimizer, scheduler)
     pad_id = pad_id_of(model.decoder_tokenizer)
     order = _order(len(examples), config, accelerator.num_processes, accelerator.process_index)
@@ -186,8 +242,8 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
     started, tokens_seen = time.perf_counter(), 0
     while step < config.steps:
         batch = collate([examples[i] for i in order(step)], pad_id)
-        ce, kl = module(batch)
-        loss = config.lm_cof * ce + config.kl_cof * kl
+        ce, kl, attn = module(batch)
+        loss = config.lm_cof * ce + config.kl_cof * kl + config.attn_cof * attn
         if loss.requires_grad:
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
@@ -201,7 +257,7 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
         elapsed = time.perf_counter() - started
         rate = tokens_seen / elapsed
         last = step == config.steps or bool(config.max_minutes and elapsed > 60 * config.max_minutes)
-        record = {"step": step, "loss": loss.item(), "ce": ce.item(), "kl": kl.item(),
+        record = {"step": step, "loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "attn": attn.item(),
                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": round(rate, 1),
                   "elapsed_s": round(elapsed, 2)}
         if validation and (step % config.eval_every == 0 or last):
@@ -227,15 +283,16 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
 
 @torch.no_grad()
 def evaluate(module: nn.Module, examples: Sequence[TrainingExample], config: TrainConfig, pad_id: int) -> dict:
-    """Mean validation CE/KL (per batch), with the model in eval mode."""
+    """Mean validation losses (per batch), with the model in eval mode."""
     module.eval()
-    ce_sum = kl_sum = 0.0
+    sums = [0.0, 0.0, 0.0]
     batches = 0
     for start in range(0, len(examples), config.batch_size):
-        ce, kl = module(collate(examples[start:start + config.batch_size], pad_id))
-        ce_sum, kl_sum, batches = ce_sum + ce.item(), kl_sum + kl.item(), batches + 1
+        losses = module(collate(examples[start:start + config.batch_size], pad_id))
+        sums = [total + loss.item() for total, loss in zip(sums, losses)]
+        batches += 1
     module.train()
-    return {"val_ce": ce_sum / batches, "val_kl": kl_sum / batches}
+    return {"val_ce": sums[0] / batches, "val_kl": sums[1] / batches, "val_attn": sums[2] / batches}
 
 
 def _order(n: int, config: TrainConfig, world: int, rank: int) -> Callable[[int], list[int]]:
@@ -271,8 +328,9 @@ def _check_same_config(out: Path, config: TrainConfig) -> None:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError:
             raise CepeRagError(f"{path} is not valid JSON; move the run folder away to start afresh") from None
+        defaults = asdict(TrainConfig())  # a setting added since the run started has its default there
         changed = sorted(k for k in current if k not in ("steps", "save_every", "eval_every", "max_minutes")
-                         and saved.get(k) != current[k])
+                         and saved.get(k, defaults[k]) != current[k])
         if changed:
             raise CepeRagError(f"{out} holds a run with other settings ({', '.join(changed)}); "
                                "use another --out or the same settings to resume")

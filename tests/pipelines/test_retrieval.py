@@ -185,3 +185,24 @@ def test_store_embeddings_are_the_indexed_vectors(embedder, corpus, tmp_path):  
 def test_build_index_writes_the_lexical_index(embedder, corpus, tmp_path):  # noqa: F811
     build_index([str(corpus)], tmp_path / "idx", embedder=embedder)
     assert IndexStore.open(tmp_path / "idx").has_lexical_index
+
+
+def test_sentence_focus_leads_with_the_sentence_the_question_asks_about(embedder):
+    from cepe_rag.retrieval.focus import focus_passages, sentences, without_title
+
+    assert sentences("Dr. Smith paid $3.5 million in Jan. 2001 for it. It was late.") == [
+        "Dr. Smith paid $3.5 million in Jan. 2001 for it.", "It was late."]  # abbreviations and decimals hold
+    assert without_title("Who designed the Quorvath Bridge?", "Quorvath Bridge (Elmsfeld)") == "Who designed the ?"
+    river = Passage(1, "The Gaerkkevora River is a river in Daeskbrysa. It rises on the slopes of Mount Reivsuxund "
+                       "and flows for 174 kilometres before emptying into Lake Nunstandov. Its valley is known for "
+                       "orchards and old water mills.", title="Gaerkkevora River")
+    single = Passage(2, "Elmsfeld is a town.", title="Elmsfeld")
+    focused = focus_passages("Into which lake does the Gaerkkevora River flow?", [river, single], embedder)
+    assert focused[0].focused_text == ("It rises on the slopes of Mount Reivsuxund and flows for 174 kilometres "
+                                       "before emptying into Lake Nunstandov. " + river.text)  # then all of it
+    assert focused[0].text == river.text and focused[0].id == 1  # sources show the passage as it is
+    assert focused[0].as_prompt_text() == f"Document (Title: Gaerkkevora River): {focused[0].focused_text}"
+    assert focused[1] is single and single.focused_text is None  # one sentence: nothing to lead with
+    # Asked what the first sentence says, the passage is read as it is.
+    assert focus_passages("In which country is the Gaerkkevora River?", [river], embedder)[0].focused_text is None
+    assert focus_passages("anything", [], embedder) == []

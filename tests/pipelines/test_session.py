@@ -109,6 +109,27 @@ def test_abstains_without_the_model_and_reads_the_callers_own_passages(session):
     assert not read.abstained and read.usage["passages_read"] == 1  # a caller's own passages are always read
 
 
+def test_sentence_focus_reorders_what_a_focusing_reader_reads_and_nothing_else(session, retriever):
+    question = "Who designed the Tresk Viaduct?"
+    plain = session.answer(question)
+    assert plain.passages[0].focused_text is None  # the default reads passages as they are
+    base = session.reader()
+    focusing = ConcatReader(base.model, base.tokenizer, generation=base.generation, read_margin=0.0, focus=True)
+    both = RagSession({"plain": base, "focus": focusing}, retriever, abstention=None, k=3)
+    answer = both.answer(question, reader="focus")
+    read = answer.passages[0]  # the cutoff reads the viaduct's file alone
+    assert read.focused_text.startswith("It was designed by the engineer Ottilie Varga")
+    assert read.text.startswith("The Tresk Viaduct is a railway viaduct")  # sources keep the text
+    assert answer.read_rule.endswith("(sentence focus)") and "sentence focus" not in plain.read_rule
+    prompt = base.tokenizer.decode(focusing.prepare(question, answer.passages).ids)
+    assert prompt.index("Ottilie Varga") < prompt.index("eleven arches")
+    own = both.answer(question, reader="focus", passages=retriever.retrieve(question, 3))  # eval's path
+    assert own.passages[0].focused_text == read.focused_text
+    found = both.passages_for(question, reader="focus", k=3)  # serve's path: only the passages read are focused
+    assert found.passages[0].focused_text and all(p.focused_text is None for p in found.passages[1:])
+    assert all(p.focused_text is None for p in both.passages_for(question, reader="plain", k=3).passages)
+
+
 def test_a_session_refuses_unknown_readers_and_k_below_one(session):
     with pytest.raises(CepeRagError, match="no reader 'cepe'"):
         session.answer("q?", reader="cepe")

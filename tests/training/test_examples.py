@@ -151,3 +151,4 @@ def test_corpus_questions_ask_a_span_in_place_and_read_their_article(builder):
     for question, example in zip(questions, examples):
         golds = [c for c in example.chunks if c.startswith(f"Document (Title: {question.gold.title})")]
         assert len(golds) == 1 and 1 <= len(example.chunks) <= 3  # the article once, whatever was retrieved
+        assert example.chunks[example.gold_chunk] == golds[0]  # what the gold-attention loss points at

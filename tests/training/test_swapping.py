@@ -74,6 +74,7 @@ def test_swapped_examples_hold_the_swapped_gold_among_swapped_distractors(chat_t
             assert not any(article.title in chunk for chunk in example.chunks)  # the subject is renamed everywhere
             target = chat_tokenizer.decode(example.target_ids).removesuffix("<|im_end|>").strip()
             assert sum(target in chunk for chunk in example.chunks) >= 1
+            assert target in example.chunks[example.gold_chunk]  # what the gold-attention loss points at
             assert example.prompt_ids == reader.chat_ids(example.question)
     assert all(query in " ".join(a.text for a in ARTICLES) for query in queries)  # retrieved for the real text
 
@@ -103,6 +104,9 @@ def test_prompt_passages_are_written_as_the_cepe_reader_writes_them(chat_tokeniz
         in_prompt = target in prompt.split(example.question)[0]
         gold_in_prompt += in_prompt
         assert in_prompt or any(target in chunk for chunk in example.chunks)
+        # The gold-attention loss points at the gold when it is encoded, and at nothing when it is in the prompt.
+        assert (example.gold_chunk is None) == in_prompt
+        assert in_prompt or target in example.chunks[example.gold_chunk]
     assert 0.3 < gold_in_prompt / len(examples) < 0.65  # half the time, whatever N (not more with N > 1)
     passages = [Passage(i, f"{name} text.", title=name) for i, name in enumerate(["Alpha", "Beta", "Gamma"])]
     built = builder.qa("What is alpha?", "text", passages)

@@ -271,3 +271,62 @@ def test_a_batch_without_encoder_chunks_is_a_step_that_changes_nothing(chat_toke
                                                  eval_every=1000), tmp_path / "run", progress=False)
     assert len(records) == 2 and all(r["grad_norm"] == 0.0 for r in records)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if ".cross_attn." in k)
+
+
+def gold_examples(tokenizer, n=64, seed=0):
+    """copy_examples that know their gold chunk (the one holding the secret word)."""
+    examples = copy_examples(tokenizer, n, seed)
+    for example in examples:
+        example.gold_chunk = next(i for i, chunk in enumerate(example.chunks) if chunk.startswith("secret"))
+    return examples
+
+
+def test_gold_attention_mass_is_the_layers_own_attention_on_the_gold_tokens(chat_tokenizer, minilm_tokenizer):
+    from cepe_rag.cepe.model import group_by_request
+    from cepe_rag.training.trainer import gold_attention_mass, gold_token_mask
+
+    model = tiny_model(chat_tokenizer, minilm_tokenizer).double()
+    for layer in model.cross_attention_layers():
+        torch.nn.init.normal_(layer.cross_attn.k_proj.weight, std=0.5)
+    chunks = [["secret apple", "noise river mountain violet"], ["noise castle", "secret harbor"]]
+    gold_chunks = [0, 1]
+    states = model.encode_token_chunks(model.tokenize_chunks([c for cs in chunks for c in cs]))
+    per_request = group_by_request(states, chunks)
+    context = model.context_from_states(per_request, cross_kv="project")
+    gold = gold_token_mask(per_request, gold_chunks, context.mask.shape[1])
+    lengths = [[s.shape[-2] for s in request] for request in per_request]
+    assert gold[0].tolist() == [True] * lengths[0][0] + [False] * (context.mask.shape[1] - lengths[0][0])
+    assert gold[1].sum() == lengths[1][1] and not gold[1, : lengths[1][0]].any() and context.mask[1][gold[1]].all()
+    attention = model.cross_attention_layers()[-1].cross_attn
+    hidden = torch.randn(2, 5, model.decoder.config.hidden_size, dtype=torch.float64)
+    mass = gold_attention_mass(attention, hidden, context, gold)
+    # The same attention through SDPA, as the layer folds its query heads, with the gold indicator as the values.
+    query = attention.q_proj(attention.layernorm(hidden)).view(2, 5, attention.num_kv_heads, -1, attention.head_dim)
+    query = query.permute(0, 2, 3, 1, 4).reshape(2, attention.num_kv_heads, -1, attention.head_dim)
+    key, _ = context.key_values(attention)
+    indicator = gold.to(torch.float64)[:, None, :, None].expand(-1, attention.num_kv_heads, -1, -1)
+    expected = F.scaled_dot_product_attention(query, key, indicator, attn_mask=context.attn_bias)
+    assert torch.allclose(mass, expected.reshape(2, -1, 5), atol=1e-10)
+    assert 0 < mass.min() and mass.max() < 1
+
+
+def test_the_gold_attention_loss_is_zero_with_one_chunk_and_teaches_picking(chat_tokenizer, minilm_tokenizer,
+                                                                            tmp_path):
+    model = tiny_model(chat_tokenizer, minilm_tokenizer, gate=True)
+    alone = [TrainingExample([e.chunks[e.gold_chunk]], e.prompt_ids, e.target_ids, gold_chunk=0)
+             for e in gold_examples(chat_tokenizer, n=4)]
+    module = CepeTrainingModule(model, gold_attention=True).eval()
+    with torch.no_grad():
+        assert module(collate(alone, 0))[2].item() == pytest.approx(0, abs=1e-5)  # all the mass is on the gold
+        unknown = [TrainingExample(e.chunks, e.prompt_ids, e.target_ids) for e in gold_examples(chat_tokenizer, 4)]
+        assert module(collate(unknown, 0))[2].item() == 0  # no example knows its gold chunk: no loss
+        ce_only = CepeTrainingModule(model).eval()(collate(gold_examples(chat_tokenizer, 4), 0))
+        assert ce_only[2].item() == 0
+    # Trained on the gold-attention loss alone, the cross-attention learns to look at the secret chunk; the
+    # gates start shut (they scale the blocks' outputs, not their attention).
+    examples = gold_examples(chat_tokenizer)
+    config = TrainConfig(stage="swap", steps=60, batch_size=8, lr=1e-2, lm_cof=0.0, attn_cof=1.0, save_every=1000,
+                         eval_every=1000)
+    records = train(model, examples, config, tmp_path / "run", progress=False)
+    first, last = records[0]["attn"], sum(r["attn"] for r in records[-10:]) / 10
+    assert first > 0.3 and last < 0.5 * first, (first, last)  # 0.67 -> 0.25 here
