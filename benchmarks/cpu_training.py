@@ -49,7 +49,8 @@ def evaluate(adapter: Path, name: str, args) -> dict:
     command = CLI + ["eval", "--questions", args.questions, "--index", args.eval_index, "--readers", "cepe",
                      "--cepe-model", str(adapter), "--k", args.eval_k, "--out", str(out), "--dtype", "bfloat16",
                      "--n-prompt-passages", str(args.prompt_passages),
-                     "--no-cutoff"]  # k passages read, whatever the default relevance cutoff: the bar is about k=20
+                     "--no-cutoff",  # k passages read, whatever the default relevance cutoff: the bar is about k=20
+                     "--no-focus"]  # passages as trained on, and scores comparable with those before sentence focus
     subprocess.run(command, env=one_thread(), check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
     return {"adapter": name, "score": tuning_score(summary), "n_prompt_passages": args.prompt_passages,

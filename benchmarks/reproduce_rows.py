@@ -1,7 +1,8 @@
 """Check that a change left answers unchanged: re-answer the first N own-documents test and NQ-500 questions through
-today's question path (`RagSession.answer`, default `ask` settings: concat, `--k 5`, relevance cutoff, bfloat16
-where the CPU has it) and compare each answer with the one recorded when the README's headline row was measured
-(benchmarks/results/cutoff/test/answers_concat.jsonl, `relevance_cutoff.py --split test`).
+today's question path (`RagSession.answer`, default `ask` settings: concat, `--k 5`, relevance cutoff, sentence
+focus, bfloat16 where the CPU has it) and compare each answer with the one recorded when the README's headline row
+was measured (benchmarks/results/focus/test/answers_concat_focus.jsonl, `sentence_focus.py --split test`; before
+sentence focus, benchmarks/results/cutoff/test/answers_concat.jsonl with `--no-focus`).
 
     python benchmarks/reproduce_rows.py --limit 40 --out benchmarks/results/reproduce
 """
@@ -21,12 +22,15 @@ from cepe_rag.eval.metrics import postprocess, substring_match  # noqa: E402
 from cepe_rag.pipelines.session import RagSession  # noqa: E402
 from cepe_rag.readers import GenerationConfig  # noqa: E402
 from cepe_rag.readers.base import read_selection  # noqa: E402
+from cepe_rag.settings import ReaderSpec  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=40)
-    parser.add_argument("--recorded", type=Path, default=Path("benchmarks/results/cutoff/test/answers_concat.jsonl"))
+    parser.add_argument("--recorded", type=Path,
+                        default=Path("benchmarks/results/focus/test/answers_concat_focus.jsonl"))
+    parser.add_argument("--no-focus", action="store_true", help="answer without sentence focus (the cutoff's record)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/reproduce"))
     args = parser.parse_args()
     recorded = {}
@@ -37,7 +41,7 @@ def main() -> None:
                                  nq_questions="../shared/data/nq_open/NQ-open.dev.jsonl", nq_limit=500)
     summary = {}
     for name, (questions, retriever) in question_sets("test", options).items():
-        session = RagSession.open(None, retriever=retriever, abstain=False,
+        session = RagSession.open(None, [ReaderSpec(focus=not args.no_focus)], retriever=retriever, abstain=False,
                                   generation=GenerationConfig(max_new_tokens=25, stop_strings=("\n",)))
         same, correct_then, correct_now, rows = 0, 0, 0, []
         for question in questions[: args.limit]:

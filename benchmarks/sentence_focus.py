@@ -72,10 +72,9 @@ def main() -> None:
             key = (name, question.id, tuple(p.id for p in kept))
             focused = focus_passages(question.question, kept, retriever.embedder)
             for variant in ("plain", "focus"):
-                if key not in answers[variant]:
-                    if variant == "focus" and all(p.focused_text is None for p in focused):
-                        answers[variant][key] = answers["plain"][key]  # the same prompt: the same greedy answer
-                        continue
+                if key not in answers[variant] and variant == "focus" and all(p.focused_text is None for p in focused):
+                    answers[variant][key] = answers["plain"][key]  # the same prompt: the same greedy answer
+                elif key not in answers[variant]:
                     read = focused if variant == "focus" else kept
                     answers[variant][key] = postprocess(reader.answer(question.question, read).text)
                     with caches[variant].open("a") as cache:

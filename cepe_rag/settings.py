@@ -30,7 +30,7 @@ DEFAULT_K = 5
 # question is within this margin of the best passage's; None reads all k. 0 was the best margin on both tuning sets
 # (docs/retrieval.md "Relevance cutoff": own-documents tuning 77.0 vs 60.0 at fixed k=5, NQ questions 501+ 13.3 vs 8.7).
 DEFAULT_READ_MARGIN: float | None = 0.0
-DEFAULT_FOCUS = False  # sentence focus (retrieval/focus.py)
+DEFAULT_FOCUS = True  # sentence focus (retrieval/focus.py): chosen on the tuning questions (docs/retrieval.md)
 # How passages are found: dense (MiniLM + FAISS), lexical (BM25 over SQLite FTS5), or hybrid (both, fused by
 # reciprocal rank). Chosen by measured recall@20 (docs/retrieval.md).
 RETRIEVAL_MODES = ("hybrid", "dense", "lexical")

@@ -1,9 +1,9 @@
 """A new user's small folder (three files: a viaduct and its engineer, a town and its mayor, a company with its
-founder and founding year), asked with the default settings: each answer reads the one relevant file, and no other.
+founder and founding year), asked with the default settings: each answer reads the one relevant file, and no other,
+led by the sentence the question asks about (sentence focus), and states the fact.
 
-What the 135M decoder then makes of that one passage is asserted only where it answers robustly (the mayor, the
-year). Asked who designed the viaduct or founded the company, it copies the passage's first sentence instead
-(docs/retrieval.md, "Relevance cutoff"): a limit of the decoder, not of what it was given to read."""
+Without sentence focus the 135M decoder answered the mayor and the year, but asked who designed the viaduct or
+founded the company it copied the passage's first sentence (docs/retrieval.md, "Sentence focus")."""
 
 import json
 
@@ -22,11 +22,11 @@ FILES = {
     "lindqvar-optics.md": "# Lindqvar Optics\n\nLindqvar Optics is a maker of telescope mirrors based in Brannholm. "
                           "The company was founded in 1936 by Agnes Morrow and now has about eighty employees.\n",
 }
-# (question, the fact, its file, whether the decoder's answer states the fact: asserted where True)
-QUESTIONS = [("Who designed the Tresk Viaduct?", "Ottilie Varga", "tresk-viaduct.md", False),
-             ("Who is the mayor of Brannholm?", "Ruben Kessel", "brannholm.md", True),
-             ("Who founded Lindqvar Optics?", "Agnes Morrow", "lindqvar-optics.md", False),
-             ("In what year was Lindqvar Optics founded?", "1936", "lindqvar-optics.md", True)]
+# (question, the fact, its file)
+QUESTIONS = [("Who designed the Tresk Viaduct?", "Ottilie Varga", "tresk-viaduct.md"),
+             ("Who is the mayor of Brannholm?", "Ruben Kessel", "brannholm.md"),
+             ("Who founded Lindqvar Optics?", "Agnes Morrow", "lindqvar-optics.md"),
+             ("In what year was Lindqvar Optics founded?", "1936", "lindqvar-optics.md")]
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +39,20 @@ def folder_index(tmp_path_factory):
     return root / "idx"
 
 
-@pytest.mark.parametrize("question,fact,source,answered", QUESTIONS)
-def test_default_ask_reads_only_the_relevant_file(folder_index, question, fact, source, answered):
+@pytest.mark.parametrize("question,fact,source", QUESTIONS)
+def test_default_ask_reads_only_the_relevant_file_and_answers(folder_index, question, fact, source):
     # float32: the answer is asserted, so it must not rest on one CPU's bfloat16 rounding.
     result = run_cli("ask", question, "--index", folder_index, "--json", "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
-    if answered:
-        assert fact in answer["text"]
+    assert fact in answer["text"]
     assert [p["source"].rsplit("/", 1)[-1] for p in answer["passages"]] == [source]  # the cutoff read one file
     assert answer["usage"]["passages_retrieved"] == 3 and answer["usage"]["passages_read"] == 1
-    assert answer["read_rule"].startswith("read 1 of 3 passages")
+    assert answer["read_rule"].startswith("read 1 of 3 passages") and answer["read_rule"].endswith("(sentence focus)")
 
 
 def test_no_cutoff_reads_every_passage_and_says_so(folder_index):
     result = run_cli("ask", QUESTIONS[0][0], "--index", folder_index, "--json", "--no-cutoff", "--max-new-tokens", "4")
     answer = json.loads(result.stdout)
-    assert answer["usage"]["passages_read"] == 3 and answer["read_rule"] == "read 3 of 3 passages (no relevance cutoff)"
+    assert answer["usage"]["passages_read"] == 3
+    assert answer["read_rule"].startswith("read 3 of 3 passages (no relevance cutoff)")

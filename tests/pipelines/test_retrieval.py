@@ -124,6 +124,7 @@ class EchoReader:
 
     name = "echo"
     reads_passages = True
+    focus = False
 
     def prepare_request(self, question, passages, conversation=None):
         return None

@@ -176,11 +176,12 @@ def test_one_table_describes_every_reader():
     import inspect
 
     from cepe_rag.readers import READERS
-    from cepe_rag.settings import ReaderSpec
+    from cepe_rag.settings import DEFAULT_FOCUS, ReaderSpec
 
     for name, reader_class in READERS.items():
         taken = set(inspect.signature(reader_class.__init__).parameters) | set(
             inspect.signature(Reader.__init__).parameters)
         assert set(ReaderSpec(reader=name).reader_options()) <= taken, name
     assert ReaderSpec(reader="parallel", ape_scale=0.5).reader_options() == {
-        "prompt_style": "instruction", "ape_temperature": 1.0, "ape_scale": 0.5, "read_margin": 0.0}
+        "prompt_style": "instruction", "ape_temperature": 1.0, "ape_scale": 0.5, "read_margin": 0.0,
+        "focus": DEFAULT_FOCUS}
