@@ -38,17 +38,22 @@ def question_sets(split: str, args) -> dict[str, tuple[list, Retriever]]:
             "nq": (nq, nq_retriever)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_question_set_options(parser: argparse.ArgumentParser, *, nq_limit: int) -> None:
+    """The options `question_sets` reads: where the two sets' indexes and NQ questions are, and how many to take."""
     parser.add_argument("--split", choices=("tune", "test"), default="tune")
-    parser.add_argument("--reader", default="concat")
-    parser.add_argument("--caps", default="5,10")
-    parser.add_argument("--margins", default="0,0.05,0.1,0.15,0.2,0.3,inf")
     parser.add_argument("--owndocs-index", default="indexes/owndocs")
     parser.add_argument("--nq-index", default="indexes/default")
     parser.add_argument("--nq-questions", default="../shared/data/nq_open/NQ-open.dev.jsonl")
-    parser.add_argument("--nq-limit", type=int, default=200)
+    parser.add_argument("--nq-limit", type=int, default=nq_limit)
     parser.add_argument("--owndocs-limit", type=int, default=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reader", default="concat")
+    parser.add_argument("--caps", default="5,10")
+    parser.add_argument("--margins", default="0,0.05,0.1,0.15,0.2,0.3,inf")
+    add_question_set_options(parser, nq_limit=200)
     parser.add_argument("--cepe-model", default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from relevance_cutoff import question_sets  # noqa: E402
+from relevance_cutoff import add_question_set_options, question_sets  # noqa: E402
 
 from cepe_rag.eval.metrics import paired_bootstrap, postprocess, substring_match  # noqa: E402
 from cepe_rag.models import resolve_dtype  # noqa: E402
@@ -43,13 +43,8 @@ def load_cache(path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", choices=("tune", "test"), default="tune")
     parser.add_argument("--reader", default="concat")
-    parser.add_argument("--owndocs-index", default="indexes/owndocs")
-    parser.add_argument("--nq-index", default="indexes/default")
-    parser.add_argument("--nq-questions", default="../shared/data/nq_open/NQ-open.dev.jsonl")
-    parser.add_argument("--nq-limit", type=int, default=150)
-    parser.add_argument("--owndocs-limit", type=int, default=0)
+    add_question_set_options(parser, nq_limit=150)
     parser.add_argument("--plain-cache", type=Path, default=None,
                         help="relevance_cutoff.py's answers (default: benchmarks/results/cutoff/<split>/)")
     parser.add_argument("--out", type=Path, required=True)

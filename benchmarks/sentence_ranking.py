@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from relevance_cutoff import question_sets  # noqa: E402
+from relevance_cutoff import add_question_set_options, question_sets  # noqa: E402
 
 from cepe_rag.eval.metrics import normalize_answer  # noqa: E402
 from cepe_rag.models import embed_texts  # noqa: E402
@@ -32,12 +32,7 @@ SCORINGS = ("first_sentence", "cosine", "title_prefixed", "title_words_out")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", choices=("tune", "test"), default="tune")
-    parser.add_argument("--owndocs-index", default="indexes/owndocs")
-    parser.add_argument("--nq-index", default="indexes/default")
-    parser.add_argument("--nq-questions", default="../shared/data/nq_open/NQ-open.dev.jsonl")
-    parser.add_argument("--nq-limit", type=int, default=150)
-    parser.add_argument("--owndocs-limit", type=int, default=0)
+    add_question_set_options(parser, nq_limit=150)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     results = {}

@@ -52,7 +52,6 @@ class Reader:
     name = "base"
 
     reads_passages = True  # False: retrieval is skipped, and the fewshot demonstrations carry no document
-    focus = False  # sentence focus on the passages read (set per instance from ReaderSpec)
 
     def __init__(self, model, tokenizer, *, generation: GenerationConfig | None = None,
                  system_prompt: str = SYSTEM_PROMPT, prompt_style: str = DEFAULT_PROMPT_STYLE,
