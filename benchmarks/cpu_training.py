@@ -30,7 +30,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "cpu_training"
+RESULTS_ROOT = ROOT / "benchmarks" / "results" / "cpu_training"
+RESULTS = RESULTS_ROOT  # a --lineage keeps its own best adapter and scores in a subfolder
+
+
+def use_lineage(name: str) -> None:
+    global RESULTS
+    RESULTS = RESULTS_ROOT / name if name else RESULTS_ROOT
 CLI = [sys.executable, "-m", "cepe_rag"]
 
 
@@ -81,6 +87,8 @@ def stage_plan(args) -> list[tuple[str, str | None]]:
     """(stage, init) pairs for this session: resume what the run folders hold, else start from the committed
     adapter (or from zero)."""
     committed = RESULTS / "adapter"
+    if not (committed / "cepe_adapter.json").exists() and RESULTS != RESULTS_ROOT:
+        committed = RESULTS_ROOT / "adapter"  # a new lineage starts from the main line's best adapter
     history = []
     if (committed / "cepe_adapter.json").exists():
         history = [h["stage"] for h in json.loads((committed / "cepe_adapter.json").read_text())["training_history"]]
@@ -92,7 +100,7 @@ def stage_plan(args) -> list[tuple[str, str | None]]:
 
 def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Path:
     variant = (("_gate" if args.gate else "") + (f"_p{args.prompt_passages}" if args.prompt_passages else "")
-               + (f"_attn{args.attn_cof:g}" if args.attn_cof else ""))
+               + (f"_attn{args.attn_cof:g}" if args.attn_cof else "") + ("_ptr" if args.copy_pointer else ""))
     out = Path(args.runs) / f"{stage}{variant}_s{seed}"
     command = CLI + ["train", "--stage", stage, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
                      "--lr", str(args.lr), "--warmup-ratio", f"{args.warmup_steps / steps:.6g}",
@@ -115,6 +123,8 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
         command += ["--prompt-passages", str(args.prompt_passages)]
     if args.attn_cof:
         command += ["--attn-cof", str(args.attn_cof)]
+    if args.copy_pointer:
+        command += ["--copy-pointer"]
     subprocess.run(command, env=one_thread(), check=True)
     shutil.copy(out / "log.jsonl", RESULTS / f"log_{out.name}.jsonl")
     plot_curves()
@@ -170,9 +180,15 @@ def main() -> None:
                         help="train and evaluate with the top N passages in the prompt (cepe --n-prompt-passages N)")
     parser.add_argument("--attn-cof", type=float, default=0.0,
                         help="weight of the gold-attention loss (-log cross-attention mass on the gold passage)")
+    parser.add_argument("--copy-pointer", action="store_true",
+                        help="a copy pointer over the context tokens (pointer-generator), added to the init adapter")
+    parser.add_argument("--lineage", default="", help="keep this line's best adapter and scores in "
+                                                      "benchmarks/results/cpu_training/<lineage>/ (it starts from the "
+                                                      "main line's adapter)")
     parser.add_argument("--seed", type=int, default=None, help="data seed (default: one more than the sessions "
                                                                 "the committed adapter records)")
     args = parser.parse_args()
+    use_lineage(args.lineage)
     RESULTS.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 3600 * args.hours
     plan = stage_plan(args)
@@ -207,11 +223,13 @@ def evaluate_main() -> None:
     sys.argv = [sys.argv[0], *rest]
     args = argparse.Namespace(questions="runs/owndocs/questions.tune.jsonl", eval_index="indexes/owndocs",
                               eval_k="5,20", runs="runs/cpu_training", prompt_passages="0")
-    for flag in ("questions", "eval_index", "eval_k", "runs", "prompt_passages"):
+    args.lineage = ""
+    for flag in ("questions", "eval_index", "eval_k", "runs", "prompt_passages", "lineage"):
         option = "--" + flag.replace("_", "-")
         if option in rest:
             setattr(args, flag, rest[rest.index(option) + 1])
     args.prompt_passages = int(args.prompt_passages)
+    use_lineage(args.lineage)
     adapter = Path(known.evaluate)
     record = evaluate(adapter, adapter.name, args)
     kept = keep_if_better(record, adapter)

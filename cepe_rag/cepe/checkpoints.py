@@ -56,13 +56,15 @@ def build_encoder_for(spec: str, decoder: nn.Module, decoder_tokenizer):
 
 
 def new_cepe_model(decoder: str, encoder: str, *, num_cross_attn_layers: int, init_mode: str = "zero",
-                   device: str = "cpu", dtype=torch.float32, chunking: dict | None = None, gate: bool = False):
+                   device: str = "cpu", dtype=torch.float32, chunking: dict | None = None, gate: bool = False,
+                   copy_pointer: bool = False):
     """A fresh (untrained cross-attention) CEPE model over named decoder and encoder."""
     decoder_model, tokenizer = load_decoder(decoder, dtype=dtype)
     decoder_model.requires_grad_(False)
     encoder_model, encoder_tokenizer = build_encoder_for(encoder, decoder_model, tokenizer)
     model = CepeForCausalLM(decoder_model, encoder_model.eval(), num_cross_attn_layers=num_cross_attn_layers,
-                            init_mode=init_mode, encoder_tokenizer=encoder_tokenizer, chunking=chunking, gate=gate)
+                            init_mode=init_mode, encoder_tokenizer=encoder_tokenizer, chunking=chunking, gate=gate,
+                            copy_pointer=copy_pointer)
     model.decoder_tokenizer = tokenizer
     model.source_names = {"decoder": decoder, "encoder": encoder}
     return model.to(device)
@@ -82,6 +84,7 @@ def save_adapter(model, folder: str | Path, *, include_encoder: bool = False, ca
     config = {"format": ADAPTER_FORMAT, **names, "num_cross_attn_layers": model.config.num_cross_attn_layers,
               **{key: getattr(model.config, key) for key in CEPE_RAG_CHUNKING},
               "cross_attn_gate": bool(getattr(model.config, "cross_attn_gate", False)),
+              "copy_pointer": model.pointer is not None,
               "includes_encoder": include_encoder, **(card or {})}
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
@@ -104,7 +107,8 @@ def load_adapter(folder: str | Path, *, dtype=torch.float32, device: str = "cpu"
     chunking = {key: config.get(key, default) for key, default in CEPE_RAG_CHUNKING.items()}
     model = new_cepe_model(config["decoder"], config["encoder"], num_cross_attn_layers=config["num_cross_attn_layers"],
                            init_mode="none", dtype=dtype, chunking=chunking,
-                           gate=config.get("cross_attn_gate", False))
+                           gate=config.get("cross_attn_gate", False),
+                           copy_pointer=config.get("copy_pointer", False))
     own = {k: v for k, v in model.released_state_dict().items()}
     unknown = sorted(set(weights) - set(own))
     if unknown:

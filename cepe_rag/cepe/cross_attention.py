@@ -44,6 +44,7 @@ class CrossContext:
     mask: torch.Tensor
     cross_kv: str = "cache"
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    token_ids: torch.Tensor | None = None  # (batch, tokens): what each state encodes, for a copy pointer
 
     def __post_init__(self):
         if self.cross_kv not in CROSS_KV_MODES:
@@ -59,9 +60,11 @@ class CrossContext:
 
     @classmethod
     def from_chunks(cls, chunks: Sequence[Sequence[torch.Tensor]], *, cross_kv: str = "cache",
-                    dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> CrossContext | None:
+                    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    token_ids: Sequence[Sequence[Sequence[int]]] | None = None) -> CrossContext | None:
         """Build from per-request lists of per-chunk states (tokens, hidden), cast to `dtype` on `device` while they are
-        copied into one right-padded tensor (no intermediate copy of the whole context); None if there is no token."""
+        copied into one right-padded tensor (no intermediate copy of the whole context); None if there is no token.
+        `token_ids`, laid out as `chunks`, are the chunks' token ids (a copy pointer reads them)."""
         lengths = [sum(c.shape[-2] for c in request) for request in chunks]
         if max(lengths, default=0) == 0:
             return None
@@ -75,7 +78,14 @@ class CrossContext:
                 states[row, ..., start:start + chunk.shape[-2], :] = chunk
                 start += chunk.shape[-2]
             mask[row, :start] = True
-        return cls(states, mask, cross_kv)
+        ids = None
+        if token_ids is not None:
+            ids = torch.zeros(mask.shape, dtype=torch.long)
+            for row, request in enumerate(token_ids):
+                flat = [token for chunk in request for token in chunk]
+                ids[row, :len(flat)] = torch.tensor(flat, dtype=torch.long)
+            ids = ids.to(mask.device)
+        return cls(states, mask, cross_kv, token_ids=ids)
 
     def key_values(self, attention: CrossAttention) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self.kv.get(attention.layer_idx)
@@ -86,9 +96,14 @@ class CrossContext:
             self.kv[attention.layer_idx] = key_values
         return key_values
 
+    def layer_states_for_pointer(self) -> torch.Tensor:
+        """(batch, tokens, encoder_hidden): the last encoder state, as the last cross-attention layer reads it."""
+        return self.states[:, -1] if self.states.dim() == 4 else self.states
+
     def select_rows(self, rows: torch.Tensor) -> CrossContext:
         """These requests only (a batch whose other rows have ended), their cached K/V kept."""
-        picked = CrossContext(self.states[rows], self.mask[rows], self.cross_kv)
+        picked = CrossContext(self.states[rows], self.mask[rows], self.cross_kv,
+                              token_ids=None if self.token_ids is None else self.token_ids[rows])
         picked.kv = {layer: (k[rows], v[rows]) for layer, (k, v) in self.kv.items()}
         return picked
 
@@ -101,9 +116,11 @@ class CrossContext:
             missing = tokens - tensor.shape[dim]
             return F.pad(tensor, (0, 0) * (-1 - dim) + (0, missing)) if missing else tensor
 
+        ids = (None if self.token_ids is None or other.token_ids is None else
+               torch.cat([widen(self.token_ids, -1), widen(other.token_ids, -1)]))
         joined = CrossContext(torch.cat([widen(self.states, -2), widen(other.states, -2)]),
                               torch.cat([widen(self.mask, -1), widen(other.mask, -1)]),
-                              self.cross_kv if self.cross_kv == other.cross_kv else "absorb")
+                              self.cross_kv if self.cross_kv == other.cross_kv else "absorb", token_ids=ids)
         if joined.cross_kv == "cache" and self.kv.keys() == other.kv.keys():
             joined.kv = {layer: tuple(torch.cat([widen(mine, -2), widen(theirs, -2)])
                                       for mine, theirs in zip(self.kv[layer], other.kv[layer])) for layer in self.kv}

@@ -19,6 +19,7 @@ from cepe_rag.cepe.cross_attention import (
     init_cross_attention,
 )
 from cepe_rag.cepe.encoder import encode_chunks, make_bidirectional
+from cepe_rag.cepe.pointer import CopyPointer
 from cepe_rag.cepe.states import ContextStates
 from cepe_rag.models import contiguous_head_input
 from cepe_rag.padding import pad_token_ids
@@ -51,8 +52,9 @@ class CepeForCausalLM(nn.Module):
 
     def __init__(self, decoder: nn.Module, encoder: nn.Module, *, num_cross_attn_layers: int | None = None,
                  init_mode: str = "zero", encoder_tokenizer=None, max_chunk_tokens: int = 256,
-                 chunking: dict | None = None, gate: bool | None = None):
-        """gate: give every cross-attention block a zero-initialised tanh gate (None: as the config says)."""
+                 chunking: dict | None = None, gate: bool | None = None, copy_pointer: bool | None = None):
+        """gate: give every cross-attention block a zero-initialised tanh gate (None: as the config says).
+        copy_pointer: add a copy pointer over the context tokens (cepe/pointer.py; None: as the config says)."""
         super().__init__()
         self.decoder = decoder
         self.encoder = encoder
@@ -97,6 +99,26 @@ class CepeForCausalLM(nn.Module):
             add_cross_attention(layer, cross.to(device=layer.input_layernorm.weight.device,
                                                 dtype=layer.input_layernorm.weight.dtype))
             init_cross_attention(layer, init_mode, getattr(config, "initializer_range", 0.02))
+        if copy_pointer if copy_pointer is not None else getattr(config, "copy_pointer", False):
+            self.add_pointer()
+
+    @property
+    def pointer(self) -> CopyPointer | None:
+        return getattr(self.cross_attention_layers()[-1].cross_attn, "pointer", None)
+
+    def add_pointer(self) -> None:
+        """A fresh copy pointer (near zero weight in the mixture), kept with the last cross-attention layer so that
+        adapters save and load it with the cross-attention tensors."""
+        if getattr(self.encoder.config, "vocab_size", None) != self.config.vocab_size:
+            raise CepeRagError("a copy pointer needs an encoder that shares the decoder's tokenizer "
+                               "(decoder-layers:N or decoder-mirror:N)")
+        self.config.copy_pointer = True
+        cross = self.cross_attention_layers()[-1].cross_attn
+        if getattr(cross, "pointer", None) is None:
+            weight = cross.o_proj.weight
+            cross.pointer = CopyPointer(self.config.hidden_size, self.config.encoder_hidden_size,
+                                        initializer_range=getattr(self.config, "initializer_range", 0.02)
+                                        ).to(device=weight.device, dtype=weight.dtype)
 
     @property
     def config(self):
@@ -123,8 +145,32 @@ class CepeForCausalLM(nn.Module):
         """The stock decoder's forward; `cross_context` (or None for the plain decoder) reaches every layer."""
         if cross_context is not None:
             kwargs["cross_context"] = cross_context
-        return self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            cache=cache, use_cache=use_cache, **kwargs)
+        pointer = self.pointer if cross_context is not None else None
+        if pointer is None:
+            return self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                cache=cache, use_cache=use_cache, **kwargs)
+        if cross_context.token_ids is None:
+            raise CepeRagError("this CEPE model copies from its context: build the context with its token ids")
+        final: list[torch.Tensor] = []
+        hook = self.decoder.base_model.norm.register_forward_hook(lambda module, args, output: final.append(output))
+        try:
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, use_cache=use_cache, **kwargs)
+        finally:
+            hook.remove()
+        kept = out.logits.shape[1]
+        hidden = final[0][:, -kept:]
+        embeds = self.decoder.get_input_embeddings()(input_ids[:, -kept:])
+        out.logits = self.copy_log_probs(out.logits, hidden, embeds, cross_context)
+        return out
+
+    def copy_log_probs(self, logits: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor,
+                       context: CrossContext) -> torch.Tensor:
+        """The decoder's logits (batch, length, vocab) mixed with the pointer's copies from `context`."""
+        attention = self.pointer.attention(hidden, embeds, context.layer_states_for_pointer(), context.mask)
+        length = logits.shape[1]
+        return self.pointer.mix(logits, hidden, attention, context.token_ids[:, None].expand(-1, length, -1),
+                                context.mask.any(-1)[:, None].expand(-1, length))
 
     # --- context ---------------------------------------------------------------------------------
 
@@ -187,12 +233,21 @@ class CepeForCausalLM(nn.Module):
     def context_from_texts(self, chunks_per_request: Sequence[Sequence[str]], *, cross_kv: str = "cache"):
         """All chunks of all requests through the encoder as one batch, then one CrossContext."""
         flat = [text for chunks in chunks_per_request for text in chunks]
-        states = self.encode_token_chunks(self.tokenize_chunks(flat)) if flat else []
-        return self.context_from_states(group_by_request(states, chunks_per_request), cross_kv=cross_kv)
+        token_ids = self.tokenize_chunks(flat) if flat else []
+        states = self.encode_token_chunks(token_ids) if flat else []
+        return self.context_from_states(group_by_request(states, chunks_per_request), cross_kv=cross_kv,
+                                        token_ids=group_by_request(token_ids, chunks_per_request))
 
-    def context_from_states(self, states_per_request: Sequence[Sequence[torch.Tensor]], *, cross_kv: str = "cache"):
+    def context_from_states(self, states_per_request: Sequence[Sequence[torch.Tensor]], *, cross_kv: str = "cache",
+                            token_ids: Sequence[Sequence[Sequence[int]]] | None = None):
+        """token_ids (laid out as the states): needed by a model with a copy pointer, ignored by one without."""
         dtype = self.cross_attention_layers()[0].cross_attn.k_proj.weight.dtype
-        return CrossContext.from_chunks(states_per_request, cross_kv=cross_kv, dtype=dtype, device=self.device)
+        if self.pointer is None:
+            token_ids = None
+        elif token_ids is None:
+            raise CepeRagError("this CEPE model copies from its context: pass the chunks' token ids")
+        return CrossContext.from_chunks(states_per_request, cross_kv=cross_kv, dtype=dtype, device=self.device,
+                                        token_ids=token_ids)
 
     # --- construction and checkpoints ------------------------------------------------------------
 

@@ -89,6 +89,9 @@ def train_command(
     gate: Annotated[bool, typer.Option(
         help="A zero-initialised tanh gate on every cross-attention block (Flamingo): the model starts as the plain "
              "decoder, also from an ungated --init, and can only learn to add to its prompt.")] = False,
+    copy_pointer: Annotated[bool, typer.Option(
+        help="A copy pointer over the context tokens (pointer-generator; encoders that share the decoder's tokenizer): "
+             "the answer may copy a passage's tokens; added to an --init model that lacks one.")] = False,
     prompt_passages: Annotated[int, typer.Option(
         help="find/swap/qa: the first N passages in the decoder's prompt, the rest through the encoder, as "
              "`--reader cepe --n-prompt-passages N` reads them (swap/find: the gold is first half the time).")] = 0,
@@ -114,7 +117,7 @@ def train_command(
                            max_decoder_tokens=max_decoder_tokens, questions=questions or [], min_passages=min_passages,
                            unanswerable=unanswerable, device=device or default_device(), prepare_only=prepare_only,
                            states_file=states_cache, lazy_states=lazy_states, gate=gate,
-                           prompt_passages=prompt_passages,
+                           prompt_passages=prompt_passages, copy_pointer=copy_pointer,
                            log=lambda line: console.print(line, highlight=False))
     if prepare_only:
         console.print(f"examples in {out}; train them with the same command without --prepare-only")

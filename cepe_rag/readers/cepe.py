@@ -73,6 +73,10 @@ class CepeReader(Reader):
               limits: list[int] | None = None) -> DecodeBatch:
         with torch.inference_mode():
             states = [self._chunk_states(p.plan) for p in prepared]
-            context = self.model.context_from_states(states, cross_kv=self.cross_kv_mode(states))
+            token_ids = None
+            if self.model.pointer is not None:  # a copy pointer reads the passages' tokens too
+                token_ids = [self.model.tokenize_chunks([passage.as_prompt_text() for passage in p.plan])
+                             for p in prepared]
+            context = self.model.context_from_states(states, cross_kv=self.cross_kv_mode(states), token_ids=token_ids)
         return DecodeBatch(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.model.device,
                            limits=limits, cross_context=context)

@@ -189,15 +189,18 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
                  index: Path | None, max_passages: int, max_articles: int, n_validation: int, device: str,
                  max_decoder_tokens: int = 256, questions: Sequence[str] = (), min_passages: int = 5,
                  unanswerable: str = "skip", prepare_only: bool = False, states_file: Path | None = None,
-                 lazy_states: bool = False, gate: bool = False, prompt_passages: int = 0, log=print) -> list[dict]:
+                 lazy_states: bool = False, gate: bool = False, prompt_passages: int = 0, copy_pointer: bool = False,
+                 log=print) -> list[dict]:
 
     if init:
         model = load_cepe(init, device=device)  # trained weights kept: no re-initialisation
         if gate and not getattr(model.config, "cross_attn_gate", False):
             model.add_gates()
+        if copy_pointer and model.pointer is None:
+            model.add_pointer()
     else:
         model = new_cepe_model(decoder, encoder, num_cross_attn_layers=num_cross_attn_layers, init_mode=init_mode,
-                               device=device, gate=gate)
+                               device=device, gate=gate, copy_pointer=copy_pointer)
     examples, validation = prepare_examples(config.stage, model, out, corpus=corpus, languages=languages,
                                             index=index, max_passages=max_passages, max_articles=max_articles,
                                             n_validation=n_validation, seed=config.seed,

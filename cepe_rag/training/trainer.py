@@ -123,6 +123,17 @@ def gold_attention_mass(attention: nn.Module, hidden_states: torch.Tensor, conte
     return mass.reshape(batch, -1, length)
 
 
+def pointer_log_probs(model: CepeForCausalLM, hidden: torch.Tensor, input_ids: torch.Tensor, context: CrossContext,
+                      predicting: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The copy mixture at the predicting positions only (rows, vocab), as the model's forward gives it."""
+    pointer = model.pointer
+    embeds = model.decoder.get_input_embeddings()(input_ids)
+    attention = pointer.attention(hidden[:, :-1], embeds[:, :-1], context.layer_states_for_pointer(), context.mask)
+    rows = predicting.nonzero()[:, 0]
+    return pointer.mix(logits, hidden[:, :-1][predicting], attention[predicting], context.token_ids[rows],
+                       context.mask.any(-1)[rows])
+
+
 class CepeTrainingModule(nn.Module):
     """The model plus its losses in one forward, so accelerate/DDP can wrap it."""
 
@@ -152,7 +163,8 @@ class CepeTrainingModule(nn.Module):
             with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
                 states = model.encode_token_chunks(model.tokenize_chunks(flat)) if flat else []
         per_request = group_by_request(states, batch.chunks)
-        context = model.context_from_states(per_request, cross_kv="project") if flat else None
+        token_ids = group_by_request(model.tokenize_chunks(flat), batch.chunks) if model.pointer is not None else None
+        context = model.context_from_states(per_request, cross_kv="project", token_ids=token_ids) if flat else None
         device = model.device
         labels = batch.labels.to(device)[:, 1:]
         predicting = labels != -100
@@ -174,6 +186,8 @@ class CepeTrainingModule(nn.Module):
         # The LM head only where a target token is predicted: fp32 logits for a few hundred rows, not all.
         logits = model.decoder.get_output_embeddings()(hidden[:, :-1][predicting])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if model.pointer is not None and context is not None:  # log p of the copy mixture: CE and KL read it as logits
+            logits = pointer_log_probs(model, hidden, batch.input_ids.to(device), context, predicting, logits)
         ce = F.cross_entropy(logits, labels[predicting])
         zero = torch.zeros((), device=device)
         kl = (zero if batch.teacher_ids is None else

@@ -1,0 +1,143 @@
+"""The copy pointer (cepe/pointer.py) on tiny random models over the default decoder's tokenizer, in float64."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from cepe_rag.cepe import CepeForCausalLM
+from cepe_rag.cepe.checkpoints import build_encoder_for
+from cepe_rag.cepe.model import group_by_request
+from cepe_rag.readers import GenerationConfig
+from cepe_rag.readers.generation import generate
+from cepe_rag.training import TrainConfig, TrainingExample, train
+from cepe_rag.training.trainer import CepeTrainingModule, collate, pointer_log_probs
+from cepe_rag.types import CepeRagError
+from tests.readers.conftest import tiny_chat_llama
+
+CHUNKS = [["the secret word is zebra", "noise river"], ["noise castle harbor falcon", "secret violet"]]
+
+
+def pointer_model(tokenizer, *, seed=0):
+    decoder = tiny_chat_llama(tokenizer, num_hidden_layers=3, initializer_range=0.3)
+    encoder, encoder_tokenizer = build_encoder_for("decoder-layers:1", decoder, tokenizer)
+    torch.manual_seed(seed)
+    model = CepeForCausalLM(decoder, encoder.eval(), num_cross_attn_layers=2, init_mode="copy", gate=True,
+                            encoder_tokenizer=encoder_tokenizer, copy_pointer=True)
+    model.decoder_tokenizer = tokenizer
+    return model.double().eval()
+
+
+def prompt_ids(tokenizer, texts=("Which word?", "Tell me the word, please")):
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    width = min(len(r) for r in rows)
+    return torch.tensor([r[:width] for r in rows])
+
+
+def test_a_pointer_needs_an_encoder_with_the_decoders_tokenizer(chat_tokenizer):
+    decoder = tiny_chat_llama(chat_tokenizer)
+    encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(CepeRagError, match="shares the decoder's tokenizer"):
+        CepeForCausalLM(decoder, encoder, num_cross_attn_layers=1, copy_pointer=True)
+
+
+def test_without_context_a_pointer_model_is_exactly_the_plain_decoder(chat_tokenizer):
+    model = pointer_model(chat_tokenizer)
+    plain = tiny_chat_llama(chat_tokenizer, num_hidden_layers=3, initializer_range=0.3).double().eval()
+    ids = prompt_ids(chat_tokenizer)
+    assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    with pytest.raises(CepeRagError, match="token ids"):
+        model.context_from_states([[torch.zeros(3, 32, dtype=torch.float64)]])
+
+
+def test_the_mixture_moves_between_the_decoder_and_the_context_tokens(chat_tokenizer):
+    model = pointer_model(chat_tokenizer)
+    ids = prompt_ids(chat_tokenizer)
+    context = model.context_from_texts(CHUNKS)
+    gate = model.pointer.gate
+    with torch.no_grad():
+        log_p = model(input_ids=ids, cross_context=context).logits
+        assert torch.allclose(log_p.exp().sum(-1), torch.ones(()).double(), atol=1e-12)  # a distribution
+        gate.bias.fill_(-60.0)  # g = 1e-26: the decoder alone (the cross-attention still reads)
+        decoder_only = model(input_ids=ids, cross_context=context).logits
+        gate.bias.fill_(60.0)  # g = 1: copies only
+        copies = model(input_ids=ids, cross_context=context).logits.exp()
+    assert not torch.allclose(log_p, decoder_only)  # the starting gate (1.8%) changes the distribution, a little
+    assert (log_p.exp() - decoder_only.exp()).abs().max() < 0.05
+    for row, chunks in enumerate(CHUNKS):
+        context_tokens = sorted({t for chunk in model.tokenize_chunks(chunks) for t in chunk})
+        on_context = copies[row][:, context_tokens].sum(-1)
+        assert torch.allclose(on_context, torch.ones(()).double(), atol=1e-12)
+
+
+def test_batched_requests_equal_single_ones(chat_tokenizer):
+    model = pointer_model(chat_tokenizer)
+    ids = prompt_ids(chat_tokenizer)
+    with torch.no_grad():
+        batched = model(input_ids=ids, cross_context=model.context_from_texts(CHUNKS)).logits
+        for row in range(2):
+            single = model(input_ids=ids[row:row + 1], cross_context=model.context_from_texts([CHUNKS[row]])).logits
+            assert torch.allclose(batched[row], single[0], atol=1e-10)
+
+
+def test_training_reads_the_same_mixture_as_inference(chat_tokenizer):
+    model = pointer_model(chat_tokenizer)
+    torch.nn.init.normal_(model.pointer.gate.weight, std=0.5)
+    ids = prompt_ids(chat_tokenizer)
+    flat = [c for cs in CHUNKS for c in cs]
+    tokens = model.tokenize_chunks(flat)
+    context = model.context_from_states(group_by_request(model.encode_token_chunks(tokens), CHUNKS),
+                                        cross_kv="project", token_ids=group_by_request(tokens, CHUNKS))
+    predicting = torch.zeros(ids.shape, dtype=torch.bool)
+    predicting[0, 1:3] = predicting[1, 2:] = True
+    with torch.no_grad():
+        expected = model(input_ids=ids, cross_context=context).logits[:, :-1][predicting[:, 1:]]
+        hidden = model.decoder.base_model(input_ids=ids, cross_context=context).last_hidden_state
+        logits = model.decoder.get_output_embeddings()(hidden[:, :-1][predicting[:, 1:]])
+        found = pointer_log_probs(model, hidden, ids, context, predicting[:, 1:], logits)
+    assert torch.allclose(found, expected, atol=1e-10)
+
+
+def test_greedy_decoding_with_an_open_pointer_writes_context_tokens_only(chat_tokenizer):
+    model = pointer_model(chat_tokenizer)
+    model.pointer.gate.bias.data.fill_(60.0)
+    ids = prompt_ids(chat_tokenizer)
+    context = model.context_from_texts(CHUNKS)
+    written = ids
+    with torch.no_grad():  # no cache: the plain forward, step by step
+        for _ in range(4):
+            written = torch.cat([written, model(input_ids=written, cross_context=context).logits[:, -1:].argmax(-1)], 1)
+    answers = ["", ""]  # the readers' decoding loop (KV cache, rows that end and leave the batch)
+    for deltas in generate(model, ids.tolist(), chat_tokenizer, GenerationConfig(max_new_tokens=4),
+                           device=model.device, cross_context=context):
+        answers = [answer + delta for answer, delta in zip(answers, deltas)]
+    for row, chunks in enumerate(CHUNKS):
+        allowed = {t for chunk in model.tokenize_chunks(chunks) for t in chunk}
+        new = written[row, ids.shape[1]:].tolist()
+        assert set(new) <= allowed
+        assert answers[row] == chat_tokenizer.decode(new[: new.index(chat_tokenizer.eos_token_id)]
+                                                     if chat_tokenizer.eos_token_id in new else new)
+
+
+def test_a_pointer_learns_to_copy_a_word_the_decoder_cannot_know(chat_tokenizer, tmp_path):
+    """Invented words, only in the gold chunk: trained alone (cross-attention gated shut), the pointer learns
+    to copy them."""
+    import random
+
+    rng = random.Random(0)
+    prompt = chat_tokenizer("The secret word is", add_special_tokens=False)["input_ids"]
+    examples = []
+    for _ in range(64):
+        word = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3))
+        chunks = [f"secret {word}", f"noise {''.join(rng.sample('abcdefgh', 6))}"]
+        rng.shuffle(chunks)
+        examples.append(TrainingExample(chunks, prompt, chat_tokenizer(" " + word, add_special_tokens=False)[
+            "input_ids"]))
+    model = pointer_model(chat_tokenizer).float()
+    module = CepeTrainingModule(model).eval()
+    with torch.no_grad():
+        before = module(collate(examples[:16], 0))[0].item()
+    config = TrainConfig(stage="swap", steps=80, batch_size=8, lr=1e-2, save_every=1000, eval_every=1000)
+    train(model, examples, config, tmp_path / "run", progress=False)
+    with torch.no_grad():
+        after = CepeTrainingModule(model).eval()(collate(examples[:16], 0))[0].item()
+    assert after < 0.5 * before, (before, after)
