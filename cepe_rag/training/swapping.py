@@ -4,6 +4,8 @@ After Longpre et al. (2021, "Entity-based knowledge conflicts"): an article's su
 question asked of it are replaced, consistently in every passage of the example, by invented names (or other
 years and numbers), so the decoder's memory cannot answer and the text is still real prose, not one template.
 The distractors are the passages a retriever finds for the original sentence, so near-topic passages stay in.
+Every passage of an example is disguised the same way (its subject and about half of its other names invented),
+so "the passage with invented names" and "the invented word" point at nothing: a reader must match the question.
 
 Kept apart from the own-documents benchmark (`cepe_rag.eval.owndocs`): its invented names are built from
 syllables without the letters c, j and w, and every name made here has one of them, so no name is shared;
@@ -27,6 +29,8 @@ MARKED = set("cjw")  # the letters the own-documents names never contain
 _YEAR = re.compile(r"1\d{3}|20\d{2}")
 _NUMBER = re.compile(r"[\d,.]+")
 _WORD = re.compile(r"[A-Z][\w'’\-.]*")
+_NAME = re.compile(r"(?<=[a-z,;] )[A-Z][\w'’\-]*")  # capitalised inside a sentence: a name, mostly
+NAME_SHARE = 0.5  # of a passage's other names, the share that is invented too
 SKIP_WORDS = {"The", "A", "An", "Of", "And", "De", "Von", "Van", "In", "On", "At", "For", "To"}
 
 
@@ -75,6 +79,21 @@ def swap_mapping(title: str, span: str, names: SwapNames, rng: random.Random) ->
     return mapping
 
 
+def disguise_mapping(text: str, names: SwapNames, rng: random.Random, keep: dict[str, str],
+                     share: float = NAME_SHARE) -> dict[str, str]:
+    """Invented names for about `share` of the names inside the sentences of `text` that `keep` does not map."""
+    found = {w for w in _NAME.findall(text) if w not in SKIP_WORDS and len(w) >= 3}
+    return {word: names.word() for word in sorted(found) if word not in keep and rng.random() < share}
+
+
+def disguise(passage: Passage, mapping: dict[str, str], names: SwapNames, rng: random.Random) -> Passage:
+    """A distractor written as the gold is: the example's mapping, plus invented names for its own subject and
+    about half of its other names."""
+    own = {word: names.word() for word in subject_words(passage.title) if word not in mapping}
+    own = {**disguise_mapping(passage.text, names, rng, {**mapping, **own}), **own, **mapping}
+    return Passage(passage.id, apply_mapping(passage.text, own), title=apply_mapping(passage.title, own))
+
+
 def apply_mapping(text: str, mapping: dict[str, str]) -> str:
     if not mapping:
         return text
@@ -90,6 +109,7 @@ def swapped_question(article: Article, names: SwapNames, rng: random.Random) -> 
     rng.shuffle(candidates)
     for blanked, span in candidates:
         mapping = swap_mapping(article.title, span, names, rng)
+        mapping = {**disguise_mapping(article.text, names, rng, mapping), **mapping}
         answer = apply_mapping(span, mapping)
         if answer == span:
             continue
@@ -103,10 +123,6 @@ def swapped_question(article: Article, names: SwapNames, rng: random.Random) -> 
         query = blanked.replace(BLANK, span)  # the original sentence: what the distractors are retrieved for
         return TrainingQuestion(question, [answer], gold=gold), {"mapping": mapping, "query": query}
     return None
-
-
-def swap_passages(passages: Sequence[Passage], mapping: dict[str, str]) -> list[Passage]:
-    return [Passage(p.id, apply_mapping(p.text, mapping), title=apply_mapping(p.title, mapping)) for p in passages]
 
 
 def curriculum_counts(n: int, min_passages: int, max_passages: int, rng: random.Random,
@@ -151,7 +167,8 @@ def build_swapped_examples(stage: str, articles: Sequence[Article], builder, ret
     counts = curriculum_counts(len(items), min_passages, max_passages, rng, curriculum)
     examples = []
     for (article, mapping, query, question), hits, n in zip(items, found, counts):
-        distractors = swap_passages([p for p in hits if p.title != article.title][: n - 1], mapping)
+        others = [p for p in hits if p.title != article.title][: n - 1]
+        distractors = [disguise(p, mapping, names, rng) for p in others]
         gold = Passage(0, apply_mapping(article.text, mapping), title=apply_mapping(article.title, mapping))
         passages = list(distractors)
         # With N passages in the prompt, the gold is the first (in the prompt) half the time, else anywhere after the

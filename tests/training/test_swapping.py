@@ -10,10 +10,25 @@ from cepe_rag.training.swapping import (
     apply_mapping,
     build_swapped_examples,
     curriculum_counts,
+    disguise,
     swapped_question,
 )
 from cepe_rag.types import Passage
 from tests.training.test_examples import ARTICLES
+
+ORIGINAL = set(" ".join(f"{a.title} {a.text}" for a in ARTICLES).split())
+
+
+def test_a_disguise_invents_the_subject_and_about_half_the_other_names():
+    rng = random.Random(0)
+    names = SwapNames(rng, forbidden=set())
+    text = " ".join(["It met Aldo and Bruna in Cairo, Delft, Essen, Fargo, Genoa, Hanoi, Izmir and Kyoto."] * 3)
+    passage = disguise(Passage(1, text, title="Tresk Viaduct"), {"Cairo": "Chawo"}, names, rng)
+    assert "Tresk" not in passage.title and "Viaduct" not in passage.title and "Chawo" in passage.text
+    others = ["Aldo", "Bruna", "Delft", "Essen", "Fargo", "Genoa", "Hanoi", "Izmir", "Kyoto"]
+    kept = [name for name in others if name in passage.text]
+    assert 2 <= len(kept) <= 7  # about half, each everywhere it occurs or nowhere
+    assert all(passage.text.count(name) == 3 for name in kept) and passage.text.startswith("It met")
 
 
 def test_swap_names_never_meet_the_benchmark_names():
@@ -76,6 +91,10 @@ def test_swapped_examples_hold_the_swapped_gold_among_swapped_distractors(chat_t
             assert sum(target in chunk for chunk in example.chunks) >= 1
             assert target in example.chunks[example.gold_chunk]  # what the gold-attention loss points at
             assert example.prompt_ids == reader.chat_ids(example.question)
+            # Every passage is disguised as the gold is: invented names (c, j or w) in each, no original title left.
+            for chunk in example.chunks:
+                assert any(set(word.lower()) & set("cjw") and word not in ORIGINAL for word in chunk.split())
+                assert not any(a.title in chunk for a in ARTICLES)
     assert all(query in " ".join(a.text for a in ARTICLES) for query in queries)  # retrieved for the real text
 
 
