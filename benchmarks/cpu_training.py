@@ -100,7 +100,8 @@ def stage_plan(args) -> list[tuple[str, str | None]]:
 
 def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Path:
     variant = (("_gate" if args.gate else "") + (f"_p{args.prompt_passages}" if args.prompt_passages else "")
-               + (f"_attn{args.attn_cof:g}" if args.attn_cof else "") + ("_ptr" if args.copy_pointer else ""))
+               + (f"_attn{args.attn_cof:g}" if args.attn_cof else "") + ("_ptr" if args.copy_pointer else "")
+               + (f"_copy{args.copy_cof:g}" if args.copy_cof else ""))
     out = Path(args.runs) / f"{stage}{variant}_s{seed}"
     command = CLI + ["train", "--stage", stage, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
                      "--lr", str(args.lr), "--warmup-ratio", f"{args.warmup_steps / steps:.6g}",
@@ -125,6 +126,8 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
         command += ["--attn-cof", str(args.attn_cof)]
     if args.copy_pointer:
         command += ["--copy-pointer"]
+    if args.copy_cof:
+        command += ["--copy-cof", str(args.copy_cof)]
     subprocess.run(command, env=one_thread(), check=True)
     shutil.copy(out / "log.jsonl", RESULTS / f"log_{out.name}.jsonl")
     plot_curves()
@@ -182,6 +185,8 @@ def main() -> None:
                         help="weight of the gold-attention loss (-log cross-attention mass on the gold passage)")
     parser.add_argument("--copy-pointer", action="store_true",
                         help="a copy pointer over the context tokens (pointer-generator), added to the init adapter")
+    parser.add_argument("--copy-cof", type=float, default=0.0,
+                        help="weight of the copy loss (the pointer's mass on the answer's tokens in the gold passage)")
     parser.add_argument("--lineage", default="", help="keep this line's best adapter and scores in "
                                                       "benchmarks/results/cpu_training/<lineage>/ (it starts from the "
                                                       "main line's adapter)")

@@ -52,6 +52,9 @@ def train_command(
     attn_cof: Annotated[float, typer.Option(
         help="find/swap/qa: weight of the gold-attention loss, -log of the cross-attention mass on the passage that "
              "holds the answer (when it is encoded).")] = 0.0,
+    copy_cof: Annotated[float, typer.Option(
+        help="With --copy-pointer: weight of the copy loss, -log of the pointer's mass on the target token in the "
+             "passage that holds the answer.")] = 0.0,
     corpus: Annotated[str, typer.Option(help="wiki-summaries (packaged), a local file/folder, or a hub dataset.")] = (
         "wiki-summaries"),
     languages: Annotated[str, typer.Option(help="wiki-summaries languages: en, fr, es.")] = "en",
@@ -105,7 +108,7 @@ def train_command(
     check_choice(schedule, ("cosine", "constant"), "schedule")
     config = TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=warmup_ratio,
                          lm_cof=lm_cof, kl_cof=(2.0 if stage == "ceped" else 0.0) if kl_cof is None else kl_cof,
-                         attn_cof=attn_cof,
+                         attn_cof=attn_cof, copy_cof=copy_cof,
                          train_encoder=train_encoder, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
                          save_every=save_every, eval_every=eval_every, seed=seed, max_minutes=max_minutes,
                          curriculum=stage in ("find", "swap"), schedule=schedule)

@@ -2,6 +2,7 @@
 
     loss = lm_cof * CE(target tokens) + kl_cof * KL(teacher || student)   (KL only for the ceped stage)
            + attn_cof * -log(cross-attention mass on the gold chunk)  (examples that know their gold chunk)
+           + copy_cof * -log(copy pointer mass on the target token's occurrences in the gold chunk)
 
 Losses are computed in fp32 on the target positions only (padding and prompt never count), each logged
 separately. The decoder is frozen; cross-attention layers are trained; the encoder only with
@@ -45,6 +46,7 @@ class TrainConfig:
     lm_cof: float = 1.0
     kl_cof: float = 0.0
     attn_cof: float = 0.0  # gold-attention loss: make the cross-attention pick the passage that holds the answer
+    copy_cof: float = 0.0  # copy loss: make the copy pointer point at the answer's tokens in that passage
     train_encoder: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -125,13 +127,26 @@ def gold_attention_mass(attention: nn.Module, hidden_states: torch.Tensor, conte
 
 def pointer_log_probs(model: CepeForCausalLM, hidden: torch.Tensor, input_ids: torch.Tensor, context: CrossContext,
                       predicting: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """The copy mixture at the predicting positions only (rows, vocab), as the model's forward gives it."""
+    """The copy mixture at the predicting positions only (rows, vocab), as the model's forward gives it, and the
+    pointer's attention there (rows, context tokens)."""
     pointer = model.pointer
     embeds = model.decoder.get_input_embeddings()(input_ids)
     attention = pointer.attention(hidden[:, :-1], embeds[:, :-1], context.layer_states_for_pointer(), context.mask)
     rows = predicting.nonzero()[:, 0]
     return pointer.mix(logits, hidden[:, :-1][predicting], attention[predicting], context.token_ids[rows],
-                       context.mask.any(-1)[rows])
+                       context.mask.any(-1)[rows]), attention[predicting]
+
+
+def copy_loss(attention: torch.Tensor, token_ids: torch.Tensor, targets: torch.Tensor,
+              allowed: torch.Tensor) -> torch.Tensor:
+    """-log of the pointer's mass on the context tokens equal to each target token among `allowed` (the gold
+    chunk's tokens), averaged over the target tokens that occur there; 0 if none does."""
+    hits = (token_ids == targets[:, None]) & allowed
+    found = hits.any(-1)
+    if not bool(found.any()):
+        return attention.new_zeros(())
+    mass = (attention * hits).sum(-1)[found]
+    return -mass.clamp_min(1e-6).log().mean()
 
 
 class CepeTrainingModule(nn.Module):
@@ -152,8 +167,8 @@ class CepeTrainingModule(nn.Module):
             self.model.encoder.eval()  # no dropout in a frozen encoder
         return self
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(CE, KL, gold-attention loss); a loss that does not apply to the batch is 0."""
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(CE, KL, gold-attention loss, copy loss); a loss that does not apply to the batch is 0."""
         model = self.model
         flat = [text for chunks in batch.chunks for text in chunks]
         if self.state_cache is not None:
@@ -186,21 +201,25 @@ class CepeTrainingModule(nn.Module):
         # The LM head only where a target token is predicted: fp32 logits for a few hundred rows, not all.
         logits = model.decoder.get_output_embeddings()(hidden[:, :-1][predicting])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if model.pointer is not None and context is not None:  # log p of the copy mixture: CE and KL read it as logits
-            logits = pointer_log_probs(model, hidden, batch.input_ids.to(device), context, predicting, logits)
-        ce = F.cross_entropy(logits, labels[predicting])
         zero = torch.zeros((), device=device)
+        copy = zero
+        if model.pointer is not None and context is not None:  # log p of the copy mixture: CE and KL read it as logits
+            logits, pointed = pointer_log_probs(model, hidden, batch.input_ids.to(device), context, predicting, logits)
+            gold = gold_token_mask(per_request, batch.gold_chunks, context.mask.shape[1]).to(device)
+            rows = predicting.nonzero()[:, 0]
+            copy = copy_loss(pointed, context.token_ids[rows], labels[predicting], gold[rows])
+        ce = F.cross_entropy(logits, labels[predicting])
         kl = (zero if batch.teacher_ids is None else
               distillation_kl(logits, batch.teacher_ids.to(device), batch.teacher_probs.to(device)))
         rows = torch.tensor([g is not None for g in batch.gold_chunks], device=device)
         where = predicting & rows[:, None]
         if not masses or not bool(where.any()):
-            return ce, kl, zero
+            return ce, kl, zero, copy
         # At the positions that predict an answer token of a row whose gold chunk is encoded; mean over heads,
         # positions and layers.
         mass = torch.stack(masses)[..., :-1]  # (layers, batch, heads, length - 1)
         nll = -mass.clamp_min(1e-6).log().mean(2)  # (layers, batch, length - 1)
-        return ce, kl, nll[:, where].mean()
+        return ce, kl, nll[:, where].mean(), copy
 
 
 def trainable_parameters(model: CepeForCausalLM, train_encoder: bool) -> dict[str, nn.Parameter]:
@@ -256,8 +275,8 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
     started, tokens_seen = time.perf_counter(), 0
     while step < config.steps:
         batch = collate([examples[i] for i in order(step)], pad_id)
-        ce, kl, attn = module(batch)
-        loss = config.lm_cof * ce + config.kl_cof * kl + config.attn_cof * attn
+        ce, kl, attn, copy = module(batch)
+        loss = config.lm_cof * ce + config.kl_cof * kl + config.attn_cof * attn + config.copy_cof * copy
         if loss.requires_grad:
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
@@ -272,6 +291,7 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
         rate = tokens_seen / elapsed
         last = step == config.steps or bool(config.max_minutes and elapsed > 60 * config.max_minutes)
         record = {"step": step, "loss": loss.item(), "ce": ce.item(), "kl": kl.item(), "attn": attn.item(),
+                  "copy": copy.item(),
                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": round(rate, 1),
                   "elapsed_s": round(elapsed, 2)}
         if validation and (step % config.eval_every == 0 or last):
@@ -299,14 +319,15 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
 def evaluate(module: nn.Module, examples: Sequence[TrainingExample], config: TrainConfig, pad_id: int) -> dict:
     """Mean validation losses (per batch), with the model in eval mode."""
     module.eval()
-    sums = [0.0, 0.0, 0.0]
+    sums = [0.0, 0.0, 0.0, 0.0]
     batches = 0
     for start in range(0, len(examples), config.batch_size):
         losses = module(collate(examples[start:start + config.batch_size], pad_id))
         sums = [total + loss.item() for total, loss in zip(sums, losses)]
         batches += 1
     module.train()
-    return {"val_ce": sums[0] / batches, "val_kl": sums[1] / batches, "val_attn": sums[2] / batches}
+    return {"val_ce": sums[0] / batches, "val_kl": sums[1] / batches, "val_attn": sums[2] / batches,
+            "val_copy": sums[3] / batches}
 
 
 def _order(n: int, config: TrainConfig, world: int, rank: int) -> Callable[[int], list[int]]:

@@ -10,7 +10,7 @@ from cepe_rag.cepe.model import group_by_request
 from cepe_rag.readers import GenerationConfig
 from cepe_rag.readers.generation import generate
 from cepe_rag.training import TrainConfig, TrainingExample, train
-from cepe_rag.training.trainer import CepeTrainingModule, collate, pointer_log_probs
+from cepe_rag.training.trainer import CepeTrainingModule, collate, copy_loss, pointer_log_probs
 from cepe_rag.types import CepeRagError
 from tests.readers.conftest import tiny_chat_llama
 
@@ -93,7 +93,7 @@ def test_training_reads_the_same_mixture_as_inference(chat_tokenizer):
         expected = model(input_ids=ids, cross_context=context).logits[:, :-1][predicting[:, 1:]]
         hidden = model.decoder.base_model(input_ids=ids, cross_context=context).last_hidden_state
         logits = model.decoder.get_output_embeddings()(hidden[:, :-1][predicting[:, 1:]])
-        found = pointer_log_probs(model, hidden, ids, context, predicting[:, 1:], logits)
+        found, _ = pointer_log_probs(model, hidden, ids, context, predicting[:, 1:], logits)
     assert torch.allclose(found, expected, atol=1e-10)
 
 
@@ -141,3 +141,33 @@ def test_a_pointer_learns_to_copy_a_word_the_decoder_cannot_know(chat_tokenizer,
     with torch.no_grad():
         after = CepeTrainingModule(model).eval()(collate(examples[:16], 0))[0].item()
     assert after < 0.5 * before, (before, after)
+
+
+def test_the_copy_loss_is_the_pointers_mass_on_the_target_in_the_gold_chunk(chat_tokenizer):
+    attention = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]])
+    token_ids = torch.tensor([[7, 8, 7, 9], [7, 8, 7, 9], [7, 8, 7, 9]])
+    gold = torch.tensor([[True, True, True, False]] * 3)
+    targets = torch.tensor([7, 9, 8])  # 7 twice in the gold; 9 only outside it (that row does not count)
+    expected = -(torch.log(torch.tensor(0.4)) + torch.log(torch.tensor(0.5))) / 2
+    assert torch.allclose(copy_loss(attention, token_ids, targets, gold), expected)
+    assert copy_loss(attention, token_ids, torch.tensor([9, 9, 9]), gold).item() == 0
+
+
+def test_the_copy_loss_trains_the_pointer_to_the_answer_in_the_gold(chat_tokenizer, tmp_path):
+    import random
+
+    rng = random.Random(1)
+    prompt = chat_tokenizer("The secret word is", add_special_tokens=False)["input_ids"]
+    examples = []
+    for _ in range(64):
+        word, other = ("".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3)) for _ in "ab")
+        chunks = [f"secret {word}", f"noise {other}"]
+        rng.shuffle(chunks)
+        target = chat_tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        examples.append(TrainingExample(chunks, prompt, target, gold_chunk=chunks.index(f"secret {word}")))
+    model = pointer_model(chat_tokenizer).float()
+    config = TrainConfig(stage="swap", steps=60, batch_size=8, lr=1e-2, lm_cof=0.0, copy_cof=1.0, save_every=1000,
+                         eval_every=1000)
+    records = train(model, examples, config, tmp_path / "run", progress=False)
+    first, last = records[0]["copy"], sum(r["copy"] for r in records[-10:]) / 10
+    assert first > 1.0 and last < 0.5 * first, (first, last)
