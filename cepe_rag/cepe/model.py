@@ -111,7 +111,7 @@ class CepeForCausalLM(nn.Module):
         adapters save and load it with the cross-attention tensors."""
         if getattr(self.encoder.config, "vocab_size", None) != self.config.vocab_size:
             raise CepeRagError("a copy pointer needs an encoder that shares the decoder's tokenizer "
-                               "(decoder-layers:N or decoder-mirror:N)")
+                               "(decoder-layers:N)")
         self.config.copy_pointer = True
         cross = self.cross_attention_layers()[-1].cross_attn
         if getattr(cross, "pointer", None) is None:

@@ -1,5 +1,5 @@
 """A copy pointer over the context tokens (pointer-generator, See et al., 2017), for encoders that share the
-decoder's tokenizer (`decoder-layers:N`, `decoder-mirror:N`).
+decoder's tokenizer (`--encoder decoder-layers:N`).
 
 A name the decoder has never seen ("Lucia Zathfaexov") is hard to produce from its vocabulary distribution, even
 when the cross-attention has found it; the pointer lets it copy the name's tokens from the context:

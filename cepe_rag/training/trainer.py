@@ -126,7 +126,7 @@ def gold_attention_mass(attention: nn.Module, hidden_states: torch.Tensor, conte
 
 
 def pointer_log_probs(model: CepeForCausalLM, hidden: torch.Tensor, input_ids: torch.Tensor, context: CrossContext,
-                      predicting: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+                      predicting: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The copy mixture at the predicting positions only (rows, vocab), as the model's forward gives it, and the
     pointer's attention there (rows, context tokens)."""
     pointer = model.pointer
@@ -184,8 +184,10 @@ class CepeTrainingModule(nn.Module):
         labels = batch.labels.to(device)[:, 1:]
         predicting = labels != -100
         masses, hooks = [], []
+        # The gold chunk's context tokens: what the gold-attention and copy losses point at.
+        gold = (None if context is None else
+                gold_token_mask(per_request, batch.gold_chunks, context.mask.shape[1]).to(device))
         if self.gold_attention and context is not None and any(g is not None for g in batch.gold_chunks):
-            gold = gold_token_mask(per_request, batch.gold_chunks, context.mask.shape[1]).to(device)
 
             def record_mass(attention, args, output):
                 masses.append(gold_attention_mass(attention, args[0], args[1], gold))
@@ -205,7 +207,6 @@ class CepeTrainingModule(nn.Module):
         copy = zero
         if model.pointer is not None and context is not None:  # log p of the copy mixture: CE and KL read it as logits
             logits, pointed = pointer_log_probs(model, hidden, batch.input_ids.to(device), context, predicting, logits)
-            gold = gold_token_mask(per_request, batch.gold_chunks, context.mask.shape[1]).to(device)
             rows = predicting.nonzero()[:, 0]
             copy = copy_loss(pointed, context.token_ids[rows], labels[predicting], gold[rows])
         ce = F.cross_entropy(logits, labels[predicting])
