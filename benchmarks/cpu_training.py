@@ -101,7 +101,7 @@ def stage_plan(args) -> list[tuple[str, str | None]]:
 def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Path:
     variant = (("_gate" if args.gate else "") + (f"_p{args.prompt_passages}" if args.prompt_passages else "")
                + (f"_attn{args.attn_cof:g}" if args.attn_cof else "") + ("_ptr" if args.copy_pointer else "")
-               + (f"_copy{args.copy_cof:g}" if args.copy_cof else ""))
+               + (f"_copy{args.copy_cof:g}" if args.copy_cof else "") + (f"_kl{args.kl_cof:g}" if args.kl_cof else ""))
     out = Path(args.runs) / f"{stage}{variant}_s{seed}"
     command = CLI + ["train", "--stage", stage, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
                      "--lr", str(args.lr), "--warmup-ratio", f"{args.warmup_steps / steps:.6g}",
@@ -128,6 +128,8 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
         command += ["--copy-pointer"]
     if args.copy_cof:
         command += ["--copy-cof", str(args.copy_cof)]
+    if args.kl_cof:
+        command += ["--kl-cof", str(args.kl_cof)]
     subprocess.run(command, env=one_thread(), check=True)
     shutil.copy(out / "log.jsonl", RESULTS / f"log_{out.name}.jsonl")
     plot_curves()
@@ -187,6 +189,8 @@ def main() -> None:
                         help="a copy pointer over the context tokens (pointer-generator), added to the init adapter")
     parser.add_argument("--copy-cof", type=float, default=0.0,
                         help="weight of the copy loss (the pointer's mass on the answer's tokens in the gold passage)")
+    parser.add_argument("--kl-cof", type=float, default=0.0,
+                        help="weight of distillation from the frozen decoder reading the gold passage alone")
     parser.add_argument("--lineage", default="", help="keep this line's best adapter and scores in "
                                                       "benchmarks/results/cpu_training/<lineage>/ (it starts from the "
                                                       "main line's adapter)")

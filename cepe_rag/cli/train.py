@@ -48,7 +48,9 @@ def train_command(
     cross_attn_layers: Annotated[int, typer.Option(help="Cross-attention in the last N decoder layers.")] = 8,
     train_encoder: Annotated[bool, typer.Option(help="Train the encoder too.")] = False,
     lm_cof: Annotated[float, typer.Option(help="Weight of the cross-entropy loss.")] = 1.0,
-    kl_cof: Annotated[float | None, typer.Option(help="Weight of the KL loss (default: 2 for ceped, else 0).")] = None,
+    kl_cof: Annotated[float | None, typer.Option(
+        help="Weight of the KL loss (default: 2 for ceped, else 0). ceped distils from its stored teacher; find, swap "
+             "and qa from the frozen decoder reading the gold passage alone in its prompt.")] = None,
     attn_cof: Annotated[float, typer.Option(
         help="find/swap/qa: weight of the gold-attention loss, -log of the cross-attention mass on the passage that "
              "holds the answer (when it is encoded).")] = 0.0,

@@ -222,13 +222,17 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
         else:  # started from a released checkpoint: save in its layout
             trained.save_pretrained(folder)
 
+    # Without stored teacher distributions (ceped's), a KL weight distils from the decoder reading the gold chunk alone.
+    teacher_prompt = CepeReader(model, model.decoder_tokenizer).chat_ids if config.kl_cof > 0 else None
     if config.train_encoder:
-        return train(model, examples, config, out, validation=validation, save_model=save)
+        return train(model, examples, config, out, validation=validation, save_model=save,
+                     teacher_prompt=teacher_prompt)
     states_path = states_file or out / "encoder_states.safetensors"
     cache = encoder_states(model, [*examples, *validation], states_path, bf16=config.bf16, lazy=lazy_states, log=log)
     known = len(cache)
     try:
-        return train(model, examples, config, out, validation=validation, save_model=save, state_cache=cache)
+        return train(model, examples, config, out, validation=validation, save_model=save, state_cache=cache,
+                     teacher_prompt=teacher_prompt)
     finally:
         if len(cache) > known:  # what this run encoded, kept for the next one (also when it is interrupted)
             save_encoder_states(cache, states_path)

@@ -1,6 +1,8 @@
 """Train CEPE cross-attention on a frozen decoder: one loop for every stage, resumable, multi-GPU via accelerate.
 
-    loss = lm_cof * CE(target tokens) + kl_cof * KL(teacher || student)   (KL only for the ceped stage)
+    loss = lm_cof * CE(target tokens) + kl_cof * KL(teacher || student)
+           (teacher: ceped's stored top-k; else, with kl_cof > 0, the frozen decoder reading the gold chunk alone
+            in its prompt, computed each step for the examples that know their gold chunk)
            + attn_cof * -log(cross-attention mass on the gold chunk)  (examples that know their gold chunk)
            + copy_cof * -log(copy pointer mass on the target token's occurrences in the gold chunk)
 
@@ -67,6 +69,8 @@ class Batch:
     teacher_ids: torch.Tensor | None  # (target tokens, top-k), in the row-major order of the labels
     teacher_probs: torch.Tensor | None
     gold_chunks: list[int | None]
+    questions: list[str]  # the user turns without passages: the gold-passage teacher's prompt adds the gold chunk
+    targets: list[list[int]]
 
     @property
     def n_tokens(self) -> int:
@@ -83,7 +87,7 @@ def collate(examples: Sequence[TrainingExample], pad_id: int) -> Batch:
         teacher_ids = torch.tensor([t for e in examples for t in e.teacher_ids], dtype=torch.long)
         teacher_probs = torch.tensor([p for e in examples for p in e.teacher_probs], dtype=torch.float32)
     return Batch([e.chunks for e in examples], ids, mask, labels, teacher_ids, teacher_probs,
-                 [e.gold_chunk for e in examples])
+                 [e.gold_chunk for e in examples], [e.question for e in examples], [e.target_ids for e in examples])
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
@@ -96,6 +100,37 @@ def distillation_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     teacher = torch.cat([teacher_probs, teacher_rest[:, None]], dim=-1)
     student = torch.cat([student_top, student_rest[:, None]], dim=-1)
     return (teacher * (teacher.clamp(min=1e-12).log() - student)).sum(-1).mean()
+
+
+def full_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the whole vocabulary, mean over rows; fp32."""
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    return (teacher_log_probs.exp() * (teacher_log_probs - student)).sum(-1).mean()
+
+
+@torch.no_grad()
+def gold_passage_teacher(model: CepeForCausalLM, prompt_ids: Callable[[str], list[int]], batch: Batch
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen decoder reading each example's gold chunk alone in its prompt (what `concat` at k=1 reads),
+    teacher-forced on the target: (log probs (teacher rows, vocab) in fp32, which of the batch's target rows have
+    one, in the row-major order of the labels)."""
+    from cepe_rag.readers.base import passage_block
+
+    has_teacher, sequences, spans = [], [], []
+    for chunks, gold, question, target in zip(batch.chunks, batch.gold_chunks, batch.questions, batch.targets):
+        usable = gold is not None and bool(question)
+        has_teacher += [usable] * len(target)
+        if usable:
+            prompt = prompt_ids(passage_block(chunks[gold]) + question)
+            sequences.append(prompt + target)
+            spans.append((len(prompt) - 1, len(prompt) - 1 + len(target)))
+    rows = torch.tensor(has_teacher, dtype=torch.bool, device=model.device)
+    if not sequences:
+        return torch.zeros((0, 1), device=model.device), rows
+    ids, mask = pad_token_ids(sequences, pad_id_of(model.decoder_tokenizer), side="right")
+    logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits  # no context
+    picked = torch.cat([logits[row, start:end] for row, (start, end) in enumerate(spans)])
+    return torch.log_softmax(picked.float(), dim=-1), rows
 
 
 def gold_token_mask(states_per_request: Sequence[Sequence[torch.Tensor]], gold_chunks: Sequence[int | None],
@@ -153,9 +188,11 @@ class CepeTrainingModule(nn.Module):
     """The model plus its losses in one forward, so accelerate/DDP can wrap it."""
 
     def __init__(self, model: CepeForCausalLM, *, train_encoder: bool = False,
-                 state_cache: ChunkStateCache | None = None, gold_attention: bool = False):
+                 state_cache: ChunkStateCache | None = None, gold_attention: bool = False,
+                 teacher_prompt: Callable[[str], list[int]] | None = None):
         super().__init__()
         self.model = model
+        self.teacher_prompt = teacher_prompt  # given: distil from the decoder reading the gold chunk in its prompt
         self.train_encoder = train_encoder
         self.gold_attention = gold_attention  # compute the gold-attention loss (costs one more K projection a layer)
         # A frozen encoder gives every passage the same states in every example it appears in.
@@ -210,8 +247,13 @@ class CepeTrainingModule(nn.Module):
             rows = predicting.nonzero()[:, 0]
             copy = copy_loss(pointed, context.token_ids[rows], labels[predicting], gold[rows])
         ce = F.cross_entropy(logits, labels[predicting])
-        kl = (zero if batch.teacher_ids is None else
-              distillation_kl(logits, batch.teacher_ids.to(device), batch.teacher_probs.to(device)))
+        kl = zero
+        if batch.teacher_ids is not None:
+            kl = distillation_kl(logits, batch.teacher_ids.to(device), batch.teacher_probs.to(device))
+        elif self.teacher_prompt is not None:
+            teacher, rows_with_teacher = gold_passage_teacher(model, self.teacher_prompt, batch)
+            if bool(rows_with_teacher.any()):
+                kl = full_kl(logits[rows_with_teacher], teacher)
         rows = torch.tensor([g is not None for g in batch.gold_chunks], device=device)
         where = predicting & rows[:, None]
         if not masses or not bool(where.any()):
@@ -239,7 +281,8 @@ def trainable_parameters(model: CepeForCausalLM, train_encoder: bool) -> dict[st
 def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: TrainConfig, out_dir: str | Path, *,
           validation: Sequence[TrainingExample] = (), save_model: Callable[[CepeForCausalLM, Path], None] | None = None,
           state_cache: ChunkStateCache | None = None, progress: bool = True,
-          on_step: Callable[[dict], None] | None = None) -> list[dict]:
+          on_step: Callable[[dict], None] | None = None,
+          teacher_prompt: Callable[[str], list[int]] | None = None) -> list[dict]:
     """Run (or resume) `config.steps` optimiser steps; returns the log records. Writes to `out_dir`:
     train_config.json, log.jsonl, checkpoint/ (trainable weights, optimiser, step) and, at the end,
     `save_model(model, out_dir / "model")`. An interrupted run resumes from its last checkpoint."""
@@ -265,7 +308,8 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
     step = _load_checkpoint(out / CHECKPOINT_DIR, params, optimizer, scheduler)
     module, optimizer, scheduler = accelerator.prepare(
         CepeTrainingModule(model, train_encoder=config.train_encoder, state_cache=state_cache,
-                           gold_attention=config.attn_cof > 0).train(),
+                           gold_attention=config.attn_cof > 0,
+                           teacher_prompt=teacher_prompt if config.kl_cof > 0 else None).train(),
         optimizer, scheduler)
     pad_id = pad_id_of(model.decoder_tokenizer)
     order = _order(len(examples), config, accelerator.num_processes, accelerator.process_index)

@@ -330,3 +330,42 @@ def test_the_gold_attention_loss_is_zero_with_one_chunk_and_teaches_picking(chat
     records = train(model, examples, config, tmp_path / "run", progress=False)
     first, last = records[0]["attn"], sum(r["attn"] for r in records[-10:]) / 10
     assert first > 0.3 and last < 0.5 * first, (first, last)  # 0.67 -> 0.25 here
+
+
+def test_the_gold_passage_teacher_is_the_decoder_reading_that_passage_in_its_prompt(chat_tokenizer, minilm_tokenizer,
+                                                                                     tmp_path):
+    """A student that already sees the gold passage in its prompt (cross-attention at zero: the plain decoder) is
+    its own teacher: KL 0, which only holds if the teacher's rows line up with the student's target rows; without
+    the passage in its prompt the KL is positive and training lowers it. Rows without a gold chunk have no teacher."""
+    from cepe_rag.readers.base import passage_block
+    from cepe_rag.training.trainer import gold_passage_teacher
+
+    model = tiny_model(chat_tokenizer, minilm_tokenizer)
+
+    def prompt_ids(text):
+        return chat_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    question = "The secret word is"
+    seeing, blind = gold_examples(chat_tokenizer, n=8), gold_examples(chat_tokenizer, n=8)
+    for example in seeing:
+        example.question = question
+        example.prompt_ids = prompt_ids(passage_block(example.chunks[example.gold_chunk]) + question)
+    for example in blind:
+        example.question = question
+    seeing[1].gold_chunk = None  # no teacher for this row
+    module = CepeTrainingModule(model, teacher_prompt=prompt_ids)
+    batch = collate(seeing[:4], pad_id=0)
+    teacher, rows = gold_passage_teacher(model, prompt_ids, batch)
+    lengths = [len(e.target_ids) for e in seeing[:4]]
+    assert rows.tolist() == [n_row for i, n in enumerate(lengths) for n_row in [i != 1] * n]
+    assert teacher.shape[0] == sum(n for i, n in enumerate(lengths) if i != 1)
+    with torch.no_grad():
+        _, kl_seeing, _, _ = module(batch)
+        _, kl_blind, _, _ = module(collate(blind[:4], pad_id=0))
+    assert kl_seeing.item() == pytest.approx(0.0, abs=1e-5)
+    assert kl_blind.item() > 0.1
+    config = TrainConfig(stage="swap", steps=40, batch_size=4, lr=3e-3, lm_cof=0.0, kl_cof=1.0, save_every=100,
+                         eval_every=40)
+    records = train(model, blind, config, tmp_path / "run", validation=blind[:4], progress=False,
+                    teacher_prompt=prompt_ids)
+    assert records[-1]["val_kl"] < 0.7 * kl_blind.item(), (records[-1]["val_kl"], kl_blind.item())
