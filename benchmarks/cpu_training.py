@@ -55,11 +55,13 @@ def evaluate(adapter: Path, name: str, args) -> dict:
     command = CLI + ["eval", "--questions", args.questions, "--index", args.eval_index, "--readers", "cepe",
                      "--cepe-model", str(adapter), "--k", args.eval_k, "--out", str(out), "--dtype", "bfloat16",
                      "--n-prompt-passages", str(args.prompt_passages),
+                     "--relevance-temperature", str(args.relevance_temperature),
                      "--no-cutoff",  # k passages read, whatever the default relevance cutoff: the bar is about k=20
                      "--no-focus"]  # passages as trained on, and scores comparable with those before sentence focus
     subprocess.run(command, env=one_thread(), check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
     return {"adapter": name, "score": tuning_score(summary), "n_prompt_passages": args.prompt_passages,
+            "relevance_temperature": args.relevance_temperature,
             "summary": summary, "time": time.strftime("%F %T")}
 
 
@@ -101,7 +103,8 @@ def stage_plan(args) -> list[tuple[str, str | None]]:
 def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Path:
     variant = (("_gate" if args.gate else "") + (f"_p{args.prompt_passages}" if args.prompt_passages else "")
                + (f"_attn{args.attn_cof:g}" if args.attn_cof else "") + ("_ptr" if args.copy_pointer else "")
-               + (f"_copy{args.copy_cof:g}" if args.copy_cof else "") + (f"_kl{args.kl_cof:g}" if args.kl_cof else ""))
+               + (f"_copy{args.copy_cof:g}" if args.copy_cof else "") + (f"_kl{args.kl_cof:g}" if args.kl_cof else "")
+               + (f"_rel{args.relevance_temperature:g}" if args.relevance_temperature else ""))
     out = Path(args.runs) / f"{stage}{variant}_s{seed}"
     command = CLI + ["train", "--stage", stage, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
                      "--lr", str(args.lr), "--warmup-ratio", f"{args.warmup_steps / steps:.6g}",
@@ -130,6 +133,8 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
         command += ["--copy-cof", str(args.copy_cof)]
     if args.kl_cof:
         command += ["--kl-cof", str(args.kl_cof)]
+    if args.relevance_temperature:
+        command += ["--relevance-temperature", str(args.relevance_temperature)]
     subprocess.run(command, env=one_thread(), check=True)
     shutil.copy(out / "log.jsonl", RESULTS / f"log_{out.name}.jsonl")
     plot_curves()
@@ -191,6 +196,8 @@ def main() -> None:
                         help="weight of the copy loss (the pointer's mass on the answer's tokens in the gold passage)")
     parser.add_argument("--kl-cof", type=float, default=0.0,
                         help="weight of distillation from the frozen decoder reading the gold passage alone")
+    parser.add_argument("--relevance-temperature", type=float, default=0.0,
+                        help="train and evaluate under the cepe reader's relevance prior with this temperature")
     parser.add_argument("--lineage", default="", help="keep this line's best adapter and scores in "
                                                       "benchmarks/results/cpu_training/<lineage>/ (it starts from the "
                                                       "main line's adapter)")
@@ -231,13 +238,15 @@ def evaluate_main() -> None:
     known, rest = parser.parse_known_args()
     sys.argv = [sys.argv[0], *rest]
     args = argparse.Namespace(questions="runs/owndocs/questions.tune.jsonl", eval_index="indexes/owndocs",
-                              eval_k="5,20", runs="runs/cpu_training", prompt_passages="0")
+                              eval_k="5,20", runs="runs/cpu_training", prompt_passages="0",
+                              relevance_temperature="0")
     args.lineage = ""
-    for flag in ("questions", "eval_index", "eval_k", "runs", "prompt_passages", "lineage"):
+    for flag in ("questions", "eval_index", "eval_k", "runs", "prompt_passages", "lineage", "relevance_temperature"):
         option = "--" + flag.replace("_", "-")
         if option in rest:
             setattr(args, flag, rest[rest.index(option) + 1])
     args.prompt_passages = int(args.prompt_passages)
+    args.relevance_temperature = float(args.relevance_temperature)
     use_lineage(args.lineage)
     adapter = Path(known.evaluate)
     record = evaluate(adapter, adapter.name, args)

@@ -81,7 +81,7 @@ def main() -> None:
             gold = store.passages([min(gold_ids)])[min(gold_ids)]
             passages = [gold] + [p for p in hits if p.id not in gold_ids][: k - 1]  # order is no signal to CEPE
             prepared = reader.prepare(question.question, passages)
-            states = reader._chunk_states(prepared.plan)
+            states = reader._chunk_states(prepared.plan.passages)
             context = model.context_from_states([states], cross_kv="project")
             gold_tokens = states[0].shape[-2]
             total_tokens = sum(s.shape[-2] for s in states)

@@ -110,6 +110,9 @@ class ReaderSpec:
         "adapter shipped for the decoder.")
     n_prompt_passages: int = reader_setting(
         0, "cepe: top passages put in the prompt; the rest go through the encoder.", reader="cepe")
+    relevance_temperature: float = reader_setting(
+        0.0, "cepe: a relevance prior on cross-attention; each encoded passage's share of the attention is weighted by "
+        "softmax(similarity to the question / T) (the retrieval embedder's cosine); 0: off.", reader="cepe")
     ape_temperature: float = reader_setting(
         APE_TEMPERATURE, "parallel: attention temperature on passage tokens.", reader="parallel")
     ape_scale: float = reader_setting(APE_SCALE, "parallel: scale on the passages' log-sum-exp.", reader="parallel")
@@ -136,8 +139,10 @@ class ReaderSpec:
     @property
     def label(self) -> str:
         """The row name in evaluations: each prompt/encoder split of cepe is its own row."""
-        return f"cepe-prompt{self.n_prompt_passages}" if self.reader == "cepe" and self.n_prompt_passages else \
-            self.reader
+        if self.reader != "cepe":
+            return self.reader
+        return "cepe" + (f"-prompt{self.n_prompt_passages}" if self.n_prompt_passages else "") + \
+            (f"-rel{self.relevance_temperature:g}" if self.relevance_temperature else "")
 
     def reader_options(self) -> dict:
         """What the reader's constructor takes from this spec: the settings every reader has, and its own."""
@@ -158,7 +163,8 @@ class ReaderSpec:
         if self.reader != "closed-book" and self.focus:  # absent: passages read as they are
             common["focus"] = True
         if self.reader == "cepe":
-            return {**common, "cepe_model": self.cepe_model or "packaged", "n_prompt_passages": self.n_prompt_passages}
+            cepe = {**common, "cepe_model": self.cepe_model or "packaged", "n_prompt_passages": self.n_prompt_passages}
+            return {**cepe, "relevance_temperature": self.relevance_temperature} if self.relevance_temperature else cepe
         if self.reader == "parallel":
             return {**common, "ape_temperature": self.ape_temperature, "ape_scale": self.ape_scale}
         if self.reader == "concat" and self.most_relevant != "first":

@@ -45,6 +45,9 @@ class CrossContext:
     cross_kv: str = "cache"
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     token_ids: torch.Tensor | None = None  # (batch, tokens): what each state encodes, for a copy pointer
+    # (batch, tokens): log of each token's chunk weight (a relevance prior), added to every attention score over the
+    # context: a chunk's share of the attention is multiplied by its weight (then renormalised). None: no prior.
+    prior: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.cross_kv not in CROSS_KV_MODES:
@@ -53,18 +56,22 @@ class CrossContext:
         self.has_context = self.mask.any(-1).to(self.states.dtype)[:, None, None]
         # Additive rather than boolean: a fully masked row then softmaxes to finite values, not NaN.
         self.attn_bias = torch.zeros(self.mask.shape, dtype=self.states.dtype, device=self.states.device)
+        if self.prior is not None:
+            self.attn_bias += self.prior.to(self.attn_bias.dtype)
         self.attn_bias.masked_fill_(~self.mask, torch.finfo(self.states.dtype).min)
         self.attn_bias = self.attn_bias[:, None, None, :]
-        if bool(self.mask.all()):  # nothing to mask: lets SDPA pick its fastest kernel
+        if bool(self.mask.all()) and self.prior is None:  # nothing to mask: lets SDPA pick its fastest kernel
             self.attn_bias = None
 
     @classmethod
     def from_chunks(cls, chunks: Sequence[Sequence[torch.Tensor]], *, cross_kv: str = "cache",
                     dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                    token_ids: Sequence[Sequence[Sequence[int]]] | None = None) -> CrossContext | None:
+                    token_ids: Sequence[Sequence[Sequence[int]]] | None = None,
+                    chunk_log_weights: Sequence[Sequence[float]] | None = None) -> CrossContext | None:
         """Build from per-request lists of per-chunk states (tokens, hidden), cast to `dtype` on `device` while they are
         copied into one right-padded tensor (no intermediate copy of the whole context); None if there is no token.
-        `token_ids`, laid out as `chunks`, are the chunks' token ids (a copy pointer reads them)."""
+        `token_ids`, laid out as `chunks`, are the chunks' token ids (a copy pointer reads them); `chunk_log_weights`,
+        one per chunk, the relevance prior (every token of a chunk gets its chunk's)."""
         lengths = [sum(c.shape[-2] for c in request) for request in chunks]
         if max(lengths, default=0) == 0:
             return None
@@ -72,10 +79,13 @@ class CrossContext:
         states = torch.zeros((len(chunks), *reference.shape[:-2], max(lengths), reference.shape[-1]),
                              dtype=dtype or reference.dtype, device=device or reference.device)
         mask = torch.zeros((len(chunks), max(lengths)), dtype=torch.bool, device=states.device)
+        prior = None if chunk_log_weights is None else torch.zeros(mask.shape, dtype=torch.float32)
         for row, request in enumerate(chunks):
             start = 0
-            for chunk in request:
+            for index, chunk in enumerate(request):
                 states[row, ..., start:start + chunk.shape[-2], :] = chunk
+                if prior is not None:
+                    prior[row, start:start + chunk.shape[-2]] = chunk_log_weights[row][index]
                 start += chunk.shape[-2]
             mask[row, :start] = True
         ids = None
@@ -85,7 +95,7 @@ class CrossContext:
                 flat = [token for chunk in request for token in chunk]
                 ids[row, :len(flat)] = torch.tensor(flat, dtype=torch.long)
             ids = ids.to(mask.device)
-        return cls(states, mask, cross_kv, token_ids=ids)
+        return cls(states, mask, cross_kv, token_ids=ids, prior=None if prior is None else prior.to(mask.device))
 
     def key_values(self, attention: CrossAttention) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self.kv.get(attention.layer_idx)
@@ -103,7 +113,8 @@ class CrossContext:
     def select_rows(self, rows: torch.Tensor) -> CrossContext:
         """These requests only (a batch whose other rows have ended), their cached K/V kept."""
         picked = CrossContext(self.states[rows], self.mask[rows], self.cross_kv,
-                              token_ids=None if self.token_ids is None else self.token_ids[rows])
+                              token_ids=None if self.token_ids is None else self.token_ids[rows],
+                              prior=None if self.prior is None else self.prior[rows])
         picked.kv = {layer: (k[rows], v[rows]) for layer, (k, v) in self.kv.items()}
         return picked
 
@@ -118,9 +129,14 @@ class CrossContext:
 
         ids = (None if self.token_ids is None or other.token_ids is None else
                torch.cat([widen(self.token_ids, -1), widen(other.token_ids, -1)]))
+        prior = None
+        if self.prior is not None or other.prior is not None:  # a request without a prior has weights of 1 (log 0)
+            prior = torch.cat([widen(self.prior if self.prior is not None else torch.zeros(self.mask.shape), -1),
+                               widen(other.prior if other.prior is not None else torch.zeros(other.mask.shape), -1)])
         joined = CrossContext(torch.cat([widen(self.states, -2), widen(other.states, -2)]),
                               torch.cat([widen(self.mask, -1), widen(other.mask, -1)]),
-                              self.cross_kv if self.cross_kv == other.cross_kv else "absorb", token_ids=ids)
+                              self.cross_kv if self.cross_kv == other.cross_kv else "absorb", token_ids=ids,
+                              prior=prior)
         if joined.cross_kv == "cache" and self.kv.keys() == other.kv.keys():
             joined.kv = {layer: tuple(torch.cat([widen(mine, -2), widen(theirs, -2)])
                                       for mine, theirs in zip(self.kv[layer], other.kv[layer])) for layer in self.kv}

@@ -167,7 +167,8 @@ class CepeForCausalLM(nn.Module):
     def copy_log_probs(self, logits: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor,
                        context: CrossContext) -> torch.Tensor:
         """The decoder's logits (batch, length, vocab) mixed with the pointer's copies from `context`."""
-        attention = self.pointer.attention(hidden, embeds, context.layer_states_for_pointer(), context.mask)
+        attention = self.pointer.attention(hidden, embeds, context.layer_states_for_pointer(), context.mask,
+                                           context.prior)
         length = logits.shape[1]
         return self.pointer.mix(logits, hidden, attention, context.token_ids[:, None].expand(-1, length, -1),
                                 context.mask.any(-1)[:, None].expand(-1, length))
@@ -239,15 +240,17 @@ class CepeForCausalLM(nn.Module):
                                         token_ids=group_by_request(token_ids, chunks_per_request))
 
     def context_from_states(self, states_per_request: Sequence[Sequence[torch.Tensor]], *, cross_kv: str = "cache",
-                            token_ids: Sequence[Sequence[Sequence[int]]] | None = None):
-        """token_ids (laid out as the states): needed by a model with a copy pointer, ignored by one without."""
+                            token_ids: Sequence[Sequence[Sequence[int]]] | None = None,
+                            chunk_log_weights: Sequence[Sequence[float]] | None = None):
+        """token_ids (laid out as the states): needed by a model with a copy pointer, ignored by one without;
+        chunk_log_weights (one per chunk): a relevance prior on the attention to each chunk (CrossContext.prior)."""
         dtype = self.cross_attention_layers()[0].cross_attn.k_proj.weight.dtype
         if self.pointer is None:
             token_ids = None
         elif token_ids is None:
             raise CepeRagError("this CEPE model copies from its context: pass the chunks' token ids")
         return CrossContext.from_chunks(states_per_request, cross_kv=cross_kv, dtype=dtype, device=self.device,
-                                        token_ids=token_ids)
+                                        token_ids=token_ids, chunk_log_weights=chunk_log_weights)
 
     # --- construction and checkpoints ------------------------------------------------------------
 

@@ -36,9 +36,10 @@ class CopyPointer(nn.Module):
         nn.init.constant_(self.gate.bias, GATE_BIAS)
 
     def attention(self, hidden: torch.Tensor, embeds: torch.Tensor, states: torch.Tensor,
-                  mask: torch.Tensor) -> torch.Tensor:
+                  mask: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, length, tokens): each position's copy distribution over its request's context tokens (heads
-        averaged), in fp32 at least."""
+        averaged), in fp32 at least; `prior` (batch, tokens), the context's log chunk weights, is added to the scores
+        as the cross-attention adds it."""
         batch, length, _ = hidden.shape
         previous = F.pad(states, (0, 0, 1, 0))[:, :-1]  # across a chunk border it sees the last chunk's end: harmless
         keys = self.k_proj(torch.cat([states, previous], -1).to(self.k_proj.weight.dtype))
@@ -47,6 +48,8 @@ class CopyPointer(nn.Module):
         keys = keys.view(batch, -1, self.heads, self.head_dim).transpose(1, 2).to(dtype)
         query = query.view(batch, length, self.heads, self.head_dim).transpose(1, 2).to(dtype)
         scores = (query @ keys.transpose(-1, -2)) * self.head_dim ** -0.5
+        if prior is not None:
+            scores = scores + prior[:, None, None, :].to(dtype)
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
         return scores.softmax(-1).mean(1)
 

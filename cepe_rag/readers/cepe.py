@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
 
+import numpy as np
 import torch
 
 from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache, StateSource
@@ -13,10 +16,54 @@ from cepe_rag.settings import CROSS_KV_BUDGET_MB
 from cepe_rag.types import Conversation, Passage
 
 
+@dataclass
+class CepePlan:
+    """What a prepared request encodes: its encoder passages and, with a relevance prior, each one's log weight."""
+
+    passages: list[Passage]
+    log_weights: list[float] | None = field(default=None)
+
+
+@lru_cache(maxsize=1)
+def _default_embedder():
+    from cepe_rag.models import load_embedder
+
+    return load_embedder()
+
+
+def relevance_log_weights(question: str, passages: Sequence[Passage], temperature: float, embedder) -> list[float]:
+    """log softmax(cosine(question, passage) / temperature) over the passages, by the retrieval embedder."""
+    return RelevancePrior(temperature, embedder)(question, [p.as_prompt_text() for p in passages])
+
+
+class RelevancePrior:
+    """log softmax(cosine(question, chunk) / temperature) over an example's chunks, as the cepe reader weights its
+    passages; embeddings are kept by text (training reads the same passages again and again)."""
+
+    def __init__(self, temperature: float, embedder=None):
+        self.temperature = temperature
+        self.embedder = embedder if embedder is not None else _default_embedder()
+        self.vectors: dict[str, np.ndarray] = {}
+
+    def __call__(self, question: str, chunks: Sequence[str]) -> list[float]:
+        from cepe_rag.models import embed_texts
+
+        missing = [text for text in dict.fromkeys([question, *chunks]) if text not in self.vectors]
+        if missing:
+            self.vectors.update(zip(missing, np.asarray(embed_texts(self.embedder, missing), dtype=np.float64)))
+        query = self.vectors[question]
+        scores = torch.tensor([float(self.vectors[chunk] @ query) for chunk in chunks], dtype=torch.float64)
+        return torch.log_softmax(scores / self.temperature, dim=0).tolist()
+
+
 class CepeReader(Reader):
     """The paper's split: the top `n_prompt_passages` in the prompt, the next `n_encoder_passages` (all
     the rest if None) through the encoder, one passage per chunk. `context_states` (precomputed: a
     ContextStates set, or an index's stored states) skip the encoder for the passages they cover.
+
+    `relevance_temperature` T > 0 adds a relevance prior: each encoded passage's share of every cross-attention (and
+    copy-pointer) softmax is multiplied by softmax(cosine(question, passage) / T) over the encoded passages, scored by
+    the retrieval embedder (`embedder`, default: the packaged MiniLM). With one encoded passage it changes nothing.
 
     States computed here are rounded to float16, as stored states are, so that an answer does not depend on
     where its passages' states came from."""
@@ -25,8 +72,11 @@ class CepeReader(Reader):
 
     def __init__(self, model: CepeForCausalLM, tokenizer, *, n_prompt_passages: int = 0,
                  n_encoder_passages: int | None = None, context_states: StateSource | None = None,
-                 cross_kv_budget_mb: float = CROSS_KV_BUDGET_MB, max_cached_passages: int = 20_000, **kwargs):
+                 cross_kv_budget_mb: float = CROSS_KV_BUDGET_MB, max_cached_passages: int = 20_000,
+                 relevance_temperature: float = 0.0, embedder=None, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
+        self.relevance_temperature = relevance_temperature
+        self._embedder = embedder
         self.n_prompt_passages = n_prompt_passages
         self.n_encoder_passages = n_encoder_passages
         self.context_states = context_states
@@ -39,15 +89,24 @@ class CepeReader(Reader):
         rest = passages[self.n_prompt_passages:]
         return in_prompt, list(rest if self.n_encoder_passages is None else rest[: self.n_encoder_passages])
 
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            self._embedder = _default_embedder()
+        return self._embedder
+
     def prepare(self, question: str, passages: Sequence[Passage],
-                conversation: Conversation = NO_CONVERSATION) -> PreparedPrompt[list[Passage]]:
-        """The plan: the passages read through the encoder (the others are in the prompt)."""
+                conversation: Conversation = NO_CONVERSATION) -> PreparedPrompt[CepePlan]:
+        """The plan: the passages read through the encoder (the others are in the prompt), and their prior."""
         in_prompt, in_encoder = self.split(passages)
         documents = "".join(passage_block(p.as_prompt_text()) for p in in_prompt)
         ids = self.chat_ids(self.ahead_of_passages(question, in_prompt) + documents + question_text(question),
                             conversation)
         self.check_fits(len(ids))
-        return PreparedPrompt(ids, in_prompt + in_encoder, plan=in_encoder)
+        log_weights = None
+        if self.relevance_temperature > 0 and len(in_encoder) > 1:
+            log_weights = relevance_log_weights(question, in_encoder, self.relevance_temperature, self.embedder)
+        return PreparedPrompt(ids, in_prompt + in_encoder, plan=CepePlan(in_encoder, log_weights))
 
     def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:
         """Stored states where the index has them; the others through the (caching) encoder."""
@@ -72,11 +131,15 @@ class CepeReader(Reader):
     def start(self, prepared: list[PreparedPrompt], config: GenerationConfig,
               limits: list[int] | None = None) -> DecodeBatch:
         with torch.inference_mode():
-            states = [self._chunk_states(p.plan) for p in prepared]
+            states = [self._chunk_states(p.plan.passages) for p in prepared]
             token_ids = None
             if self.model.pointer is not None:  # a copy pointer reads the passages' tokens too
-                token_ids = [self.model.tokenize_chunks([passage.as_prompt_text() for passage in p.plan])
+                token_ids = [self.model.tokenize_chunks([passage.as_prompt_text() for passage in p.plan.passages])
                              for p in prepared]
-            context = self.model.context_from_states(states, cross_kv=self.cross_kv_mode(states), token_ids=token_ids)
+            log_weights = None
+            if any(p.plan.log_weights is not None for p in prepared):  # a request without a prior: weights of 1
+                log_weights = [p.plan.log_weights or [0.0] * len(p.plan.passages) for p in prepared]
+            context = self.model.context_from_states(states, cross_kv=self.cross_kv_mode(states), token_ids=token_ids,
+                                                     chunk_log_weights=log_weights)
         return DecodeBatch(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.model.device,
                            limits=limits, cross_context=context)

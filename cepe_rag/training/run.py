@@ -18,6 +18,7 @@ from cepe_rag.eval.data import load_questions
 from cepe_rag.files import atomic_write
 from cepe_rag.readers import CepeReader
 from cepe_rag.readers.base import passage_block
+from cepe_rag.readers.cepe import RelevancePrior
 from cepe_rag.retrieval import Retriever
 from cepe_rag.training.corpus import held_out, load_articles
 from cepe_rag.training.examples import (
@@ -224,15 +225,16 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
 
     # Without stored teacher distributions (ceped's), a KL weight distils from the decoder reading the gold chunk alone.
     teacher_prompt = CepeReader(model, model.decoder_tokenizer).chat_ids if config.kl_cof > 0 else None
+    relevance = RelevancePrior(config.relevance_temperature) if config.relevance_temperature > 0 else None
     if config.train_encoder:
         return train(model, examples, config, out, validation=validation, save_model=save,
-                     teacher_prompt=teacher_prompt)
+                     teacher_prompt=teacher_prompt, relevance=relevance)
     states_path = states_file or out / "encoder_states.safetensors"
     cache = encoder_states(model, [*examples, *validation], states_path, bf16=config.bf16, lazy=lazy_states, log=log)
     known = len(cache)
     try:
         return train(model, examples, config, out, validation=validation, save_model=save, state_cache=cache,
-                     teacher_prompt=teacher_prompt)
+                     teacher_prompt=teacher_prompt, relevance=relevance)
     finally:
         if len(cache) > known:  # what this run encoded, kept for the next one (also when it is interrupted)
             save_encoder_states(cache, states_path)

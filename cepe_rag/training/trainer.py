@@ -49,6 +49,7 @@ class TrainConfig:
     kl_cof: float = 0.0
     attn_cof: float = 0.0  # gold-attention loss: make the cross-attention pick the passage that holds the answer
     copy_cof: float = 0.0  # copy loss: make the copy pointer point at the answer's tokens in that passage
+    relevance_temperature: float = 0.0  # > 0: the cepe reader's relevance prior on the chunks, as it reads them
     train_encoder: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -155,6 +156,8 @@ def gold_attention_mass(attention: nn.Module, hidden_states: torch.Tensor, conte
     key, _ = context.key_values(attention)  # (batch, kv_heads, tokens, head_dim)
     dtype = torch.promote_types(query.dtype, torch.float32)
     scores = torch.einsum("blkgd,bktd->bkglt", query.to(dtype), key.to(dtype)) * attention.head_dim ** -0.5
+    if context.prior is not None:
+        scores = scores + context.prior[:, None, None, None, :].to(dtype)
     scores = scores.masked_fill(~context.mask[:, None, None, None, :], float("-inf"))
     mass = (scores.softmax(-1) * gold[:, None, None, None, :]).sum(-1)
     return mass.reshape(batch, -1, length)
@@ -166,7 +169,8 @@ def pointer_log_probs(model: CepeForCausalLM, hidden: torch.Tensor, input_ids: t
     pointer's attention there (rows, context tokens)."""
     pointer = model.pointer
     embeds = model.decoder.get_input_embeddings()(input_ids)
-    attention = pointer.attention(hidden[:, :-1], embeds[:, :-1], context.layer_states_for_pointer(), context.mask)
+    attention = pointer.attention(hidden[:, :-1], embeds[:, :-1], context.layer_states_for_pointer(), context.mask,
+                                  context.prior)
     rows = predicting.nonzero()[:, 0]
     return pointer.mix(logits, hidden[:, :-1][predicting], attention[predicting], context.token_ids[rows],
                        context.mask.any(-1)[rows]), attention[predicting]
@@ -189,9 +193,11 @@ class CepeTrainingModule(nn.Module):
 
     def __init__(self, model: CepeForCausalLM, *, train_encoder: bool = False,
                  state_cache: ChunkStateCache | None = None, gold_attention: bool = False,
-                 teacher_prompt: Callable[[str], list[int]] | None = None):
+                 teacher_prompt: Callable[[str], list[int]] | None = None,
+                 relevance: Callable[[str, list[str]], list[float]] | None = None):
         super().__init__()
         self.model = model
+        self.relevance = relevance  # (question, chunks) -> log weights: the relevance prior the reader will apply
         self.teacher_prompt = teacher_prompt  # given: distil from the decoder reading the gold chunk in its prompt
         self.train_encoder = train_encoder
         self.gold_attention = gold_attention  # compute the gold-attention loss (costs one more K projection a layer)
@@ -216,7 +222,12 @@ class CepeTrainingModule(nn.Module):
                 states = model.encode_token_chunks(model.tokenize_chunks(flat)) if flat else []
         per_request = group_by_request(states, batch.chunks)
         token_ids = group_by_request(model.tokenize_chunks(flat), batch.chunks) if model.pointer is not None else None
-        context = model.context_from_states(per_request, cross_kv="project", token_ids=token_ids) if flat else None
+        log_weights = None
+        if self.relevance is not None:  # examples without a question (the corpus stages) get weights of 1
+            log_weights = [self.relevance(question, chunks) if question and len(chunks) > 1 else [0.0] * len(chunks)
+                           for question, chunks in zip(batch.questions, batch.chunks)]
+        context = model.context_from_states(per_request, cross_kv="project", token_ids=token_ids,
+                                            chunk_log_weights=log_weights) if flat else None
         device = model.device
         labels = batch.labels.to(device)[:, 1:]
         predicting = labels != -100
@@ -282,7 +293,8 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
           validation: Sequence[TrainingExample] = (), save_model: Callable[[CepeForCausalLM, Path], None] | None = None,
           state_cache: ChunkStateCache | None = None, progress: bool = True,
           on_step: Callable[[dict], None] | None = None,
-          teacher_prompt: Callable[[str], list[int]] | None = None) -> list[dict]:
+          teacher_prompt: Callable[[str], list[int]] | None = None,
+          relevance: Callable[[str, list[str]], list[float]] | None = None) -> list[dict]:
     """Run (or resume) `config.steps` optimiser steps; returns the log records. Writes to `out_dir`:
     train_config.json, log.jsonl, checkpoint/ (trainable weights, optimiser, step) and, at the end,
     `save_model(model, out_dir / "model")`. An interrupted run resumes from its last checkpoint."""
@@ -309,7 +321,8 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
     module, optimizer, scheduler = accelerator.prepare(
         CepeTrainingModule(model, train_encoder=config.train_encoder, state_cache=state_cache,
                            gold_attention=config.attn_cof > 0,
-                           teacher_prompt=teacher_prompt if config.kl_cof > 0 else None).train(),
+                           teacher_prompt=teacher_prompt if config.kl_cof > 0 else None,
+                           relevance=relevance if config.relevance_temperature > 0 else None).train(),
         optimizer, scheduler)
     pad_id = pad_id_of(model.decoder_tokenizer)
     order = _order(len(examples), config, accelerator.num_processes, accelerator.process_index)

@@ -152,6 +152,42 @@ def test_cepe_reader_encodes_each_passage_text_once(tiny_chat_model, chat_tokeni
     assert len(encoded) == 3  # a different text under a known id is encoded, not confused with the cached one
 
 
+class TopicEmbedder:
+    """Cosine 1 between the question and the passage about its topic, 0 with the others (unit vectors by topic)."""
+
+    def encode(self, texts, **kwargs):
+        import numpy as np
+
+        rows = np.zeros((len(texts), 50), dtype=np.float32)
+        for row, text in enumerate(texts):
+            rows[row, int(text.rstrip(".?").split()[-1]) % 50] = 1.0
+        return rows
+
+
+def test_cepe_reader_with_a_sharp_relevance_prior_reads_the_relevant_passage(tiny_chat_model, chat_tokenizer):
+    """A prior all but on the passage the question is about: the logits are those of reading that passage alone;
+    without the prior the other passages change them."""
+    sharp = tiny_cepe_reader(tiny_chat_model, chat_tokenizer, "copy", relevance_temperature=0.001,
+                             embedder=TopicEmbedder())
+    plain = tiny_cepe_reader(tiny_chat_model, chat_tokenizer, "copy")
+    question = "What is topic 3?"
+    plan = sharp.prepare(question, PASSAGES[:5]).plan
+    assert [p.id for p in plan.passages] == [0, 1, 2, 3, 4]
+    assert max(range(5), key=plan.log_weights.__getitem__) == 3 and plan.log_weights[3] > -1e-9
+    assert sharp.prepare(question, PASSAGES[3:4]).plan.log_weights is None  # one passage: nothing to weigh
+
+    def first_logits(reader, passages):
+        prepared = reader.prepare(question, passages)
+        batch = reader.start([prepared], GenerationConfig(max_new_tokens=1))
+        context = batch.forward_kwargs["cross_context"]
+        with torch.no_grad():
+            return reader.model(input_ids=torch.tensor([prepared.ids]), cross_context=context).logits
+
+    alone = first_logits(plain, PASSAGES[3:4])
+    torch.testing.assert_close(first_logits(sharp, PASSAGES[:5]), alone, rtol=0, atol=1e-4)
+    assert (first_logits(plain, PASSAGES[:5]) - alone).abs().max() > 1e-3
+
+
 def test_earlier_turns_go_through_the_chat_template(tiny_chat_model, chat_tokenizer):
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 

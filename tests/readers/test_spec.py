@@ -16,6 +16,7 @@ def test_the_default_reader_is_one_of_the_readers():
 def test_labels_and_recorded_settings():
     assert ReaderSpec().label == DEFAULT_READER
     assert ReaderSpec(reader="cepe", n_prompt_passages=10).label == "cepe-prompt10"
+    assert ReaderSpec(reader="cepe", n_prompt_passages=1, relevance_temperature=0.05).label == "cepe-prompt1-rel0.05"
     assert ReaderSpec(reader="parallel").settings()["ape_scale"] == APE_SCALE
     assert "most_relevant" not in ReaderSpec(reader="concat").settings()
     assert ReaderSpec(reader="concat", most_relevant="last").settings()["most_relevant"] == "last"

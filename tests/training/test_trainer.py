@@ -369,3 +369,36 @@ def test_the_gold_passage_teacher_is_the_decoder_reading_that_passage_in_its_pro
     records = train(model, blind, config, tmp_path / "run", validation=blind[:4], progress=False,
                     teacher_prompt=prompt_ids)
     assert records[-1]["val_kl"] < 0.7 * kl_blind.item(), (records[-1]["val_kl"], kl_blind.item())
+
+
+def test_training_under_the_relevance_prior_reads_as_the_reader_will(chat_tokenizer, minilm_tokenizer):
+    """The module applies the reader's prior to each example's chunks: a prior all on the gold chunk gives the losses
+    of the example with that chunk alone; equal weights, the losses without a prior; no question, no prior."""
+    model = tiny_model(chat_tokenizer, minilm_tokenizer, gate=True)
+    with torch.no_grad():
+        for layer in model.cross_attention_layers():
+            layer.cross_attn.gate.fill_(1.0)  # open: the cross-attention changes the losses
+    examples = gold_examples(chat_tokenizer, n=4)
+    for example in examples:
+        example.question = "The secret word is"
+    alone = [TrainingExample([e.chunks[e.gold_chunk]], e.prompt_ids, e.target_ids, e.question, gold_chunk=0)
+             for e in examples]
+    gold_of = {tuple(e.chunks): e.gold_chunk for e in examples}
+
+    def on_gold(question, chunks):
+        return [0.0 if i == gold_of[tuple(chunks)] else -1e4 for i in range(len(chunks))]
+
+    def equal(question, chunks):
+        return [-1.5] * len(chunks)
+
+    with torch.no_grad():
+        plain = CepeTrainingModule(model, gold_attention=True)(collate(examples, 0))
+        picked = CepeTrainingModule(model, gold_attention=True, relevance=on_gold)(collate(examples, 0))
+        single = CepeTrainingModule(model, gold_attention=True)(collate(alone, 0))
+        flat = CepeTrainingModule(model, gold_attention=True, relevance=equal)(collate(examples, 0))
+    assert picked[0].item() == pytest.approx(single[0].item(), abs=1e-5)
+    assert picked[2].item() == pytest.approx(0.0, abs=1e-4)  # all the attention on the gold chunk
+    assert plain[2].item() > 0.1
+    assert flat[0].item() == pytest.approx(plain[0].item(), abs=1e-5)
+    assert flat[2].item() == pytest.approx(plain[2].item(), abs=1e-5)
+    assert abs(picked[0].item() - plain[0].item()) > 1e-4
