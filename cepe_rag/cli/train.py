@@ -97,6 +97,9 @@ def train_command(
     copy_pointer: Annotated[bool, typer.Option(
         help="A copy pointer over the context tokens (pointer-generator; encoders that share the decoder's tokenizer): "
              "the answer may copy a passage's tokens; added to an --init model that lacks one.")] = False,
+    copy_first_weight: Annotated[float, typer.Option(
+        help="With --copy-cof: the copy loss's weight on each answer's first token, relative to the others (where to "
+             "start copying is the hard part).")] = 1.0,
     relevance_temperature: Annotated[float, typer.Option(
         help="find/swap/qa: train under the cepe reader's relevance prior (`--relevance-temperature T` when asking): "
              "each encoded passage's share of the attention weighted by softmax(cosine to the question / T); 0: "
@@ -115,6 +118,7 @@ def train_command(
     config = TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=warmup_ratio,
                          lm_cof=lm_cof, kl_cof=(2.0 if stage == "ceped" else 0.0) if kl_cof is None else kl_cof,
                          attn_cof=attn_cof, copy_cof=copy_cof, relevance_temperature=relevance_temperature,
+                         copy_first_weight=copy_first_weight,
                          train_encoder=train_encoder, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
                          save_every=save_every, eval_every=eval_every, seed=seed, max_minutes=max_minutes,
                          curriculum=stage in ("find", "swap"), schedule=schedule)

@@ -5,6 +5,8 @@
             in its prompt, computed each step for the examples that know their gold chunk)
            + attn_cof * -log(cross-attention mass on the gold chunk)  (examples that know their gold chunk)
            + copy_cof * -log(copy pointer mass on the target token's occurrences in the gold chunk)
+             (the answer's first token weighted copy_first_weight times the others: where to start copying is the
+              hard part; later tokens follow their predecessor)
 
 Losses are computed in fp32 on the target positions only (padding and prompt never count), each logged
 separately. The decoder is frozen; cross-attention layers are trained; the encoder only with
@@ -50,6 +52,7 @@ class TrainConfig:
     attn_cof: float = 0.0  # gold-attention loss: make the cross-attention pick the passage that holds the answer
     copy_cof: float = 0.0  # copy loss: make the copy pointer point at the answer's tokens in that passage
     relevance_temperature: float = 0.0  # > 0: the cepe reader's relevance prior on the chunks, as it reads them
+    copy_first_weight: float = 1.0  # the copy loss's weight on each answer's first token (1: a plain mean)
     train_encoder: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -177,15 +180,19 @@ def pointer_log_probs(model: CepeForCausalLM, hidden: torch.Tensor, input_ids: t
 
 
 def copy_loss(attention: torch.Tensor, token_ids: torch.Tensor, targets: torch.Tensor,
-              allowed: torch.Tensor) -> torch.Tensor:
+              allowed: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """-log of the pointer's mass on the context tokens equal to each target token among `allowed` (the gold
-    chunk's tokens), averaged over the target tokens that occur there; 0 if none does."""
+    chunk's tokens), averaged over the target tokens that occur there (weighted by `weights`, one per target token,
+    if given); 0 if none does."""
     hits = (token_ids == targets[:, None]) & allowed
     found = hits.any(-1)
     if not bool(found.any()):
         return attention.new_zeros(())
-    mass = (attention * hits).sum(-1)[found]
-    return -mass.clamp_min(1e-6).log().mean()
+    nll = -(attention * hits).sum(-1)[found].clamp_min(1e-6).log()
+    if weights is None:
+        return nll.mean()
+    weights = weights[found].to(nll.dtype)
+    return (nll * weights).sum() / weights.sum()
 
 
 class CepeTrainingModule(nn.Module):
@@ -194,8 +201,9 @@ class CepeTrainingModule(nn.Module):
     def __init__(self, model: CepeForCausalLM, *, train_encoder: bool = False,
                  state_cache: ChunkStateCache | None = None, gold_attention: bool = False,
                  teacher_prompt: Callable[[str], list[int]] | None = None,
-                 relevance: Callable[[str, list[str]], list[float]] | None = None):
+                 relevance: Callable[[str, list[str]], list[float]] | None = None, copy_first_weight: float = 1.0):
         super().__init__()
+        self.copy_first_weight = copy_first_weight
         self.model = model
         self.relevance = relevance  # (question, chunks) -> log weights: the relevance prior the reader will apply
         self.teacher_prompt = teacher_prompt  # given: distil from the decoder reading the gold chunk in its prompt
@@ -256,7 +264,11 @@ class CepeTrainingModule(nn.Module):
         if model.pointer is not None and context is not None:  # log p of the copy mixture: CE and KL read it as logits
             logits, pointed = pointer_log_probs(model, hidden, batch.input_ids.to(device), context, predicting, logits)
             rows = predicting.nonzero()[:, 0]
-            copy = copy_loss(pointed, context.token_ids[rows], labels[predicting], gold[rows])
+            weights = None
+            if self.copy_first_weight != 1.0:  # each row's first predicting position is its answer's first token
+                first = (predicting.cumsum(-1) == 1)[predicting]
+                weights = 1.0 + (self.copy_first_weight - 1.0) * first.float()
+            copy = copy_loss(pointed, context.token_ids[rows], labels[predicting], gold[rows], weights)
         ce = F.cross_entropy(logits, labels[predicting])
         kl = zero
         if batch.teacher_ids is not None:
@@ -322,7 +334,8 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
         CepeTrainingModule(model, train_encoder=config.train_encoder, state_cache=state_cache,
                            gold_attention=config.attn_cof > 0,
                            teacher_prompt=teacher_prompt if config.kl_cof > 0 else None,
-                           relevance=relevance if config.relevance_temperature > 0 else None).train(),
+                           relevance=relevance if config.relevance_temperature > 0 else None,
+                           copy_first_weight=config.copy_first_weight).train(),
         optimizer, scheduler)
     pad_id = pad_id_of(model.decoder_tokenizer)
     order = _order(len(examples), config, accelerator.num_processes, accelerator.process_index)

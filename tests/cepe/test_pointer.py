@@ -151,6 +151,9 @@ def test_the_copy_loss_is_the_pointers_mass_on_the_target_in_the_gold_chunk(chat
     expected = -(torch.log(torch.tensor(0.4)) + torch.log(torch.tensor(0.5))) / 2
     assert torch.allclose(copy_loss(attention, token_ids, targets, gold), expected)
     assert copy_loss(attention, token_ids, torch.tensor([9, 9, 9]), gold).item() == 0
+    # The first answer token weighted 3 times the others: (3 * -log 0.4 + -log 0.5) / 4.
+    weighted = copy_loss(attention, token_ids, targets, gold, torch.tensor([3.0, 1.0, 1.0]))
+    assert torch.allclose(weighted, -(3 * torch.log(torch.tensor(0.4)) + torch.log(torch.tensor(0.5))) / 4)
 
 
 def test_the_copy_loss_trains_the_pointer_to_the_answer_in_the_gold(chat_tokenizer, tmp_path):
@@ -171,3 +174,25 @@ def test_the_copy_loss_trains_the_pointer_to_the_answer_in_the_gold(chat_tokeniz
     records = train(model, examples, config, tmp_path / "run", progress=False)
     first, last = records[0]["copy"], sum(r["copy"] for r in records[-10:]) / 10
     assert first > 1.0 and last < 0.5 * first, (first, last)
+
+
+def test_the_first_token_weight_picks_each_answers_first_token(chat_tokenizer):
+    """copy_first_weight w weights each example's first answer token w times the others: with a huge w the loss is
+    the first tokens' alone; with 1 it is the plain mean."""
+    prompt = chat_tokenizer("The secret word is", add_special_tokens=False)["input_ids"]
+    words = ["bamikolu", "tesanore"]
+    examples = []
+    for word, extra in zip(words, ([], [11])):  # prompts of different lengths: first tokens in different columns
+        chunks = [f"secret {word}", "noise river"]
+        target = chat_tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        examples.append(TrainingExample(chunks, prompt + extra, target, gold_chunk=0))
+    model = pointer_model(chat_tokenizer)
+    batch = collate(examples, 0)
+    with torch.no_grad():
+        plain = CepeTrainingModule(model)(batch)[3]
+        heavy = CepeTrainingModule(model, copy_first_weight=1e9)(batch)[3]
+        firsts = [TrainingExample(e.chunks, e.prompt_ids, e.target_ids[:1], gold_chunk=0) for e in examples]
+        only_first = CepeTrainingModule(model)(collate(firsts, 0))[3]
+    assert all(len(e.target_ids) > 1 for e in examples)
+    assert heavy.item() == pytest.approx(only_first.item(), rel=1e-6)
+    assert abs(plain.item() - only_first.item()) > 1e-3

@@ -1,0 +1,117 @@
+"""Diagnosis of a copy-pointer adapter: where does the right answer get lost, in the pointer's attention or its gate?
+
+    python benchmarks/pointer_diagnosis.py --cepe-model benchmarks/results/cpu_training/pointer/adapter --k 1,5 \\
+        --relevance-temperature 0.02 --limit 40 --out benchmarks/results/diagnosis/pointer_s9_step255.json
+
+For own-documents tuning questions the gold passage (the question's own file) is placed among k - 1 retrieved
+distractors (its own document left out), all through the encoder, as the cepe reader reads them (with its relevance
+prior if asked). The gold answer is then teacher-forced after the reader's prompt. At every answer token, and at the
+first one on its own, reported as means over questions:
+
+- gate: the pointer's share g of the mixture p = (1 - g) p_decoder + g p_copy;
+- copy_mass: the pointer's attention on context tokens equal to the target token (p_copy(target));
+- copy_mass_gold: the same, counting only the gold passage's tokens;
+- decoder_p: the decoder's own probability of the target (cross-attention included, pointer left out);
+- mixture_p: the model's probability of the target;
+- first_token_right: how often the model's most likely first token is the answer's.
+
+A pointer that finds the answer (copy_mass high) behind a shut gate needs its gate; one whose attention misses it
+needs its attention trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from cepe_rag.eval.data import load_questions
+from cepe_rag.indexes import open_store
+from cepe_rag.models import resolve_dtype
+from cepe_rag.readers import build_reader
+from cepe_rag.readers.generation import GenerationConfig
+from cepe_rag.retrieval import Retriever
+from cepe_rag.settings import ReaderSpec
+
+
+@torch.no_grad()
+def answer_statistics(reader, question: str, passages, answer: str, gold_passages: int) -> dict:
+    model = reader.model
+    prepared = reader.prepare(question, passages)
+    context = reader.start([prepared], GenerationConfig(max_new_tokens=1)).forward_kwargs["cross_context"]
+    target = model.decoder_tokenizer(answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prepared.ids + target])
+    hidden = model.decoder.base_model(input_ids=ids, cross_context=context, use_cache=False).last_hidden_state
+    positions = slice(len(prepared.ids) - 1, ids.shape[1] - 1)  # the positions that predict the answer's tokens
+    hidden = hidden[:, positions]
+    logits = model.decoder.get_output_embeddings()(hidden).float()
+    embeds = model.decoder.get_input_embeddings()(ids[:, positions])
+    pointer = model.pointer
+    attention = pointer.attention(hidden, embeds, context.layer_states_for_pointer(), context.mask, context.prior)[0]
+    gate = torch.sigmoid(pointer.gate(hidden.to(pointer.gate.weight.dtype)).float())[0, :, 0]
+    mixed = pointer.mix(logits, hidden, attention[None], context.token_ids[:, None].expand(-1, len(target), -1),
+                        context.mask.any(-1))[0].exp()
+    targets = torch.tensor(target)
+    hits = context.token_ids[0][None, :] == targets[:, None]  # (answer tokens, context tokens)
+    gold = torch.zeros_like(hits[0])
+    gold[:gold_passages] = True
+    copy_mass = (attention.float() * hits).sum(-1)
+    copy_mass_gold = (attention.float() * (hits & gold)).sum(-1)
+    decoder_p = logits.softmax(-1)[0, torch.arange(len(target)), targets]
+    mixture_p = mixed[torch.arange(len(target)), targets]
+    per_token = {"gate": gate, "copy_mass": copy_mass, "copy_mass_gold": copy_mass_gold, "decoder_p": decoder_p,
+                 "mixture_p": mixture_p}
+    row = {name: float(values.mean()) for name, values in per_token.items()}
+    row.update({f"first_{name}": float(values[0]) for name, values in per_token.items()})
+    row["first_token_right"] = float(int(mixed[0].argmax()) == target[0])
+    row["first_copy_top_token"] = model.decoder_tokenizer.decode([int(context.token_ids[0][attention[0].argmax()])])
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", default="runs/owndocs/questions.tune.jsonl")
+    parser.add_argument("--index", default="indexes/owndocs")
+    parser.add_argument("--cepe-model", required=True)
+    parser.add_argument("--k", default="1,5")
+    parser.add_argument("--relevance-temperature", type=float, default=0.0)
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    reader = build_reader(ReaderSpec(reader="cepe", cepe_model=args.cepe_model, read_margin=None, focus=False,
+                                     relevance_temperature=args.relevance_temperature),
+                          dtype=resolve_dtype(args.dtype, "cpu"))
+    if reader.model.pointer is None:
+        raise SystemExit(f"error: {args.cepe_model} has no copy pointer")
+    ks = [int(k) for k in args.k.split(",")]
+    questions = load_questions(args.questions)[: args.limit]
+    sources = {json.loads(line)["id"]: json.loads(line)["source"]
+               for line in Path(args.questions).read_text().splitlines()}
+    store = open_store(args.index)
+    found = Retriever(store).retrieve_batch([q.question for q in questions], max(ks) + 10)
+    results = []
+    for k in ks:
+        rows = []
+        for question, hits in zip(questions, found):
+            gold_ids = {int(i) for i in store.matching_ids(f"*/{sources[question.id]}", None)}
+            gold = store.passages([min(gold_ids)])[min(gold_ids)]
+            passages = [gold] + [p for p in hits if p.id not in gold_ids][: k - 1]  # order is no signal to CEPE
+            gold_tokens = len(reader.model.tokenize_chunks([gold.as_prompt_text()])[0])
+            rows.append(answer_statistics(reader, question.question, passages, question.answers[0], gold_tokens))
+        summary = {"k": k, "n": len(rows), **{name: round(sum(r[name] for r in rows) / len(rows), 4)
+                                               for name in rows[0] if name != "first_copy_top_token"},
+                   "first_copy_top_tokens": [r["first_copy_top_token"] for r in rows[:12]]}
+        results.append(summary)
+        print(json.dumps(summary), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"cepe_model": args.cepe_model, "relevance_temperature": args.relevance_temperature,
+                                    "dtype": args.dtype, "questions": args.questions, "rows": results}, indent=2)
+                        + "\n")
+
+
+if __name__ == "__main__":
+    main()
