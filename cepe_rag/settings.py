@@ -110,9 +110,10 @@ class ReaderSpec:
         "adapter shipped for the decoder.")
     n_prompt_passages: int = reader_setting(
         0, "cepe: top passages put in the prompt; the rest go through the encoder.", reader="cepe")
-    relevance_temperature: float = reader_setting(
-        0.0, "cepe: a relevance prior on cross-attention; each encoded passage's share of the attention is weighted by "
-        "softmax(similarity to the question / T) (the retrieval embedder's cosine); 0: off.", reader="cepe")
+    relevance_temperature: float | None = reader_setting(
+        None, "cepe: a relevance prior on cross-attention; each encoded passage's share of the attention is weighted "
+        "by softmax(similarity to the question / T) (the retrieval embedder's cosine); 0: off. Default: the "
+        "checkpoint's own setting (its card's), else off.", reader="cepe")
     ape_temperature: float = reader_setting(
         APE_TEMPERATURE, "parallel: attention temperature on passage tokens.", reader="parallel")
     ape_scale: float = reader_setting(APE_SCALE, "parallel: scale on the passages' log-sum-exp.", reader="parallel")
@@ -135,6 +136,8 @@ class ReaderSpec:
         check_choice(self.prompt_style, PROMPT_STYLES, "prompt style")
         check_choice(self.most_relevant, MOST_RELEVANT, "--most-relevant")
         check_read_margin(self.read_margin)
+        if self.relevance_temperature is not None and not self.relevance_temperature >= 0:
+            raise CepeRagError(f"--relevance-temperature must be 0 (off) or more, not {self.relevance_temperature}")
 
     @property
     def label(self) -> str:
@@ -142,7 +145,7 @@ class ReaderSpec:
         if self.reader != "cepe":
             return self.reader
         return "cepe" + (f"-prompt{self.n_prompt_passages}" if self.n_prompt_passages else "") + \
-            (f"-rel{self.relevance_temperature:g}" if self.relevance_temperature else "")
+            (f"-rel{self.relevance_temperature:g}" if self.relevance_temperature is not None else "")
 
     def reader_options(self) -> dict:
         """What the reader's constructor takes from this spec: the settings every reader has, and its own."""
@@ -164,7 +167,9 @@ class ReaderSpec:
             common["focus"] = True
         if self.reader == "cepe":
             cepe = {**common, "cepe_model": self.cepe_model or "packaged", "n_prompt_passages": self.n_prompt_passages}
-            return {**cepe, "relevance_temperature": self.relevance_temperature} if self.relevance_temperature else cepe
+            # Absent: the checkpoint's own prior (which the checkpoint's path already pins).
+            return {**cepe, "relevance_temperature": self.relevance_temperature} \
+                if self.relevance_temperature is not None else cepe
         if self.reader == "parallel":
             return {**common, "ape_temperature": self.ape_temperature, "ape_scale": self.ape_scale}
         if self.reader == "concat" and self.most_relevant != "first":

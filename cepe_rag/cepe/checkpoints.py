@@ -123,6 +123,7 @@ def load_adapter(folder: str | Path, *, dtype=torch.float32, device: str = "cpu"
                                    f"{tuple(own[name].shape)}")
             own[name].copy_(tensor.to(own[name].dtype))
     model.training_history = config.get("training_history", [])
+    model.reader_settings = config.get("reader", {})  # how it is meant to be read, e.g. its relevance prior
     return model.to(device=device).eval().requires_grad_(False)
 
 

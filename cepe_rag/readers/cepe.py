@@ -61,7 +61,8 @@ class CepeReader(Reader):
     the rest if None) through the encoder, one passage per chunk. `context_states` (precomputed: a
     ContextStates set, or an index's stored states) skip the encoder for the passages they cover.
 
-    `relevance_temperature` T > 0 adds a relevance prior: each encoded passage's share of every cross-attention (and
+    `relevance_temperature` T > 0 adds a relevance prior (None: the checkpoint's own setting, its card's
+    `"reader": {"relevance_temperature": T}`, else none): each encoded passage's share of every cross-attention (and
     copy-pointer) softmax is multiplied by softmax(cosine(question, passage) / T) over the encoded passages, scored by
     the retrieval embedder (`embedder`, default: the packaged MiniLM). With one encoded passage it changes nothing.
 
@@ -73,8 +74,10 @@ class CepeReader(Reader):
     def __init__(self, model: CepeForCausalLM, tokenizer, *, n_prompt_passages: int = 0,
                  n_encoder_passages: int | None = None, context_states: StateSource | None = None,
                  cross_kv_budget_mb: float = CROSS_KV_BUDGET_MB, max_cached_passages: int = 20_000,
-                 relevance_temperature: float = 0.0, embedder=None, **kwargs):
+                 relevance_temperature: float | None = None, embedder=None, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
+        if relevance_temperature is None:
+            relevance_temperature = getattr(model, "reader_settings", {}).get("relevance_temperature", 0.0)
         self.relevance_temperature = relevance_temperature
         self._embedder = embedder
         self.n_prompt_passages = n_prompt_passages

@@ -8,7 +8,7 @@ import torch
 from cepe_rag.cepe.model import group_by_request
 from cepe_rag.readers.cepe import relevance_log_weights
 from cepe_rag.settings import ReaderSpec
-from cepe_rag.types import Passage
+from cepe_rag.types import CepeRagError, Passage
 from tests.cepe.test_pointer import CHUNKS, pointer_model, prompt_ids
 
 
@@ -88,6 +88,19 @@ def test_the_readers_prior_is_a_softmax_of_cosine_over_temperature():
 def test_the_prior_is_a_cepe_setting_with_its_own_row_name():
     spec = ReaderSpec(reader="cepe", relevance_temperature=0.05, cepe_model="x")
     assert spec.label == "cepe-rel0.05" and spec.settings()["relevance_temperature"] == 0.05
-    assert ReaderSpec(reader="cepe", cepe_model="x").label == "cepe"
+    assert ReaderSpec(reader="cepe", relevance_temperature=0.0, cepe_model="x").label == "cepe-rel0"
+    assert ReaderSpec(reader="cepe", cepe_model="x").label == "cepe"  # the checkpoint's own prior
     assert "relevance_temperature" not in ReaderSpec(reader="cepe", cepe_model="x").settings()
     assert "relevance_temperature" not in ReaderSpec(reader="concat").reader_options()
+    with pytest.raises(CepeRagError, match="relevance-temperature"):
+        ReaderSpec(reader="cepe", relevance_temperature=-1.0)
+
+
+def test_a_checkpoint_names_its_own_prior_and_an_explicit_setting_wins(chat_tokenizer):
+    from cepe_rag.readers.cepe import CepeReader
+
+    model = pointer_model(chat_tokenizer)
+    assert CepeReader(model, chat_tokenizer).relevance_temperature == 0.0
+    model.reader_settings = {"relevance_temperature": 0.02}
+    assert CepeReader(model, chat_tokenizer).relevance_temperature == 0.02
+    assert CepeReader(model, chat_tokenizer, relevance_temperature=0.0).relevance_temperature == 0.0
