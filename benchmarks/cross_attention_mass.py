@@ -1,6 +1,6 @@
 """Diagnosis: how much of its cross-attention does a CEPE adapter put on the gold passage, as k grows?
 
-    python benchmarks/cross_attention_mass.py --cepe-model cepe_rag/checkpoints/smollm2-135m-minilm --limit 40 \\
+    python benchmarks/cross_attention_mass.py --cepe-model benchmarks/results/adapters/smollm2-135m-minilm --limit 40 \\
         --out benchmarks/results/diagnosis/mass_shipped.json
 
 For own-documents questions the gold passage (the question's own file) is placed among k - 1 retrieved

@@ -28,11 +28,13 @@ from cepe_rag.settings import ReaderSpec
 POSITIONS = ("first", "middle", "last")
 
 
-def spec_for(name: str, cepe_model: str | None) -> ReaderSpec:
-    """read_margin=None: every one of the k placed passages is read (the probe is about k, not the cutoff)."""
-    if name == "cepe-prompt1":
-        return ReaderSpec(reader="cepe", n_prompt_passages=1, cepe_model=cepe_model, read_margin=None)
-    return ReaderSpec(reader=name, cepe_model=cepe_model if name == "cepe" else None, read_margin=None)
+def spec_for(name: str, cepe_model: str | None, relevance_temperature: float | None = None) -> ReaderSpec:
+    """read_margin=None: every one of the k placed passages is read (the probe is about k, not the cutoff); passages
+    as they are (no sentence focus), as the probe's first rows were read."""
+    if name.startswith("cepe"):
+        return ReaderSpec(reader="cepe", n_prompt_passages=1 if name == "cepe-prompt1" else 0, cepe_model=cepe_model,
+                          read_margin=None, focus=False, relevance_temperature=relevance_temperature)
+    return ReaderSpec(reader=name, read_margin=None, focus=False)
 
 
 def place(gold, distractors: list, k: int, position: str) -> list:
@@ -49,6 +51,8 @@ def main() -> None:
     parser.add_argument("--k", default="1,5,20,50")
     parser.add_argument("--limit", type=int, default=60)
     parser.add_argument("--cepe-model", default=None, help="default: the adapter shipped for the decoder")
+    parser.add_argument("--relevance-temperature", type=float, default=None,
+                        help="the cepe rows' relevance prior (default: the checkpoint's own)")
     parser.add_argument("--label", default="", help="suffix of the cepe rows' names (e.g. the adapter's)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -70,8 +74,8 @@ def main() -> None:
     with cache_path.open("a") as cache:
         for name in args.readers.split(","):
             label = name + (args.label if name.startswith("cepe") else "")
-            reader = build_reader(spec_for(name, args.cepe_model), dtype=resolve_dtype(None, "cpu"),
-                                  generation=generation)
+            spec = spec_for(name, args.cepe_model, args.relevance_temperature)
+            reader = build_reader(spec, dtype=resolve_dtype(None, "cpu"), generation=generation)
             for k in ks:
                 for position in POSITIONS if k > 1 else POSITIONS[:1]:
                     correct = []

@@ -2,7 +2,7 @@
 (concat, CEPED's teacher), and a CEPE checkpoint reading them through cross-attention.
 
     python benchmarks/read_validation.py --examples runs/train/read/validation_read.jsonl \
-        --cepe-model cepe_rag/checkpoints/smollm2-135m-minilm
+        --cepe-model benchmarks/results/adapters/smollm2-135m-minilm
 
 Cross-entropy per answer token (nats) on examples built from held-out articles only; lower is better.
 """

@@ -77,7 +77,7 @@ def check_read_margin(margin: float | None) -> None:
 
 
 # CEPE adapters shipped inside the package, by the decoder they were trained for.
-PACKAGED_CEPE = {DEFAULT_DECODER: "smollm2-135m-minilm"}
+PACKAGED_CEPE = {DEFAULT_DECODER: "smollm2-135m-pointer"}
 
 
 def packaged_cepe(decoder: str = DEFAULT_DECODER) -> str | None:

@@ -9,6 +9,11 @@ class CepeRagError(Exception):
     """A problem the user can fix; the CLI prints it as one line, without a traceback."""
 
 
+def passage_embedding_text(title: str, text: str) -> str:
+    """What the retrieval embedder embeds for a passage (at indexing, and for the cepe reader's relevance prior)."""
+    return f"{title}\n{text}" if title else text
+
+
 @dataclass
 class Passage:
     """A retrieved chunk of a document: what retrieval returns and readers consume."""

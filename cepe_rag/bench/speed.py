@@ -29,14 +29,15 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from cepe_rag.cepe import CepeForCausalLM, build_encoder
 from cepe_rag.indexes import IndexStore
-from cepe_rag.models import embedder_path, load_decoder
+from cepe_rag.models import load_decoder
 from cepe_rag.readers.parallel import ParallelContext, ParallelReader
-from cepe_rag.settings import BENCH_METHODS
+from cepe_rag.settings import BENCH_METHODS, packaged_cepe
 
 METHODS = BENCH_METHODS
 PASSAGE_TOKENS = 128
@@ -79,7 +80,9 @@ def _peak_rss_mib() -> float:
 
 def build_models(config: BenchConfig):
     """(CepeForCausalLM, vocab size): real default weights, or random 7B-shaped ones."""
-    from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cepe_rag.cepe.checkpoints import build_encoder_for
 
     dtype = getattr(torch, config.dtype)
     if config.model == "7b":
@@ -105,8 +108,11 @@ def build_models(config: BenchConfig):
         finally:
             torch.set_default_dtype(previous)
     else:
-        decoder, _ = load_decoder(device=config.device, dtype=dtype)
-        encoder = AutoModel.from_pretrained(embedder_path(), dtype=dtype).to(config.device)
+        # The packaged adapter's encoder (its shapes decide the stored states and the cross-attention's K/V).
+        decoder, tokenizer = load_decoder(device=config.device, dtype=dtype)
+        card = json.loads((Path(packaged_cepe()) / "cepe_adapter.json").read_text())
+        encoder, _ = build_encoder_for(card["encoder"], decoder, tokenizer)
+        encoder = encoder.to(device=config.device, dtype=dtype)
     model = CepeForCausalLM(decoder.eval(), encoder.eval(), num_cross_attn_layers=config.cross_layers,
                             init_mode="copy").to(config.device).eval().requires_grad_(False)
     return model, decoder.config.vocab_size, encoder.config.vocab_size

@@ -179,6 +179,8 @@ class CepeForCausalLM(nn.Module):
         tokenizer = self.encoder_tokenizer
         if tokenizer is None:
             raise CepeRagError("this CEPE model has no encoder tokenizer")
+        if not texts:  # a request without passages (fast tokenizers fail on an empty batch)
+            return []
         config = self.config
         side = tokenizer.truncation_side
         try:

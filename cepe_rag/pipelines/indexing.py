@@ -20,7 +20,7 @@ from cepe_rag.indexes.layout import MANIFEST_FILE, QdrantLocation
 from cepe_rag.indexes.sizing import check_fits
 from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.settings import DEFAULT_CHUNK_TOKENS, DEFAULT_EMBEDDER, DEFAULT_FAISS_FACTORY, DEFAULT_OVERLAP_TOKENS
-from cepe_rag.types import CepeRagError, Passage
+from cepe_rag.types import CepeRagError, Passage, passage_embedding_text
 
 if TYPE_CHECKING:  # the encoder (torch) is loaded only by runs that store context states
     from cepe_rag.cepe.states import StateEncoder
@@ -52,10 +52,6 @@ class ProgressHooks:
     def documents(self, n: int) -> None: ...
     def passages(self, n: int) -> None: ...
     def rebuilding(self, done: int, total: int) -> None: ...
-
-
-def passage_embedding_text(title: str, text: str) -> str:
-    return f"{title}\n{text}" if title else text
 
 
 @dataclass

@@ -13,7 +13,7 @@ from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache, StateSource
 from cepe_rag.readers.base import NO_CONVERSATION, PreparedPrompt, Reader, passage_block, question_text
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
 from cepe_rag.settings import CROSS_KV_BUDGET_MB
-from cepe_rag.types import Conversation, Passage
+from cepe_rag.types import Conversation, Passage, passage_embedding_text
 
 
 @dataclass
@@ -31,28 +31,42 @@ def _default_embedder():
     return load_embedder()
 
 
-def relevance_log_weights(question: str, passages: Sequence[Passage], temperature: float, embedder) -> list[float]:
-    """log softmax(cosine(question, passage) / temperature) over the passages, by the retrieval embedder."""
-    return RelevancePrior(temperature, embedder)(question, [p.as_prompt_text() for p in passages])
+def relevance_log_weights(question: str, passages: Sequence[Passage], temperature: float,
+                          prior: RelevancePrior) -> list[float]:
+    """log softmax(cosine(question, passage) / temperature) over the passages under the retrieval embedder: the
+    retriever's own cosine (`dense_score`) when every passage has one, else embedded here as the index embeds them."""
+    if all(p.dense_score is not None for p in passages):
+        scores = [p.dense_score for p in passages]
+    else:
+        scores = prior.cosines(question, [passage_embedding_text(p.title, p.text) for p in passages])
+    return torch.log_softmax(torch.tensor(scores, dtype=torch.float64) / temperature, dim=0).tolist()
 
 
 class RelevancePrior:
     """log softmax(cosine(question, chunk) / temperature) over an example's chunks, as the cepe reader weights its
-    passages; embeddings are kept by text (training reads the same passages again and again)."""
+    passages; embeddings are kept by text (the same passages come back again and again), up to `max_texts`."""
 
-    def __init__(self, temperature: float, embedder=None):
+    def __init__(self, temperature: float, embedder=None, max_texts: int = 50_000):
         self.temperature = temperature
-        self.embedder = embedder if embedder is not None else _default_embedder()
+        self.embedder = embedder
+        self.max_texts = max_texts
         self.vectors: dict[str, np.ndarray] = {}
 
-    def __call__(self, question: str, chunks: Sequence[str]) -> list[float]:
+    def cosines(self, question: str, texts: Sequence[str]) -> list[float]:
         from cepe_rag.models import embed_texts
 
-        missing = [text for text in dict.fromkeys([question, *chunks]) if text not in self.vectors]
+        missing = [text for text in dict.fromkeys([question, *texts]) if text not in self.vectors]
         if missing:
+            if self.embedder is None:
+                self.embedder = _default_embedder()
+            if len(self.vectors) + len(missing) > self.max_texts:
+                self.vectors.clear()
             self.vectors.update(zip(missing, np.asarray(embed_texts(self.embedder, missing), dtype=np.float64)))
         query = self.vectors[question]
-        scores = torch.tensor([float(self.vectors[chunk] @ query) for chunk in chunks], dtype=torch.float64)
+        return [float(self.vectors[text] @ query) for text in texts]
+
+    def __call__(self, question: str, chunks: Sequence[str]) -> list[float]:
+        scores = torch.tensor(self.cosines(question, chunks), dtype=torch.float64)
         return torch.log_softmax(scores / self.temperature, dim=0).tolist()
 
 
@@ -64,7 +78,8 @@ class CepeReader(Reader):
     `relevance_temperature` T > 0 adds a relevance prior (None: the checkpoint's own setting, its card's
     `"reader": {"relevance_temperature": T}`, else none): each encoded passage's share of every cross-attention (and
     copy-pointer) softmax is multiplied by softmax(cosine(question, passage) / T) over the encoded passages, scored by
-    the retrieval embedder (`embedder`, default: the packaged MiniLM). With one encoded passage it changes nothing.
+    the retrieval embedder: the retriever's own cosine when the passages carry it, else embedded by `embedder` (default:
+    the packaged MiniLM). With one encoded passage it changes nothing.
 
     States computed here are rounded to float16, as stored states are, so that an answer does not depend on
     where its passages' states came from."""
@@ -80,6 +95,7 @@ class CepeReader(Reader):
             relevance_temperature = getattr(model, "reader_settings", {}).get("relevance_temperature", 0.0)
         self.relevance_temperature = relevance_temperature
         self._embedder = embedder
+        self._prior: RelevancePrior | None = None
         self.n_prompt_passages = n_prompt_passages
         self.n_encoder_passages = n_encoder_passages
         self.context_states = context_states
@@ -93,10 +109,11 @@ class CepeReader(Reader):
         return in_prompt, list(rest if self.n_encoder_passages is None else rest[: self.n_encoder_passages])
 
     @property
-    def embedder(self):
-        if self._embedder is None:
-            self._embedder = _default_embedder()
-        return self._embedder
+    def prior(self) -> RelevancePrior:
+        """Embeds passages only when they come without the retriever's cosine (the packaged MiniLM by default)."""
+        if self._prior is None:
+            self._prior = RelevancePrior(self.relevance_temperature, self._embedder)
+        return self._prior
 
     def prepare(self, question: str, passages: Sequence[Passage],
                 conversation: Conversation = NO_CONVERSATION) -> PreparedPrompt[CepePlan]:
@@ -108,7 +125,7 @@ class CepeReader(Reader):
         self.check_fits(len(ids))
         log_weights = None
         if self.relevance_temperature > 0 and len(in_encoder) > 1:
-            log_weights = relevance_log_weights(question, in_encoder, self.relevance_temperature, self.embedder)
+            log_weights = relevance_log_weights(question, in_encoder, self.relevance_temperature, self.prior)
         return PreparedPrompt(ids, in_prompt + in_encoder, plan=CepePlan(in_encoder, log_weights))
 
     def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:

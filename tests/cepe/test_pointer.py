@@ -196,3 +196,16 @@ def test_the_first_token_weight_picks_each_answers_first_token(chat_tokenizer):
     assert all(len(e.target_ids) > 1 for e in examples)
     assert heavy.item() == pytest.approx(only_first.item(), rel=1e-6)
     assert abs(plain.item() - only_first.item()) > 1e-3
+
+
+def test_a_pointer_reader_answers_with_and_without_passages_in_one_batch(chat_tokenizer):
+    """A request with no passages has no context tokens to copy: it answers as the plain decoder, beside one that
+    has passages (this failed on the empty tokenizer batch before)."""
+    from cepe_rag.readers import CepeReader
+    from cepe_rag.types import Passage
+
+    reader = CepeReader(pointer_model(chat_tokenizer), chat_tokenizer, generation=GenerationConfig(max_new_tokens=4))
+    passages = [Passage(1, "the secret word is zebra")]
+    alone = reader.answer("Which word?", []).text
+    batch = reader.answer_batch(["Which word?", "Which word?"], [[], passages])
+    assert batch[0].text == alone and batch[1].usage["passages_read"] == 1

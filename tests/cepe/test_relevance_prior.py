@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cepe_rag.cepe.model import group_by_request
-from cepe_rag.readers.cepe import relevance_log_weights
+from cepe_rag.readers.cepe import RelevancePrior, relevance_log_weights
 from cepe_rag.settings import ReaderSpec
 from cepe_rag.types import CepeRagError, Passage
 from tests.cepe.test_pointer import CHUNKS, pointer_model, prompt_ids
@@ -76,13 +76,38 @@ class FakeEmbedder:
 
 def test_the_readers_prior_is_a_softmax_of_cosine_over_temperature():
     passages = [Passage(1, "A river."), Passage(2, "The bridge."), Passage(3, "A castle.")]
-    sharp = relevance_log_weights("Who built the bridge?", passages, 0.05, FakeEmbedder())
-    soft = relevance_log_weights("Who built the bridge?", passages, 1.0, FakeEmbedder())
+    sharp = relevance_log_weights("Who built the bridge?", passages, 0.05, RelevancePrior(0.05, FakeEmbedder()))
+    soft = relevance_log_weights("Who built the bridge?", passages, 1.0, RelevancePrior(1.0, FakeEmbedder()))
     for weights in (sharp, soft):
         assert sum(np.exp(weights)) == pytest.approx(1.0, abs=1e-9)
         assert weights[1] > weights[0] > weights[2]
     assert np.exp(sharp[1]) > 0.99 > np.exp(soft[1])
     assert sharp[1] - sharp[0] == pytest.approx((1.0 - 0.6) / 0.05, rel=1e-5)
+
+
+def test_the_retrievers_cosine_is_used_when_every_passage_has_one():
+    """Retrieved passages carry their cosine to the question (dense_score): nothing is embedded again. One passage
+    without it (e.g. a caller's own) and all are embedded, as the index embeds them (title, newline, text)."""
+
+    class Refusing:
+        def encode(self, texts, **kwargs):
+            raise AssertionError("embedded although the retriever's scores were there")
+
+    scored = [Passage(1, "a", dense_score=0.3), Passage(2, "b", dense_score=0.5)]
+    weights = relevance_log_weights("q?", scored, 0.1, RelevancePrior(0.1, Refusing()))
+    assert weights[1] - weights[0] == pytest.approx(2.0, rel=1e-9)
+    seen = []
+
+    class Recording(FakeEmbedder):
+        def encode(self, texts, **kwargs):
+            seen.extend(texts)
+            return super().encode(texts, **kwargs)
+
+    prior = RelevancePrior(0.1, Recording())
+    relevance_log_weights("Which bridge?", [scored[0], Passage(3, "The bridge.", title="Bridge")], 0.1, prior)
+    assert seen == ["Which bridge?", "a", "Bridge\nThe bridge."]
+    relevance_log_weights("Which bridge?", [scored[0], Passage(3, "The bridge.", title="Bridge")], 0.1, prior)
+    assert len(seen) == 3  # kept by text
 
 
 def test_the_prior_is_a_cepe_setting_with_its_own_row_name():

@@ -11,11 +11,13 @@ from cepe_rag.types import Passage
 
 pytestmark = pytest.mark.real_models
 
+# Invented facts (no decoder can know them) about two near-namesakes, and an unrelated passage.
 PASSAGES = [
-    Passage(1, "2001: A Space Odyssey is a 1968 epic science fiction film produced and directed by Stanley Kubrick.",
-            title="2001: A Space Odyssey"),
-    Passage(2, "The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889.", title="Eiffel Tower"),
-    Passage(3, "The Nile is a major north-flowing river in northeastern Africa.", title="Nile"),
+    Passage(1, "The Quorvath Bridge is a stone footbridge over the river Vellin. It was designed by the engineer "
+               "Mirela Stanchev and opened in 1887.", title="Quorvath Bridge"),
+    Passage(2, "The Varnholt Bridge is an iron road bridge over the river Oskel. It was designed by the architect "
+               "Tomas Ekwall and opened in 1902.", title="Varnholt Bridge"),
+    Passage(3, "The Eiffel Tower is a wrought-iron lattice tower in Paris, completed in 1889.", title="Eiffel Tower"),
 ]
 
 
@@ -36,25 +38,27 @@ def answer_log_likelihood(reader, question, passages, answer, monkeypatch) -> fl
     return sum(scores)
 
 
-def test_the_shipped_adapter_answers_from_its_encoder_in_the_trained_format(monkeypatch):
-    """Cross-attention to the encoded passages changes what the decoder says, as the adapter was trained to: a short
-    span instead of a sentence, and the year 5.5 nats likelier (float32: log p("1889", end) -1.48 with the passages,
-    -7.03 without).
+@pytest.mark.parametrize("question, answer, other", [
+    ("Who designed the Quorvath Bridge?", "Mirela Stanchev", "Tomas Ekwall"),
+    ("Who designed the Varnholt Bridge?", "Tomas Ekwall", "Mirela Stanchev"),
+])
+def test_the_shipped_adapter_reads_the_relevant_passage_among_near_namesakes(question, answer, other, monkeypatch):
+    """The packaged adapter (copy pointer, read under its relevance prior) reads an invented fact from the encoder:
+    the right designer's name is far likelier with the passages than without (measured, float32: 42-44 nats) and
+    than the near-namesake's designer, who is in the context too (measured: 18 nats and more).
 
-    Not asserted: which year it greedily picks. "1889" beats "1888" by 0.2 nats only, and the frozen decoder knows
-    the year itself (forced to "completed in", it goes on "1889"); with a counterfactual year in the passage it
-    still answers "1889" (log p of the passage's year moves by 0.02 nats): this adapter's answers hardly depend on
-    what it reads (docs/training.md, "Results of the shipped adapter": answer loss 2.51 with its own passages, 2.59 with
-    another question's). `python benchmarks/answer_margins.py` measures the greedy margins."""
+    Not asserted: the greedy answer. The pointer still often starts the name wrong ("Jirela" for "Mirela": where to
+    start copying is what it has not learned well, docs/training.md, session 7), and it answers 20% of the
+    own-documents tuning questions."""
     path = packaged_cepe()
     assert path is not None
     model = load_cepe(path)  # float32
-    assert model.config.num_cross_attn_layers == 8 and model.training_history[-1]["stage"] == "read"
+    assert model.pointer is not None and model.config.num_cross_attn_layers == 8
     reader = make_reader("cepe", model, model.decoder_tokenizer, generation=GenerationConfig(max_new_tokens=12))
-    question = "When was the Eiffel Tower completed?"
-    read = reader.answer(question, PASSAGES)
-    assert read.usage["passages_read"] == 3 and read.text.isdigit()  # every runner-up within 2 nats: digits too
-    assert len(reader.answer(question, []).text.split()) > 3  # the frozen decoder alone: a sentence
-    with_passages = answer_log_likelihood(reader, question, PASSAGES, "1889", monkeypatch)
-    alone = answer_log_likelihood(reader, question, [], "1889", monkeypatch)
-    assert with_passages > alone + 3
+    assert reader.relevance_temperature == model.reader_settings["relevance_temperature"] > 0  # the card's prior
+    weights = torch.tensor(reader.prepare(question, PASSAGES).plan.log_weights).exp()
+    gold = 0 if answer == "Mirela Stanchev" else 1
+    assert int(weights.argmax()) == gold and float(weights[gold]) > 0.9
+    read = answer_log_likelihood(reader, question, PASSAGES, answer, monkeypatch)
+    assert read > answer_log_likelihood(reader, question, [], answer, monkeypatch) + 20
+    assert read > answer_log_likelihood(reader, question, PASSAGES, other, monkeypatch) + 8
