@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from cepe_rag.cepe import CepeForCausalLM, build_encoder
+from cepe_rag.cepe.checkpoints import build_encoder_for
 from cepe_rag.indexes import IndexStore
 from cepe_rag.models import load_decoder
 from cepe_rag.readers.parallel import ParallelContext, ParallelReader
@@ -81,8 +82,6 @@ def _peak_rss_mib() -> float:
 def build_models(config: BenchConfig):
     """(CepeForCausalLM, vocab size): real default weights, or random 7B-shaped ones."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from cepe_rag.cepe.checkpoints import build_encoder_for
 
     dtype = getattr(torch, config.dtype)
     if config.model == "7b":

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache, StateSource
+from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.readers.base import NO_CONVERSATION, PreparedPrompt, Reader, passage_block, question_text
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
 from cepe_rag.settings import CROSS_KV_BUDGET_MB
@@ -26,8 +27,6 @@ class CepePlan:
 
 @lru_cache(maxsize=1)
 def _default_embedder():
-    from cepe_rag.models import load_embedder
-
     return load_embedder()
 
 
@@ -53,8 +52,6 @@ class RelevancePrior:
         self.vectors: dict[str, np.ndarray] = {}
 
     def cosines(self, question: str, texts: Sequence[str]) -> list[float]:
-        from cepe_rag.models import embed_texts
-
         missing = [text for text in dict.fromkeys([question, *texts]) if text not in self.vectors]
         if missing:
             if self.embedder is None:

@@ -32,6 +32,7 @@ from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache
 from cepe_rag.cepe.cross_attention import CrossContext
 from cepe_rag.cepe.model import group_by_request
 from cepe_rag.padding import pad_id_of, pad_token_ids
+from cepe_rag.readers.base import passage_block
 from cepe_rag.training.examples import TrainingExample
 from cepe_rag.types import CepeRagError
 
@@ -118,8 +119,6 @@ def gold_passage_teacher(model: CepeForCausalLM, prompt_ids: Callable[[str], lis
     """The frozen decoder reading each example's gold chunk alone in its prompt (what `concat` at k=1 reads),
     teacher-forced on the target: (log probs (teacher rows, vocab) in fp32, which of the batch's target rows have
     one, in the row-major order of the labels)."""
-    from cepe_rag.readers.base import passage_block
-
     has_teacher, sequences, spans = [], [], []
     for chunks, gold, question, target in zip(batch.chunks, batch.gold_chunks, batch.questions, batch.targets):
         usable = gold is not None and bool(question)
