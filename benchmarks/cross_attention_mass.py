@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from cepe_rag.eval.data import load_questions
-from cepe_rag.indexes import open_store
+sys.path.insert(0, str(Path(__file__).parent))
+
+from position_probe import gold_cases  # noqa: E402
+
 from cepe_rag.models import resolve_dtype
 from cepe_rag.readers import build_reader
-from cepe_rag.retrieval import Retriever
 from cepe_rag.settings import ReaderSpec
 
 
@@ -67,19 +69,13 @@ def main() -> None:
     ks = [int(k) for k in args.k.split(",")]
     reader = build_reader(ReaderSpec(reader="cepe", cepe_model=args.cepe_model), dtype=resolve_dtype(args.dtype, "cpu"))
     model = reader.model
-    questions = load_questions(args.questions)[: args.limit]
-    sources = {json.loads(line)["id"]: json.loads(line)["source"]
-               for line in Path(args.questions).read_text().splitlines()}
-    store = open_store(args.index)
-    found = Retriever(store).retrieve_batch([q.question for q in questions], max(ks) + 10)
+    cases = gold_cases(args.questions, args.index, args.limit, max(ks) + 10)
     results = []
     for k in ks:
         totals = {"gold_mass": 0.0, "gold_share": 0.0, "top_gold_token": 0.0}
         per_layer = None
-        for question, hits in zip(questions, found):
-            gold_ids = {int(i) for i in store.matching_ids(f"*/{sources[question.id]}", None)}
-            gold = store.passages([min(gold_ids)])[min(gold_ids)]
-            passages = [gold] + [p for p in hits if p.id not in gold_ids][: k - 1]  # order is no signal to CEPE
+        for question, gold, distractors in cases:
+            passages = [gold] + distractors[: k - 1]  # order is no signal to CEPE
             prepared = reader.prepare(question.question, passages)
             states = reader._chunk_states(prepared.plan.passages)
             context = model.context_from_states([states], cross_kv="project")
@@ -92,7 +88,7 @@ def main() -> None:
             totals["gold_share"] += gold_tokens / total_tokens
             totals["top_gold_token"] += float(torch.stack([w[:, :gold_tokens].max(-1).values.mean() for w in weights])
                                               .mean())
-        n = len(questions)
+        n = len(cases)
         row = {"k": k, "n": n, **{key: round(value / n, 4) for key, value in totals.items()},
                "gold_mass_per_layer": [round(float(m) / n, 4) for m in per_layer]}
         row["selectivity"] = round(row["gold_mass"] / row["gold_share"], 2)

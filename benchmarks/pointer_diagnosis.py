@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from cepe_rag.eval.data import load_questions
-from cepe_rag.indexes import open_store
+sys.path.insert(0, str(Path(__file__).parent))
+
+from position_probe import gold_cases  # noqa: E402
+
 from cepe_rag.models import resolve_dtype
 from cepe_rag.readers import build_reader
 from cepe_rag.readers.generation import GenerationConfig
-from cepe_rag.retrieval import Retriever
 from cepe_rag.settings import ReaderSpec
 
 
@@ -88,18 +90,12 @@ def main() -> None:
     if reader.model.pointer is None:
         raise SystemExit(f"error: {args.cepe_model} has no copy pointer")
     ks = [int(k) for k in args.k.split(",")]
-    questions = load_questions(args.questions)[: args.limit]
-    sources = {json.loads(line)["id"]: json.loads(line)["source"]
-               for line in Path(args.questions).read_text().splitlines()}
-    store = open_store(args.index)
-    found = Retriever(store).retrieve_batch([q.question for q in questions], max(ks) + 10)
+    cases = gold_cases(args.questions, args.index, args.limit, max(ks) + 10)
     results = []
     for k in ks:
         rows = []
-        for question, hits in zip(questions, found):
-            gold_ids = {int(i) for i in store.matching_ids(f"*/{sources[question.id]}", None)}
-            gold = store.passages([min(gold_ids)])[min(gold_ids)]
-            passages = [gold] + [p for p in hits if p.id not in gold_ids][: k - 1]  # order is no signal to CEPE
+        for question, gold, distractors in cases:
+            passages = [gold] + distractors[: k - 1]  # order is no signal to CEPE
             gold_tokens = len(reader.model.tokenize_chunks([gold.as_prompt_text()])[0])
             rows.append(answer_statistics(reader, question.question, passages, question.answers[0], gold_tokens))
         summary = {"k": k, "n": len(rows), **{name: round(sum(r[name] for r in rows) / len(rows), 4)

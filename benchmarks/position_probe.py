@@ -37,6 +37,23 @@ def spec_for(name: str, cepe_model: str | None, relevance_temperature: float | N
     return ReaderSpec(reader=name, read_margin=None, focus=False)
 
 
+def gold_cases(questions_path: str, index: str, limit: int | None, depth: int) -> list[tuple]:
+    """(question, gold passage, distractors) for each own-documents question: the gold is the first passage of the
+    question's own file; the distractors are the `depth` passages the retriever finds for the question, the gold's
+    file left out (so near-namesakes stay in), in their rank order."""
+    questions = load_questions(questions_path)[:limit]
+    sources = {json.loads(line)["id"]: json.loads(line)["source"]
+               for line in Path(questions_path).read_text().splitlines()}
+    store = open_store(index)
+    found = Retriever(store).retrieve_batch([q.question for q in questions], depth)
+    cases = []
+    for question, hits in zip(questions, found):
+        gold_ids = {int(i) for i in store.matching_ids(f"*/{sources[question.id]}", None)}
+        gold = store.passages([min(gold_ids)])[min(gold_ids)]
+        cases.append((question, gold, [p for p in hits if p.id not in gold_ids]))
+    return cases
+
+
 def place(gold, distractors: list, k: int, position: str) -> list:
     others = distractors[: k - 1]
     rank = {"first": 0, "middle": len(others) // 2, "last": len(others)}[position]
@@ -57,11 +74,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     ks = [int(k) for k in args.k.split(",")]
-    questions = load_questions(args.questions)[: args.limit or None]
-    records = {json.loads(line)["id"]: json.loads(line) for line in Path(args.questions).read_text().splitlines()}
-    store = open_store(args.index)
-    retriever = Retriever(store)
-    found = retriever.retrieve_batch([q.question for q in questions], max(ks) + 10)
+    cases = gold_cases(args.questions, args.index, args.limit or None, max(ks) + 10)
     args.out.mkdir(parents=True, exist_ok=True)
     cache_path = args.out / "answers.jsonl"
     answers = {}
@@ -79,11 +92,7 @@ def main() -> None:
             for k in ks:
                 for position in POSITIONS if k > 1 else POSITIONS[:1]:
                     correct = []
-                    for question, hits in zip(questions, found):
-                        source = records[question.id]["source"]
-                        gold_ids = {int(i) for i in store.matching_ids(f"*/{source}", None)}
-                        gold = store.passages([min(gold_ids)])[min(gold_ids)]
-                        distractors = [p for p in hits if p.id not in gold_ids]
+                    for question, gold, distractors in cases:
                         passages = place(gold, distractors, k, position)
                         key = (label, question.id, tuple(p.id for p in passages))
                         if key not in answers:
