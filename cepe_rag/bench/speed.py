@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from cepe_rag.cepe import CepeForCausalLM, build_encoder
-from cepe_rag.cepe.checkpoints import build_encoder_for
+from cepe_rag.cepe.checkpoints import ADAPTER_CONFIG, build_encoder_for
 from cepe_rag.indexes import IndexStore
 from cepe_rag.models import load_decoder
 from cepe_rag.readers.parallel import ParallelContext, ParallelReader
@@ -109,7 +109,7 @@ def build_models(config: BenchConfig):
     else:
         # The packaged adapter's encoder (its shapes decide the stored states and the cross-attention's K/V).
         decoder, tokenizer = load_decoder(device=config.device, dtype=dtype)
-        card = json.loads((Path(packaged_cepe()) / "cepe_adapter.json").read_text())
+        card = json.loads((Path(packaged_cepe()) / ADAPTER_CONFIG).read_text())
         encoder, _ = build_encoder_for(card["encoder"], decoder, tokenizer)
         encoder = encoder.to(device=config.device, dtype=dtype)
     model = CepeForCausalLM(decoder.eval(), encoder.eval(), num_cross_attn_layers=config.cross_layers,

@@ -130,9 +130,8 @@ class CrossContext:
         ids = (None if self.token_ids is None or other.token_ids is None else
                torch.cat([widen(self.token_ids, -1), widen(other.token_ids, -1)]))
         prior = None
-        if self.prior is not None or other.prior is not None:  # a request without a prior has weights of 1 (log 0)
-            prior = torch.cat([widen(self.prior if self.prior is not None else torch.zeros(self.mask.shape), -1),
-                               widen(other.prior if other.prior is not None else torch.zeros(other.mask.shape), -1)])
+        if self.prior is not None or other.prior is not None:
+            prior = torch.cat([widen(self.log_weights(), -1), widen(other.log_weights(), -1)])
         joined = CrossContext(torch.cat([widen(self.states, -2), widen(other.states, -2)]),
                               torch.cat([widen(self.mask, -1), widen(other.mask, -1)]),
                               self.cross_kv if self.cross_kv == other.cross_kv else "absorb", token_ids=ids,
@@ -141,6 +140,10 @@ class CrossContext:
             joined.kv = {layer: tuple(torch.cat([widen(mine, -2), widen(theirs, -2)])
                                       for mine, theirs in zip(self.kv[layer], other.kv[layer])) for layer in self.kv}
         return joined
+
+    def log_weights(self) -> torch.Tensor:
+        """The prior, or the weights of 1 (log 0) that a context without one has."""
+        return self.prior if self.prior is not None else torch.zeros(self.mask.shape, device=self.mask.device)
 
     def kv_bytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv.values())
