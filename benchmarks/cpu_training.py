@@ -105,7 +105,8 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
                + (f"_attn{args.attn_cof:g}" if args.attn_cof else "") + ("_ptr" if args.copy_pointer else "")
                + (f"_copy{args.copy_cof:g}" if args.copy_cof else "") + (f"_kl{args.kl_cof:g}" if args.kl_cof else "")
                + (f"_rel{args.relevance_temperature:g}" if args.relevance_temperature else "")
-               + (f"_first{args.copy_first_weight:g}" if args.copy_first_weight != 1.0 else ""))
+               + (f"_first{args.copy_first_weight:g}" if args.copy_first_weight != 1.0 else "")
+               + ("_ls" if args.copy_line_starts else "") + ("_span" if args.copy_spans else ""))
     out = Path(args.runs) / f"{stage}{variant}_s{seed}"
     command = CLI + ["train", "--stage", stage, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
                      "--lr", str(args.lr), "--warmup-ratio", f"{args.warmup_steps / steps:.6g}",
@@ -138,6 +139,10 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
         command += ["--relevance-temperature", str(args.relevance_temperature)]
     if args.copy_first_weight != 1.0:
         command += ["--copy-first-weight", str(args.copy_first_weight)]
+    if args.copy_line_starts:
+        command += ["--copy-line-starts"]
+    if args.copy_spans:
+        command += ["--copy-spans"]
     subprocess.run(command, env=one_thread(), check=True)
     shutil.copy(out / "log.jsonl", RESULTS / f"log_{out.name}.jsonl")
     plot_curves()
@@ -201,6 +206,10 @@ def main() -> None:
                         help="weight of distillation from the frozen decoder reading the gold passage alone")
     parser.add_argument("--copy-first-weight", type=float, default=1.0,
                         help="the copy loss's weight on each answer's first token, relative to the others")
+    parser.add_argument("--copy-line-starts", action="store_true",
+                        help="an --init pointer from before line-start copies learns with them")
+    parser.add_argument("--copy-spans", action="store_true",
+                        help="copy targets: the answer's whole occurrence in the gold passage")
     parser.add_argument("--relevance-temperature", type=float, default=0.0,
                         help="train and evaluate under the cepe reader's relevance prior with this temperature")
     parser.add_argument("--lineage", default="", help="keep this line's best adapter and scores in "

@@ -13,7 +13,9 @@ first one on its own, reported as means over questions:
 - copy_mass_gold: the same, counting only the gold passage's tokens;
 - decoder_p: the decoder's own probability of the target (cross-attention included, pointer left out);
 - mixture_p: the model's probability of the target;
-- first_token_right: how often the model's most likely first token is the answer's.
+- first_token_right: how often the model's most likely first token is the answer's; first_copy_right,
+  first_decoder_right: the same for the pointer's and the decoder's own most likely first token;
+  first_in_context_right: the model's most likely first token among the tokens of its passages (extractive).
 
 A pointer that finds the answer (copy_mass high) behind a shut gate needs its gate; one whose attention misses it
 needs its attention trained.
@@ -53,10 +55,10 @@ def answer_statistics(reader, question: str, passages, answer: str, gold_passage
     pointer = model.pointer
     attention = pointer.attention(hidden, embeds, context.layer_states_for_pointer(), context.mask, context.prior)[0]
     gate = torch.sigmoid(pointer.gate(hidden.to(pointer.gate.weight.dtype)).float())[0, :, 0]
-    mixed = pointer.mix(logits, hidden, attention[None], context.token_ids[:, None].expand(-1, len(target), -1),
-                        context.mask.any(-1))[0].exp()
+    copied_as = model.copy_token_ids(context, ids[:, positions])  # (1, answer tokens, context tokens)
+    mixed = pointer.mix(logits, hidden, attention[None], copied_as, context.mask.any(-1))[0].exp()
     targets = torch.tensor(target)
-    hits = context.token_ids[0][None, :] == targets[:, None]  # (answer tokens, context tokens)
+    hits = copied_as[0] == targets[:, None]  # (answer tokens, context tokens)
     gold = torch.zeros_like(hits[0])
     gold[:gold_passages] = True
     copy_mass = (attention.float() * hits).sum(-1)
@@ -68,7 +70,13 @@ def answer_statistics(reader, question: str, passages, answer: str, gold_passage
     row = {name: float(values.mean()) for name, values in per_token.items()}
     row.update({f"first_{name}": float(values[0]) for name, values in per_token.items()})
     row["first_token_right"] = float(int(mixed[0].argmax()) == target[0])
-    row["first_copy_top_token"] = model.decoder_tokenizer.decode([int(context.token_ids[0][attention[0].argmax()])])
+    copy_by_token = torch.zeros_like(mixed[0]).scatter_add_(0, copied_as[0, 0], attention[0].float())
+    in_context = torch.zeros_like(mixed[0], dtype=torch.bool)
+    in_context[copied_as[0, 0][context.mask[0]]] = True
+    row["first_copy_right"] = float(int(copy_by_token.argmax()) == target[0])
+    row["first_decoder_right"] = float(int(logits[0, 0].argmax()) == target[0])
+    row["first_in_context_right"] = float(int(mixed[0].masked_fill(~in_context, 0).argmax()) == target[0])
+    row["first_copy_top_token"] = model.decoder_tokenizer.decode([int(copied_as[0, 0][attention[0].argmax()])])
     return row
 
 

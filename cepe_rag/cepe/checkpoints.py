@@ -81,10 +81,11 @@ def save_adapter(model, folder: str | Path, *, include_encoder: bool = False, ca
     state = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.released_state_dict().items()
              if ".cross_attn." in k or (include_encoder and k.startswith("encoder."))}
     save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
+    pointer = {"copy_line_starts": bool(getattr(model.config, "copy_line_starts", False))} if model.pointer else {}
     config = {"format": ADAPTER_FORMAT, **names, "num_cross_attn_layers": model.config.num_cross_attn_layers,
               **{key: getattr(model.config, key) for key in CEPE_RAG_CHUNKING},
               "cross_attn_gate": bool(getattr(model.config, "cross_attn_gate", False)),
-              "copy_pointer": model.pointer is not None,
+              "copy_pointer": model.pointer is not None, **pointer,
               "includes_encoder": include_encoder, **(card or {})}
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
@@ -122,6 +123,8 @@ def load_adapter(folder: str | Path, *, dtype=torch.float32, device: str = "cpu"
                 raise CepeRagError(f"{folder}: {name} has shape {tuple(tensor.shape)}, expected "
                                    f"{tuple(own[name].shape)}")
             own[name].copy_(tensor.to(own[name].dtype))
+    if model.pointer is not None:  # adapters from before line-start copies were trained without them
+        model.config.copy_line_starts = config.get("copy_line_starts", False)
     model.training_history = config.get("training_history", [])
     model.reader_settings = config.get("reader", {})  # how it is meant to be read, e.g. its relevance prior
     return model.to(device=device).eval().requires_grad_(False)

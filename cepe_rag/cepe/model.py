@@ -56,6 +56,7 @@ class CepeForCausalLM(nn.Module):
         """gate: give every cross-attention block a zero-initialised tanh gate (None: as the config says).
         copy_pointer: add a copy pointer over the context tokens (cepe/pointer.py; None: as the config says)."""
         super().__init__()
+        self._line_start_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.decoder = decoder
         self.encoder = encoder
         self.encoder_tokenizer = encoder_tokenizer
@@ -113,6 +114,8 @@ class CepeForCausalLM(nn.Module):
             raise CepeRagError("a copy pointer needs an encoder that shares the decoder's tokenizer "
                                "(decoder-layers:N)")
         self.config.copy_pointer = True
+        if not hasattr(self.config, "copy_line_starts"):  # a new pointer copies line starts; loaders set their own
+            self.config.copy_line_starts = True
         cross = self.cross_attention_layers()[-1].cross_attn
         if getattr(cross, "pointer", None) is None:
             weight = cross.o_proj.weight
@@ -160,18 +163,53 @@ class CepeForCausalLM(nn.Module):
             hook.remove()
         kept = out.logits.shape[1]
         hidden = final[0][:, -kept:]
-        embeds = self.decoder.get_input_embeddings()(input_ids[:, -kept:])
-        out.logits = self.copy_log_probs(out.logits, hidden, embeds, cross_context)
+        out.logits = self.copy_log_probs(out.logits, hidden, input_ids[:, -kept:], cross_context)
         return out
 
-    def copy_log_probs(self, logits: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor,
+    def copy_log_probs(self, logits: torch.Tensor, hidden: torch.Tensor, input_ids: torch.Tensor,
                        context: CrossContext) -> torch.Tensor:
         """The decoder's logits (batch, length, vocab) mixed with the pointer's copies from `context`."""
+        embeds = self.decoder.get_input_embeddings()(input_ids)
         attention = self.pointer.attention(hidden, embeds, context.layer_states_for_pointer(), context.mask,
                                            context.prior)
         length = logits.shape[1]
-        return self.pointer.mix(logits, hidden, attention, context.token_ids[:, None].expand(-1, length, -1),
+        return self.pointer.mix(logits, hidden, attention, self.copy_token_ids(context, input_ids),
                                 context.mask.any(-1)[:, None].expand(-1, length))
+
+    def copy_token_ids(self, context: CrossContext, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, length, tokens): the vocabulary id each context token is copied as, at each position of
+        `input_ids` (batch, length). A word inside a passage carries the space before it (" Lucia"), but an answer's
+        first word follows a line break and is written without one ("Lucia"), a token that no passage holds; so, with
+        `config.copy_line_starts`, after a token that ends a line each context token is copied as its form without
+        the leading space, where the vocabulary has one."""
+        ids = context.token_ids[:, None].expand(-1, input_ids.shape[1], -1)
+        if not getattr(self.config, "copy_line_starts", False):
+            return ids
+        unspaced, ends_line = self.line_start_tables(ids.device)
+        return torch.where(ends_line[input_ids][..., None], unspaced[ids], ids)
+
+    def line_start_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Over the vocabulary: each token's id without its leading space (its own id if it has no leading space or
+        the vocabulary lacks that form), and whether a token ends a line."""
+        if self._line_start_tables is None:
+            tokenizer = self.encoder_tokenizer or getattr(self, "decoder_tokenizer", None)
+            if tokenizer is None:
+                raise CepeRagError("copying line starts needs the model's tokenizer")
+            vocab = self.config.vocab_size
+            texts = tokenizer.batch_decode([[i] for i in range(min(vocab, len(tokenizer)))],
+                                           clean_up_tokenization_spaces=False)
+            id_of: dict[str, int] = {}
+            for token, text in enumerate(texts):
+                id_of.setdefault(text, token)
+            unspaced = torch.arange(vocab)
+            ends_line = torch.zeros(vocab, dtype=torch.bool)
+            for token, text in enumerate(texts):
+                if len(text) > 1 and text[0] == " " and "\ufffd" not in text:  # not a piece of a UTF-8 character
+                    unspaced[token] = id_of.get(text[1:], token)
+                ends_line[token] = text.endswith("\n")
+            self._line_start_tables = (unspaced, ends_line)
+        unspaced, ends_line = self._line_start_tables
+        return unspaced.to(device), ends_line.to(device)
 
     # --- context ---------------------------------------------------------------------------------
 

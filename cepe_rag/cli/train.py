@@ -100,6 +100,14 @@ def train_command(
     copy_first_weight: Annotated[float, typer.Option(
         help="With --copy-cof: the copy loss's weight on each answer's first token, relative to the others (where to "
              "start copying is the hard part).")] = 1.0,
+    copy_spans: Annotated[bool, typer.Option(
+        help="With --copy-cof: each answer token's copy target is its place in a whole occurrence of the answer in "
+             "the gold passage, not any equal token there (a digit or a single letter occurs all over a passage)."
+    )] = False,
+    copy_line_starts: Annotated[bool, typer.Option(
+        help="A copy-pointer --init from before line-start copies learns with them: after a line break, a passage "
+             "word is copied without the space before it, as an answer's first word is written (new pointers always "
+             "copy so).")] = False,
     relevance_temperature: Annotated[float, typer.Option(
         help="find/swap/qa: train under the cepe reader's relevance prior (`--relevance-temperature T` when asking): "
              "each encoded passage's share of the attention weighted by softmax(cosine to the question / T); 0: "
@@ -118,7 +126,7 @@ def train_command(
     config = TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=warmup_ratio,
                          lm_cof=lm_cof, kl_cof=(2.0 if stage == "ceped" else 0.0) if kl_cof is None else kl_cof,
                          attn_cof=attn_cof, copy_cof=copy_cof, relevance_temperature=relevance_temperature,
-                         copy_first_weight=copy_first_weight,
+                         copy_first_weight=copy_first_weight, copy_spans=copy_spans,
                          train_encoder=train_encoder, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
                          save_every=save_every, eval_every=eval_every, seed=seed, max_minutes=max_minutes,
                          curriculum=stage in ("find", "swap"), schedule=schedule)
@@ -131,6 +139,7 @@ def train_command(
                            unanswerable=unanswerable, device=device or default_device(), prepare_only=prepare_only,
                            states_file=states_cache, lazy_states=lazy_states, gate=gate,
                            prompt_passages=prompt_passages, copy_pointer=copy_pointer,
+                           copy_line_starts=copy_line_starts,
                            log=lambda line: console.print(line, highlight=False))
     if prepare_only:
         console.print(f"examples in {out}; train them with the same command without --prepare-only")

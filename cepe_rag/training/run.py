@@ -191,7 +191,7 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
                  max_decoder_tokens: int = 256, questions: Sequence[str] = (), min_passages: int = 5,
                  unanswerable: str = "skip", prepare_only: bool = False, states_file: Path | None = None,
                  lazy_states: bool = False, gate: bool = False, prompt_passages: int = 0, copy_pointer: bool = False,
-                 log=print) -> list[dict]:
+                 copy_line_starts: bool = False, log=print) -> list[dict]:
 
     if init:
         model = load_cepe(init, device=device)  # trained weights kept: no re-initialisation
@@ -199,6 +199,10 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
             model.add_gates()
         if copy_pointer and model.pointer is None:
             model.add_pointer()
+        if copy_line_starts:
+            if model.pointer is None:
+                raise CepeRagError("--copy-line-starts is for a model with a copy pointer (--copy-pointer)")
+            model.config.copy_line_starts = True
     else:
         model = new_cepe_model(decoder, encoder, num_cross_attn_layers=num_cross_attn_layers, init_mode=init_mode,
                                device=device, gate=gate, copy_pointer=copy_pointer)

@@ -6,7 +6,8 @@
            + attn_cof * -log(cross-attention mass on the gold chunk)  (examples that know their gold chunk)
            + copy_cof * -log(copy pointer mass on the target token's occurrences in the gold chunk)
              (the answer's first token weighted copy_first_weight times the others: where to start copying is the
-              hard part; later tokens follow their predecessor)
+              hard part; later tokens follow their predecessor; with copy_spans, only the occurrences that continue
+              into the whole answer count)
 
 Losses are computed in fp32 on the target positions only (padding and prompt never count), each logged
 separately. The decoder is frozen; cross-attention layers are trained; the encoder only with
@@ -54,6 +55,7 @@ class TrainConfig:
     copy_cof: float = 0.0  # copy loss: make the copy pointer point at the answer's tokens in that passage
     relevance_temperature: float = 0.0  # > 0: the cepe reader's relevance prior on the chunks, as it reads them
     copy_first_weight: float = 1.0  # the copy loss's weight on each answer's first token (1: a plain mean)
+    copy_spans: bool = False  # copy targets: the answer's whole occurrence in the gold chunk, not any equal token
     train_encoder: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -166,16 +168,42 @@ def gold_attention_mass(attention: nn.Module, hidden_states: torch.Tensor, conte
 
 
 def pointer_log_probs(model: CepeForCausalLM, hidden: torch.Tensor, input_ids: torch.Tensor, context: CrossContext,
-                      predicting: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The copy mixture at the predicting positions only (rows, vocab), as the model's forward gives it, and the
-    pointer's attention there (rows, context tokens)."""
+                      predicting: torch.Tensor, logits: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The copy mixture at the predicting positions only (rows, vocab), as the model's forward gives it, the
+    pointer's attention there (rows, context tokens), and the vocabulary id each context token is copied as there
+    (rows, context tokens)."""
     pointer = model.pointer
     embeds = model.decoder.get_input_embeddings()(input_ids)
     attention = pointer.attention(hidden[:, :-1], embeds[:, :-1], context.layer_states_for_pointer(), context.mask,
                                   context.prior)
     rows = predicting.nonzero()[:, 0]
-    return pointer.mix(logits, hidden[:, :-1][predicting], attention[predicting], context.token_ids[rows],
-                       context.mask.any(-1)[rows]), attention[predicting]
+    copied_as = model.copy_token_ids(context, input_ids[:, :-1])[predicting]
+    return pointer.mix(logits, hidden[:, :-1][predicting], attention[predicting], copied_as,
+                       context.mask.any(-1)[rows]), attention[predicting], copied_as
+
+
+def answer_span_targets(copied_as: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """For one example's answer rows (its target tokens in order; each row's context ids as copied there), the
+    context positions from which each answer token is copied as part of one whole occurrence of the answer inside
+    `allowed` (the gold chunk): the i-th token from start + i. A first token that occurs all over the passage (a
+    digit, a single letter) then points at the answer's own start. Trailing tokens that no position holds (the end
+    of turn) are left out of the match; where the answer does not occur whole, `allowed` is returned."""
+    n = len(targets)
+    while n and not bool((allowed[n - 1] & (copied_as[n - 1] == targets[n - 1])).any()):
+        n -= 1
+    if n == 0:
+        return allowed
+    width = allowed.shape[-1]
+    spans = torch.zeros_like(allowed)
+    offsets = torch.arange(n, device=allowed.device)
+    for start in (allowed[0] & (copied_as[0] == targets[0])).nonzero()[:, 0].tolist():
+        if start + n > width:
+            continue
+        positions = start + offsets
+        if bool((allowed[offsets, positions] & (copied_as[offsets, positions] == targets[:n])).all()):
+            spans[offsets, positions] = True
+    return spans if bool(spans.any()) else allowed
 
 
 def copy_loss(attention: torch.Tensor, token_ids: torch.Tensor, targets: torch.Tensor,
@@ -200,9 +228,11 @@ class CepeTrainingModule(nn.Module):
     def __init__(self, model: CepeForCausalLM, *, train_encoder: bool = False,
                  state_cache: ChunkStateCache | None = None, gold_attention: bool = False,
                  teacher_prompt: Callable[[str], list[int]] | None = None,
-                 relevance: Callable[[str, list[str]], list[float]] | None = None, copy_first_weight: float = 1.0):
+                 relevance: Callable[[str, list[str]], list[float]] | None = None, copy_first_weight: float = 1.0,
+                 copy_spans: bool = False):
         super().__init__()
         self.copy_first_weight = copy_first_weight
+        self.copy_spans = copy_spans  # copy targets: the answer's own occurrence, not any equal token in the gold
         self.model = model
         self.relevance = relevance  # (question, chunks) -> log weights: the relevance prior the reader will apply
         self.teacher_prompt = teacher_prompt  # given: distil from the decoder reading the gold chunk in its prompt
@@ -261,13 +291,18 @@ class CepeTrainingModule(nn.Module):
         zero = torch.zeros((), device=device)
         copy = zero
         if model.pointer is not None and context is not None:  # log p of the copy mixture: CE and KL read it as logits
-            logits, pointed = pointer_log_probs(model, hidden, batch.input_ids.to(device), context, predicting, logits)
+            logits, pointed, copied_as = pointer_log_probs(model, hidden, batch.input_ids.to(device), context,
+                                                           predicting, logits)
             rows = predicting.nonzero()[:, 0]
             weights = None
             if self.copy_first_weight != 1.0:  # each row's first predicting position is its answer's first token
                 first = (predicting.cumsum(-1) == 1)[predicting]
                 weights = 1.0 + (self.copy_first_weight - 1.0) * first.float()
-            copy = copy_loss(pointed, context.token_ids[rows], labels[predicting], gold[rows], weights)
+            targets, allowed = labels[predicting], gold[rows]
+            if self.copy_spans:
+                allowed = torch.cat([answer_span_targets(copied_as[rows == row], targets[rows == row],
+                                                         allowed[rows == row]) for row in rows.unique_consecutive()])
+            copy = copy_loss(pointed, copied_as, targets, allowed, weights)
         ce = F.cross_entropy(logits, labels[predicting])
         kl = zero
         if batch.teacher_ids is not None:
@@ -334,7 +369,7 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
                            gold_attention=config.attn_cof > 0,
                            teacher_prompt=teacher_prompt if config.kl_cof > 0 else None,
                            relevance=relevance if config.relevance_temperature > 0 else None,
-                           copy_first_weight=config.copy_first_weight).train(),
+                           copy_first_weight=config.copy_first_weight, copy_spans=config.copy_spans).train(),
         optimizer, scheduler)
     pad_id = pad_id_of(model.decoder_tokenizer)
     order = _order(len(examples), config, accelerator.num_processes, accelerator.process_index)

@@ -93,7 +93,7 @@ def test_training_reads_the_same_mixture_as_inference(chat_tokenizer):
         expected = model(input_ids=ids, cross_context=context).logits[:, :-1][predicting[:, 1:]]
         hidden = model.decoder.base_model(input_ids=ids, cross_context=context).last_hidden_state
         logits = model.decoder.get_output_embeddings()(hidden[:, :-1][predicting[:, 1:]])
-        found, _ = pointer_log_probs(model, hidden, ids, context, predicting[:, 1:], logits)
+        found, _, _ = pointer_log_probs(model, hidden, ids, context, predicting[:, 1:], logits)
     assert torch.allclose(found, expected, atol=1e-10)
 
 
@@ -209,3 +209,59 @@ def test_a_pointer_reader_answers_with_and_without_passages_in_one_batch(chat_to
     alone = reader.answer("Which word?", []).text
     batch = reader.answer_batch(["Which word?", "Which word?"], [[], passages])
     assert batch[0].text == alone and batch[1].usage["passages_read"] == 1
+
+
+def test_after_a_line_break_a_passage_word_is_copied_without_its_leading_space(chat_tokenizer):
+    """An answer's first word follows the chat template's line break and is written without a space ("Lucia"), a
+    token no passage holds (" Lucia" inside a sentence): copied there as its unspaced form; elsewhere as it is."""
+    model = pointer_model(chat_tokenizer)
+    assert model.config.copy_line_starts  # a new pointer copies line starts
+    unspaced, ends_line = model.line_start_tables(torch.device("cpu"))
+    ids = {text: chat_tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("by Lucia", "Lucia", "\n")}
+    assert unspaced[ids["by Lucia"][1]] == ids["Lucia"][0]  # " Luc" -> "Luc"
+    assert unspaced[ids["Lucia"][0]] == ids["Lucia"][0] and ends_line[ids["\n"][0]]
+    assert not ends_line[ids["Lucia"][0]]
+
+    chunks = [["designed by Lucia Zathfaexov"]]
+    context = model.context_from_texts(chunks)
+    line = chat_tokenizer("Who designed it?\n", add_special_tokens=False)["input_ids"]
+    model.pointer.gate.bias.data.fill_(60.0)  # copies only
+    with torch.no_grad():
+        copies = model(input_ids=torch.tensor([line]), cross_context=context).logits[0].exp()
+    context_ids = set(model.tokenize_chunks(chunks[0])[0])
+    at_line_start = {int(t) for t in (copies[-1] > 1e-6).nonzero()[:, 0]}  # the decoder keeps e-26
+    assert ids["Lucia"][0] in at_line_start and ids["by Lucia"][1] not in at_line_start
+    assert {int(t) for t in (copies[-2] > 1e-6).nonzero()[:, 0]} <= context_ids  # "?" ends no line: tokens as they are
+
+    model.config.copy_line_starts = False  # an adapter trained before: its copies are unchanged
+    with torch.no_grad():
+        before = model(input_ids=torch.tensor([line]), cross_context=context).logits[0].exp()
+    assert {int(t) for t in (before[-1] > 1e-6).nonzero()[:, 0]} <= context_ids
+
+
+def test_span_copy_targets_point_at_the_answers_own_occurrence():
+    """A digit occurs all over a passage: the span targets keep only the positions of the whole answer."""
+    from cepe_rag.training.trainer import answer_span_targets
+
+    context = torch.tensor([5, 1, 8, 1, 9, 6, 0, 7, 1, 9, 6, 0, 3])  # "... 1 8 1 9 6 0 ..." holds "1 9 6 0" once whole
+    targets = torch.tensor([1, 9, 6, 0, 2])  # 2: the end of turn, in no passage
+    gold = torch.ones(5, len(context), dtype=torch.bool)
+    gold[:, 7:] = False  # the second "1 9 6 0" is another passage's
+    spans = answer_span_targets(context.expand(5, -1), targets, gold)
+    assert [row.nonzero()[:, 0].tolist() for row in spans] == [[3], [4], [5], [6], []]
+    assert torch.equal(answer_span_targets(context.expand(5, -1), torch.tensor([4, 4, 2]), gold[:3]), gold[:3])
+
+
+def test_the_copy_loss_finds_an_answers_first_word_after_the_line_break(chat_tokenizer):
+    """The first token of "Lucia" (no space, after the prompt's line break) is in no passage as such: before
+    line-start copies the copy loss could not see it at all (0); with them it points at " Luc" in the gold."""
+    prompt = chat_tokenizer("Who designed it?\n", add_special_tokens=False)["input_ids"]
+    first = chat_tokenizer("Lucia", add_special_tokens=False)["input_ids"][:1]
+    batch = collate([TrainingExample(["designed by Lucia Zathfaexov", "noise river"], prompt, first, gold_chunk=0)],
+                    0)
+    model = pointer_model(chat_tokenizer)
+    with torch.no_grad():
+        line_starts = CepeTrainingModule(model, copy_spans=True)(batch)[3]
+        model.config.copy_line_starts = False
+        without = CepeTrainingModule(model)(batch)[3]
+    assert line_starts.item() > 0 and without.item() == 0
