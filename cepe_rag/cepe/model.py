@@ -173,24 +173,27 @@ class CepeForCausalLM(nn.Module):
         attention = self.pointer.attention(hidden, embeds, context.layer_states_for_pointer(), context.mask,
                                            context.prior)
         length = logits.shape[1]
-        return self.pointer.mix(logits, hidden, attention, self.copy_token_ids(context, input_ids),
-                                context.mask.any(-1)[:, None].expand(-1, length))
+        copied_as = self.copy_token_ids(context.token_ids[:, None].expand(-1, length, -1), input_ids)
+        return self.pointer.mix(logits, hidden, attention, copied_as, context.mask.any(-1)[:, None].expand(-1, length))
 
-    def copy_token_ids(self, context: CrossContext, input_ids: torch.Tensor) -> torch.Tensor:
-        """(batch, length, tokens): the vocabulary id each context token is copied as, at each position of
-        `input_ids` (batch, length). A word inside a passage carries the space before it (" Lucia"), but an answer's
-        first word follows a line break and is written without one ("Lucia"), a token that no passage holds; so, with
-        `config.copy_line_starts`, after a token that ends a line each context token is copied as its form without
-        the leading space, where the vocabulary has one."""
-        ids = context.token_ids[:, None].expand(-1, input_ids.shape[1], -1)
+    def copy_token_ids(self, token_ids: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(..., tokens): the vocabulary id each context token (`token_ids`, (..., tokens)) is copied as at the
+        position of `input_ids` (...) it is aligned with. A word inside a passage carries the space before it
+        (" Lucia"), but an answer's first word follows a line break and is written without one ("Lucia"), a token
+        that no passage holds; so, with `config.copy_line_starts`, after a token that ends a line each context token
+        is copied as its form without the leading space, where the vocabulary has one."""
         if not getattr(self.config, "copy_line_starts", False):
-            return ids
-        unspaced, ends_line = self.line_start_tables(ids.device)
-        return torch.where(ends_line[input_ids][..., None], unspaced[ids], ids)
+            return token_ids
+        unspaced, ends_line = self.line_start_tables(token_ids.device)
+        at_line_start = ends_line[input_ids]
+        if not bool(at_line_start.any()):  # most decoding steps: nothing to map
+            return token_ids
+        return torch.where(at_line_start[..., None], unspaced[token_ids], token_ids)
 
     def line_start_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Over the vocabulary: each token's id without its leading space (its own id if it has no leading space or
-        the vocabulary lacks that form), and whether a token ends a line."""
+        the vocabulary lacks that form), and whether a token ends a line. Built once, kept on the device last asked
+        for (decoding asks at every step)."""
         if self._line_start_tables is None:
             tokenizer = self.encoder_tokenizer or getattr(self, "decoder_tokenizer", None)
             if tokenizer is None:
@@ -208,8 +211,9 @@ class CepeForCausalLM(nn.Module):
                     unspaced[token] = id_of.get(text[1:], token)
                 ends_line[token] = text.endswith("\n")
             self._line_start_tables = (unspaced, ends_line)
-        unspaced, ends_line = self._line_start_tables
-        return unspaced.to(device), ends_line.to(device)
+        if self._line_start_tables[0].device != torch.device(device):
+            self._line_start_tables = tuple(table.to(device) for table in self._line_start_tables)
+        return self._line_start_tables
 
     # --- context ---------------------------------------------------------------------------------
 

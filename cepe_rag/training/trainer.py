@@ -178,7 +178,7 @@ def pointer_log_probs(model: CepeForCausalLM, hidden: torch.Tensor, input_ids: t
     attention = pointer.attention(hidden[:, :-1], embeds[:, :-1], context.layer_states_for_pointer(), context.mask,
                                   context.prior)
     rows = predicting.nonzero()[:, 0]
-    copied_as = model.copy_token_ids(context, input_ids[:, :-1])[predicting]
+    copied_as = model.copy_token_ids(context.token_ids[rows], input_ids[:, :-1][predicting])
     return pointer.mix(logits, hidden[:, :-1][predicting], attention[predicting], copied_as,
                        context.mask.any(-1)[rows]), attention[predicting], copied_as
 
