@@ -106,7 +106,10 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
                + (f"_copy{args.copy_cof:g}" if args.copy_cof else "") + (f"_kl{args.kl_cof:g}" if args.kl_cof else "")
                + (f"_rel{args.relevance_temperature:g}" if args.relevance_temperature else "")
                + (f"_first{args.copy_first_weight:g}" if args.copy_first_weight != 1.0 else "")
-               + ("_ls" if args.copy_line_starts else "") + ("_span" if args.copy_spans else ""))
+               + ("_ls" if args.copy_line_starts else "") + ("_span" if args.copy_spans else "")
+               + (f"_lr{args.lr:g}" if args.lr != 3e-4 else "")
+               + (f"_q{args.questions_per_article}" if args.questions_per_article != 1 else "")
+               + (f"_short{args.short_questions:g}" if args.short_questions else ""))
     out = Path(args.runs) / f"{stage}{variant}_s{seed}"
     command = CLI + ["train", "--stage", stage, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
                      "--lr", str(args.lr), "--warmup-ratio", f"{args.warmup_steps / steps:.6g}",
@@ -143,6 +146,10 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
         command += ["--copy-line-starts"]
     if args.copy_spans:
         command += ["--copy-spans"]
+    if stage == "swap" and args.questions_per_article != 1:
+        command += ["--questions-per-article", str(args.questions_per_article)]
+    if stage == "swap" and args.short_questions:
+        command += ["--short-questions", str(args.short_questions)]
     subprocess.run(command, env=one_thread(), check=True)
     shutil.copy(out / "log.jsonl", RESULTS / f"log_{out.name}.jsonl")
     plot_curves()
@@ -210,6 +217,10 @@ def main() -> None:
                         help="an --init pointer from before line-start copies learns with them")
     parser.add_argument("--copy-spans", action="store_true",
                         help="copy targets: the answer's whole occurrence in the gold passage")
+    parser.add_argument("--questions-per-article", type=int, default=1,
+                        help="swap: questions asked of each article, each for a different fact")
+    parser.add_argument("--short-questions", type=float, default=0.0,
+                        help="swap: the share of questions asked short (the subject and the words beside the answer)")
     parser.add_argument("--relevance-temperature", type=float, default=0.0,
                         help="train and evaluate under the cepe reader's relevance prior with this temperature")
     parser.add_argument("--lineage", default="", help="keep this line's best adapter and scores in "

@@ -112,6 +112,12 @@ def train_command(
         help="find/swap/qa: train under the cepe reader's relevance prior (`--relevance-temperature T` when asking): "
              "each encoded passage's share of the attention weighted by softmax(cosine to the question / T); 0: "
              "off.")] = 0.0,
+    questions_per_article: Annotated[int, typer.Option(
+        help="swap: ask each article up to N questions, each for a different fact (examples side by side), so the "
+             "passage alone cannot tell the answer and the question must.")] = 1,
+    short_questions: Annotated[float, typer.Option(
+        help="swap: the share of questions asked short, the subject's name and the few words beside the answer "
+             "(\"Chawo Bridge: was designed by what?\"), instead of the whole sentence in place.")] = 0.0,
     prompt_passages: Annotated[int, typer.Option(
         help="find/swap/qa: the first N passages in the decoder's prompt, the rest through the encoder, as "
              "`--reader cepe --n-prompt-passages N` reads them (swap/find: the gold is first half the time).")] = 0,
@@ -123,6 +129,8 @@ def train_command(
     if stage not in STAGES:
         raise CepeRagError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
     check_choice(schedule, ("cosine", "constant"), "schedule")
+    if questions_per_article < 1 or not 0.0 <= short_questions <= 1.0:
+        raise CepeRagError("--questions-per-article must be at least 1 and --short-questions between 0 and 1")
     config = TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=warmup_ratio,
                          lm_cof=lm_cof, kl_cof=(2.0 if stage == "ceped" else 0.0) if kl_cof is None else kl_cof,
                          attn_cof=attn_cof, copy_cof=copy_cof, relevance_temperature=relevance_temperature,
@@ -139,7 +147,8 @@ def train_command(
                            unanswerable=unanswerable, device=device or default_device(), prepare_only=prepare_only,
                            states_file=states_cache, lazy_states=lazy_states, gate=gate,
                            prompt_passages=prompt_passages, copy_pointer=copy_pointer,
-                           copy_line_starts=copy_line_starts,
+                           copy_line_starts=copy_line_starts, questions_per_article=questions_per_article,
+                           short_questions=short_questions,
                            log=lambda line: console.print(line, highlight=False))
     if prepare_only:
         console.print(f"examples in {out}; train them with the same command without --prepare-only")

@@ -117,7 +117,8 @@ def cloze_candidates(article: Article) -> list[tuple[str, str]]:
             # Skip a sentence's first word (capitalised anyway) unless it is the article's subject.
             if len(span) < 2 or (match.start() == 0 and " " not in span and span != article.title):
                 continue
-            candidates.append((sentence.replace(span, BLANK, 1), span))
+            start = match.start() + match.group().index(span)  # this match, not an earlier "Japan" in "Japanese"
+            candidates.append((sentence[:start] + BLANK + sentence[start + len(span):], span))
     return candidates
 
 

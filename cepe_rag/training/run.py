@@ -54,8 +54,8 @@ def add_teacher(examples: list[TrainingExample], model, prompt_ids, *, top_k: in
 def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tuple[str, ...], index: Path | None,
                      max_passages: int, max_articles: int, n_validation: int, seed: int,
                      max_decoder_tokens: int = 256, questions: Sequence[str] = (), min_passages: int = 5,
-                     unanswerable: str = "skip", prompt_passages: int = 0,
-                     log=print) -> tuple[list[TrainingExample], list[TrainingExample]]:
+                     unanswerable: str = "skip", prompt_passages: int = 0, questions_per_article: int = 1,
+                     short_questions: float = 0.0, log=print) -> tuple[list[TrainingExample], list[TrainingExample]]:
     """Examples for `stage`, built once per run folder (a resumed run trains on exactly the same data), with
     `data_{stage}.json` saying what they were built from (the model card's record, wherever they train)."""
     train_path, validation_path = out / f"examples_{stage}.jsonl", out / f"validation_{stage}.jsonl"
@@ -64,7 +64,10 @@ def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tu
     source = {"questions": list(questions), "index": str(index) if index else None, "min_passages": min_passages,
               "max_passages": max_passages, "unanswerable": unanswerable} if stage == "qa" else \
         {"corpus": corpus, "index": str(index) if index else None, "min_passages": min_passages,
-         "max_passages": max_passages, "entity_swapped": True, "curriculum": True} if stage in ("find", "swap") else \
+         "max_passages": max_passages, "entity_swapped": True, "curriculum": True,
+         **({"questions_per_article": questions_per_article, "short_questions": short_questions}
+            if stage == "swap" and (questions_per_article, short_questions) != (1, 0.0) else {})} \
+        if stage in ("find", "swap") else \
         {"corpus": corpus, "languages": list(languages), "index": str(index) if index else None,
          "max_passages": max_passages, "max_decoder_tokens": max_decoder_tokens}
     if prompt_passages:
@@ -77,7 +80,9 @@ def prepare_examples(stage: str, model, out: Path, *, corpus: str, languages: tu
     if stage in ("find", "swap"):
         examples, held = swapped_examples(stage, builder, corpus=corpus, languages=languages, index=index,
                                           min_passages=min_passages, max_passages=max_passages,
-                                          max_articles=max_articles, n_validation=n_validation, log=log)
+                                          max_articles=max_articles, n_validation=n_validation,
+                                          questions_per_article=questions_per_article,
+                                          short_questions=short_questions, log=log)
     elif stage == "qa":
         examples, held = qa_examples(builder, questions, index, corpus=corpus, languages=languages,
                                      min_passages=min_passages, max_passages=max_passages,
@@ -122,6 +127,7 @@ def article_examples(stage: str, model, builder: ExampleBuilder, prompt_ids, *, 
 
 def swapped_examples(stage: str, builder: ExampleBuilder, *, corpus: str, languages: tuple[str, ...],
                      index: Path | None, min_passages: int, max_passages: int, max_articles: int, n_validation: int,
+                     questions_per_article: int = 1, short_questions: float = 0.0,
                      log=print) -> tuple[list[TrainingExample], list[TrainingExample]]:
     """Entity-swapped `find`/`swap` examples: training articles in curriculum order over the number of passages;
     validation from held-out articles, at every count in the range."""
@@ -138,7 +144,8 @@ def swapped_examples(stage: str, builder: ExampleBuilder, *, corpus: str, langua
     log(f"building {stage} examples (entity-swapped) from {len(training)} training and {len(validation)} "
         f"validation articles")
     retrieve = Retriever(index).retrieve_batch
-    options = {"min_passages": min_passages, "max_passages": max_passages, "forbidden": forbidden}
+    options = {"min_passages": min_passages, "max_passages": max_passages, "forbidden": forbidden,
+               "questions_per_article": questions_per_article, "short_questions": short_questions}
     examples = build_swapped_examples(stage, training, builder, retrieve, curriculum=True, **options)
     held = build_swapped_examples(stage, validation, builder, retrieve, curriculum=False, **options)[:n_validation]
     return examples, held
@@ -191,7 +198,8 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
                  max_decoder_tokens: int = 256, questions: Sequence[str] = (), min_passages: int = 5,
                  unanswerable: str = "skip", prepare_only: bool = False, states_file: Path | None = None,
                  lazy_states: bool = False, gate: bool = False, prompt_passages: int = 0, copy_pointer: bool = False,
-                 copy_line_starts: bool = False, log=print) -> list[dict]:
+                 copy_line_starts: bool = False, questions_per_article: int = 1, short_questions: float = 0.0,
+                 log=print) -> list[dict]:
 
     if init:
         model = load_cepe(init, device=device)  # trained weights kept: no re-initialisation
@@ -211,7 +219,9 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
                                             n_validation=n_validation, seed=config.seed,
                                             max_decoder_tokens=max_decoder_tokens, questions=questions,
                                             min_passages=min_passages, unanswerable=unanswerable,
-                                            prompt_passages=prompt_passages, log=log)
+                                            prompt_passages=prompt_passages,
+                                            questions_per_article=questions_per_article,
+                                            short_questions=short_questions, log=log)
     log(f"{len(examples)} training and {len(validation)} validation examples; {config.steps} steps of "
         f"{config.batch_size}")
     if prepare_only:

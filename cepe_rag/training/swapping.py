@@ -98,31 +98,94 @@ def apply_mapping(text: str, mapping: dict[str, str]) -> str:
     if not mapping:
         return text
     pattern = re.compile(r"(?<![\w'’])(" + "|".join(re.escape(k) for k in sorted(mapping, key=len, reverse=True))
-                         + r")(?![\w'’])")
+                         + r")(?=['’]s\b|[^\w'’]|$)")  # a possessive is the name too: "Nile's" -> "Chawo's"
     return pattern.sub(lambda m: mapping[m.group(1)], text)
 
 
 def swapped_question(article: Article, names: SwapNames, rng: random.Random) -> tuple[TrainingQuestion, dict] | None:
     """A question asked of the swapped article (its answer swapped too), with the mapping to apply to the other
     passages of the example; None when the article offers no span whose swap changes the answer."""
+    made = swapped_questions(article, names, rng)
+    return (made[0][0], made[1]) if made else None
+
+
+def swapped_questions(article: Article, names: SwapNames, rng: random.Random, count: int = 1,
+                      short_share: float = 0.0) -> tuple[list[TrainingQuestion], dict] | None:
+    """Up to `count` questions asked of one swapped article, each of a different span (so only the question says
+    which fact is wanted), under one mapping (to apply to the other passages of their examples too), and the
+    original sentence of each (what its distractors are retrieved for); None when no span's swap changes its answer.
+
+    A share `short_share` of them is asked short (`short_question`) rather than as the whole sentence in place."""
     candidates = cloze_candidates(article)
     rng.shuffle(candidates)
+    title_words = subject_words(article.title)
+    mapping = {word: names.word() for word in title_words}
+    mapping = {**disguise_mapping(article.text, names, rng, mapping), **mapping}
+    subject = {mapping[word] for word in title_words}
+    subject_name = apply_mapping(re.sub(r"\s*\(.*?\)\s*$", "", article.title), mapping)
+    chosen: list[tuple[str, str, bool]] = []  # (blanked sentence, span, asked short)
     for blanked, span in candidates:
-        mapping = swap_mapping(article.title, span, names, rng)
-        mapping = {**disguise_mapping(article.text, names, rng, mapping), **mapping}
-        answer = apply_mapping(span, mapping)
-        if answer == span:
+        if len(chosen) == count:
+            break
+        if any(span in other or other in span for _, other, _ in chosen):
+            continue  # each question asks for a fact of its own
+        trial = {**mapping, **swap_mapping(article.title, span, names, rng)}
+        trial.update({word: mapping[word] for word in title_words})  # the subject keeps one name
+        gold_text = apply_mapping(article.text, trial)
+        if apply_mapping(span, trial) == span or any(
+                apply_mapping(other, trial) != apply_mapping(other, mapping) for _, other, _ in chosen):
             continue
-        question = question_from_cloze(apply_mapping(blanked, mapping), answer)
-        gold = Passage(0, apply_mapping(article.text, mapping), title=apply_mapping(article.title, mapping))
-        subject = {mapping[word] for word in subject_words(article.title)}
-        # The question must say which passage it asks about: it names the (invented) subject, or asks for it.
-        names_it = any(name in question for name in subject) or any(name in answer for name in subject)
-        if BLANK in question or answer not in gold.text or not names_it:
+        short = short_share > 0 and rng.random() < short_share
+        if not _ask(blanked, span, short, trial, subject, subject_name, gold_text):
             continue
-        query = blanked.replace(BLANK, span)  # the original sentence: what the distractors are retrieved for
-        return TrainingQuestion(question, [answer], gold=gold), {"mapping": mapping, "query": query}
-    return None
+        mapping = trial
+        chosen.append((blanked, span, short))
+    gold = Passage(0, apply_mapping(article.text, mapping), title=apply_mapping(article.title, mapping))
+    # Asked under the final mapping, so a question never shows a name its passage no longer has.
+    asked = [(_ask(blanked, span, short, mapping, subject, subject_name, gold.text), blanked, span)
+             for blanked, span, short in chosen]
+    questions, queries = [], []
+    for made, blanked, span in asked:
+        if made:
+            questions.append(TrainingQuestion(made[0], [made[1]], gold=gold))
+            queries.append(blanked.replace(BLANK, span))  # the original sentence: what distractors are retrieved for
+    return (questions, {"mapping": mapping, "queries": queries}) if questions else None
+
+
+def _ask(blanked: str, span: str, short: bool, mapping: dict[str, str], subject: set[str], subject_name: str,
+         gold_text: str) -> tuple[str, str] | None:
+    """(question, answer) for a span under `mapping`, or None when the answer is not in the swapped passage or the
+    question does not say which passage it asks about (it names the invented subject, or asks for it)."""
+    answer = apply_mapping(span, mapping)
+    if answer not in gold_text:
+        return None
+    asked = apply_mapping(blanked, mapping)
+    question = (short and not any(name in answer for name in subject) and short_question(asked, answer, subject_name)) \
+        or question_from_cloze(asked, answer)
+    names_it = any(name in question for name in subject) or any(name in answer for name in subject)
+    return (question, answer) if BLANK not in question and names_it else None
+
+
+_CLAUSE_BREAK = re.compile(r"[,;:()\"]|[.!?]\s")
+_LOOSE_ENDS = {"a", "an", "the", "and", "or", "of", "in", "on", "at", "to", "by", "for", "with", "from", "as"}
+
+
+def short_question(asked: str, answer: str, subject: str, before: int = 5, after: int = 3) -> str | None:
+    """The blanked sentence cut to the words next to the blank, after the subject's name ("Chawo Bridge: was
+    designed by what in 1858?"): a question as short as a user's, that shares only the relation's few words with
+    the passage, so matching the whole sentence cannot find the answer. None when the blank has no words beside it."""
+    left, _, right = asked.partition(BLANK)
+    left_words = _CLAUSE_BREAK.split(left)[-1].split()[-before:]
+    if len(left_words) < 2:
+        left_words = _CLAUSE_BREAK.sub(" ", left).split()[-before:]
+    right_words = _CLAUSE_BREAK.split(right)[0].split()[:after]
+    while right_words and right_words[-1].lower() in _LOOSE_ENDS:
+        right_words.pop()
+    if not left_words and not right_words:
+        return None
+    phrase = question_from_cloze(BLANK, answer).removesuffix("?")
+    words = [*left_words, phrase[0].lower() + phrase[1:], *right_words]
+    return f"{subject}: {' '.join(words).rstrip(' .;:!')}?"
 
 
 def curriculum_counts(n: int, min_passages: int, max_passages: int, rng: random.Random,
@@ -140,13 +203,17 @@ def curriculum_counts(n: int, min_passages: int, max_passages: int, rng: random.
 
 
 def build_swapped_examples(stage: str, articles: Sequence[Article], builder, retrieve, *, min_passages: int,
-                           max_passages: int, forbidden: set[str], curriculum: bool = True):
+                           max_passages: int, forbidden: set[str], curriculum: bool = True,
+                           questions_per_article: int = 1, short_questions: float = 0.0):
     """`find` or `swap` examples, in curriculum order (the trainer keeps it when its config says so):
 
     - find: "What does the document titled <invented title> say first?" -> its first sentence, copied; the
       swapped article among passages retrieved for its first sentence (learn to pick one passage, then copy);
     - swap: a sentence of the swapped article asked in place -> the swapped span; the article among passages
-      retrieved for the original sentence (learn to answer from the passage that matches the question).
+      retrieved for the original sentence (learn to answer from the passage that matches the question). With
+      `questions_per_article` > 1, several examples ask one article for different facts (next to each other, so
+      usually in one batch): the passage alone cannot tell the answer, the question must; `short_questions` of
+      them are asked short.
     """
     rng = builder.rng
     names = SwapNames(random.Random(rng.random()), forbidden)
@@ -159,10 +226,11 @@ def build_swapped_examples(stage: str, articles: Sequence[Article], builder, ret
                 continue
             items.append((article, mapping, first[0], None))
         else:
-            made = swapped_question(article, names, rng)
+            made = swapped_questions(article, names, rng, questions_per_article, short_questions)
             if made is not None:
-                question, extra = made
-                items.append((article, extra["mapping"], extra["query"], question))
+                questions, extra = made
+                items.extend((article, extra["mapping"], query, question)
+                             for query, question in zip(extra["queries"], questions))
     found = retrieve([query for _, _, query, _ in items], max_passages + 2)
     counts = curriculum_counts(len(items), min_passages, max_passages, rng, curriculum)
     examples = []

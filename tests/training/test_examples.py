@@ -7,7 +7,7 @@ import pytest
 
 from cepe_rag.training import ExampleBuilder, build_examples, load_articles
 from cepe_rag.training.corpus import Article, held_out
-from cepe_rag.training.examples import BLANK, cloze, load_examples, save_examples
+from cepe_rag.training.examples import BLANK, cloze, cloze_candidates, load_examples, save_examples
 from cepe_rag.types import CepeRagError
 
 ARTICLES = [
@@ -28,6 +28,12 @@ def builder(chat_tokenizer):
 
     reader = ClosedBookReader(tiny_chat_llama(chat_tokenizer), chat_tokenizer)  # for its prompt format only
     return ExampleBuilder(chat_tokenizer, reader.chat_ids, seed=0), reader
+
+
+def test_cloze_blanks_the_span_where_it_was_found_not_an_earlier_word_holding_it():
+    article = Article("Eisaku Sato", "Eisaku Sato was a Japanese politician who led Japan from 1964 to 1972.")
+    blanked = dict((span, text) for text, span in cloze_candidates(article))
+    assert blanked["Japan"] == f"Eisaku Sato was a Japanese politician who led {BLANK} from 1964 to 1972."
 
 
 def test_cloze_blanks_a_span_of_the_sentence():

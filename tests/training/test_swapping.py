@@ -5,13 +5,16 @@ import random
 import pytest
 
 from cepe_rag.eval.owndocs import generate
+from cepe_rag.training.corpus import Article
 from cepe_rag.training.swapping import (
     SwapNames,
     apply_mapping,
     build_swapped_examples,
     curriculum_counts,
     disguise,
+    short_question,
     swapped_question,
+    swapped_questions,
 )
 from cepe_rag.types import Passage
 from tests.training.test_examples import ARTICLES
@@ -42,7 +45,7 @@ def test_swap_names_never_meet_the_benchmark_names():
 def test_mapping_replaces_whole_words_only():
     mapping = {"Nile": "Chawo", "1889": "1901"}
     assert apply_mapping("The Nile, Niles and Nile's delta in 1889 (18890).", mapping) == \
-        "The Chawo, Niles and Nile's delta in 1901 (18890)."
+        "The Chawo, Niles and Chawo's delta in 1901 (18890)."
 
 
 def test_swapped_question_answer_is_in_the_swapped_gold_and_not_the_original():
@@ -56,6 +59,43 @@ def test_swapped_question_answer_is_in_the_swapped_gold_and_not_the_original():
         assert answer in question.gold.text and answer not in article.text
         assert question.gold.text == apply_mapping(article.text, extra["mapping"])
         assert not set(extra["mapping"].values()) & set(article.text.split())
+
+
+LONG_ARTICLE = Article(
+    "Tresk Viaduct",
+    "The Tresk Viaduct is a railway bridge over the Odra in Silesia. It was designed by Anna Holm and opened in "
+    "1887. Its central arch spans 94 metres. The viaduct carried trains of the Prussian railways to Breslau until "
+    "1945. Since 1990 it has been a museum run by the Tresk Society.")
+
+
+def test_several_questions_of_one_article_ask_different_facts_under_one_mapping():
+    rng = random.Random(0)
+    names = SwapNames(rng, forbidden=set())
+    for seed in range(20):
+        rng.seed(seed)
+        questions, extra = swapped_questions(LONG_ARTICLE, names, rng, count=3, short_share=0.5)
+        assert len(questions) == 3
+        answers = [q.answers[0] for q in questions]
+        assert len(set(answers)) == 3
+        gold = questions[0].gold
+        assert all(q.gold == gold for q in questions)
+        assert gold.text == apply_mapping(LONG_ARTICLE.text, extra["mapping"])
+        assert "Tresk" not in gold.text and "Viaduct" not in gold.text
+        for question, query in zip(questions, extra["queries"]):
+            answer = question.answers[0]
+            assert answer in gold.text and answer not in LONG_ARTICLE.text
+            assert query in LONG_ARTICLE.text  # the distractors are retrieved for the real sentence
+            # Every capitalised word the question shows is in its passage: no name the swap removed.
+            shown = {w.strip("?:,.'’s") for w in question.question.split() if w[:1].isupper()}
+            assert all(word in gold.text or word in {"What"} for word in shown), (question.question, gold.text)
+
+
+def test_a_short_question_keeps_the_subject_and_the_words_beside_the_answer():
+    asked = "The Chawo Viaduct is a railway bridge. It was designed by _____ and opened in 1887."
+    assert short_question(asked, "Wenc Jol", "Chawo Viaduct") == "Chawo Viaduct: It was designed by what and opened?"
+    assert short_question("Since _____ it has been a museum, run by the society.", "1990", "Chawo") == \
+        "Chawo: Since what year it has been?"
+    assert short_question("_____", "1990", "Chawo") is None
 
 
 def test_curriculum_grows_the_number_of_passages():
@@ -96,6 +136,24 @@ def test_swapped_examples_hold_the_swapped_gold_among_swapped_distractors(chat_t
                 assert any(set(word.lower()) & set("cjw") and word not in ORIGINAL for word in chunk.split())
                 assert not any(a.title in chunk for a in ARTICLES)
     assert all(query in " ".join(a.text for a in ARTICLES) for query in queries)  # retrieved for the real text
+
+
+def test_several_questions_per_article_sit_side_by_side_with_one_gold(chat_tokenizer):
+    from cepe_rag.readers import ClosedBookReader
+    from cepe_rag.training import ExampleBuilder
+    from tests.readers.conftest import tiny_chat_llama
+
+    reader = ClosedBookReader(tiny_chat_llama(chat_tokenizer), chat_tokenizer)
+    pool = [Passage(i, a.text, title=a.title) for i, a in enumerate(ARTICLES)]
+    builder = ExampleBuilder(chat_tokenizer, reader.chat_ids, seed=0)
+    examples = build_swapped_examples("swap", [LONG_ARTICLE], builder, lambda texts, k: [pool[:k] for _ in texts],
+                                      min_passages=3, max_passages=3, forbidden=set(), curriculum=False,
+                                      questions_per_article=3, short_questions=1.0)
+    assert len(examples) == 3
+    golds = {example.chunks[example.gold_chunk] for example in examples}
+    targets = {tuple(example.target_ids) for example in examples}
+    assert len(golds) == 1 and len(targets) == 3
+    assert all(example.question.count(":") >= 1 and len(example.question.split()) <= 12 for example in examples)
 
 
 @pytest.mark.parametrize("n_prompt", [1, 2])
