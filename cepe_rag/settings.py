@@ -114,6 +114,10 @@ class ReaderSpec:
         None, "cepe: a relevance prior on cross-attention; each encoded passage's share of the attention is weighted "
         "by softmax(similarity to the question / T) (the retrieval embedder's cosine); 0: off. Default: the "
         "checkpoint's own setting (its card's), else off.", reader="cepe")
+    sentence_temperature: float | None = reader_setting(
+        None, "cepe: a sentence prior within each encoded passage; a sentence's share of the attention is weighted by "
+        "exp((its cosine to the question - the best sentence's) / S), scored as sentence focus scores them; 0: off. "
+        "Default: the checkpoint's own setting, else off.", reader="cepe")
     ape_temperature: float = reader_setting(
         APE_TEMPERATURE, "parallel: attention temperature on passage tokens.", reader="parallel")
     ape_scale: float = reader_setting(APE_SCALE, "parallel: scale on the passages' log-sum-exp.", reader="parallel")
@@ -138,6 +142,8 @@ class ReaderSpec:
         check_read_margin(self.read_margin)
         if self.relevance_temperature is not None and not self.relevance_temperature >= 0:
             raise CepeRagError(f"--relevance-temperature must be 0 (off) or more, not {self.relevance_temperature}")
+        if self.sentence_temperature is not None and not self.sentence_temperature >= 0:
+            raise CepeRagError(f"--sentence-temperature must be 0 (off) or more, not {self.sentence_temperature}")
 
     @property
     def label(self) -> str:
@@ -145,7 +151,8 @@ class ReaderSpec:
         if self.reader != "cepe":
             return self.reader
         return "cepe" + (f"-prompt{self.n_prompt_passages}" if self.n_prompt_passages else "") + \
-            (f"-rel{self.relevance_temperature:g}" if self.relevance_temperature is not None else "")
+            (f"-rel{self.relevance_temperature:g}" if self.relevance_temperature is not None else "") + \
+            (f"-sent{self.sentence_temperature:g}" if self.sentence_temperature is not None else "")
 
     def reader_options(self) -> dict:
         """What the reader's constructor takes from this spec: the settings every reader has, and its own."""
@@ -167,9 +174,11 @@ class ReaderSpec:
             common["focus"] = True
         if self.reader == "cepe":
             cepe = {**common, "cepe_model": self.cepe_model or "packaged", "n_prompt_passages": self.n_prompt_passages}
-            # Absent: the checkpoint's own prior (which the checkpoint's path already pins).
-            return {**cepe, "relevance_temperature": self.relevance_temperature} \
-                if self.relevance_temperature is not None else cepe
+            # Absent: the checkpoint's own priors (which the checkpoint's path already pins).
+            for name in ("relevance_temperature", "sentence_temperature"):
+                if getattr(self, name) is not None:
+                    cepe[name] = getattr(self, name)
+            return cepe
         if self.reader == "parallel":
             return {**common, "ape_temperature": self.ape_temperature, "ape_scale": self.ape_scale}
         if self.reader == "concat" and self.most_relevant != "first":

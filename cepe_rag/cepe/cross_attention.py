@@ -67,11 +67,12 @@ class CrossContext:
     def from_chunks(cls, chunks: Sequence[Sequence[torch.Tensor]], *, cross_kv: str = "cache",
                     dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                     token_ids: Sequence[Sequence[Sequence[int]]] | None = None,
-                    chunk_log_weights: Sequence[Sequence[float]] | None = None) -> CrossContext | None:
+                    chunk_log_weights: Sequence[Sequence[float | Sequence[float]]] | None = None
+                    ) -> CrossContext | None:
         """Build from per-request lists of per-chunk states (tokens, hidden), cast to `dtype` on `device` while they are
         copied into one right-padded tensor (no intermediate copy of the whole context); None if there is no token.
         `token_ids`, laid out as `chunks`, are the chunks' token ids (a copy pointer reads them); `chunk_log_weights`,
-        one per chunk, the relevance prior (every token of a chunk gets its chunk's)."""
+        one per chunk, the relevance prior: a number (every token of the chunk gets it) or one per token of it."""
         lengths = [sum(c.shape[-2] for c in request) for request in chunks]
         if max(lengths, default=0) == 0:
             return None
@@ -85,7 +86,8 @@ class CrossContext:
             for index, chunk in enumerate(request):
                 states[row, ..., start:start + chunk.shape[-2], :] = chunk
                 if prior is not None:
-                    prior[row, start:start + chunk.shape[-2]] = chunk_log_weights[row][index]
+                    prior[row, start:start + chunk.shape[-2]] = torch.as_tensor(chunk_log_weights[row][index],
+                                                                                dtype=torch.float32)
                 start += chunk.shape[-2]
             mask[row, :start] = True
         ids = None

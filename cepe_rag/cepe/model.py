@@ -218,6 +218,13 @@ class CepeForCausalLM(nn.Module):
     # --- context ---------------------------------------------------------------------------------
 
     def tokenize_chunks(self, texts: Sequence[str]) -> list[list[int]]:
+        return [ids for ids, _ in self._tokenize_chunks(texts)]
+
+    def chunk_token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """Each chunk token's (start, end) characters in its text, laid out as `tokenize_chunks` lays out the ids."""
+        return [offsets for _, offsets in self._tokenize_chunks(texts, offsets=True)]
+
+    def _tokenize_chunks(self, texts: Sequence[str], offsets: bool = False) -> list[tuple[list[int], list]]:
         tokenizer = self.encoder_tokenizer
         if tokenizer is None:
             raise CepeRagError("this CEPE model has no encoder tokenizer")
@@ -227,12 +234,14 @@ class CepeForCausalLM(nn.Module):
         side = tokenizer.truncation_side
         try:
             tokenizer.truncation_side = config.chunk_truncation_side
-            ids = tokenizer(list(texts), truncation=True, max_length=self.max_chunk_tokens,
-                            add_special_tokens=config.chunk_add_special_tokens)["input_ids"]
+            encoded = tokenizer(list(texts), truncation=True, max_length=self.max_chunk_tokens,
+                                add_special_tokens=config.chunk_add_special_tokens, return_offsets_mapping=offsets)
         finally:
             tokenizer.truncation_side = side
+        spans = encoded["offset_mapping"] if offsets else [[]] * len(texts)
         # An empty chunk has no tokens at all (not just [CLS] [SEP]): it must add nothing.
-        return [tokens if text.strip() else [] for text, tokens in zip(texts, ids)]
+        return [(ids, [tuple(span) for span in spans_of]) if text.strip() else ([], [])
+                for text, ids, spans_of in zip(texts, encoded["input_ids"], spans)]
 
     def states_stamp(self) -> str:
         """What decides a passage's encoder states: the encoder's weights (a digest of every tensor's shape and first

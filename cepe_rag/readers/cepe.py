@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -13,16 +14,27 @@ from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache, StateSource
 from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.readers.base import NO_CONVERSATION, PreparedPrompt, Reader, passage_block, question_text
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
+from cepe_rag.retrieval.focus import sentences as focus_sentences
+from cepe_rag.retrieval.focus import without_title
 from cepe_rag.settings import CROSS_KV_BUDGET_MB
 from cepe_rag.types import Conversation, Passage, passage_embedding_text
 
 
 @dataclass
 class CepePlan:
-    """What a prepared request encodes: its encoder passages and, with a relevance prior, each one's log weight."""
+    """What a prepared request encodes: its encoder passages and, with a relevance prior, each one's log weight; with a
+    sentence prior, each of their tokens' log weight within its passage."""
 
     passages: list[Passage]
     log_weights: list[float] | None = field(default=None)
+    token_log_weights: list[list[float]] | None = field(default=None)
+
+    def chunk_log_weights(self) -> list[float | list[float]]:
+        """Per passage: its weight, or (with a sentence prior) its weight plus each token's."""
+        chunks = self.log_weights or [0.0] * len(self.passages)
+        if self.token_log_weights is None:
+            return chunks
+        return [[chunk + token for token in tokens] for chunk, tokens in zip(chunks, self.token_log_weights)]
 
 
 @lru_cache(maxsize=1)
@@ -39,6 +51,30 @@ def relevance_log_weights(question: str, passages: Sequence[Passage], temperatur
     else:
         scores = prior.cosines(question, [passage_embedding_text(p.title, p.text) for p in passages])
     return torch.log_softmax(torch.tensor(scores, dtype=torch.float64) / temperature, dim=0).tolist()
+
+
+def sentence_log_weights(question: str, passage: Passage, chunk_text: str, offsets: Sequence[tuple[int, int]],
+                         temperature: float, prior: RelevancePrior) -> list[float]:
+    """Per token of a passage's chunk (`offsets` in `chunk_text`): (cosine(question, its sentence) - the best
+    sentence's) / temperature, so the sentence most like the question keeps its passage's weight and each other one is
+    scaled down. Sentences are scored as sentence focus scores them (the title's words taken out of both sides, or the
+    sentence naming the subject wins); the "Document (Title: ...):" head counts as the best sentence."""
+    body = passage.focused_text if passage.focused_text is not None else passage.text
+    parts = focus_sentences(body)
+    if len(parts) < 2:
+        return [0.0] * len(offsets)
+    starts, cursor = [], chunk_text.rfind(body)
+    for part in parts:
+        cursor = chunk_text.find(part, cursor)
+        if cursor < 0:  # not laid out as expected: no sentence prior rather than a wrong one
+            return [0.0] * len(offsets)
+        starts.append(cursor)
+        cursor += len(part)
+    cosines = prior.cosines(without_title(question, passage.title),
+                            [without_title(part, passage.title) for part in parts])
+    best = max(cosines)
+    weights = [(cosine - best) / temperature for cosine in cosines]
+    return [0.0 if start < starts[0] else weights[bisect.bisect_right(starts, start) - 1] for start, _ in offsets]
 
 
 class RelevancePrior:
@@ -76,7 +112,9 @@ class CepeReader(Reader):
     `"reader": {"relevance_temperature": T}`, else none): each encoded passage's share of every cross-attention (and
     copy-pointer) softmax is multiplied by softmax(cosine(question, passage) / T) over the encoded passages, scored by
     the retrieval embedder: the retriever's own cosine when the passages carry it, else embedded by `embedder` (default:
-    the packaged MiniLM). With one encoded passage it changes nothing.
+    the packaged MiniLM). With one encoded passage it changes nothing. `sentence_temperature` S > 0 (None: the card's
+    `"sentence_temperature"`, else none) adds a sentence prior inside each encoded passage (`sentence_log_weights`):
+    the relevance prior picks the passage, this one the sentence that answers the question.
 
     States computed here are rounded to float16, as stored states are, so that an answer does not depend on
     where its passages' states came from."""
@@ -86,11 +124,14 @@ class CepeReader(Reader):
     def __init__(self, model: CepeForCausalLM, tokenizer, *, n_prompt_passages: int = 0,
                  n_encoder_passages: int | None = None, context_states: StateSource | None = None,
                  cross_kv_budget_mb: float = CROSS_KV_BUDGET_MB, max_cached_passages: int = 20_000,
-                 relevance_temperature: float | None = None, embedder=None, **kwargs):
+                 relevance_temperature: float | None = None, sentence_temperature: float | None = None,
+                 embedder=None, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
-        if relevance_temperature is None:
-            relevance_temperature = getattr(model, "reader_settings", {}).get("relevance_temperature", 0.0)
-        self.relevance_temperature = relevance_temperature
+        settings = getattr(model, "reader_settings", {})
+        self.relevance_temperature = settings.get("relevance_temperature", 0.0) if relevance_temperature is None \
+            else relevance_temperature
+        self.sentence_temperature = settings.get("sentence_temperature", 0.0) if sentence_temperature is None \
+            else sentence_temperature
         self._embedder = embedder
         self._prior: RelevancePrior | None = None
         self.n_prompt_passages = n_prompt_passages
@@ -109,7 +150,7 @@ class CepeReader(Reader):
     def prior(self) -> RelevancePrior:
         """Embeds passages only when they come without the retriever's cosine (the packaged MiniLM by default)."""
         if self._prior is None:
-            self._prior = RelevancePrior(self.relevance_temperature, self._embedder)
+            self._prior = RelevancePrior(self.relevance_temperature or self.sentence_temperature, self._embedder)
         return self._prior
 
     def prepare(self, question: str, passages: Sequence[Passage],
@@ -123,7 +164,13 @@ class CepeReader(Reader):
         log_weights = None
         if self.relevance_temperature > 0 and len(in_encoder) > 1:
             log_weights = relevance_log_weights(question, in_encoder, self.relevance_temperature, self.prior)
-        return PreparedPrompt(ids, in_prompt + in_encoder, plan=CepePlan(in_encoder, log_weights))
+        token_log_weights = None
+        if self.sentence_temperature > 0 and in_encoder:
+            texts = [p.as_prompt_text() for p in in_encoder]
+            token_log_weights = [
+                sentence_log_weights(question, passage, text, offsets, self.sentence_temperature, self.prior)
+                for passage, text, offsets in zip(in_encoder, texts, self.model.chunk_token_offsets(texts))]
+        return PreparedPrompt(ids, in_prompt + in_encoder, plan=CepePlan(in_encoder, log_weights, token_log_weights))
 
     def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:
         """Stored states where the index has them; the others through the (caching) encoder."""
@@ -154,8 +201,8 @@ class CepeReader(Reader):
                 token_ids = [self.model.tokenize_chunks([passage.as_prompt_text() for passage in p.plan.passages])
                              for p in prepared]
             log_weights = None
-            if any(p.plan.log_weights is not None for p in prepared):  # a request without a prior: weights of 1
-                log_weights = [p.plan.log_weights or [0.0] * len(p.plan.passages) for p in prepared]
+            if any(p.plan.log_weights is not None or p.plan.token_log_weights is not None for p in prepared):
+                log_weights = [p.plan.chunk_log_weights() for p in prepared]  # a request without a prior: weights of 1
             context = self.model.context_from_states(states, cross_kv=self.cross_kv_mode(states), token_ids=token_ids,
                                                      chunk_log_weights=log_weights)
         return DecodeBatch(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.model.device,

@@ -81,9 +81,12 @@ def test_several_questions_of_one_article_ask_different_facts_under_one_mapping(
         assert all(q.gold == gold for q in questions)
         assert gold.text == apply_mapping(LONG_ARTICLE.text, extra["mapping"])
         assert "Tresk" not in gold.text and "Viaduct" not in gold.text
+        subject = {extra["mapping"]["Tresk"], extra["mapping"]["Viaduct"]}
         for question, query in zip(questions, extra["queries"]):
             answer = question.answers[0]
             assert answer in gold.text and answer not in LONG_ARTICLE.text
+            # It names the subject, and never asks for it (a reader must not learn "answer the subject's name").
+            assert any(name in question.question for name in subject) and not any(n in answer for n in subject)
             assert query in LONG_ARTICLE.text  # the distractors are retrieved for the real sentence
             # Every capitalised word the question shows is in its passage: no name the swap removed.
             shown = {w.strip("?:,.'’s") for w in question.question.split() if w[:1].isupper()}
