@@ -56,12 +56,14 @@ def evaluate(adapter: Path, name: str, args) -> dict:
                      "--cepe-model", str(adapter), "--k", args.eval_k, "--out", str(out), "--dtype", "bfloat16",
                      "--n-prompt-passages", str(args.prompt_passages),
                      "--relevance-temperature", str(args.relevance_temperature),
+                     "--sentence-temperature", str(args.sentence_temperature),
                      "--no-cutoff",  # k passages read, whatever the default relevance cutoff: the bar is about k=20
                      "--no-focus"]  # passages as trained on, and scores comparable with those before sentence focus
     subprocess.run(command, env=one_thread(), check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
     return {"adapter": name, "score": tuning_score(summary), "n_prompt_passages": args.prompt_passages,
             "relevance_temperature": args.relevance_temperature,
+            **({"sentence_temperature": args.sentence_temperature} if args.sentence_temperature else {}),
             "summary": summary, "time": time.strftime("%F %T")}
 
 
@@ -105,6 +107,7 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
                + (f"_attn{args.attn_cof:g}" if args.attn_cof else "") + ("_ptr" if args.copy_pointer else "")
                + (f"_copy{args.copy_cof:g}" if args.copy_cof else "") + (f"_kl{args.kl_cof:g}" if args.kl_cof else "")
                + (f"_rel{args.relevance_temperature:g}" if args.relevance_temperature else "")
+               + (f"_sent{args.sentence_temperature:g}" if args.sentence_temperature else "")
                + (f"_first{args.copy_first_weight:g}" if args.copy_first_weight != 1.0 else "")
                + ("_ls" if args.copy_line_starts else "") + ("_span" if args.copy_spans else "")
                + (f"_lr{args.lr:g}" if args.lr != 3e-4 else "")
@@ -140,6 +143,8 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
         command += ["--kl-cof", str(args.kl_cof)]
     if args.relevance_temperature:
         command += ["--relevance-temperature", str(args.relevance_temperature)]
+    if args.sentence_temperature:
+        command += ["--sentence-temperature", str(args.sentence_temperature)]
     if args.copy_first_weight != 1.0:
         command += ["--copy-first-weight", str(args.copy_first_weight)]
     if args.copy_line_starts:
@@ -223,6 +228,8 @@ def main() -> None:
                         help="swap: the share of questions asked short (the subject and the words beside the answer)")
     parser.add_argument("--relevance-temperature", type=float, default=0.0,
                         help="train and evaluate under the cepe reader's relevance prior with this temperature")
+    parser.add_argument("--sentence-temperature", type=float, default=0.0,
+                        help="train and evaluate under the cepe reader's sentence prior with this temperature")
     parser.add_argument("--lineage", default="", help="keep this line's best adapter and scores in "
                                                       "benchmarks/results/cpu_training/<lineage>/ (it starts from the "
                                                       "main line's adapter)")
@@ -264,14 +271,16 @@ def evaluate_main() -> None:
     sys.argv = [sys.argv[0], *rest]
     args = argparse.Namespace(questions="runs/owndocs/questions.tune.jsonl", eval_index="indexes/owndocs",
                               eval_k="5,20", runs="runs/cpu_training", prompt_passages="0",
-                              relevance_temperature="0")
+                              relevance_temperature="0", sentence_temperature="0")
     args.lineage = ""
-    for flag in ("questions", "eval_index", "eval_k", "runs", "prompt_passages", "lineage", "relevance_temperature"):
+    for flag in ("questions", "eval_index", "eval_k", "runs", "prompt_passages", "lineage", "relevance_temperature",
+                 "sentence_temperature"):
         option = "--" + flag.replace("_", "-")
         if option in rest:
             setattr(args, flag, rest[rest.index(option) + 1])
     args.prompt_passages = int(args.prompt_passages)
     args.relevance_temperature = float(args.relevance_temperature)
+    args.sentence_temperature = float(args.sentence_temperature)
     use_lineage(args.lineage)
     adapter = Path(known.evaluate)
     record = evaluate(adapter, adapter.name, args)

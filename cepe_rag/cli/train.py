@@ -118,6 +118,10 @@ def train_command(
     short_questions: Annotated[float, typer.Option(
         help="swap: the share of questions asked short, the subject's name and the few words beside the answer "
              "(\"Chawo Bridge: was designed by what?\"), instead of the whole sentence in place.")] = 0.0,
+    sentence_temperature: Annotated[float, typer.Option(
+        help="find/swap/qa: train under the cepe reader's sentence prior (`--sentence-temperature S` when asking): "
+             "inside each encoded passage, each sentence's share of the attention weighted by exp((its cosine to the "
+             "question - the best sentence's) / S); 0: off.")] = 0.0,
     prompt_passages: Annotated[int, typer.Option(
         help="find/swap/qa: the first N passages in the decoder's prompt, the rest through the encoder, as "
              "`--reader cepe --n-prompt-passages N` reads them (swap/find: the gold is first half the time).")] = 0,
@@ -134,6 +138,7 @@ def train_command(
     config = TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=warmup_ratio,
                          lm_cof=lm_cof, kl_cof=(2.0 if stage == "ceped" else 0.0) if kl_cof is None else kl_cof,
                          attn_cof=attn_cof, copy_cof=copy_cof, relevance_temperature=relevance_temperature,
+                         sentence_temperature=sentence_temperature,
                          copy_first_weight=copy_first_weight, copy_spans=copy_spans,
                          train_encoder=train_encoder, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
                          save_every=save_every, eval_every=eval_every, seed=seed, max_minutes=max_minutes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -75,6 +76,37 @@ def sentence_log_weights(question: str, passage: Passage, chunk_text: str, offse
     best = max(cosines)
     weights = [(cosine - best) / temperature for cosine in cosines]
     return [0.0 if start < starts[0] else weights[bisect.bisect_right(starts, start) - 1] for start, _ in offsets]
+
+
+SENTENCE_PRIOR_FLOOR = -15.0  # a passage weighted below e^-15 (3e-7) gets no sentence weights: they could not count
+
+_CHUNK_HEAD = re.compile(r"Document(?: \(Title: (.*?)\))?: ", re.DOTALL)
+
+
+def passage_of_chunk(text: str) -> Passage:
+    """The passage a chunk's text was written from (the inverse of `Passage.as_prompt_text`)."""
+    head = _CHUNK_HEAD.match(text)
+    return Passage(0, text[head.end():], title=head.group(1) or "") if head else Passage(0, text)
+
+
+def reading_log_weights(question: str, passages: Sequence[Passage], chunk_texts: Sequence[str],
+                        offsets: Sequence[Sequence[tuple[int, int]]], prior: RelevancePrior, *,
+                        relevance_temperature: float, sentence_temperature: float,
+                        chunk_weights: Sequence[float] | None = None) -> tuple[list[float] | None, list | None]:
+    """(each passage's log weight, or None without a relevance prior; each of its tokens' log weight within it, or
+    None without a sentence prior): what the reader adds to the cross-attention and pointer scores, and what training
+    under the same priors adds. `chunk_weights` given: the passages' weights as already computed."""
+    log_weights = list(chunk_weights) if chunk_weights is not None else None
+    if log_weights is None and relevance_temperature > 0 and len(passages) > 1:
+        log_weights = relevance_log_weights(question, passages, relevance_temperature, prior)
+    token_log_weights = None
+    if sentence_temperature > 0 and passages:
+        weights = log_weights or [0.0] * len(passages)
+        token_log_weights = [
+            sentence_log_weights(question, passage, text, spans, sentence_temperature, prior)
+            if weight > SENTENCE_PRIOR_FLOOR else [0.0] * len(spans)
+            for passage, text, spans, weight in zip(passages, chunk_texts, offsets, weights)]
+    return log_weights, token_log_weights
 
 
 class RelevancePrior:
@@ -161,15 +193,11 @@ class CepeReader(Reader):
         ids = self.chat_ids(self.ahead_of_passages(question, in_prompt) + documents + question_text(question),
                             conversation)
         self.check_fits(len(ids))
-        log_weights = None
-        if self.relevance_temperature > 0 and len(in_encoder) > 1:
-            log_weights = relevance_log_weights(question, in_encoder, self.relevance_temperature, self.prior)
-        token_log_weights = None
-        if self.sentence_temperature > 0 and in_encoder:
-            texts = [p.as_prompt_text() for p in in_encoder]
-            token_log_weights = [
-                sentence_log_weights(question, passage, text, offsets, self.sentence_temperature, self.prior)
-                for passage, text, offsets in zip(in_encoder, texts, self.model.chunk_token_offsets(texts))]
+        texts = [p.as_prompt_text() for p in in_encoder]
+        offsets = self.model.chunk_token_offsets(texts) if self.sentence_temperature > 0 else []
+        log_weights, token_log_weights = reading_log_weights(
+            question, in_encoder, texts, offsets, self.prior, relevance_temperature=self.relevance_temperature,
+            sentence_temperature=self.sentence_temperature)
         return PreparedPrompt(ids, in_prompt + in_encoder, plan=CepePlan(in_encoder, log_weights, token_log_weights))
 
     def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from cepe_rag.eval.data import load_questions
 from cepe_rag.files import atomic_write
 from cepe_rag.readers import CepeReader
 from cepe_rag.readers.base import passage_block
-from cepe_rag.readers.cepe import RelevancePrior
+from cepe_rag.readers.cepe import RelevancePrior, passage_of_chunk, reading_log_weights
 from cepe_rag.retrieval import Retriever
 from cepe_rag.training.corpus import held_out, load_articles
 from cepe_rag.training.examples import (
@@ -239,7 +239,7 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
 
     # Without stored teacher distributions (ceped's), a KL weight distils from the decoder reading the gold chunk alone.
     teacher_prompt = CepeReader(model, model.decoder_tokenizer).chat_ids if config.kl_cof > 0 else None
-    relevance = RelevancePrior(config.relevance_temperature) if config.relevance_temperature > 0 else None
+    relevance = training_prior(model, config)
     if config.train_encoder:
         return train(model, examples, config, out, validation=validation, save_model=save,
                      teacher_prompt=teacher_prompt, relevance=relevance)
@@ -252,6 +252,26 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
     finally:
         if len(cache) > known:  # what this run encoded, kept for the next one (also when it is interrupted)
             save_encoder_states(cache, states_path)
+
+
+def training_prior(model, config: TrainConfig, embedder=None):
+    """(question, chunk texts) -> the log weights the cepe reader will add (per chunk, or per token with a sentence
+    prior), or None without priors: training reads as the reader will."""
+    if not (config.relevance_temperature > 0 or config.sentence_temperature > 0):
+        return None
+    prior = RelevancePrior(config.relevance_temperature or config.sentence_temperature, embedder)
+
+    def weigh(question: str, chunks: list[str]) -> list:
+        chunk_weights = prior(question, chunks) if config.relevance_temperature > 0 else [0.0] * len(chunks)
+        if config.sentence_temperature <= 0:
+            return chunk_weights
+        _, tokens = reading_log_weights(question, [passage_of_chunk(text) for text in chunks], chunks,
+                                        model.chunk_token_offsets(chunks), prior, relevance_temperature=0.0,
+                                        sentence_temperature=config.sentence_temperature,
+                                        chunk_weights=chunk_weights)
+        return [[weight + token for token in row] for weight, row in zip(chunk_weights, tokens)]
+
+    return weigh
 
 
 def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: bool, lazy: bool = False,

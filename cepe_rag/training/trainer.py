@@ -54,6 +54,7 @@ class TrainConfig:
     attn_cof: float = 0.0  # gold-attention loss: make the cross-attention pick the passage that holds the answer
     copy_cof: float = 0.0  # copy loss: make the copy pointer point at the answer's tokens in that passage
     relevance_temperature: float = 0.0  # > 0: the cepe reader's relevance prior on the chunks, as it reads them
+    sentence_temperature: float = 0.0  # > 0: the cepe reader's sentence prior inside each chunk, as it reads them
     copy_first_weight: float = 1.0  # the copy loss's weight on each answer's first token (1: a plain mean)
     copy_spans: bool = False  # copy targets: the answer's whole occurrence in the gold chunk, not any equal token
     train_encoder: bool = False
@@ -261,7 +262,7 @@ class CepeTrainingModule(nn.Module):
         token_ids = group_by_request(model.tokenize_chunks(flat), batch.chunks) if model.pointer is not None else None
         log_weights = None
         if self.relevance is not None:  # examples without a question (the corpus stages) get weights of 1
-            log_weights = [self.relevance(question, chunks) if question and len(chunks) > 1 else [0.0] * len(chunks)
+            log_weights = [self.relevance(question, chunks) if question and chunks else [0.0] * len(chunks)
                            for question, chunks in zip(batch.questions, batch.chunks)]
         context = model.context_from_states(per_request, cross_kv="project", token_ids=token_ids,
                                             chunk_log_weights=log_weights) if flat else None
@@ -368,7 +369,8 @@ def train(model: CepeForCausalLM, examples: Sequence[TrainingExample], config: T
         CepeTrainingModule(model, train_encoder=config.train_encoder, state_cache=state_cache,
                            gold_attention=config.attn_cof > 0,
                            teacher_prompt=teacher_prompt if config.kl_cof > 0 else None,
-                           relevance=relevance if config.relevance_temperature > 0 else None,
+                           relevance=relevance if config.relevance_temperature > 0 or config.sentence_temperature > 0
+                           else None,
                            copy_first_weight=config.copy_first_weight, copy_spans=config.copy_spans).train(),
         optimizer, scheduler)
     pad_id = pad_id_of(model.decoder_tokenizer)

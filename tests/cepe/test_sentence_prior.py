@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cepe_rag.readers.cepe import CepeReader, RelevancePrior, sentence_log_weights
+from cepe_rag.readers.cepe import CepeReader, RelevancePrior, passage_of_chunk, sentence_log_weights
 from cepe_rag.settings import ReaderSpec
 from cepe_rag.types import CepeRagError, Passage
 from tests.cepe.test_pointer import CHUNKS, pointer_model, prompt_ids
@@ -55,6 +55,13 @@ def test_the_sentence_most_like_the_question_keeps_its_weight_and_the_others_are
     assert "Who designed the ?" in embedder.seen and not any("Tresk" in t for t in embedder.seen)
 
 
+def test_a_chunk_text_gives_back_its_passage():
+    titled = Passage(3, "It orbits: fast (88 days).", title="Mercury (planet)")
+    for passage in (VIADUCT, Passage(2, "No title: here (really)."), titled):
+        again = passage_of_chunk(passage.as_prompt_text())
+        assert (again.title, again.text) == (passage.title, passage.text)
+
+
 def test_a_passage_of_one_sentence_gets_no_sentence_weights(chat_tokenizer):
     model = pointer_model(chat_tokenizer)
     passage = Passage(2, "It was designed by Anna Holm.", title="Tresk Viaduct")
@@ -94,6 +101,9 @@ def test_the_reader_adds_sentence_weights_to_each_passages_weight(chat_tokenizer
     for chunk_weight, tokens, row in zip(plan.log_weights, plan.token_log_weights, combined):
         assert row == pytest.approx([chunk_weight + t for t in tokens])
     assert max(plan.token_log_weights[0]) == 0.0 and min(plan.token_log_weights[0]) < -3
+    sharp = CepeReader(model, chat_tokenizer, relevance_temperature=0.01, sentence_temperature=0.1,
+                       embedder=RelationEmbedder()).prepare("Who designed the Tresk Viaduct?", [VIADUCT, other]).plan
+    assert sharp.log_weights[1] < -15 and set(sharp.token_log_weights[1]) == {0.0}  # weighed out: nothing to weigh
     without = CepeReader(model, chat_tokenizer, relevance_temperature=0.5, embedder=RelationEmbedder())
     assert without.prepare("Who designed the Tresk Viaduct?", [VIADUCT, other]).plan.token_log_weights is None
 
@@ -109,3 +119,18 @@ def test_the_sentence_prior_is_a_cepe_setting_a_card_can_name(chat_tokenizer):
     model.reader_settings = {"sentence_temperature": 0.2}
     assert CepeReader(model, chat_tokenizer).sentence_temperature == 0.2
     assert CepeReader(model, chat_tokenizer, sentence_temperature=0.0).sentence_temperature == 0.0
+
+
+def test_training_under_the_sentence_prior_weighs_tokens_as_the_reader_will(chat_tokenizer):
+    from cepe_rag.training import TrainConfig
+    from cepe_rag.training.run import training_prior
+
+    model = pointer_model(chat_tokenizer)
+    other = Passage(3, "A castle stands on the hill. It opened to visitors in 1990.", title="Castle")
+    question = "Who designed the Tresk Viaduct?"
+    reader = CepeReader(model, chat_tokenizer, relevance_temperature=0.0, sentence_temperature=0.1,
+                        embedder=RelationEmbedder())
+    expected = reader.prepare(question, [VIADUCT, other]).plan.chunk_log_weights()
+    weigh = training_prior(model, TrainConfig(stage="swap", sentence_temperature=0.1), embedder=RelationEmbedder())
+    assert weigh(question, [VIADUCT.as_prompt_text(), other.as_prompt_text()]) == expected
+    assert training_prior(model, TrainConfig(stage="swap")) is None
