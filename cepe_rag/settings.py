@@ -118,6 +118,10 @@ class ReaderSpec:
         None, "cepe: a sentence prior within each encoded passage; a sentence's share of the attention is weighted by "
         "exp((its cosine to the question - the best sentence's) / S), scored as sentence focus scores them; 0: off. "
         "Default: the checkpoint's own setting, else off.", reader="cepe")
+    question_name_penalty: float | None = reader_setting(
+        None, "cepe with a copy pointer: subtracted from the pointer's scores on the passage words of the names the "
+        "question mentions (an answer does not repeat them); 0: off. Default: the checkpoint's own setting, else off.",
+        reader="cepe")
     ape_temperature: float = reader_setting(
         APE_TEMPERATURE, "parallel: attention temperature on passage tokens.", reader="parallel")
     ape_scale: float = reader_setting(APE_SCALE, "parallel: scale on the passages' log-sum-exp.", reader="parallel")
@@ -142,6 +146,8 @@ class ReaderSpec:
         check_read_margin(self.read_margin)
         if self.relevance_temperature is not None and not self.relevance_temperature >= 0:
             raise CepeRagError(f"--relevance-temperature must be 0 (off) or more, not {self.relevance_temperature}")
+        if self.question_name_penalty is not None and not self.question_name_penalty >= 0:
+            raise CepeRagError(f"--question-name-penalty must be 0 (off) or more, not {self.question_name_penalty}")
         if self.sentence_temperature is not None and not self.sentence_temperature >= 0:
             raise CepeRagError(f"--sentence-temperature must be 0 (off) or more, not {self.sentence_temperature}")
 
@@ -152,7 +158,8 @@ class ReaderSpec:
             return self.reader
         return "cepe" + (f"-prompt{self.n_prompt_passages}" if self.n_prompt_passages else "") + \
             (f"-rel{self.relevance_temperature:g}" if self.relevance_temperature is not None else "") + \
-            (f"-sent{self.sentence_temperature:g}" if self.sentence_temperature is not None else "")
+            (f"-sent{self.sentence_temperature:g}" if self.sentence_temperature is not None else "") + \
+            (f"-qn{self.question_name_penalty:g}" if self.question_name_penalty is not None else "")
 
     def reader_options(self) -> dict:
         """What the reader's constructor takes from this spec: the settings every reader has, and its own."""
@@ -175,7 +182,7 @@ class ReaderSpec:
         if self.reader == "cepe":
             cepe = {**common, "cepe_model": self.cepe_model or "packaged", "n_prompt_passages": self.n_prompt_passages}
             # Absent: the checkpoint's own priors (which the checkpoint's path already pins).
-            for name in ("relevance_temperature", "sentence_temperature"):
+            for name in ("relevance_temperature", "sentence_temperature", "question_name_penalty"):
                 if getattr(self, name) is not None:
                     cepe[name] = getattr(self, name)
             return cepe

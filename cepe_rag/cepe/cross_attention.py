@@ -48,6 +48,9 @@ class CrossContext:
     # (batch, tokens): log of each token's chunk weight (a relevance prior), added to every attention score over the
     # context: a chunk's share of the attention is multiplied by its weight (then renormalised). None: no prior.
     prior: torch.Tensor | None = None
+    # (batch, tokens): more log weights for the copy pointer alone (e.g. names the question itself mentions, which
+    # an answer does not repeat); the cross-attention does not see them. None: none.
+    copy_prior: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.cross_kv not in CROSS_KV_MODES:
@@ -67,12 +70,14 @@ class CrossContext:
     def from_chunks(cls, chunks: Sequence[Sequence[torch.Tensor]], *, cross_kv: str = "cache",
                     dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                     token_ids: Sequence[Sequence[Sequence[int]]] | None = None,
-                    chunk_log_weights: Sequence[Sequence[float | Sequence[float]]] | None = None
+                    chunk_log_weights: Sequence[Sequence[float | Sequence[float]]] | None = None,
+                    copy_log_weights: Sequence[Sequence[float | Sequence[float]]] | None = None
                     ) -> CrossContext | None:
         """Build from per-request lists of per-chunk states (tokens, hidden), cast to `dtype` on `device` while they are
         copied into one right-padded tensor (no intermediate copy of the whole context); None if there is no token.
         `token_ids`, laid out as `chunks`, are the chunks' token ids (a copy pointer reads them); `chunk_log_weights`,
-        one per chunk, the relevance prior: a number (every token of the chunk gets it) or one per token of it."""
+        one per chunk, the relevance prior: a number (every token of the chunk gets it) or one per token of it;
+        `copy_log_weights`, laid out alike, the copy pointer's own (`copy_prior`)."""
         lengths = [sum(c.shape[-2] for c in request) for request in chunks]
         if max(lengths, default=0) == 0:
             return None
@@ -80,16 +85,19 @@ class CrossContext:
         states = torch.zeros((len(chunks), *reference.shape[:-2], max(lengths), reference.shape[-1]),
                              dtype=dtype or reference.dtype, device=device or reference.device)
         mask = torch.zeros((len(chunks), max(lengths)), dtype=torch.bool, device=states.device)
-        prior = None if chunk_log_weights is None else torch.zeros(mask.shape, dtype=torch.float32)
+        priors = [None if weights is None else torch.zeros(mask.shape, dtype=torch.float32)
+                  for weights in (chunk_log_weights, copy_log_weights)]
         for row, request in enumerate(chunks):
             start = 0
             for index, chunk in enumerate(request):
                 states[row, ..., start:start + chunk.shape[-2], :] = chunk
-                if prior is not None:
-                    prior[row, start:start + chunk.shape[-2]] = torch.as_tensor(chunk_log_weights[row][index],
-                                                                                dtype=torch.float32)
+                for prior, weights in zip(priors, (chunk_log_weights, copy_log_weights)):
+                    if prior is not None:
+                        prior[row, start:start + chunk.shape[-2]] = torch.as_tensor(weights[row][index],
+                                                                                    dtype=torch.float32)
                 start += chunk.shape[-2]
             mask[row, :start] = True
+        prior, copy_prior = (None if p is None else p.to(mask.device) for p in priors)
         ids = None
         if token_ids is not None:
             ids = torch.zeros(mask.shape, dtype=torch.long)
@@ -97,7 +105,7 @@ class CrossContext:
                 flat = [token for chunk in request for token in chunk]
                 ids[row, :len(flat)] = torch.tensor(flat, dtype=torch.long)
             ids = ids.to(mask.device)
-        return cls(states, mask, cross_kv, token_ids=ids, prior=None if prior is None else prior.to(mask.device))
+        return cls(states, mask, cross_kv, token_ids=ids, prior=prior, copy_prior=copy_prior)
 
     def key_values(self, attention: CrossAttention) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self.kv.get(attention.layer_idx)
@@ -116,7 +124,8 @@ class CrossContext:
         """These requests only (a batch whose other rows have ended), their cached K/V kept."""
         picked = CrossContext(self.states[rows], self.mask[rows], self.cross_kv,
                               token_ids=None if self.token_ids is None else self.token_ids[rows],
-                              prior=None if self.prior is None else self.prior[rows])
+                              prior=None if self.prior is None else self.prior[rows],
+                              copy_prior=None if self.copy_prior is None else self.copy_prior[rows])
         picked.kv = {layer: (k[rows], v[rows]) for layer, (k, v) in self.kv.items()}
         return picked
 
@@ -134,10 +143,13 @@ class CrossContext:
         prior = None
         if self.prior is not None or other.prior is not None:
             prior = torch.cat([widen(self.log_weights(), -1), widen(other.log_weights(), -1)])
+        copy_prior = None
+        if self.copy_prior is not None or other.copy_prior is not None:
+            copy_prior = torch.cat([widen(self.copy_log_weights(), -1), widen(other.copy_log_weights(), -1)])
         joined = CrossContext(torch.cat([widen(self.states, -2), widen(other.states, -2)]),
                               torch.cat([widen(self.mask, -1), widen(other.mask, -1)]),
                               self.cross_kv if self.cross_kv == other.cross_kv else "absorb", token_ids=ids,
-                              prior=prior)
+                              prior=prior, copy_prior=copy_prior)
         if joined.cross_kv == "cache" and self.kv.keys() == other.kv.keys():
             joined.kv = {layer: tuple(torch.cat([widen(mine, -2), widen(theirs, -2)])
                                       for mine, theirs in zip(self.kv[layer], other.kv[layer])) for layer in self.kv}
@@ -146,6 +158,17 @@ class CrossContext:
     def log_weights(self) -> torch.Tensor:
         """The prior, or the weights of 1 (log 0) that a context without one has."""
         return self.prior if self.prior is not None else torch.zeros(self.mask.shape, device=self.mask.device)
+
+    def copy_log_weights(self) -> torch.Tensor:
+        """The copy pointer's own log weights, or zeros."""
+        return self.copy_prior if self.copy_prior is not None else torch.zeros(self.mask.shape,
+                                                                               device=self.mask.device)
+
+    def pointer_prior(self) -> torch.Tensor | None:
+        """What the copy pointer adds to its scores: the relevance prior and its own weights."""
+        if self.copy_prior is None:
+            return self.prior
+        return self.copy_prior if self.prior is None else self.prior + self.copy_prior
 
     def kv_bytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv.values())

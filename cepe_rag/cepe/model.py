@@ -171,7 +171,7 @@ class CepeForCausalLM(nn.Module):
         """The decoder's logits (batch, length, vocab) mixed with the pointer's copies from `context`."""
         embeds = self.decoder.get_input_embeddings()(input_ids)
         attention = self.pointer.attention(hidden, embeds, context.layer_states_for_pointer(), context.mask,
-                                           context.prior)
+                                           context.pointer_prior())
         length = logits.shape[1]
         copied_as = self.copy_token_ids(context.token_ids[:, None].expand(-1, length, -1), input_ids)
         return self.pointer.mix(logits, hidden, attention, copied_as, context.mask.any(-1)[:, None].expand(-1, length))
@@ -294,16 +294,19 @@ class CepeForCausalLM(nn.Module):
 
     def context_from_states(self, states_per_request: Sequence[Sequence[torch.Tensor]], *, cross_kv: str = "cache",
                             token_ids: Sequence[Sequence[Sequence[int]]] | None = None,
-                            chunk_log_weights: Sequence[Sequence[float]] | None = None):
+                            chunk_log_weights: Sequence[Sequence[float | Sequence[float]]] | None = None,
+                            copy_log_weights: Sequence[Sequence[float | Sequence[float]]] | None = None):
         """token_ids (laid out as the states): needed by a model with a copy pointer, ignored by one without;
-        chunk_log_weights (one per chunk): a relevance prior on the attention to each chunk (CrossContext.prior)."""
+        chunk_log_weights (per chunk, or per token of each): a prior on the attention to the context
+        (CrossContext.prior); copy_log_weights: the copy pointer's own (CrossContext.copy_prior)."""
         dtype = self.cross_attention_layers()[0].cross_attn.k_proj.weight.dtype
         if self.pointer is None:
             token_ids = None
         elif token_ids is None:
             raise CepeRagError("this CEPE model copies from its context: pass the chunks' token ids")
         return CrossContext.from_chunks(states_per_request, cross_kv=cross_kv, dtype=dtype, device=self.device,
-                                        token_ids=token_ids, chunk_log_weights=chunk_log_weights)
+                                        token_ids=token_ids, chunk_log_weights=chunk_log_weights,
+                                        copy_log_weights=copy_log_weights if self.pointer is not None else None)
 
     # --- construction and checkpoints ------------------------------------------------------------
 

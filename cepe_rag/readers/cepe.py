@@ -29,6 +29,7 @@ class CepePlan:
     passages: list[Passage]
     log_weights: list[float] | None = field(default=None)
     token_log_weights: list[list[float]] | None = field(default=None)
+    copy_log_weights: list[list[float]] | None = field(default=None)  # the copy pointer's own, per token
 
     def chunk_log_weights(self) -> list[float | list[float]]:
         """Per passage: its weight, or (with a sentence prior) its weight plus each token's."""
@@ -109,6 +110,37 @@ def reading_log_weights(question: str, passages: Sequence[Passage], chunk_texts:
     return log_weights, token_log_weights
 
 
+_WORD = re.compile(r"[\w'’\-]+")
+_ARTICLES = {"the", "a", "an"}
+
+
+def question_names(question: str) -> set[str]:
+    """The capitalised words of a question past its first, lower-cased: the names it mentions ("Who designed the
+    Virkdeisund Bridge?" -> {"virkdeisund", "bridge"})."""
+    return {word.lower() for word in _WORD.findall(question)[1:] if word[:1].isupper() and
+            word.lower() not in _ARTICLES}
+
+
+def question_name_log_weights(question: str, chunk_text: str, offsets: Sequence[tuple[int, int]],
+                              penalty: float) -> list[float]:
+    """Per token of a chunk: -penalty on the words of the names the question mentions (and on an article just before
+    one), 0 elsewhere. An answer does not repeat what its question names, and copying the subject ("Who designed the
+    Virkdeisund Bridge?" -> "The Virkdeisund") was the copy pointer's commonest wrong answer."""
+    names = question_names(question)
+    if not names or penalty <= 0:
+        return [0.0] * len(offsets)
+    words = list(_WORD.finditer(chunk_text))
+    named = [(word.start(), word.end()) for i, word in enumerate(words)
+             if word.group().lower() in names or (word.group().lower() in _ARTICLES and i + 1 < len(words) and
+                                                  words[i + 1].group().lower() in names)]
+    ends = [end for _, end in named]
+    weights = []
+    for start, end in offsets:
+        i = bisect.bisect_right(ends, start)  # the first named word ending after this token starts
+        weights.append(-penalty if i < len(named) and named[i][0] < end else 0.0)
+    return weights
+
+
 class RelevancePrior:
     """log softmax(cosine(question, chunk) / temperature) over an example's chunks, as the cepe reader weights its
     passages; embeddings are kept by text (the same passages come back again and again), up to `max_texts`."""
@@ -157,13 +189,15 @@ class CepeReader(Reader):
                  n_encoder_passages: int | None = None, context_states: StateSource | None = None,
                  cross_kv_budget_mb: float = CROSS_KV_BUDGET_MB, max_cached_passages: int = 20_000,
                  relevance_temperature: float | None = None, sentence_temperature: float | None = None,
-                 embedder=None, **kwargs):
+                 question_name_penalty: float | None = None, embedder=None, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
         settings = getattr(model, "reader_settings", {})
         self.relevance_temperature = settings.get("relevance_temperature", 0.0) if relevance_temperature is None \
             else relevance_temperature
         self.sentence_temperature = settings.get("sentence_temperature", 0.0) if sentence_temperature is None \
             else sentence_temperature
+        self.question_name_penalty = settings.get("question_name_penalty", 0.0) if question_name_penalty is None \
+            else question_name_penalty
         self._embedder = embedder
         self._prior: RelevancePrior | None = None
         self.n_prompt_passages = n_prompt_passages
@@ -194,11 +228,17 @@ class CepeReader(Reader):
                             conversation)
         self.check_fits(len(ids))
         texts = [p.as_prompt_text() for p in in_encoder]
-        offsets = self.model.chunk_token_offsets(texts) if self.sentence_temperature > 0 else []
+        penalty = self.question_name_penalty if self.model.pointer is not None else 0.0
+        offsets = self.model.chunk_token_offsets(texts) if self.sentence_temperature > 0 or penalty > 0 else []
         log_weights, token_log_weights = reading_log_weights(
             question, in_encoder, texts, offsets, self.prior, relevance_temperature=self.relevance_temperature,
             sentence_temperature=self.sentence_temperature)
-        return PreparedPrompt(ids, in_prompt + in_encoder, plan=CepePlan(in_encoder, log_weights, token_log_weights))
+        copy_log_weights = None
+        if penalty > 0 and question_names(question):
+            copy_log_weights = [question_name_log_weights(question, text, spans, penalty)
+                                for text, spans in zip(texts, offsets)]
+        return PreparedPrompt(ids, in_prompt + in_encoder, plan=CepePlan(in_encoder, log_weights, token_log_weights,
+                                                                           copy_log_weights))
 
     def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:
         """Stored states where the index has them; the others through the (caching) encoder."""
@@ -231,7 +271,10 @@ class CepeReader(Reader):
             log_weights = None
             if any(p.plan.log_weights is not None or p.plan.token_log_weights is not None for p in prepared):
                 log_weights = [p.plan.chunk_log_weights() for p in prepared]  # a request without a prior: weights of 1
+            copy_log_weights = None
+            if any(p.plan.copy_log_weights is not None for p in prepared):
+                copy_log_weights = [p.plan.copy_log_weights or [0.0] * len(p.plan.passages) for p in prepared]
             context = self.model.context_from_states(states, cross_kv=self.cross_kv_mode(states), token_ids=token_ids,
-                                                     chunk_log_weights=log_weights)
+                                                     chunk_log_weights=log_weights, copy_log_weights=copy_log_weights)
         return DecodeBatch(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.model.device,
                            limits=limits, cross_context=context)

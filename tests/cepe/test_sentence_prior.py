@@ -1,11 +1,22 @@
 """The sentence prior: inside each encoded passage, a sentence's share of the cross-attention and copy-pointer
-softmaxes weighted by how like the question it is (per-token CrossContext.prior), scored as sentence focus scores."""
+softmaxes weighted by how like the question it is (per-token CrossContext.prior), scored as sentence focus scores;
+and the question-name penalty, the copy pointer's own prior (CrossContext.copy_prior)."""
+
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from cepe_rag.readers.cepe import CepeReader, RelevancePrior, passage_of_chunk, sentence_log_weights
+from cepe_rag.cepe.model import group_by_request
+from cepe_rag.readers.cepe import (
+    CepeReader,
+    RelevancePrior,
+    passage_of_chunk,
+    question_name_log_weights,
+    question_names,
+    sentence_log_weights,
+)
 from cepe_rag.settings import ReaderSpec
 from cepe_rag.types import CepeRagError, Passage
 from tests.cepe.test_pointer import CHUNKS, pointer_model, prompt_ids
@@ -134,3 +145,66 @@ def test_training_under_the_sentence_prior_weighs_tokens_as_the_reader_will(chat
     weigh = training_prior(model, TrainConfig(stage="swap", sentence_temperature=0.1), embedder=RelationEmbedder())
     assert weigh(question, [VIADUCT.as_prompt_text(), other.as_prompt_text()]) == expected
     assert training_prior(model, TrainConfig(stage="swap")) is None
+
+
+def test_the_names_a_question_mentions():
+    assert question_names("Who designed the Virkdeisund Bridge?") == {"virkdeisund", "bridge"}
+    assert question_names("When did it open?") == set() and question_names("Where was Ilse Holm born?") == \
+        {"ilse", "holm"}
+
+
+def test_the_copy_penalty_falls_on_the_question_names_and_the_article_before_them(chat_tokenizer):
+    model = pointer_model(chat_tokenizer)
+    text = VIADUCT.as_prompt_text()
+    offsets = model.chunk_token_offsets([text])[0]
+    weights = question_name_log_weights("Who designed the Tresk Viaduct?", text, offsets, 7.0)
+    named = [(m.start(), m.end()) for m in re.finditer(r"The Tresk Viaduct|Tresk Viaduct", text)]
+    for (start, end), weight in zip(offsets, weights):
+        inside = any(a < end and start < b for a, b in named)
+        assert weight == (-7.0 if inside else 0.0), text[start:end]
+    assert weights.count(-7.0) >= 4
+    assert question_name_log_weights("When did it open?", text, offsets, 7.0) == [0.0] * len(offsets)
+
+
+def test_the_copy_prior_moves_the_pointer_and_not_the_cross_attention(chat_tokenizer):
+    model = pointer_model(chat_tokenizer)
+    ids = prompt_ids(chat_tokenizer)
+    lengths = [[len(t) for t in model.tokenize_chunks(chunks)] for chunks in CHUNKS]
+    penalties = [[[-5.0 * (i % 2) for i in range(n)] for n in ns] for ns in lengths]
+
+    def run(copy_log_weights):
+        flat = [text for chunks in CHUNKS for text in chunks]
+        token_ids = model.tokenize_chunks(flat)
+        states = model.encode_token_chunks(token_ids)
+        built = model.context_from_states(group_by_request(states, CHUNKS),
+                                          token_ids=group_by_request(token_ids, CHUNKS),
+                                          copy_log_weights=copy_log_weights)
+        hidden = model.decoder.base_model(input_ids=ids, cross_context=built).last_hidden_state
+        return built, hidden, model(input_ids=ids, cross_context=built).logits
+
+    with torch.no_grad():
+        plain_context, plain_hidden, plain = run(None)
+        penalised_context, hidden, penalised = run(penalties)
+        zero_context, _, zero = run([[[0.0] * n for n in ns] for ns in lengths])
+    torch.testing.assert_close(hidden, plain_hidden, rtol=0, atol=0)  # the cross-attention never sees it
+    torch.testing.assert_close(zero, plain, rtol=0, atol=1e-12)
+    assert (penalised - plain).abs().max() > 1e-4
+    first, second = penalised_context.select_rows(torch.tensor([0])), penalised_context.select_rows(torch.tensor([1]))
+    joined = first.join(second)
+    torch.testing.assert_close(joined.copy_prior, penalised_context.copy_prior, rtol=0, atol=0)
+    assert bool((first.join(plain_context.select_rows(torch.tensor([1]))).copy_prior[1] == 0).all())
+
+
+def test_the_reader_penalises_question_names_for_the_pointer_only_when_asked(chat_tokenizer):
+    model = pointer_model(chat_tokenizer)
+    question = "Who designed the Tresk Viaduct?"
+    other = Passage(3, "A castle stands on the hill.", title="Castle")
+    plan = CepeReader(model, chat_tokenizer, question_name_penalty=10.0).prepare(question, [VIADUCT, other]).plan
+    assert [len(w) for w in plan.copy_log_weights] == \
+        [len(t) for t in model.tokenize_chunks([VIADUCT.as_prompt_text(), other.as_prompt_text()])]
+    assert min(plan.copy_log_weights[0]) == -10.0 and set(plan.copy_log_weights[1]) == {0.0}
+    assert CepeReader(model, chat_tokenizer).prepare(question, [VIADUCT]).plan.copy_log_weights is None
+    spec = ReaderSpec(reader="cepe", question_name_penalty=10.0, cepe_model="x")
+    assert spec.label == "cepe-qn10" and spec.settings()["question_name_penalty"] == 10.0
+    with pytest.raises(CepeRagError, match="question-name-penalty"):
+        ReaderSpec(reader="cepe", question_name_penalty=-1.0)
