@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from cepe_rag.cepe import CepeForCausalLM, ChunkStateCache, StateSource
+from cepe_rag.documents.sentences import sentences as passage_sentences
+from cepe_rag.documents.sentences import without_title
 from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.readers.base import NO_CONVERSATION, PreparedPrompt, Reader, passage_block, question_text
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
-from cepe_rag.retrieval.focus import sentences as focus_sentences
-from cepe_rag.retrieval.focus import without_title
 from cepe_rag.settings import CROSS_KV_BUDGET_MB
 from cepe_rag.types import Conversation, Passage, passage_embedding_text
 
@@ -62,7 +62,7 @@ def sentence_log_weights(question: str, passage: Passage, chunk_text: str, offse
     scaled down. Sentences are scored as sentence focus scores them (the title's words taken out of both sides, or the
     sentence naming the subject wins); the "Document (Title: ...):" head counts as the best sentence."""
     body = passage.focused_text if passage.focused_text is not None else passage.text
-    parts = focus_sentences(body)
+    parts = passage_sentences(body)
     if len(parts) < 2:
         return [0.0] * len(offsets)
     starts, cursor = [], chunk_text.rfind(body)
