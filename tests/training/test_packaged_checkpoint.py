@@ -43,14 +43,14 @@ def answer_log_likelihood(reader, question, passages, answer, monkeypatch) -> fl
     ("Who designed the Varnholt Bridge?", "Tomas Ekwall", "Mirela Stanchev"),
 ])
 def test_the_shipped_adapter_reads_the_relevant_passage_among_near_namesakes(question, answer, other, monkeypatch):
-    """The packaged adapter (copy pointer, read under its relevance prior) reads an invented fact from the encoder:
-    the right designer's name is far likelier with the passages than without (measured, float32: 31-43 nats) and
-    than the near-namesake's designer, who is in the context too (measured: 4.9 and 11.8 nats, so at least 130 times
-    likelier).
+    """The packaged adapter (copy pointer, read as its card says: relevance prior, sentence prior, question-name
+    penalty) reads an invented fact from the encoder: the right designer's name is far likelier with the passages
+    than without (measured, float32: 32-44 nats) and than the near-namesake's designer, who is in the context too
+    (measured: 42 and 78 nats; under session 8's T = 0.05, 5.1 and 10.9: at T = 0.01 the namesake's passage is all
+    but weighed out).
 
-    Not asserted: the greedy answer. This adapter often copies the question's subject instead ("The Quorvath" for
-    "Mirela Stanchev": it does not yet let the question choose which name of a passage to copy, docs/training.md,
-    session 8), and it answers about a fifth of the own-documents questions."""
+    Not asserted: the greedy answer. It now begins with the right name but often runs on past it ("Mirela Stanchev
+    and opened ...", docs/training.md, session 9), and it answers about two fifths of the own-documents questions."""
     path = packaged_cepe()
     assert path is not None
     model = load_cepe(path)  # float32
@@ -62,4 +62,4 @@ def test_the_shipped_adapter_reads_the_relevant_passage_among_near_namesakes(que
     assert int(weights.argmax()) == gold and float(weights[gold]) > 0.9
     read = answer_log_likelihood(reader, question, PASSAGES, answer, monkeypatch)
     assert read > answer_log_likelihood(reader, question, [], answer, monkeypatch) + 20
-    assert read > answer_log_likelihood(reader, question, PASSAGES, other, monkeypatch) + 2
+    assert read > answer_log_likelihood(reader, question, PASSAGES, other, monkeypatch) + 10
