@@ -33,10 +33,15 @@ class CepePlan:
 
     def chunk_log_weights(self) -> list[float | list[float]]:
         """Per passage: its weight, or (with a sentence prior) its weight plus each token's."""
-        chunks = self.log_weights or [0.0] * len(self.passages)
-        if self.token_log_weights is None:
-            return chunks
-        return [[chunk + token for token in tokens] for chunk, tokens in zip(chunks, self.token_log_weights)]
+        return combined_log_weights(self.log_weights or [0.0] * len(self.passages), self.token_log_weights)
+
+
+def combined_log_weights(chunk_weights: Sequence[float], token_weights: Sequence[Sequence[float]] | None
+                         ) -> list[float | list[float]]:
+    """Each chunk's weight, plus each of its tokens' where there are token weights (CrossContext's prior layout)."""
+    if token_weights is None:
+        return list(chunk_weights)
+    return [[chunk + token for token in tokens] for chunk, tokens in zip(chunk_weights, token_weights)]
 
 
 @lru_cache(maxsize=1)
@@ -66,9 +71,11 @@ def sentence_log_weights(question: str, passage: Passage, chunk_text: str, offse
     if len(parts) < 2:
         return [0.0] * len(offsets)
     starts, cursor = [], chunk_text.rfind(body)
+    if cursor < 0:  # not laid out as expected: no sentence prior rather than a wrong one
+        return [0.0] * len(offsets)
     for part in parts:
         cursor = chunk_text.find(part, cursor)
-        if cursor < 0:  # not laid out as expected: no sentence prior rather than a wrong one
+        if cursor < 0:
             return [0.0] * len(offsets)
         starts.append(cursor)
         cursor += len(part)
@@ -216,7 +223,7 @@ class CepeReader(Reader):
     def prior(self) -> RelevancePrior:
         """Embeds passages only when they come without the retriever's cosine (the packaged MiniLM by default)."""
         if self._prior is None:
-            self._prior = RelevancePrior(self.relevance_temperature or self.sentence_temperature, self._embedder)
+            self._prior = RelevancePrior(self.relevance_temperature, self._embedder)
         return self._prior
 
     def prepare(self, question: str, passages: Sequence[Passage],

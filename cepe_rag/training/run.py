@@ -18,7 +18,7 @@ from cepe_rag.eval.data import load_questions
 from cepe_rag.files import atomic_write
 from cepe_rag.readers import CepeReader
 from cepe_rag.readers.base import passage_block
-from cepe_rag.readers.cepe import RelevancePrior, passage_of_chunk, reading_log_weights
+from cepe_rag.readers.cepe import RelevancePrior, combined_log_weights, passage_of_chunk, reading_log_weights
 from cepe_rag.retrieval import Retriever
 from cepe_rag.training.corpus import held_out, load_articles
 from cepe_rag.training.examples import (
@@ -259,7 +259,7 @@ def training_prior(model, config: TrainConfig, embedder=None):
     prior), or None without priors: training reads as the reader will."""
     if not (config.relevance_temperature > 0 or config.sentence_temperature > 0):
         return None
-    prior = RelevancePrior(config.relevance_temperature or config.sentence_temperature, embedder)
+    prior = RelevancePrior(config.relevance_temperature, embedder)  # its cosines serve the sentence prior too
 
     def weigh(question: str, chunks: list[str]) -> list:
         chunk_weights = prior(question, chunks) if config.relevance_temperature > 0 else [0.0] * len(chunks)
@@ -269,7 +269,7 @@ def training_prior(model, config: TrainConfig, embedder=None):
                                         model.chunk_token_offsets(chunks), prior, relevance_temperature=0.0,
                                         sentence_temperature=config.sentence_temperature,
                                         chunk_weights=chunk_weights)
-        return [[weight + token for token in row] for weight, row in zip(chunk_weights, tokens)]
+        return combined_log_weights(chunk_weights, tokens)
 
     return weigh
 
