@@ -50,20 +50,27 @@ def tuning_score(summary: list[dict]) -> float:
     return round(sum(r["substring_em"] for r in rows) / len(rows), 2) if rows else 0.0
 
 
+def eval_relevance_temperature(args) -> float:
+    """The tuning split is read as the adapter's card will read it, which may be sharper than training's prior."""
+    return args.eval_relevance_temperature or args.relevance_temperature
+
+
 def evaluate(adapter: Path, name: str, args) -> dict:
     out = Path(args.runs) / "eval" / name
     command = CLI + ["eval", "--questions", args.questions, "--index", args.eval_index, "--readers", "cepe",
                      "--cepe-model", str(adapter), "--k", args.eval_k, "--out", str(out), "--dtype", "bfloat16",
                      "--n-prompt-passages", str(args.prompt_passages),
-                     "--relevance-temperature", str(args.relevance_temperature),
+                     "--relevance-temperature", str(eval_relevance_temperature(args)),
                      "--sentence-temperature", str(args.sentence_temperature),
+                     "--question-name-penalty", str(args.question_name_penalty),
                      "--no-cutoff",  # k passages read, whatever the default relevance cutoff: the bar is about k=20
                      "--no-focus"]  # passages as trained on, and scores comparable with those before sentence focus
     subprocess.run(command, env=one_thread(), check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
     return {"adapter": name, "score": tuning_score(summary), "n_prompt_passages": args.prompt_passages,
-            "relevance_temperature": args.relevance_temperature,
+            "relevance_temperature": eval_relevance_temperature(args),
             **({"sentence_temperature": args.sentence_temperature} if args.sentence_temperature else {}),
+            **({"question_name_penalty": args.question_name_penalty} if args.question_name_penalty else {}),
             "summary": summary, "time": time.strftime("%F %T")}
 
 
@@ -230,6 +237,10 @@ def main() -> None:
                         help="train and evaluate under the cepe reader's relevance prior with this temperature")
     parser.add_argument("--sentence-temperature", type=float, default=0.0,
                         help="train and evaluate under the cepe reader's sentence prior with this temperature")
+    parser.add_argument("--eval-relevance-temperature", type=float, default=0.0,
+                        help="the relevance prior's temperature when scoring on the tuning split (default: training's)")
+    parser.add_argument("--question-name-penalty", type=float, default=0.0,
+                        help="scoring only: the reader's copy-pointer penalty on the question's own names")
     parser.add_argument("--lineage", default="", help="keep this line's best adapter and scores in "
                                                       "benchmarks/results/cpu_training/<lineage>/ (it starts from the "
                                                       "main line's adapter)")
@@ -271,16 +282,19 @@ def evaluate_main() -> None:
     sys.argv = [sys.argv[0], *rest]
     args = argparse.Namespace(questions="runs/owndocs/questions.tune.jsonl", eval_index="indexes/owndocs",
                               eval_k="5,20", runs="runs/cpu_training", prompt_passages="0",
-                              relevance_temperature="0", sentence_temperature="0")
+                              relevance_temperature="0", sentence_temperature="0",
+                              eval_relevance_temperature="0", question_name_penalty="0")
     args.lineage = ""
     for flag in ("questions", "eval_index", "eval_k", "runs", "prompt_passages", "lineage", "relevance_temperature",
-                 "sentence_temperature"):
+                 "sentence_temperature", "eval_relevance_temperature", "question_name_penalty"):
         option = "--" + flag.replace("_", "-")
         if option in rest:
             setattr(args, flag, rest[rest.index(option) + 1])
     args.prompt_passages = int(args.prompt_passages)
     args.relevance_temperature = float(args.relevance_temperature)
     args.sentence_temperature = float(args.sentence_temperature)
+    args.eval_relevance_temperature = float(args.eval_relevance_temperature)
+    args.question_name_penalty = float(args.question_name_penalty)
     use_lineage(args.lineage)
     adapter = Path(known.evaluate)
     record = evaluate(adapter, adapter.name, args)

@@ -136,6 +136,10 @@ class ReaderSpec:
         DEFAULT_READ_MARGIN, "Relevance cutoff: read the retrieved passages (up to --k) whose similarity to the "
         "question is within this margin of the best one's (docs/retrieval.md, 'Relevance cutoff'); --no-cutoff reads "
         "them all.", reader="*")
+    extractive: bool | None = reader_setting(
+        None, "Extractive decoding: each answer token must continue a span of a passage read (or end the answer), so "
+        "answers are copied words, never invented ones. Default: the cepe checkpoint's own setting; off for the other "
+        "readers.", reader="*")
     focus: bool = reader_setting(
         DEFAULT_FOCUS, "Sentence focus: each passage read is led by its sentence most similar to the question, "
         "then read whole (docs/retrieval.md, 'Sentence focus').", reader="*")
@@ -154,12 +158,14 @@ class ReaderSpec:
     @property
     def label(self) -> str:
         """The row name in evaluations: each prompt/encoder split of cepe is its own row."""
+        extractive = {True: "-extractive", False: "-free"}.get(self.extractive, "") if self.reader == "cepe" \
+            else "-extractive" if self.extractive else ""  # cepe: absent means the checkpoint's own setting
         if self.reader != "cepe":
-            return self.reader
+            return self.reader + extractive
         return "cepe" + (f"-prompt{self.n_prompt_passages}" if self.n_prompt_passages else "") + \
             (f"-rel{self.relevance_temperature:g}" if self.relevance_temperature is not None else "") + \
             (f"-sent{self.sentence_temperature:g}" if self.sentence_temperature is not None else "") + \
-            (f"-qn{self.question_name_penalty:g}" if self.question_name_penalty is not None else "")
+            (f"-qn{self.question_name_penalty:g}" if self.question_name_penalty is not None else "") + extractive
 
     def reader_options(self) -> dict:
         """What the reader's constructor takes from this spec: the settings every reader has, and its own."""
@@ -179,6 +185,8 @@ class ReaderSpec:
             common["read_margin"] = self.read_margin
         if self.reader != "closed-book" and self.focus:  # absent: passages read as they are
             common["focus"] = True
+        if self.reader != "closed-book" and self.extractive is not None and (self.extractive or self.reader == "cepe"):
+            common["extractive"] = self.extractive  # absent: free decoding (cepe: the checkpoint's own setting)
         if self.reader == "cepe":
             cepe = {**common, "cepe_model": self.cepe_model or "packaged", "n_prompt_passages": self.n_prompt_passages}
             # Absent: the checkpoint's own priors (which the checkpoint's path already pins).

@@ -23,6 +23,7 @@ from cepe_rag.cepe.pointer import CopyPointer
 from cepe_rag.cepe.states import ContextStates
 from cepe_rag.models import contiguous_head_input
 from cepe_rag.padding import pad_token_ids
+from cepe_rag.token_forms import line_start_forms
 from cepe_rag.types import CepeRagError
 
 # Config fields of the released checkpoints, with the values a fresh model gets.
@@ -198,19 +199,7 @@ class CepeForCausalLM(nn.Module):
             tokenizer = self.encoder_tokenizer or getattr(self, "decoder_tokenizer", None)
             if tokenizer is None:
                 raise CepeRagError("copying line starts needs the model's tokenizer")
-            vocab = self.config.vocab_size
-            texts = tokenizer.batch_decode([[i] for i in range(min(vocab, len(tokenizer)))],
-                                           clean_up_tokenization_spaces=False)
-            id_of: dict[str, int] = {}
-            for token, text in enumerate(texts):
-                id_of.setdefault(text, token)
-            unspaced = torch.arange(vocab)
-            ends_line = torch.zeros(vocab, dtype=torch.bool)
-            for token, text in enumerate(texts):
-                if len(text) > 1 and text[0] == " " and "\ufffd" not in text:  # not a piece of a UTF-8 character
-                    unspaced[token] = id_of.get(text[1:], token)
-                ends_line[token] = text.endswith("\n")
-            self._line_start_tables = (unspaced, ends_line)
+            self._line_start_tables = line_start_forms(tokenizer, self.config.vocab_size)
         if self._line_start_tables[0].device != torch.device(device):
             self._line_start_tables = tuple(table.to(device) for table in self._line_start_tables)
         return self._line_start_tables

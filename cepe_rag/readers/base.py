@@ -9,6 +9,7 @@ from typing import Generic, TypeVar
 
 import torch
 
+from cepe_rag.readers.extractive import SpanConstraint, span_constraint
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
 from cepe_rag.settings import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, check_choice, check_read_margin
 from cepe_rag.types import Answer, CepeRagError, Conversation, Passage
@@ -43,6 +44,7 @@ class PreparedPrompt(Generic[Plan]):
     passages: list[Passage]
     plan: Plan | None = None
     read_rule: str = ""  # which of the given passages were read, and why (the relevance cutoff)
+    question: str = ""
 
 
 class Reader:
@@ -55,12 +57,13 @@ class Reader:
 
     def __init__(self, model, tokenizer, *, generation: GenerationConfig | None = None,
                  system_prompt: str = SYSTEM_PROMPT, prompt_style: str = DEFAULT_PROMPT_STYLE,
-                 read_margin: float | None = None, focus: bool = False):
+                 read_margin: float | None = None, focus: bool = False, extractive: bool | None = False):
         check_choice(prompt_style, PROMPT_STYLES, "prompt style")
         check_read_margin(read_margin)
         self.model = model
         self.read_margin = read_margin  # None: read every passage given (a fixed k)
         self.focus = focus  # sentence focus on the passages read: applied by the session, which has the embedder
+        self.extractive = bool(extractive)  # answers are spans of the passages read (readers/extractive.py)
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig()
         self.system_prompt = system_prompt
@@ -142,6 +145,7 @@ class Reader:
         within `read_margin` of the best passage's (docs/retrieval.md, "Relevance cutoff"); the rule is recorded."""
         kept, rule = read_selection(passages, self.read_margin if self.reads_passages else None)
         prepared = self.prepare(question, kept, conversation or NO_CONVERSATION)
+        prepared.question = question
         prepared.read_rule = rule if len(prepared.passages) == len(kept) else \
             f"{rule}; {len(prepared.passages)} fit the decoder's window"
         if any(p.focused_text is not None for p in prepared.passages):
@@ -213,7 +217,16 @@ class Reader:
               limits: list[int] | None = None) -> DecodeBatch:
         """The decoding state of these prepared requests, before its first step (`limits`: new tokens per row)."""
         return DecodeBatch(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.device,
-                           limits=limits)
+                           limits=limits, constraints=self.span_constraints(prepared))
+
+    def span_constraints(self, prepared: list[PreparedPrompt]) -> list[SpanConstraint] | None:
+        """With extractive decoding, each request's: its answer continues a span of a passage it read (title or
+        text), and does not start on a name its question mentions."""
+        if not (self.extractive and self.reads_passages):
+            return None
+        return [span_constraint(request.question, [piece for p in request.passages
+                                                   for piece in (p.title, p.focused_text or p.text) if piece],
+                                self.tokenizer) for request in prepared]
 
 
 def read_selection(passages: Sequence[Passage], margin: float | None) -> tuple[list[Passage], str]:

@@ -17,6 +17,7 @@ from cepe_rag.documents.sentences import without_title
 from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.readers.base import NO_CONVERSATION, PreparedPrompt, Reader, passage_block, question_text
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
+from cepe_rag.readers.question_names import named_tokens, question_names
 from cepe_rag.settings import CROSS_KV_BUDGET_MB
 from cepe_rag.types import Conversation, Passage, passage_embedding_text
 
@@ -117,35 +118,13 @@ def reading_log_weights(question: str, passages: Sequence[Passage], chunk_texts:
     return log_weights, token_log_weights
 
 
-_WORD = re.compile(r"[\w'’\-]+")
-_ARTICLES = {"the", "a", "an"}
-
-
-def question_names(question: str) -> set[str]:
-    """The capitalised words of a question past its first, lower-cased: the names it mentions ("Who designed the
-    Virkdeisund Bridge?" -> {"virkdeisund", "bridge"})."""
-    return {word.lower() for word in _WORD.findall(question)[1:] if word[:1].isupper() and
-            word.lower() not in _ARTICLES}
-
-
 def question_name_log_weights(question: str, chunk_text: str, offsets: Sequence[tuple[int, int]],
                               penalty: float) -> list[float]:
     """Per token of a chunk: -penalty on the words of the names the question mentions (and on an article just before
-    one), 0 elsewhere. An answer does not repeat what its question names, and copying the subject ("Who designed the
-    Virkdeisund Bridge?" -> "The Virkdeisund") was the copy pointer's commonest wrong answer."""
-    names = question_names(question)
-    if not names or penalty <= 0:
+    one), 0 elsewhere (question_names.py)."""
+    if penalty <= 0:
         return [0.0] * len(offsets)
-    words = list(_WORD.finditer(chunk_text))
-    named = [(word.start(), word.end()) for i, word in enumerate(words)
-             if word.group().lower() in names or (word.group().lower() in _ARTICLES and i + 1 < len(words) and
-                                                  words[i + 1].group().lower() in names)]
-    ends = [end for _, end in named]
-    weights = []
-    for start, end in offsets:
-        i = bisect.bisect_right(ends, start)  # the first named word ending after this token starts
-        weights.append(-penalty if i < len(named) and named[i][0] < end else 0.0)
-    return weights
+    return [-penalty if named else 0.0 for named in named_tokens(question, chunk_text, offsets)]
 
 
 class RelevancePrior:
@@ -196,9 +175,11 @@ class CepeReader(Reader):
                  n_encoder_passages: int | None = None, context_states: StateSource | None = None,
                  cross_kv_budget_mb: float = CROSS_KV_BUDGET_MB, max_cached_passages: int = 20_000,
                  relevance_temperature: float | None = None, sentence_temperature: float | None = None,
-                 question_name_penalty: float | None = None, embedder=None, **kwargs):
-        super().__init__(model, tokenizer, **kwargs)
+                 question_name_penalty: float | None = None, extractive: bool | None = None, embedder=None,
+                 **kwargs):
         settings = getattr(model, "reader_settings", {})
+        super().__init__(model, tokenizer, extractive=settings.get("extractive", False) if extractive is None
+                         else extractive, **kwargs)
         self.relevance_temperature = settings.get("relevance_temperature", 0.0) if relevance_temperature is None \
             else relevance_temperature
         self.sentence_temperature = settings.get("sentence_temperature", 0.0) if sentence_temperature is None \
@@ -284,4 +265,4 @@ class CepeReader(Reader):
             context = self.model.context_from_states(states, cross_kv=self.cross_kv_mode(states), token_ids=token_ids,
                                                      chunk_log_weights=log_weights, copy_log_weights=copy_log_weights)
         return DecodeBatch(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.model.device,
-                           limits=limits, cross_context=context)
+                           limits=limits, constraints=self.span_constraints(prepared), cross_context=context)

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from cepe_rag.padding import pad_id_of, pad_token_ids
+from cepe_rag.readers.extractive import SpanConstraint, constrain_logits
 from cepe_rag.settings import DEFAULT_ANSWER_TOKENS
 
 
@@ -66,15 +67,17 @@ class DecodeBatch:
     (`keep`) and prefilled rows may join (`join`): continuous batching. Rows are independent (left padding and
     masks), so a row's greedy answer does not depend on its neighbours. `limits` caps each row's new tokens
     (default: `config.max_new_tokens` for every row). `past_mask`/`position_offsets` describe tokens already in
-    `cache` (a shared context prefilled by a reader); positions of the prompt continue after them.
+    `cache` (a shared context prefilled by a reader); positions of the prompt continue after them. `constraints`:
+    per row, None or what limits its next tokens (extractive decoding's SpanConstraint).
     """
 
     # Per-row state kept as lists, one entry per row: `keep` and `join` carry them with their rows.
-    ROW_LISTS = ("limits", "generated", "emitted", "done", "steps", "out_of_tokens")
+    ROW_LISTS = ("limits", "generated", "emitted", "done", "steps", "out_of_tokens", "constraints")
 
     def __init__(self, model, prompts: list[list[int]], tokenizer, config: GenerationConfig, *, device, cache=None,
                  position_offsets: torch.Tensor | None = None, past_mask: torch.Tensor | None = None,
-                 limits: list[int] | None = None, **forward_kwargs):
+                 limits: list[int] | None = None, constraints: list[SpanConstraint | None] | None = None,
+                 **forward_kwargs):
         from transformers import DynamicCache
 
         self.model, self.tokenizer, self.config, self.device = model, tokenizer, config, device
@@ -94,6 +97,7 @@ class DecodeBatch:
         self.done = [limit <= 0 for limit in self.limits]
         self.steps = [0] * batch
         self.out_of_tokens = [False] * batch  # ended by its limit rather than by end of sequence or a stop string
+        self.constraints = list(constraints) if constraints is not None else [None] * batch
 
     def __len__(self) -> int:
         return len(self.done)
@@ -102,7 +106,8 @@ class DecodeBatch:
     def step(self) -> StepDeltas:
         out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, cache=self.cache,
                          use_cache=True, logits_to_keep=1, **self.forward_kwargs)
-        tokens = _next_tokens(out.logits[:, -1].float(), self.config, self.generator)
+        logits = constrain_logits(out.logits[:, -1].float(), self.constraints, sorted(self.eos_ids))
+        tokens = _next_tokens(logits, self.config, self.generator)
         deltas = [""] * len(self)
         for row, token in enumerate(tokens.tolist()):
             if self.done[row]:
@@ -111,6 +116,8 @@ class DecodeBatch:
             if token in self.eos_ids:
                 self.done[row] = True
                 continue
+            if self.constraints[row] is not None:
+                self.constraints[row].advance(token)
             self.generated[row].append(token)
             text = self.tokenizer.decode(self.generated[row], skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # else an incomplete UTF-8 sequence: wait for the next token

@@ -199,5 +199,5 @@ class ParallelReader(Reader):
         cache, past_mask, offsets, parallel_context = self.parallel_cache(prepared)
         return DecodeBatch(self.model, [p.ids for p in prepared], self.tokenizer, config, device=self.device,
                            cache=cache, position_offsets=offsets, past_mask=past_mask, limits=limits,
-                           parallel_context=parallel_context)
+                           constraints=self.span_constraints(prepared), parallel_context=parallel_context)
 

@@ -220,4 +220,4 @@ def test_one_table_describes_every_reader():
         assert set(ReaderSpec(reader=name).reader_options()) <= taken, name
     assert ReaderSpec(reader="parallel", ape_scale=0.5).reader_options() == {
         "prompt_style": "instruction", "ape_temperature": 1.0, "ape_scale": 0.5, "read_margin": 0.0,
-        "focus": DEFAULT_FOCUS}
+        "focus": DEFAULT_FOCUS, "extractive": None}

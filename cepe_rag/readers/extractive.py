@@ -1,0 +1,91 @@
+"""Extractive decoding: every answer is a span of the passages read.
+
+A short answer to a question about documents is, nearly always, a few words copied from one of them (the open-domain
+QA benchmarks define their answers so). A small reader drifts off them: it repeats a name ("Darthes. Darthes"), stutters
+inside one ("Briovryvryv") or starts with a word no passage holds. With `--extractive`, each decoding step may only
+choose a token that continues, token for token, a span of some passage the answer has matched so far, or end the
+answer. Its first token may be any passage token (in its line-start form too) except one of a name the question
+mentions (question_names.py): an answer does not repeat its question's subject. The reader's own distribution still
+chooses among what is left; the constraint only removes what no passage supports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from cepe_rag.readers.question_names import named_tokens
+from cepe_rag.token_forms import line_start_forms
+
+SEPARATOR = -1  # between passages in the flat token list: no span crosses it
+
+
+class SpanConstraint:
+    """One answer's constraint, advanced token by token as the answer is decoded. `passages`: each passage's token ids;
+    `unspaced`: each vocabulary id's line-start form (`token_forms.line_start_forms`); `no_start`: per passage, per
+    token, whether an answer may not begin there."""
+
+    def __init__(self, passages: Sequence[Sequence[int]], unspaced: np.ndarray,
+                 no_start: Iterable[Sequence[bool]] | None = None):
+        flat: list[int] = []
+        for ids in passages:
+            flat += [*ids, SEPARATOR]
+        self.tokens = np.asarray(flat or [SEPARATOR], dtype=np.int64)
+        starts = self.tokens >= 0
+        if no_start is not None:
+            starts &= ~np.asarray([flag for flags in no_start for flag in [*flags, True]] or [True], dtype=bool)
+        # The first answer token follows a line break, where a passage's " Lucia" is written "Lucia".
+        self.start_tokens = np.where(starts, self.tokens, SEPARATOR)
+        self.start_forms = np.where(starts, unspaced[np.where(starts, self.tokens, 0)], SEPARATOR)
+        self.matched: np.ndarray | None = None  # positions of the answer's last token in the passages
+
+    def allowed(self) -> np.ndarray:
+        """The token ids the answer may continue with (besides ending)."""
+        if self.matched is None:
+            ids = np.concatenate([self.start_tokens, self.start_forms])
+        else:
+            ids = self.tokens[self.matched + 1]  # the flat list ends with a separator: always in range
+        return np.unique(ids[ids >= 0])
+
+    def advance(self, token: int) -> None:
+        if self.matched is None:
+            self.matched = np.flatnonzero((self.start_tokens == token) | (self.start_forms == token))
+        else:
+            following = self.matched + 1
+            self.matched = following[self.tokens[following] == token]
+
+
+def constrain_logits(logits: torch.Tensor, constraints: Sequence[SpanConstraint | None], free_ids: Sequence[int]
+                     ) -> torch.Tensor:
+    """`logits` (rows, vocab) with every token a row's constraint forbids set to -inf; `free_ids` (end of sequence)
+    stay allowed everywhere, and a row without a constraint is untouched."""
+    if all(c is None for c in constraints):
+        return logits
+    constrained = logits.clone()
+    vocab = logits.shape[-1]
+    for row, constraint in enumerate(constraints):
+        if constraint is None:
+            continue
+        keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+        allowed = constraint.allowed()
+        keep[torch.from_numpy(allowed[allowed < vocab]).to(logits.device)] = True
+        keep[[i for i in free_ids if i < vocab]] = True
+        constrained[row] = logits[row].masked_fill(~keep, float("-inf"))
+    return constrained
+
+
+@lru_cache(maxsize=4)
+def _unspaced(tokenizer) -> np.ndarray:
+    return line_start_forms(tokenizer, len(tokenizer))[0].numpy()
+
+
+def span_constraint(question: str, texts: Sequence[str], tokenizer) -> SpanConstraint:
+    """The constraint for an answer to `question` read from these passage texts."""
+    if not texts:
+        return SpanConstraint([], _unspaced(tokenizer))
+    tokens = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    named = [named_tokens(question, text, offsets) for text, offsets in zip(texts, tokens["offset_mapping"])]
+    return SpanConstraint(tokens["input_ids"], _unspaced(tokenizer), named)

@@ -1,0 +1,37 @@
+"""The names a question mentions, and where they stand in a passage: an answer does not repeat them. Copying the
+question's subject ("Who designed the Virkdeisund Bridge?" -> "The Virkdeisund") was the CEPE copy pointer's commonest
+wrong answer; the cepe reader's question-name penalty and extractive decoding both keep answers off them."""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Sequence
+
+_WORD = re.compile(r"[\w'’\-]+")
+_ARTICLES = {"the", "a", "an"}
+
+
+def question_names(question: str) -> set[str]:
+    """The capitalised words of a question past its first, lower-cased: the names it mentions ("Who designed the
+    Virkdeisund Bridge?" -> {"virkdeisund", "bridge"})."""
+    return {word.lower() for word in _WORD.findall(question)[1:] if word[:1].isupper() and
+            word.lower() not in _ARTICLES}
+
+
+def named_tokens(question: str, text: str, offsets: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token of `text` (its character `offsets`): whether it is part of a word of a name the question mentions,
+    or of an article just before one."""
+    names = question_names(question)
+    if not names:
+        return [False] * len(offsets)
+    words = list(_WORD.finditer(text))
+    named = [(word.start(), word.end()) for i, word in enumerate(words)
+             if word.group().lower() in names or (word.group().lower() in _ARTICLES and i + 1 < len(words) and
+                                                  words[i + 1].group().lower() in names)]
+    ends = [end for _, end in named]
+    flags = []
+    for start, end in offsets:
+        i = bisect.bisect_right(ends, start)  # the first named word ending after this token starts
+        flags.append(i < len(named) and named[i][0] < end)
+    return flags
