@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "cepe_rag"
 # Lower layers never import higher ones (docs/architecture.md).
 FOUNDATION = {"cepe_rag.types", "cepe_rag.files", "cepe_rag.settings", "cepe_rag.models", "cepe_rag.padding",
-              "cepe_rag.lazy"}
+              "cepe_rag.token_forms", "cepe_rag.lazy"}
 
 
 def module_name(path: Path) -> str:
