@@ -7,11 +7,15 @@ from __future__ import annotations
 import torch
 
 
+def token_texts(tokenizer, vocab_size: int) -> list[str]:
+    return tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))],
+                                  clean_up_tokenization_spaces=False)
+
+
 def line_start_forms(tokenizer, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Over the vocabulary (vocab_size ids): each token's id without its leading space (its own id if it has no
     leading space or the vocabulary lacks that form), and whether a token ends a line."""
-    texts = tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))],
-                                   clean_up_tokenization_spaces=False)
+    texts = token_texts(tokenizer, vocab_size)
     id_of: dict[str, int] = {}
     for token, text in enumerate(texts):
         id_of.setdefault(text, token)
@@ -22,3 +26,12 @@ def line_start_forms(tokenizer, vocab_size: int) -> tuple[torch.Tensor, torch.Te
             unspaced[token] = id_of.get(text[1:], token)
         ends_line[token] = text.endswith("\n")
     return unspaced, ends_line
+
+
+def word_starts(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Over the vocabulary: whether a token begins a new word (a space, punctuation, a line break) rather than
+    continuing the one before it ("ov" in "Zathfaex|ov", "70" in "20|70")."""
+    starts = torch.ones(vocab_size, dtype=torch.bool)
+    for token, text in enumerate(token_texts(tokenizer, vocab_size)):
+        starts[token] = not (text[:1].isalnum() and "\ufffd" not in text)
+    return starts

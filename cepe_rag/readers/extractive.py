@@ -5,8 +5,10 @@ QA benchmarks define their answers so). A small reader drifts off them: it repea
 inside one ("Briovryvryv") or starts with a word no passage holds. With `--extractive`, each decoding step may only
 choose a token that continues, token for token, a span of some passage the answer has matched so far, or end the
 answer. Its first token may be any passage token (in its line-start form too) except one of a name the question
-mentions (question_names.py): an answer does not repeat its question's subject. The reader's own distribution still
-chooses among what is left; the constraint only removes what no passage supports.
+mentions (question_names.py): an answer does not repeat its question's subject. It may end only where a word of the
+passage ends: a small reader that stops inside a word ("Lucia Zathfaex" for "Lucia Zathfaexov", "20" for "2070") has
+found the right span and only lost its nerve. The reader's own distribution still chooses among what is left; the
+constraint only removes what no passage supports.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ import numpy as np
 import torch
 
 from cepe_rag.readers.question_names import named_tokens
-from cepe_rag.token_forms import line_start_forms
+from cepe_rag.token_forms import line_start_forms, word_starts
 
 SEPARATOR = -1  # between passages in the flat token list: no span crosses it
 
 
 class SpanConstraint:
     """One answer's constraint, advanced token by token as the answer is decoded. `passages`: each passage's token ids;
-    `unspaced`: each vocabulary id's line-start form (`token_forms.line_start_forms`); `no_start`: per passage, per
-    token, whether an answer may not begin there."""
+    `unspaced`: each vocabulary id's line-start form (`token_forms.line_start_forms`); `word_starts`: whether each
+    vocabulary id begins a word (None: every token does); `no_start`: per passage, per token, whether an answer may
+    not begin there."""
 
-    def __init__(self, passages: Sequence[Sequence[int]], unspaced: np.ndarray,
+    def __init__(self, passages: Sequence[Sequence[int]], unspaced: np.ndarray, word_starts: np.ndarray | None = None,
                  no_start: Iterable[Sequence[bool]] | None = None):
         flat: list[int] = []
         for ids in passages:
@@ -41,6 +44,10 @@ class SpanConstraint:
         self.start_tokens = np.where(starts, self.tokens, SEPARATOR)
         self.start_forms = np.where(starts, unspaced[np.where(starts, self.tokens, 0)], SEPARATOR)
         self.matched: np.ndarray | None = None  # positions of the answer's last token in the passages
+        # An answer may end after position p when what follows p begins a word (or ends the passage).
+        following = np.append(self.tokens[1:], SEPARATOR)
+        self.ends_word = np.ones(len(self.tokens), dtype=bool) if word_starts is None else \
+            (following < 0) | word_starts[np.where(following < 0, 0, following)]
 
     def allowed(self) -> np.ndarray:
         """The token ids the answer may continue with (besides ending)."""
@@ -50,6 +57,10 @@ class SpanConstraint:
             ids = self.tokens[self.matched + 1]  # the flat list ends with a separator: always in range
         return np.unique(ids[ids >= 0])
 
+    def may_end(self) -> bool:
+        """Whether the answer may end here: at a word's end in some passage it matches (an empty answer may end)."""
+        return self.matched is None or bool(self.ends_word[self.matched].any())
+
     def advance(self, token: int) -> None:
         if self.matched is None:
             self.matched = np.flatnonzero((self.start_tokens == token) | (self.start_forms == token))
@@ -58,10 +69,10 @@ class SpanConstraint:
             self.matched = following[self.tokens[following] == token]
 
 
-def constrain_logits(logits: torch.Tensor, constraints: Sequence[SpanConstraint | None], free_ids: Sequence[int]
+def constrain_logits(logits: torch.Tensor, constraints: Sequence[SpanConstraint | None], end_ids: Sequence[int]
                      ) -> torch.Tensor:
-    """`logits` (rows, vocab) with every token a row's constraint forbids set to -inf; `free_ids` (end of sequence)
-    stay allowed everywhere, and a row without a constraint is untouched."""
+    """`logits` (rows, vocab) with every token a row's constraint forbids set to -inf; `end_ids` (end of sequence)
+    are allowed where its constraint may end, and a row without a constraint is untouched."""
     if all(c is None for c in constraints):
         return logits
     constrained = logits.clone()
@@ -72,20 +83,21 @@ def constrain_logits(logits: torch.Tensor, constraints: Sequence[SpanConstraint 
         keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
         allowed = constraint.allowed()
         keep[torch.from_numpy(allowed[allowed < vocab]).to(logits.device)] = True
-        keep[[i for i in free_ids if i < vocab]] = True
+        if constraint.may_end() or not len(allowed):
+            keep[[i for i in end_ids if i < vocab]] = True
         constrained[row] = logits[row].masked_fill(~keep, float("-inf"))
     return constrained
 
 
 @lru_cache(maxsize=4)
-def _unspaced(tokenizer) -> np.ndarray:
-    return line_start_forms(tokenizer, len(tokenizer))[0].numpy()
+def _token_tables(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    return line_start_forms(tokenizer, len(tokenizer))[0].numpy(), word_starts(tokenizer, len(tokenizer)).numpy()
 
 
 def span_constraint(question: str, texts: Sequence[str], tokenizer) -> SpanConstraint:
     """The constraint for an answer to `question` read from these passage texts."""
     if not texts:
-        return SpanConstraint([], _unspaced(tokenizer))
+        return SpanConstraint([], *_token_tables(tokenizer))
     tokens = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
     named = [named_tokens(question, text, offsets) for text, offsets in zip(texts, tokens["offset_mapping"])]
-    return SpanConstraint(tokens["input_ids"], _unspaced(tokenizer), named)
+    return SpanConstraint(tokens["input_ids"], *_token_tables(tokenizer), no_start=named)

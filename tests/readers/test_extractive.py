@@ -32,14 +32,29 @@ def test_no_span_crosses_from_one_passage_into_the_next():
     assert constraint.allowed().tolist() == []
 
 
+def test_an_answer_ends_only_where_a_word_of_its_passage_ends():
+    word_starts = np.ones(20, dtype=bool)
+    word_starts[[2, 3]] = False  # 2 and 3 continue the word before them ("Zathfaex" + "ov")
+    constraint = SpanConstraint([[1, 2, 3, 5], [1, 4]], UNSPACED, word_starts)
+    assert constraint.may_end()  # nothing written yet
+    constraint.advance(1)  # in both passages: the second lets the word end after it
+    assert constraint.may_end()
+    constraint.advance(2)  # only the first: "3" still continues the word
+    assert not constraint.may_end()
+    logits = torch.zeros(1, 20)
+    assert torch.isfinite(constrain_logits(logits, [constraint], end_ids=[0])[0]).nonzero().flatten().tolist() == [3]
+    constraint.advance(3)
+    assert constraint.may_end()
+
+
 def test_constrain_logits_masks_only_constrained_rows_and_keeps_end_of_sequence():
     logits = torch.randn(2, 20)
     constraint = SpanConstraint([[1, 2, 3]], UNSPACED)
     constraint.advance(1)
-    out = constrain_logits(logits, [constraint, None], free_ids=[0])
+    out = constrain_logits(logits, [constraint, None], end_ids=[0])
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [0, 2]
     assert torch.equal(out[1], logits[1])
-    assert constrain_logits(logits, [None, None], free_ids=[0]) is logits
+    assert constrain_logits(logits, [None, None], end_ids=[0]) is logits
 
 
 PASSAGES = [Passage(1, "Mirela Stanchev founded the Orvane Glassworks in 1886 near the river.", "Orvane Glassworks"),
@@ -110,3 +125,12 @@ def test_an_extractive_answer_does_not_start_on_a_name_the_question_mentions(cha
     assert [chat_tokenizer.decode([i]) for i in constraint.allowed()] == [" John"]
     free = span_constraint("When was it designed?", [text], chat_tokenizer)
     assert {"The", "Tel"} <= {chat_tokenizer.decode([i]).strip() for i in free.allowed()}
+
+
+def test_word_starts_tell_a_new_word_from_the_rest_of_one(chat_tokenizer):
+    from cepe_rag.token_forms import word_starts
+
+    starts = word_starts(chat_tokenizer, len(chat_tokenizer))
+    pieces = chat_tokenizer("Zathfaexov built it in 2070.", add_special_tokens=False)["input_ids"]
+    flags = {chat_tokenizer.decode([i]): bool(starts[i]) for i in pieces}
+    assert flags[" built"] and flags["."] and not flags["ov"]
