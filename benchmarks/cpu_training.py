@@ -63,6 +63,7 @@ def evaluate(adapter: Path, name: str, args) -> dict:
                      "--relevance-temperature", str(eval_relevance_temperature(args)),
                      "--sentence-temperature", str(args.sentence_temperature),
                      "--question-name-penalty", str(args.question_name_penalty),
+                     "--extractive" if args.extractive else "--no-extractive",
                      "--no-cutoff",  # k passages read, whatever the default relevance cutoff: the bar is about k=20
                      "--no-focus"]  # passages as trained on, and scores comparable with those before sentence focus
     subprocess.run(command, env=one_thread(), check=True, stdout=subprocess.DEVNULL)
@@ -71,6 +72,7 @@ def evaluate(adapter: Path, name: str, args) -> dict:
             "relevance_temperature": eval_relevance_temperature(args),
             **({"sentence_temperature": args.sentence_temperature} if args.sentence_temperature else {}),
             **({"question_name_penalty": args.question_name_penalty} if args.question_name_penalty else {}),
+            **({"extractive": True} if args.extractive else {}),
             "summary": summary, "time": time.strftime("%F %T")}
 
 
@@ -241,6 +243,8 @@ def main() -> None:
                         help="the relevance prior's temperature when scoring on the tuning split (default: training's)")
     parser.add_argument("--question-name-penalty", type=float, default=0.0,
                         help="scoring only: the reader's copy-pointer penalty on the question's own names")
+    parser.add_argument("--extractive", action="store_true",
+                        help="scoring only: extractive decoding (answers are spans of the passages read)")
     parser.add_argument("--lineage", default="", help="keep this line's best adapter and scores in "
                                                       "benchmarks/results/cpu_training/<lineage>/ (it starts from the "
                                                       "main line's adapter)")
@@ -284,6 +288,7 @@ def evaluate_main() -> None:
                               eval_k="5,20", runs="runs/cpu_training", prompt_passages="0",
                               relevance_temperature="0", sentence_temperature="0",
                               eval_relevance_temperature="0", question_name_penalty="0")
+    args.extractive = "--extractive" in rest
     args.lineage = ""
     for flag in ("questions", "eval_index", "eval_k", "runs", "prompt_passages", "lineage", "relevance_temperature",
                  "sentence_temperature", "eval_relevance_temperature", "question_name_penalty"):

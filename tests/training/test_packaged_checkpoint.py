@@ -49,14 +49,18 @@ def test_the_shipped_adapter_reads_the_relevant_passage_among_near_namesakes(que
     (measured: 42 and 78 nats; under session 8's T = 0.05, 5.1 and 10.9: at T = 0.01 the namesake's passage is all
     but weighed out).
 
-    Not asserted: the greedy answer. It now begins with the right name but often runs on past it ("Mirela Stanchev
-    and opened ...", docs/training.md, session 9), and it answers about two fifths of the own-documents questions."""
+    The card also asks for extractive decoding: the greedy answer is a span of a passage (exact by construction).
+    Not asserted: which span. It begins with the right name here but runs on past it ("Mirela Stanchev and opened
+    in 1887", docs/training.md, session 10)."""
     path = packaged_cepe()
     assert path is not None
     model = load_cepe(path)  # float32
     assert model.pointer is not None and model.config.num_cross_attn_layers == 8 and model.config.copy_line_starts
     reader = make_reader("cepe", model, model.decoder_tokenizer, generation=GenerationConfig(max_new_tokens=12))
     assert reader.relevance_temperature == model.reader_settings["relevance_temperature"] > 0  # the card's prior
+    assert reader.extractive and model.reader_settings["extractive"]
+    greedy = reader.answer(question, PASSAGES).text
+    assert greedy and any(greedy in f"{p.title} {p.text}" for p in PASSAGES), greedy
     weights = torch.tensor(reader.prepare(question, PASSAGES).plan.log_weights).exp()
     gold = 0 if answer == "Mirela Stanchev" else 1
     assert int(weights.argmax()) == gold and float(weights[gold]) > 0.9
