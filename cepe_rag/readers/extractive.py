@@ -98,6 +98,8 @@ def span_constraint(question: str, texts: Sequence[str], tokenizer) -> SpanConst
     """The constraint for an answer to `question` read from these passage texts."""
     if not texts:
         return SpanConstraint([], *_token_tables(tokenizer))
+    if not getattr(tokenizer, "is_fast", False):  # no character offsets: the question's names cannot be found
+        return SpanConstraint(tokenizer(list(texts), add_special_tokens=False)["input_ids"], *_token_tables(tokenizer))
     tokens = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
     named = [named_tokens(question, text, offsets) for text, offsets in zip(texts, tokens["offset_mapping"])]
     return SpanConstraint(tokens["input_ids"], *_token_tables(tokenizer), no_start=named)
