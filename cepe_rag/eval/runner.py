@@ -1,7 +1,7 @@
 """Run questions through retrieval and readers for several k; cached and resumable per run folder.
 
 Layout of a run folder:
-  retrieval.jsonl                 top-max(k) passage ids and scores per question (computed once)
+  retrieval.jsonl                 top-max(k) passage ids, scores and dense similarities per question (computed once)
   predictions/{reader}_k{k}.jsonl one line per answered question, appended as it goes (resume = skip done ids)
   summary.json, summary.md        metrics per reader and k
   accuracy_vs_k.png               substring EM and retrieval recall vs k
@@ -41,7 +41,9 @@ def answerable_subset(questions: list[QAExample], retriever: Retriever) -> list[
 
 
 def cached_retrieval(questions: list[QAExample], retriever: Retriever, k: int, path: Path) -> dict[str, list]:
-    """{question id: [(passage id, score), ...]} for the top k, read from `path` or computed and saved."""
+    """{question id: [(passage id, score, dense similarity), ...]} for the top k, read from `path` or computed and
+    saved. The dense similarity is what the relevance cutoff and the cepe reader's relevance prior read; a record
+    without it (written before it was kept) is retrieved again."""
     cached: dict[str, list] = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -49,14 +51,15 @@ def cached_retrieval(questions: list[QAExample], retriever: Retriever, k: int, p
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by an interruption: recomputed below
-            if len(record["hits"]) >= min(k, retriever.store.count()):
-                cached[record["id"]] = record["hits"]
+            hits = record["hits"]
+            if len(hits) >= min(k, retriever.store.count()) and all(len(hit) == 3 for hit in hits):
+                cached[record["id"]] = hits
     todo = [q for q in questions if q.id not in cached]
     with _append(path) as handle:
         for start in range(0, len(todo), 256):
             batch = todo[start:start + 256]
             for question, passages in zip(batch, retriever.retrieve_batch([q.question for q in batch], k)):
-                cached[question.id] = [(p.id, p.score) for p in passages]
+                cached[question.id] = [(p.id, p.score, p.dense_score) for p in passages]
                 handle.write(json.dumps({"id": question.id, "hits": cached[question.id]}) + "\n")
     return cached
 
@@ -74,7 +77,7 @@ def run_eval(questions: list[QAExample], session: RagSession, ks: list[int], out
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     guard_settings(out, retriever, settings or {})
     hits = cached_retrieval(questions, retriever, max(ks), out / "retrieval.jsonl")
-    texts = retriever.store.passages(sorted({pid for h in hits.values() for pid, _ in h}))
+    texts = retriever.store.passages(sorted({hit[0] for h in hits.values() for hit in h}))
     rows = []
     for reader_name, reader in readers.items():
         for k in ks if reader.reads_passages else [0]:
@@ -86,8 +89,8 @@ def run_eval(questions: list[QAExample], session: RagSession, ks: list[int], out
                         progress(f"{reader_name} k={k}", index, len(questions))
                     if question.id in done:
                         continue
-                    passages = [replace(texts[pid], score=score) for pid, score in hits[question.id][:k]
-                                if pid in texts]
+                    passages = [replace(texts[pid], score=score, dense_score=dense)
+                                for pid, score, dense in hits[question.id][:k] if pid in texts]
                     record = _answer_one(session, reader_name, question, passages, k)
                     done[question.id] = record
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -163,3 +163,27 @@ def test_paired_bootstrap_interval():
     assert low <= 0 <= high
     with pytest.raises(ValueError):
         paired_bootstrap([1.0], [])
+
+
+def test_the_harness_reads_with_the_relevance_cutoff_as_ask_does(tmp_path, embedder, chat_tokenizer):
+    """The cached retrieval keeps each passage's dense similarity, so a reader with a cutoff reads what `ask` would
+    read (an unrelated passage is left out), not all k; a cache from before that is retrieved again."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, fact in enumerate(["Kubrick directed the film 2001.", "Otters swim in rivers.", "Rome is an old city."]):
+        (corpus / f"{i}.txt").write_text(fact)
+    build_index([corpus], tmp_path / "idx", embedder=embedder)
+    retriever = Retriever(tmp_path / "idx", embedder=embedder)
+    questions = [QAExample(id="1", question="Who directed the film 2001?", answers=["Kubrick"])]
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=512)).eval()
+    generation = GenerationConfig(max_new_tokens=2)
+    cut = ConcatReader(model, chat_tokenizer, generation=generation, read_margin=0.0)
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / "retrieval.jsonl").write_text(json.dumps({"id": "1", "hits": [[0, 0.5], [1, 0.4], [2, 0.3]]}) + "\n")
+    rows = run_eval(questions, RagSession({"concat": cut}, retriever), [3], run)
+    assert rows[0]["passages_read"] == 1
+    hits = json.loads((run / "retrieval.jsonl").read_text().splitlines()[-1])["hits"]
+    assert len(hits) == 3 and all(len(hit) == 3 and isinstance(hit[2], float) for hit in hits)
