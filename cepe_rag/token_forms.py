@@ -4,12 +4,16 @@ extractive decoding both need the one form from the other."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
-def token_texts(tokenizer, vocab_size: int) -> list[str]:
-    return tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))],
-                                  clean_up_tokenization_spaces=False)
+@lru_cache(maxsize=4)
+def token_texts(tokenizer, vocab_size: int) -> tuple[str, ...]:
+    """Each token's text on its own; decoded once per tokenizer (the pointer's tables and extractive decoding's)."""
+    return tuple(tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))],
+                                        clean_up_tokenization_spaces=False))
 
 
 def line_start_forms(tokenizer, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:

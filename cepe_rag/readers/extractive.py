@@ -13,7 +13,7 @@ constraint only removes what no passage supports.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -69,7 +69,7 @@ class SpanConstraint:
             self.matched = following[self.tokens[following] == token]
 
 
-def constrain_logits(logits: torch.Tensor, constraints: Sequence[SpanConstraint | None], end_ids: Sequence[int]
+def constrain_logits(logits: torch.Tensor, constraints: Sequence[SpanConstraint | None], end_ids: Collection[int]
                      ) -> torch.Tensor:
     """`logits` (rows, vocab) with every token a row's constraint forbids set to -inf; `end_ids` (end of sequence)
     are allowed where its constraint may end, and a row without a constraint is untouched."""

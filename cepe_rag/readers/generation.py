@@ -106,7 +106,7 @@ class DecodeBatch:
     def step(self) -> StepDeltas:
         out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, cache=self.cache,
                          use_cache=True, logits_to_keep=1, **self.forward_kwargs)
-        logits = constrain_logits(out.logits[:, -1].float(), self.constraints, sorted(self.eos_ids))
+        logits = constrain_logits(out.logits[:, -1].float(), self.constraints, self.eos_ids)
         tokens = _next_tokens(logits, self.config, self.generator)
         deltas = [""] * len(self)
         for row, token in enumerate(tokens.tolist()):
