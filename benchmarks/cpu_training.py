@@ -196,7 +196,8 @@ def plot_curves() -> None:
     figure.savefig(RESULTS / "loss_curves.png", dpi=110)
 
 
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The run's options; the evaluator of each snapshot is started with the same ones and reads what it needs."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hours", type=float, default=2.5)
     parser.add_argument("--slice-minutes", type=float, default=30)
@@ -250,7 +251,11 @@ def main() -> None:
                                                       "main line's adapter)")
     parser.add_argument("--seed", type=int, default=None, help="data seed (default: one more than the sessions "
                                                                 "the committed adapter records)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = argument_parser().parse_args()
     use_lineage(args.lineage)
     RESULTS.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 3600 * args.hours
@@ -283,23 +288,7 @@ def evaluate_main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--evaluate", required=True)
     known, rest = parser.parse_known_args()
-    sys.argv = [sys.argv[0], *rest]
-    args = argparse.Namespace(questions="runs/owndocs/questions.tune.jsonl", eval_index="indexes/owndocs",
-                              eval_k="5,20", runs="runs/cpu_training", prompt_passages="0",
-                              relevance_temperature="0", sentence_temperature="0",
-                              eval_relevance_temperature="0", question_name_penalty="0")
-    args.extractive = "--extractive" in rest
-    args.lineage = ""
-    for flag in ("questions", "eval_index", "eval_k", "runs", "prompt_passages", "lineage", "relevance_temperature",
-                 "sentence_temperature", "eval_relevance_temperature", "question_name_penalty"):
-        option = "--" + flag.replace("_", "-")
-        if option in rest:
-            setattr(args, flag, rest[rest.index(option) + 1])
-    args.prompt_passages = int(args.prompt_passages)
-    args.relevance_temperature = float(args.relevance_temperature)
-    args.sentence_temperature = float(args.sentence_temperature)
-    args.eval_relevance_temperature = float(args.eval_relevance_temperature)
-    args.question_name_penalty = float(args.question_name_penalty)
+    args = argument_parser().parse_args(rest)
     use_lineage(args.lineage)
     adapter = Path(known.evaluate)
     record = evaluate(adapter, adapter.name, args)

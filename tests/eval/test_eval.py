@@ -59,6 +59,13 @@ def test_real_nq_open_dev_file_loads():
     assert len(questions) == 3610 and questions[0].answers
 
 
+def tiny_decoder(tokenizer) -> LlamaForCausalLM:
+    """A one-layer random Llama over the real tokenizer: the harness is under test, not the answers."""
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=512)).eval()
+
+
 class CountingReader(ConcatReader):
     calls = 0
 
@@ -83,9 +90,7 @@ def test_run_eval_writes_reports_and_resumes(tmp_path, embedder, chat_tokenizer)
     questions = load_questions(str(questions_file))
     assert [q.question for q in answerable_subset(questions, retriever)] == ["Who directed 2001?", "Where is Paris?"]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                         max_position_embeddings=512)).eval()
+    model = tiny_decoder(chat_tokenizer)
     reader = CountingReader(model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=3, stop_strings=("\n",)))
     rows = run_eval(questions, RagSession({"concat": reader}, retriever), [1, 2], tmp_path / "run")
     assert CountingReader.calls == 6
@@ -121,9 +126,7 @@ def test_run_folder_refuses_other_settings_and_other_index(tmp_path, embedder, c
     build_index([corpus], tmp_path / "idx", embedder=embedder)
     retriever = Retriever(tmp_path / "idx", embedder=embedder)
     questions = [QAExample(id="1", question="Who directed 2001?", answers=["Kubrick"])]
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                         max_position_embeddings=512)).eval()
+    model = tiny_decoder(chat_tokenizer)
     closed = ClosedBookReader(model, chat_tokenizer, generation=GenerationConfig(max_new_tokens=2))
     run, session = tmp_path / "run", RagSession({"closed-book": closed}, retriever)
     run_eval(questions, session, [1], run, settings={"closed-book": {"decoder": "a"}})
@@ -175,9 +178,7 @@ def test_the_harness_reads_with_the_relevance_cutoff_as_ask_does(tmp_path, embed
     build_index([corpus], tmp_path / "idx", embedder=embedder)
     retriever = Retriever(tmp_path / "idx", embedder=embedder)
     questions = [QAExample(id="1", question="Who directed the film 2001?", answers=["Kubrick"])]
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                         max_position_embeddings=512)).eval()
+    model = tiny_decoder(chat_tokenizer)
     generation = GenerationConfig(max_new_tokens=2)
     cut = ConcatReader(model, chat_tokenizer, generation=generation, read_margin=0.0)
     run = tmp_path / "run"
