@@ -5,10 +5,11 @@ QA benchmarks define their answers so). A small reader drifts off them: it repea
 inside one ("Briovryvryv") or starts with a word no passage holds. With `--extractive`, each decoding step may only
 choose a token that continues, token for token, a span of some passage the answer has matched so far, or end the
 answer. Its first token may be any passage token (in its line-start form too) except one of a name the question
-mentions (question_names.py): an answer does not repeat its question's subject. It may end only where a word of the
-passage ends: a small reader that stops inside a word ("Lucia Zathfaex" for "Lucia Zathfaexov", "20" for "2070") has
-found the right span and only lost its nerve. The reader's own distribution still chooses among what is left; the
-constraint only removes what no passage supports.
+mentions (question_names.py): an answer does not repeat its question's subject; nor may it begin with a word of
+the wrong kind (answer_kinds.py: no number for "who" or "where", a number or a date for "how many" or "when"). It may
+end only where a word of the passage ends: a small reader that stops inside a word ("Lucia Zathfaex" for "Lucia
+Zathfaexov", "20" for "2070") has found the right span and only lost its nerve. The reader's own distribution still
+chooses among what is left; the constraint only removes what no passage supports.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from cepe_rag.readers.answer_kinds import answer_kind, wrong_kind_tokens
 from cepe_rag.readers.question_names import named_tokens
 from cepe_rag.token_forms import line_start_forms, word_starts
 
@@ -102,4 +104,8 @@ def span_constraint(question: str, texts: Sequence[str], tokenizer) -> SpanConst
         return SpanConstraint(tokenizer(list(texts), add_special_tokens=False)["input_ids"], *_token_tables(tokenizer))
     tokens = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
     named = [named_tokens(question, text, offsets) for text, offsets in zip(texts, tokens["offset_mapping"])]
+    kind = answer_kind(question)
+    wrong = [wrong_kind_tokens(kind, text, offsets) for text, offsets in zip(texts, tokens["offset_mapping"])]
+    if not all(all(flags) for flags in wrong):  # no word of the asked kind anywhere: any kind rather than none
+        named = [[a or b for a, b in zip(names, kinds)] for names, kinds in zip(named, wrong)]
     return SpanConstraint(tokens["input_ids"], *_token_tables(tokenizer), no_start=named)

@@ -1,0 +1,96 @@
+"""How far can a reader get on real questions when it reads the right passage? (issue 28's NQ bar)
+
+    python benchmarks/reading_ceiling.py --run runs/eqa/card --readers cepe,concat-extractive,concat \\
+        --out benchmarks/results/reading_ceiling
+
+For every question of an evaluation run folder (`cepe-rag eval --out RUN`: its retrieval cache and questions), the
+first of its top-`--depth` passages that holds a gold answer (as whole words) is read alone (k = 1) by each reader.
+The figures split a reader's end-to-end accuracy into the two things it needs: the right passage among those it
+reads (the share of questions whose top passage by the relevance prior's cosine holds an answer, and whose top
+`--depth` do) and the right span in that passage (accuracy reading the holder alone). Writes `summary.json` and a
+table to `--out`; answers are cached in `answers.jsonl` there, so a re-run only answers what is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cepe_rag.eval.metrics import exact_match, normalize_answer, postprocess, substring_match
+from cepe_rag.indexes import open_store
+from cepe_rag.models import resolve_dtype
+from cepe_rag.readers import GenerationConfig, build_reader
+from cepe_rag.settings import ReaderSpec
+
+
+def spec_for(name: str) -> ReaderSpec:
+    reader, _, variant = name.partition("-")
+    extractive = {"extractive": True, "free": False, "": None}[variant]
+    return ReaderSpec(reader=reader, read_margin=None, focus=False, extractive=extractive)
+
+
+def holds_answer(passage, answers: list[str]) -> bool:
+    text = f" {normalize_answer(passage.title + ' ' + passage.text)} "
+    return any(f" {normalize_answer(a)} " in text for a in answers if normalize_answer(a))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a `cepe-rag eval` run folder")
+    parser.add_argument("--readers", default="cepe,concat-extractive,concat")
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    run = json.loads((args.run / "run.json").read_text())
+    store = open_store(run["retrieval"]["index"])
+    rows = [json.loads(line) for line in (args.run / "retrieval.jsonl").read_text().splitlines()]
+    predictions = next((args.run / "predictions").glob("*.jsonl"))
+    questions = {r["id"]: r for r in map(json.loads, predictions.read_text().splitlines())}
+    rows = [r for r in rows if r["id"] in questions]
+    cases, top_holds, any_holds = [], 0, 0
+    for row in rows:
+        hits = row["hits"][: args.depth]
+        passages = store.passages([h[0] for h in hits])
+        answers = questions[row["id"]]["answers"]
+        holders = [h[0] for h in hits if holds_answer(passages[h[0]], answers)]
+        top_dense = max(hits, key=lambda h: h[2])[0]
+        top_holds += top_dense in holders
+        any_holds += bool(holders)
+        if holders:
+            cases.append((row["id"], questions[row["id"]]["question"], answers, passages[holders[0]]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache_path = args.out / "answers.jsonl"
+    cache = {}
+    if cache_path.exists():
+        for r in map(json.loads, cache_path.read_text().splitlines()):
+            cache[(r["reader"], r["id"])] = r["prediction"]
+    summary = {"questions": len(rows), "top_passage_holds_answer": round(100 * top_holds / len(rows), 1),
+               f"top_{args.depth}_hold_answer": round(100 * any_holds / len(rows), 1), "holders_read": len(cases),
+               "readers": {}}
+    with cache_path.open("a") as cache_file:
+        for name in args.readers.split(","):
+            reader = build_reader(spec_for(name), dtype=resolve_dtype(None, "cpu"),
+                                  generation=GenerationConfig(max_new_tokens=25))
+            em = sub = 0.0
+            for qid, question, answers, passage in cases:
+                if (name, qid) not in cache:
+                    cache[(name, qid)] = postprocess(reader.answer(question, [passage]).text)
+                    cache_file.write(json.dumps({"reader": name, "id": qid, "question": question, "answers": answers,
+                                                 "passage": passage.id, "prediction": cache[(name, qid)]}) + "\n")
+                    cache_file.flush()
+                em += exact_match(cache[(name, qid)], answers)
+                sub += substring_match(cache[(name, qid)], answers)
+            summary["readers"][name] = {"em_reading_holder": round(100 * em / len(cases), 1),
+                                        "substring_em_reading_holder": round(100 * sub / len(cases), 1)}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    print(f"\n| reader | EM reading the holder alone | substring EM | (top passage holds an answer: "
+          f"{summary['top_passage_holds_answer']}%, top {args.depth}: {summary[f'top_{args.depth}_hold_answer']}%) |")
+    print("|---|---|---|---|")
+    for name, r in summary["readers"].items():
+        print(f"| {name} | {r['em_reading_holder']} | {r['substring_em_reading_holder']} | |")
+
+
+if __name__ == "__main__":
+    main()

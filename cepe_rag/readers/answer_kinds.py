@@ -1,0 +1,91 @@
+"""What kind of answer a question asks for, read from its question words: a count or a year begins with a number, a
+person or a place does not. Extractive decoding uses it to keep an answer's first word to its kind: a small reader
+asked "Where was Ilse Dinbreskel born?" answers with the year in the same sentence ("1790"), asked "how many episodes
+are in season 1" with a year ("1997"). The rules are few and conservative: a question they do not recognise asks for
+anything.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from enum import Enum
+
+_WORD = re.compile(r"\$?[\w'’\-.,]*\w|\$")
+
+
+class AnswerKind(Enum):
+    ANY = "any"
+    NUMBER = "number"  # a count, an amount, an age: "12", "twelve", "$7.25"
+    DATE = "date"  # a year or a date: "1988", "June 1, 2017", "the 1950s"
+    NAME = "name"  # a person, a place, an organisation: neither a number nor a pronoun
+
+
+_NUMBER_WORDS = {"one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+                 "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+                 "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "hundred", "thousand", "million",
+                 "billion", "dozen", "dozens", "hundreds", "thousands", "millions", "billions", "several", "about",
+                 "around", "approximately", "nearly", "almost", "roughly", "over", "more"}
+_MONTHS = {"january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+           "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec"}
+_DATE_WORDS = _MONTHS | {"early", "late", "mid", "circa", "spring", "summer", "autumn", "fall", "winter"}
+_NAME_NOUNS = {"city", "town", "village", "country", "state", "province", "county", "region", "continent", "island",
+               "lake", "river", "sea", "ocean", "mountain", "organisation", "organization", "company", "team", "club",
+               "band", "group", "party", "university", "school", "field", "language", "religion", "person", "player",
+               "artist", "author", "actor", "actress", "singer", "character", "president", "king", "queen", "name"}
+_COUNT_WORDS = {"many", "much", "old", "long", "far", "tall", "high", "big", "large", "deep", "wide", "fast", "heavy"}
+_NAME_WORDS = {"who", "whom", "whose", "where"}
+_PRONOUNS = {"it", "its", "he", "his", "him", "she", "her", "they", "their", "them", "this", "these", "those", "there",
+             "we", "you", "i"}
+
+
+def answer_kind(question: str) -> AnswerKind:
+    """The kind of answer `question` asks for, from its first question word ("when", "how many", "who", "which
+    year", "in which city"); ANY where the words do not say (a "what" question may ask for a name or a number)."""
+    words = re.findall(r"[a-z]+", question.lower())
+    for i, word in enumerate(words):
+        following = words[i + 1] if i + 1 < len(words) else ""
+        if word == "when":
+            return AnswerKind.DATE
+        if word in ("what", "which") and following in ("year", "date", "century", "decade"):
+            return AnswerKind.DATE
+        if word == "how" and following in _COUNT_WORDS:
+            return AnswerKind.NUMBER
+        if word in ("what", "which") and following in ("age", "number", "percentage", "percent"):
+            return AnswerKind.NUMBER
+        if word in _NAME_WORDS or (word in ("what", "which") and following in _NAME_NOUNS):
+            return AnswerKind.NAME
+        if word in ("what", "which", "how", "why"):
+            return AnswerKind.ANY  # the first question word decides; "what ... when" asks for a "what"
+    return AnswerKind.ANY
+
+
+def _is_number(word: str) -> bool:
+    return word[:1].isdigit() or word[:1] == "$"
+
+
+def may_begin(kind: AnswerKind, word: str) -> bool:
+    """Whether an answer of this kind may begin with this word."""
+    lowered = word.lower().rstrip(".,")
+    if kind is AnswerKind.NUMBER:
+        return _is_number(word) or lowered in _NUMBER_WORDS
+    if kind is AnswerKind.DATE:
+        return _is_number(word) or lowered in _DATE_WORDS
+    if kind is AnswerKind.NAME:
+        return not _is_number(word) and lowered not in _PRONOUNS
+    return True
+
+
+def wrong_kind_tokens(kind: AnswerKind, text: str, offsets: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token of `text` (its character `offsets`): whether an answer of this kind may not begin there: the token
+    does not begin a word ("70" in "2070", a comma), or begins one that may not begin an answer of this kind."""
+    if kind is AnswerKind.ANY:
+        return [False] * len(offsets)
+    words = list(_WORD.finditer(text))
+    flags, i = [], 0
+    for start, end in offsets:
+        while i < len(words) and words[i].end() <= start:
+            i += 1
+        begins = i < len(words) and start <= words[i].start() < end
+        flags.append(not (begins and may_begin(kind, words[i].group())))
+    return flags

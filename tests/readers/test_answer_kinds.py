@@ -1,0 +1,57 @@
+import pytest
+
+from cepe_rag.readers.answer_kinds import AnswerKind, answer_kind, may_begin, wrong_kind_tokens
+
+
+@pytest.mark.parametrize("question, kind", [
+    ("Where was Ilse Dinbreskel born?", AnswerKind.NAME),
+    ("In which city is the Virkdeisund Bridge?", AnswerKind.NAME),
+    ("who sings ain't nothing but a good time", AnswerKind.NAME),
+    ("how many episodes are in one punch man season 1", AnswerKind.NUMBER),
+    ("what age do you go to school in japan", AnswerKind.NUMBER),
+    ("when did the eagles win last super bowl", AnswerKind.DATE),
+    ("In what year was the bridge opened?", AnswerKind.DATE),
+    ("What does Quolderkix Manufacturing manufacture?", AnswerKind.ANY),
+    ("what is the star sign for september 15", AnswerKind.ANY),
+    ("what happened when the war ended", AnswerKind.ANY),  # the first question word decides
+    ("the last time la dodgers won the world series", AnswerKind.ANY),
+])
+def test_the_question_words_say_what_kind_of_answer_is_asked_for(question, kind):
+    assert answer_kind(question) is kind
+
+
+def test_each_kind_begins_with_its_own_words():
+    assert may_begin(AnswerKind.NUMBER, "12") and may_begin(AnswerKind.NUMBER, "twelve")
+    assert not may_begin(AnswerKind.NUMBER, "Sarah")
+    assert may_begin(AnswerKind.DATE, "1988") and may_begin(AnswerKind.DATE, "June")
+    assert not may_begin(AnswerKind.DATE, "Rowling")
+    assert may_begin(AnswerKind.NAME, "Riothkenda") and not may_begin(AnswerKind.NAME, "2070")
+    assert not may_begin(AnswerKind.NAME, "$7.25") and not may_begin(AnswerKind.NAME, "It")
+    assert may_begin(AnswerKind.ANY, "2070")
+
+
+def test_an_answer_of_a_kind_begins_only_on_the_first_token_of_a_word_of_that_kind():
+    text = "The bridge is 2070 metres long, in Riothkenda."
+    offsets = [(0, 3), (3, 10), (10, 13), (13, 16), (16, 18), (18, 25), (25, 30), (30, 31), (31, 34), (34, 40),
+               (40, 45), (45, 46)]  # " 20" + "70"; " Rioth" + "kenda"
+    flags = wrong_kind_tokens(AnswerKind.NAME, text, offsets)
+    assert [text[s:e] for (s, e), flag in zip(offsets, flags) if not flag] == \
+        ["The", " bridge", " is", " metres", " long", " in", " Rioth"]
+    flags = wrong_kind_tokens(AnswerKind.NUMBER, text, offsets)
+    assert [text[s:e] for (s, e), flag in zip(offsets, flags) if not flag] == [" 20"]
+    assert not any(wrong_kind_tokens(AnswerKind.ANY, text, offsets))
+
+
+def test_an_extractive_answer_begins_with_a_word_of_the_asked_kind(chat_tokenizer):
+    from cepe_rag.readers.extractive import span_constraint
+
+    text = "The Telvik Bridge was designed by John Smith and opened in 1902."
+    starts = {chat_tokenizer.decode([i]).strip()
+              for i in span_constraint("Who designed the Telvik Bridge?", [text], chat_tokenizer).allowed()}
+    assert "John" in starts and not any(s[:1].isdigit() for s in starts)
+    dates = {chat_tokenizer.decode([i]).strip()
+             for i in span_constraint("When did the Telvik Bridge open?", [text], chat_tokenizer).allowed()}
+    assert dates == {"1"}, dates  # "1902" is written digit by digit
+    # no word of the asked kind in any passage: the kind is dropped rather than every answer
+    anything = span_constraint("How many lanes does it have?", [text.replace(" in 1902", "")], chat_tokenizer).allowed()
+    assert "John" in {chat_tokenizer.decode([i]).strip() for i in anything}
