@@ -1,8 +1,8 @@
 """What kind of answer a question asks for, read from its question words: a count or a year begins with a number, a
 person or a place does not. Extractive decoding uses it to keep an answer's first word to its kind: a small reader
 asked "Where was Ilse Dinbreskel born?" answers with the year in the same sentence ("1790"), asked "how many episodes
-are in season 1" with a year ("1997"). The rules are few and conservative: a question they do not recognise asks for
-anything.
+are in season 1" with a year ("1997"), asked who designed a bridge with the verb after the name ("opened in 1871"). The
+rules are few and conservative: a question they do not recognise asks for anything.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ class AnswerKind(Enum):
     ANY = "any"
     NUMBER = "number"  # a count, an amount, an age: "12", "twelve", "$7.25"
     DATE = "date"  # a year or a date: "1988", "June 1, 2017", "the 1950s"
-    NAME = "name"  # a person, a place, an organisation: neither a number nor a pronoun
+    NAME = "name"  # a field, a language, a thing: neither a number nor a pronoun
+    PROPER = "proper"  # a person, a place, an organisation: a capitalised word that is not a pronoun or an article
 
 
 _NUMBER_WORDS = {"one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
@@ -29,14 +30,16 @@ _NUMBER_WORDS = {"one", "two", "three", "four", "five", "six", "seven", "eight",
 _MONTHS = {"january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
            "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec"}
 _DATE_WORDS = _MONTHS | {"early", "late", "mid", "circa", "spring", "summer", "autumn", "fall", "winter"}
-_NAME_NOUNS = {"city", "town", "village", "country", "state", "province", "county", "region", "continent", "island",
-               "lake", "river", "sea", "ocean", "mountain", "organisation", "organization", "company", "team", "club",
-               "band", "group", "party", "university", "school", "field", "language", "religion", "person", "player",
-               "artist", "author", "actor", "actress", "singer", "character", "president", "king", "queen", "name"}
+_PROPER_NOUNS = {"city", "town", "village", "country", "state", "province", "county", "region", "continent", "island",
+                 "lake", "river", "sea", "ocean", "mountain", "organisation", "organization", "company", "team", "club",
+                 "band", "university", "school", "person", "player", "artist", "author", "actor", "actress", "singer",
+                 "character", "president", "king", "queen"}
+_NAME_NOUNS = {"group", "party", "field", "language", "religion", "name"}
 _COUNT_WORDS = {"many", "much", "old", "long", "far", "tall", "high", "big", "large", "deep", "wide", "fast", "heavy"}
-_NAME_WORDS = {"who", "whom", "whose", "where"}
+_PROPER_WORDS = {"who", "whom", "whose", "where"}
 _PRONOUNS = {"it", "its", "he", "his", "him", "she", "her", "they", "their", "them", "this", "these", "those", "there",
              "we", "you", "i"}
+_ARTICLES = {"the", "a", "an"}  # the metric drops them, so "Beatles" answers "The Beatles"
 
 
 def answer_kind(question: str) -> AnswerKind:
@@ -53,7 +56,9 @@ def answer_kind(question: str) -> AnswerKind:
             return AnswerKind.NUMBER
         if word in ("what", "which") and following in ("age", "number", "percentage", "percent"):
             return AnswerKind.NUMBER
-        if word in _NAME_WORDS or (word in ("what", "which") and following in _NAME_NOUNS):
+        if word in _PROPER_WORDS or (word in ("what", "which") and following in _PROPER_NOUNS):
+            return AnswerKind.PROPER
+        if word in ("what", "which") and following in _NAME_NOUNS:
             return AnswerKind.NAME
         if word in ("what", "which", "how", "why"):
             return AnswerKind.ANY  # the first question word decides; "what ... when" asks for a "what"
@@ -73,6 +78,8 @@ def may_begin(kind: AnswerKind, word: str) -> bool:
         return _is_number(word) or lowered in _DATE_WORDS
     if kind is AnswerKind.NAME:
         return not _is_number(word) and lowered not in _PRONOUNS
+    if kind is AnswerKind.PROPER:
+        return word[:1].isupper() and lowered not in _PRONOUNS | _ARTICLES
     return True
 
 
