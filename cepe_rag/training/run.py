@@ -10,12 +10,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from cepe_rag.cepe import ChunkStateCache, load_cepe
 from cepe_rag.cepe.checkpoints import new_cepe_model, save_adapter
 from cepe_rag.eval.data import load_questions
-from cepe_rag.files import atomic_write
+from cepe_rag.files import atomic_write, atomic_write_with
 from cepe_rag.readers import CepeReader
 from cepe_rag.readers.base import passage_block
 from cepe_rag.readers.cepe import RelevancePrior, combined_log_weights, passage_of_chunk, reading_log_weights
@@ -283,12 +284,18 @@ def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: 
     run)."""
     texts = sorted({chunk for e in examples for chunk in e.chunks})
     cache = ChunkStateCache(model)
-    if path.exists():
-        stored = load_file(str(path), device=str(model.device))
-        if _stored_key(stored.pop("__key__", None)) == _texts_key(model, texts):  # one run folder's older layout
-            cache.states.update((text, stored[str(i)]) for i, text in enumerate(texts))
-        elif _stored_key(stored.pop("__encoder__", None)) == _encoder_key(model):
-            cache.states.update((text, stored[name]) for text in texts if (name := _text_key(text)) in stored)
+    if path.exists():  # read only the states these examples use: the file holds every run's, gigabytes of them
+        with safe_open(str(path), framework="pt", device=str(model.device)) as stored:
+            names = set(stored.keys())
+
+            def key(name: str) -> str | None:
+                return _stored_key(stored.get_tensor(name)) if name in names else None
+
+            if key("__key__") == _texts_key(model, texts):  # one run folder's older layout
+                cache.states.update((text, stored.get_tensor(str(i))) for i, text in enumerate(texts))
+            elif key("__encoder__") == _encoder_key(model):
+                cache.states.update((text, stored.get_tensor(name)) for text in texts
+                                    if (name := _text_key(text)) in names)
     missing = [text for text in texts if text not in cache.states]
     if missing and not lazy:
         log(f"encoding {len(missing)} distinct passages once with the frozen encoder")
@@ -304,7 +311,9 @@ def encoder_states(model, examples: list[TrainingExample], path: Path, *, bf16: 
 def save_encoder_states(cache: ChunkStateCache, path: Path) -> None:
     tensors = {_text_key(text): state.contiguous() for text, state in cache.states.items()}
     tensors["__encoder__"] = torch.frombuffer(bytearray(_encoder_key(cache.model).encode()), dtype=torch.uint8)
-    atomic_write(path, save(tensors))
+    # save_file streams the tensors to the file; serialising them to bytes first held a second copy in memory,
+    # which on this 23 GiB machine killed a run whose states had reached 8 GB
+    atomic_write_with(path, lambda temporary: save_file(tensors, temporary))
 
 
 def _encoder_key(model) -> str:
