@@ -7,14 +7,16 @@ For every question of an evaluation run folder (`cepe-rag eval --out RUN`: its r
 first of its top-`--depth` passages that holds a gold answer (as whole words) is read alone (k = 1) by each reader.
 The figures split a reader's end-to-end accuracy into the two things it needs: the right passage among those it
 reads (the share of questions whose top passage by the relevance prior's cosine holds an answer, and whose top
-`--depth` do) and the right span in that passage (accuracy reading the holder alone). Writes `summary.json` and a
-table to `--out`; answers are cached in `answers.jsonl` there, so a re-run only answers what is new.
+`--depth` do, and the relevance prior's mass on the holders at each `--temperatures`) and the right span in that
+passage (accuracy reading the holder alone). Writes `summary.json` and a
+table (`summary.md`) to `--out`; answers are cached in `answers.jsonl` there, so a re-run only answers what is new.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from cepe_rag.eval.metrics import exact_match, normalize_answer, postprocess, substring_match
@@ -40,8 +42,11 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a `cepe-rag eval` run folder")
     parser.add_argument("--readers", default="cepe,concat-extractive,concat")
     parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--temperatures", default="0.01,0.03,0.1,0.3,1.0",
+                        help="relevance-prior temperatures whose mass on answer-holding passages is reported")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    temperatures = [float(t) for t in args.temperatures.split(",")]
     run = json.loads((args.run / "run.json").read_text())
     store = open_store(run["retrieval"]["index"])
     rows = [json.loads(line) for line in (args.run / "retrieval.jsonl").read_text().splitlines()]
@@ -49,6 +54,7 @@ def main() -> None:
     questions = {r["id"]: r for r in map(json.loads, predictions.read_text().splitlines())}
     rows = [r for r in rows if r["id"] in questions]
     cases, top_holds, any_holds = [], 0, 0
+    prior_mass = dict.fromkeys(temperatures, 0.0)
     for row in rows:
         hits = row["hits"][: args.depth]
         passages = store.passages([h[0] for h in hits])
@@ -57,6 +63,10 @@ def main() -> None:
         top_dense = max(hits, key=lambda h: h[2])[0]
         top_holds += top_dense in holders
         any_holds += bool(holders)
+        best = max(h[2] for h in hits)
+        for t in temperatures:  # the cepe reader's relevance prior: softmax(cosine / T) over the passages read
+            weights = [math.exp((h[2] - best) / t) for h in hits]
+            prior_mass[t] += sum(w for w, h in zip(weights, hits) if h[0] in holders) / sum(weights)
         if holders:
             cases.append((row["id"], questions[row["id"]]["question"], answers, passages[holders[0]]))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +77,7 @@ def main() -> None:
             cache[(r["reader"], r["id"])] = r["prediction"]
     summary = {"questions": len(rows), "top_passage_holds_answer": round(100 * top_holds / len(rows), 1),
                f"top_{args.depth}_hold_answer": round(100 * any_holds / len(rows), 1), "holders_read": len(cases),
+               "prior_mass_on_holders": {f"{t:g}": round(100 * m / len(rows), 1) for t, m in prior_mass.items()},
                "readers": {}}
     with cache_path.open("a") as cache_file:
         for name in args.readers.split(","):
@@ -84,13 +95,17 @@ def main() -> None:
             summary["readers"][name] = {"em_reading_holder": round(100 * em / len(cases), 1),
                                         "substring_em_reading_holder": round(100 * sub / len(cases), 1)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"\n| reader | EM reading the holder alone | substring EM | (top passage holds an answer: "
-          f"{summary['top_passage_holds_answer']}%, top {args.depth}: {summary[f'top_{args.depth}_hold_answer']}%) |")
-    print("|---|---|---|---|")
-    for name, r in summary["readers"].items():
-        print(f"| {name} | {r['em_reading_holder']} | {r['substring_em_reading_holder']} | |")
-
+    lines = [f"{summary['questions']} questions; the top passage by the relevance prior's cosine holds an answer for "
+             f"{summary['top_passage_holds_answer']}%, one of the top {args.depth} for "
+             f"{summary[f'top_{args.depth}_hold_answer']}%; each reader reads the first holder alone "
+             f"({len(cases)} questions). The relevance prior's mean mass on answer-holding passages among the top "
+             f"{args.depth}, by temperature: "
+             + ", ".join(f"T={t}: {m}%" for t, m in summary["prior_mass_on_holders"].items()) + ".", "",
+             "| reader | EM reading the holder alone | substring EM |", "|---|---|---|"]
+    lines += [f"| {name} | {r['em_reading_holder']} | {r['substring_em_reading_holder']} |"
+              for name, r in summary["readers"].items()]
+    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 if __name__ == "__main__":
     main()

@@ -40,6 +40,9 @@ _PROPER_WORDS = {"who", "whom", "whose", "where"}
 _PRONOUNS = {"it", "its", "he", "his", "him", "she", "her", "they", "their", "them", "this", "these", "those", "there",
              "we", "you", "i"}
 _ARTICLES = {"the", "a", "an"}  # the metric drops them, so "Beatles" answers "The Beatles"
+_NAME_PARTICLES = {"of", "de", "du", "des", "del", "della", "di", "da", "dos", "das", "van", "von", "der", "den", "la",
+                   "le", "y", "bin", "bint", "ibn", "al", "el"}  # lower-case words inside names: "Bank of England"
+_CLAUSE_MARKS = tuple(",;:()[]\"“”!?")
 
 
 def answer_kind(question: str) -> AnswerKind:
@@ -83,6 +86,14 @@ def may_begin(kind: AnswerKind, word: str) -> bool:
     return True
 
 
+def may_continue(kind: AnswerKind, word: str) -> bool:
+    """Whether an answer of this kind that has begun may go on into this word: a proper name goes on only through
+    capitalised words, numbers and name particles, so "Ottilie Varga" ends before "and carried its first train"."""
+    if kind is AnswerKind.PROPER:
+        return may_begin(kind, word) or word[:1].isdigit() or word in _NAME_PARTICLES
+    return True
+
+
 def wrong_kind_tokens(kind: AnswerKind, text: str, offsets: Sequence[tuple[int, int]]) -> list[bool]:
     """Per token of `text` (its character `offsets`): whether an answer of this kind may not begin there: the token
     does not begin a word ("70" in "2070", a comma), or begins one that may not begin an answer of this kind."""
@@ -95,4 +106,21 @@ def wrong_kind_tokens(kind: AnswerKind, text: str, offsets: Sequence[tuple[int, 
             i += 1
         begins = i < len(words) and start <= words[i].start() < end
         flags.append(not (begins and may_begin(kind, words[i].group())))
+    return flags
+
+
+def answer_ending_tokens(kind: AnswerKind, text: str, offsets: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token of `text`: whether an answer of this kind that has begun may not go on into it, which ends the answer
+    before it: a word it may not continue with (`may_continue`), or, in a proper name, a clause mark (", and its
+    weekly market")."""
+    if kind is not AnswerKind.PROPER:
+        return [False] * len(offsets)
+    words = list(_WORD.finditer(text))
+    flags, i = [], 0
+    for start, end in offsets:
+        while i < len(words) and words[i].end() <= start:
+            i += 1
+        begins = i < len(words) and start <= words[i].start() < end
+        flags.append(text[start:end].strip().startswith(_CLAUSE_MARKS)
+                     or (begins and not may_continue(kind, words[i].group())))
     return flags

@@ -6,10 +6,11 @@ inside one ("Briovryvryv") or starts with a word no passage holds. With `--extra
 choose a token that continues, token for token, a span of some passage the answer has matched so far, or end the
 answer. Its first token may be any passage token (in its line-start form too) except one of a name the question
 mentions (question_names.py): an answer does not repeat its question's subject; nor may it begin with a word of
-the wrong kind (answer_kinds.py: no number for "who" or "where", a number or a date for "how many" or "when"). It may
-end only where a word of the passage ends: a small reader that stops inside a word ("Lucia Zathfaex" for "Lucia
-Zathfaexov", "20" for "2070") has found the right span and only lost its nerve. The reader's own distribution still
-chooses among what is left; the constraint only removes what no passage supports.
+the wrong kind (answer_kinds.py: a capitalised name for "who" or "where", a number or a date for "how many" or
+"when"), and a name ends where the passage's words stop being one ("Ottilie Varga", not "Ottilie Varga and carried
+its first train"). It may end only where a word of the passage ends: a small reader that stops inside a word
+("Lucia Zathfaex" for "Lucia Zathfaexov", "20" for "2070") has found the right span and only lost its nerve. The
+reader's own distribution still chooses among what is left; the constraint only removes what no passage supports.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from cepe_rag.readers.answer_kinds import answer_kind, wrong_kind_tokens
+from cepe_rag.readers.answer_kinds import answer_ending_tokens, answer_kind, wrong_kind_tokens
 from cepe_rag.readers.question_names import named_tokens
 from cepe_rag.token_forms import line_start_forms, word_starts
 
@@ -31,17 +32,21 @@ class SpanConstraint:
     """One answer's constraint, advanced token by token as the answer is decoded. `passages`: each passage's token ids;
     `unspaced`: each vocabulary id's line-start form (`token_forms.line_start_forms`); `word_starts`: whether each
     vocabulary id begins a word (None: every token does); `no_start`: per passage, per token, whether an answer may
-    not begin there."""
+    not begin there; `no_continue`: whether an answer that has begun may not go on into it (it ends before)."""
 
     def __init__(self, passages: Sequence[Sequence[int]], unspaced: np.ndarray, word_starts: np.ndarray | None = None,
-                 no_start: Iterable[Sequence[bool]] | None = None):
+                 no_start: Iterable[Sequence[bool]] | None = None,
+                 no_continue: Iterable[Sequence[bool]] | None = None):
         flat: list[int] = []
         for ids in passages:
             flat += [*ids, SEPARATOR]
         self.tokens = np.asarray(flat or [SEPARATOR], dtype=np.int64)
         starts = self.tokens >= 0
         if no_start is not None:
-            starts &= ~np.asarray([flag for flags in no_start for flag in [*flags, True]] or [True], dtype=bool)
+            starts &= ~_flat_flags(no_start)
+        self.continues = self.tokens >= 0
+        if no_continue is not None:
+            self.continues &= ~_flat_flags(no_continue)
         # The first answer token follows a line break, where a passage's " Lucia" is written "Lucia".
         self.start_tokens = np.where(starts, self.tokens, SEPARATOR)
         self.start_forms = np.where(starts, unspaced[np.where(starts, self.tokens, 0)], SEPARATOR)
@@ -56,8 +61,12 @@ class SpanConstraint:
         if self.matched is None:
             ids = np.concatenate([self.start_tokens, self.start_forms])
         else:
-            ids = self.tokens[self.matched + 1]  # the flat list ends with a separator: always in range
+            ids = self.tokens[self._following()]
         return np.unique(ids[ids >= 0])
+
+    def _following(self) -> np.ndarray:
+        following = self.matched + 1  # the flat list ends with a separator: always in range
+        return following[self.continues[following]]
 
     def may_end(self) -> bool:
         """Whether the answer may end here: at a word's end in some passage it matches (an empty answer may end)."""
@@ -67,8 +76,13 @@ class SpanConstraint:
         if self.matched is None:
             self.matched = np.flatnonzero((self.start_tokens == token) | (self.start_forms == token))
         else:
-            following = self.matched + 1
+            following = self._following()
             self.matched = following[self.tokens[following] == token]
+
+
+def _flat_flags(per_passage: Iterable[Sequence[bool]]) -> np.ndarray:
+    """Per-passage token flags laid out as SpanConstraint.tokens is: each passage, then its separator (flagged)."""
+    return np.asarray([flag for flags in per_passage for flag in [*flags, True]] or [True], dtype=bool)
 
 
 def constrain_logits(logits: torch.Tensor, constraints: Sequence[SpanConstraint | None], end_ids: Collection[int]
@@ -106,6 +120,8 @@ def span_constraint(question: str, texts: Sequence[str], tokenizer) -> SpanConst
     named = [named_tokens(question, text, offsets) for text, offsets in zip(texts, tokens["offset_mapping"])]
     kind = answer_kind(question)
     wrong = [wrong_kind_tokens(kind, text, offsets) for text, offsets in zip(texts, tokens["offset_mapping"])]
+    ending = None
     if not all(all(flags) for flags in wrong):  # no word of the asked kind anywhere: any kind rather than none
         named = [[a or b for a, b in zip(names, kinds)] for names, kinds in zip(named, wrong)]
-    return SpanConstraint(tokens["input_ids"], *_token_tables(tokenizer), no_start=named)
+        ending = [answer_ending_tokens(kind, text, offsets) for text, offsets in zip(texts, tokens["offset_mapping"])]
+    return SpanConstraint(tokens["input_ids"], *_token_tables(tokenizer), no_start=named, no_continue=ending)

@@ -51,6 +51,20 @@ def test_default_ask_reads_only_the_relevant_file_and_answers(folder_index, ques
     assert answer["read_rule"].startswith("read 1 of 3 passages") and answer["read_rule"].endswith("(sentence focus)")
 
 
+@pytest.mark.parametrize("question,fact,source", QUESTIONS)
+def test_cepe_answers_with_the_fact_and_nothing_more(folder_index, question, fact, source):
+    """The packaged CEPE adapter with the default settings answers in the passage's own words, and only the fact:
+    a name ends where the passage stops naming ("Ottilie Varga", not "… and carried its first train in 1911") and
+    a year is the only number the passage holds (docs/cli.md, "Extractive decoding"). Measured, float32: the first
+    token's log-probability margin over the next allowed one is 1.4 nats for each name, every later step's at
+    least 0.6."""
+    result = run_cli("ask", question, "--index", folder_index, "--json", "--dtype", "float32", "--reader", "cepe")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["text"] == fact
+    assert [p["source"].rsplit("/", 1)[-1] for p in answer["passages"]] == [source]
+
+
 def test_no_cutoff_reads_every_passage_and_says_so(folder_index):
     result = run_cli("ask", QUESTIONS[0][0], "--index", folder_index, "--json", "--no-cutoff", "--max-new-tokens", "4")
     answer = json.loads(result.stdout)

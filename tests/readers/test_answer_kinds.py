@@ -1,6 +1,13 @@
 import pytest
 
-from cepe_rag.readers.answer_kinds import AnswerKind, answer_kind, may_begin, wrong_kind_tokens
+from cepe_rag.readers.answer_kinds import (
+    AnswerKind,
+    answer_ending_tokens,
+    answer_kind,
+    may_begin,
+    may_continue,
+    wrong_kind_tokens,
+)
 
 
 @pytest.mark.parametrize("question, kind", [
@@ -61,3 +68,28 @@ def test_an_extractive_answer_begins_with_a_word_of_the_asked_kind(chat_tokenize
     # no word of the asked kind in any passage: the kind is dropped rather than every answer
     anything = span_constraint("How many lanes does it have?", [text.replace(" in 1902", "")], chat_tokenizer).allowed()
     assert "John" in {chat_tokenizer.decode([i]).strip() for i in anything}
+
+
+def test_a_proper_name_goes_on_only_through_words_of_a_name():
+    assert may_continue(AnswerKind.PROPER, "Academy") and may_continue(AnswerKind.PROPER, "of")
+    assert not may_continue(AnswerKind.PROPER, "and") and not may_continue(AnswerKind.PROPER, "Its")
+    assert may_continue(AnswerKind.ANY, "and") and may_continue(AnswerKind.DATE, "and")
+    text = "Its mayor is Ruben Kessel, and the Bank of Brannholm"
+    offsets = [(0, 3), (3, 9), (9, 12), (12, 18), (18, 25), (25, 26), (26, 30), (30, 34), (34, 39), (39, 42), (42, 52)]
+    flags = answer_ending_tokens(AnswerKind.PROPER, text, offsets)
+    assert [text[s:e] for (s, e), flag in zip(offsets, flags) if flag] == ["Its", " mayor", " is", ",", " and", " the"]
+    assert not any(answer_ending_tokens(AnswerKind.NUMBER, text, offsets))
+
+
+def test_an_extractive_name_ends_where_the_passage_stops_naming(chat_tokenizer):
+    from cepe_rag.readers.extractive import span_constraint
+
+    text = "The Telvik Bridge was designed by John Smith and opened in 1902."
+    constraint = span_constraint("Who designed the Telvik Bridge?", [text], chat_tokenizer)
+    for token in ("ĠJohn", "ĠSmith"):
+        constraint.advance(chat_tokenizer.convert_tokens_to_ids(token))
+    assert constraint.may_end() and not len(constraint.allowed())  # not " and opened in 1902"
+    anything = span_constraint("What is the Telvik Bridge?", [text], chat_tokenizer)
+    for token in ("ĠJohn", "ĠSmith"):
+        anything.advance(chat_tokenizer.convert_tokens_to_ids(token))
+    assert [chat_tokenizer.decode([i]) for i in anything.allowed()] == [" and"]

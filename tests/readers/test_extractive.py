@@ -118,7 +118,7 @@ def test_an_extractive_answer_does_not_start_on_a_name_the_question_mentions(cha
     from cepe_rag.readers.extractive import span_constraint
 
     text = "The Telvik Bridge was designed by John Smith."
-    constraint = span_constraint("Who designed the Telvik Bridge?", [text], chat_tokenizer)
+    constraint = span_constraint("What do we know of the Telvik Bridge?", [text], chat_tokenizer)
     starts = {chat_tokenizer.decode([i]).strip() for i in constraint.allowed()}
     assert {"John", "designed", "was"} <= starts and not {"The", "Tel", "vik", "Bridge"} & starts
     constraint.advance(chat_tokenizer.convert_tokens_to_ids("Ġby"))  # a name may still follow a start
