@@ -24,14 +24,13 @@ def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
     so a reader, or a memory-mapping of the old file, sees the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        finally:
-            os.close(fd)
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        # mkstemp creates 0600, and a writer may recreate the file (safetensors' save_file does): normal permissions
+        os.chmod(tmp, 0o666 & ~umask)
         synced = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(synced)

@@ -242,6 +242,7 @@ def test_encoder_states_are_shared_by_text_and_encoded_lazily(chat_tokenizer, mi
     texts = sorted({c for e in first for c in e.chunks})
     expected = lazy.lookup(texts)
     save_encoder_states(lazy, shared)
+    assert (shared.stat().st_mode & 0o777) != 0o600  # save_file recreates the file: normal permissions kept
     eager = encoder_states(model, first + second, shared, bf16=False)  # another run: loads first's, encodes second's
     assert all(torch.equal(eager.states[t], s) for t, s in zip(texts, expected))
     assert set(eager.states) == {c for e in first + second for c in e.chunks}
