@@ -1,8 +1,9 @@
 """What kind of answer a question asks for, read from its question words: a count or a year begins with a number, a
 person or a place does not. Extractive decoding uses it to keep an answer's first word to its kind: a small reader
 asked "Where was Ilse Dinbreskel born?" answers with the year in the same sentence ("1790"), asked "how many episodes
-are in season 1" with a year ("1997"), asked who designed a bridge with the verb after the name ("opened in 1871"). The
-rules are few and conservative: a question they do not recognise asks for anything.
+are in season 1" with a year ("1997"), asked who designed a bridge with the verb after the name ("opened in 1871"). A
+proper name also ends where the passage stops naming, where the same reader ran on ("Ottilie Varga and carried its
+first train in 1911"). The rules are few and conservative: a question they do not recognise asks for anything.
 """
 
 from __future__ import annotations
