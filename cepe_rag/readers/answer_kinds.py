@@ -3,7 +3,9 @@ person or a place does not. Extractive decoding uses it to keep an answer's firs
 asked "Where was Ilse Dinbreskel born?" answers with the year in the same sentence ("1790"), asked "how many episodes
 are in season 1" with a year ("1997"), asked who designed a bridge with the verb after the name ("opened in 1871"). A
 proper name also ends where the passage stops naming, where the same reader ran on ("Ottilie Varga and carried its
-first train in 1911"). The rules are few and conservative: a question they do not recognise asks for anything.
+first train in 1911"), and goes on while it still names: an organisation is not cut after its first word
+("Mioskioxora" for "Mioskioxora Academy"). The rules are few and conservative: a question they do not recognise asks
+for anything.
 """
 
 from __future__ import annotations
@@ -124,4 +126,22 @@ def answer_ending_tokens(kind: AnswerKind, text: str, offsets: Sequence[tuple[in
         begins = i < len(words) and start <= words[i].start() < end
         flags.append(text[start:end].strip().startswith(_CLAUSE_MARKS)
                      or (begins and not may_continue(kind, words[i].group())))
+    return flags
+
+
+def name_going_on_tokens(kind: AnswerKind, text: str, offsets: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token of `text`: whether it begins a capitalised word that follows the word before it with only a space, so
+    that a proper name may not end before it: the reader that answered "Mioskioxora" for "Mioskioxora Academy" stopped
+    inside a name. A line break or a clause mark in between, or a pronoun or an article, lets the name end."""
+    if kind is not AnswerKind.PROPER:
+        return [False] * len(offsets)
+    words = list(_WORD.finditer(text))
+    flags, i = [], 0
+    for start, end in offsets:
+        while i < len(words) and words[i].end() <= start:
+            i += 1
+        begins = i < len(words) and start <= words[i].start() < end
+        gap = text[words[i - 1].end():words[i].start()] if begins and i > 0 else ""
+        flags.append(begins and i > 0 and gap.strip(" ") == "" and gap != ""
+                     and may_begin(kind, words[i].group()))
     return flags

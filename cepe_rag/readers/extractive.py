@@ -1,16 +1,17 @@
 """Extractive decoding: every answer is a span of the passages read.
 
-A short answer to a question about documents is, nearly always, a few words copied from one of them (the open-domain
-QA benchmarks define their answers so). A small reader drifts off them: it repeats a name ("Darthes. Darthes"), stutters
+A short answer to a question about documents is, nearly always, a few words copied from one of them (the open-domain QA
+benchmarks define their answers so). A small reader drifts off them: it repeats a name ("Darthes. Darthes"), stutters
 inside one ("Briovryvryv") or starts with a word no passage holds. With `--extractive`, each decoding step may only
-choose a token that continues, token for token, a span of some passage the answer has matched so far, or end the
-answer. Its first token may be any passage token (in its line-start form too) except one of a name the question
-mentions (question_names.py): an answer does not repeat its question's subject; nor may it begin with a word of
-the wrong kind (answer_kinds.py: a capitalised name for "who" or "where", a number or a date for "how many" or
-"when"), and a name ends where the passage's words stop being one ("Ottilie Varga", not "Ottilie Varga and carried
-its first train"). It may end only where a word of the passage ends: a small reader that stops inside a word
-("Lucia Zathfaex" for "Lucia Zathfaexov", "20" for "2070") has found the right span and only lost its nerve. The
-reader's own distribution still chooses among what is left; the constraint only removes what no passage supports.
+choose a token that continues, token for token, a span of some passage the answer has matched so far, or end the answer.
+Its first token may be any passage token (in its line-start form too) except one of a name the question mentions
+(question_names.py): an answer does not repeat its question's subject; nor may it begin with a word of the wrong kind
+(answer_kinds.py: a capitalised name for "who" or "where", a number or a date for "how many" or "when"), and a name ends
+where the passage's words stop being one ("Ottilie Varga", not "Ottilie Varga and carried its first train") and not
+before ("Mioskioxora Academy", not "Mioskioxora"). It may end only where a word of the passage ends: a small reader that
+stops inside a word ("Lucia Zathfaex" for "Lucia Zathfaexov", "20" for "2070") has found the right span and only lost
+its nerve. The reader's own distribution still chooses among what is left; the constraint only removes what no passage
+supports.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from cepe_rag.readers.answer_kinds import answer_ending_tokens, answer_kind, wrong_kind_tokens
+from cepe_rag.readers.answer_kinds import (
+    answer_ending_tokens,
+    answer_kind,
+    name_going_on_tokens,
+    wrong_kind_tokens,
+)
 from cepe_rag.readers.question_names import named_tokens
 from cepe_rag.token_forms import line_start_forms, word_starts
 
@@ -32,11 +38,13 @@ class SpanConstraint:
     """One answer's constraint, advanced token by token as the answer is decoded. `passages`: each passage's token ids;
     `unspaced`: each vocabulary id's line-start form (`token_forms.line_start_forms`); `word_starts`: whether each
     vocabulary id begins a word (None: every token does); `no_start`: per passage, per token, whether an answer may
-    not begin there; `no_continue`: whether an answer that has begun may not go on into it (it ends before)."""
+    not begin there; `no_continue`: whether an answer that has begun may not go on into it (it ends before);
+    `goes_on`: whether an answer may not end just before it (a name that goes on)."""
 
     def __init__(self, passages: Sequence[Sequence[int]], unspaced: np.ndarray, word_starts: np.ndarray | None = None,
                  no_start: Iterable[Sequence[bool]] | None = None,
-                 no_continue: Iterable[Sequence[bool]] | None = None):
+                 no_continue: Iterable[Sequence[bool]] | None = None,
+                 goes_on: Iterable[Sequence[bool]] | None = None):
         flat: list[int] = []
         for ids in passages:
             flat += [*ids, SEPARATOR]
@@ -55,6 +63,8 @@ class SpanConstraint:
         following = np.append(self.tokens[1:], SEPARATOR)
         self.ends_word = np.ones(len(self.tokens), dtype=bool) if word_starts is None else \
             (following < 0) | word_starts[np.where(following < 0, 0, following)]
+        if goes_on is not None:
+            self.ends_word &= ~(np.append(_flat_flags(goes_on)[1:], True) & (following >= 0))
 
     def allowed(self) -> np.ndarray:
         """The token ids the answer may continue with (besides ending)."""
@@ -120,8 +130,10 @@ def span_constraint(question: str, texts: Sequence[str], tokenizer) -> SpanConst
     named = [named_tokens(question, text, offsets) for text, offsets in zip(texts, tokens["offset_mapping"])]
     kind = answer_kind(question)
     wrong = [wrong_kind_tokens(kind, text, offsets) for text, offsets in zip(texts, tokens["offset_mapping"])]
-    ending = None
+    ending = going_on = None
     if not all(all(flags) for flags in wrong):  # no word of the asked kind anywhere: any kind rather than none
         named = [[a or b for a, b in zip(names, kinds)] for names, kinds in zip(named, wrong)]
         ending = [answer_ending_tokens(kind, text, offsets) for text, offsets in zip(texts, tokens["offset_mapping"])]
-    return SpanConstraint(tokens["input_ids"], *_token_tables(tokenizer), no_start=named, no_continue=ending)
+        going_on = [name_going_on_tokens(kind, text, offsets) for text, offsets in zip(texts, tokens["offset_mapping"])]
+    return SpanConstraint(tokens["input_ids"], *_token_tables(tokenizer), no_start=named, no_continue=ending,
+                          goes_on=going_on)

@@ -6,6 +6,7 @@ from cepe_rag.readers.answer_kinds import (
     answer_kind,
     may_begin,
     may_continue,
+    name_going_on_tokens,
     wrong_kind_tokens,
 )
 
@@ -93,3 +94,30 @@ def test_an_extractive_name_ends_where_the_passage_stops_naming(chat_tokenizer):
     for token in ("ĠJohn", "ĠSmith"):
         anything.advance(chat_tokenizer.convert_tokens_to_ids(token))
     assert [chat_tokenizer.decode([i]) for i in anything.allowed()] == [" and"]
+
+
+def test_a_proper_name_may_not_end_while_the_next_word_still_names():
+    text = "It was founded by the Miovvera Academy, then Ruben Kessel.\nHe"
+    offsets = [(0, 2), (2, 6), (6, 14), (14, 17), (17, 21), (21, 30), (30, 38), (38, 39), (39, 44), (44, 50),
+               (50, 57), (57, 58), (58, 59), (59, 61)]
+    flags = name_going_on_tokens(AnswerKind.PROPER, text, offsets)
+    # capitalised words straight after a word ("the", "then": no name ends there anyway), not after a comma ("then")
+    # or a line break ("He"), nor a lower-case word ("founded")
+    assert [text[s:e] for (s, e), flag in zip(offsets, flags) if flag] == [" Miovvera", " Academy", " Ruben", " Kessel"]
+    assert not any(name_going_on_tokens(AnswerKind.NAME, text, offsets))
+
+
+def test_an_extractive_organisation_is_not_cut_after_its_first_word(chat_tokenizer):
+    from cepe_rag.readers.extractive import span_constraint
+
+    text = "The Blesfyxis Prize is presented by the Miovvera Academy every year."
+    constraint = span_constraint("Which organisation presents the Blesfyxis Prize?", [text], chat_tokenizer)
+    first = [i for i in constraint.allowed() if chat_tokenizer.decode([i]).strip().startswith("Mi")]
+    assert first, [chat_tokenizer.decode([i]) for i in constraint.allowed()]
+    constraint.advance(first[0])
+    while not chat_tokenizer.decode([int(constraint.allowed()[0])]).startswith(" Academy"):
+        assert not constraint.may_end()  # inside "Miovvera", a word that has not ended
+        constraint.advance(int(constraint.allowed()[0]))
+    assert not constraint.may_end()  # "Miovvera" is a word, but the name goes on into " Academy"
+    constraint.advance(int(constraint.allowed()[0]))
+    assert constraint.may_end() and not len(constraint.allowed())  # and ends before " every"
