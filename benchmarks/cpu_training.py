@@ -38,6 +38,7 @@ def use_lineage(name: str) -> None:
     global RESULTS
     RESULTS = RESULTS_ROOT / name if name else RESULTS_ROOT
 CLI = [sys.executable, "-m", "cepe_rag"]
+EFFICIENTQA = ROOT.parent / "shared" / "data" / "efficientqa" / "NQ-open.efficientqa.dev.1.1.jsonl"
 
 
 def one_thread(env: dict | None = None) -> dict:
@@ -50,25 +51,41 @@ def tuning_score(summary: list[dict]) -> float:
     return round(sum(r["substring_em"] for r in rows) / len(rows), 2) if rows else 0.0
 
 
+def dtype(args) -> str:
+    """bfloat16 (autocast in training) where this CPU computes it natively (AMX, AVX512-BF16), else float32: emulated
+    bfloat16 is several times slower than float32 on an AVX2 CPU."""
+    from cepe_rag.models import cpu_has_fast_bfloat16
+
+    return args.dtype if args.dtype != "auto" else "bfloat16" if cpu_has_fast_bfloat16() else "float32"
+
+
 def eval_relevance_temperature(args) -> float:
     """The tuning split is read as the adapter's card will read it, which may be sharper than training's prior."""
     return args.eval_relevance_temperature or args.relevance_temperature
 
 
 def evaluate(adapter: Path, name: str, args) -> dict:
+    reading = ["--readers", "cepe", "--cepe-model", str(adapter), "--dtype", dtype(args),
+               "--n-prompt-passages", str(args.prompt_passages),
+               "--relevance-temperature", str(eval_relevance_temperature(args)),
+               "--sentence-temperature", str(args.sentence_temperature),
+               "--question-name-penalty", str(args.question_name_penalty),
+               "--extractive" if args.extractive else "--no-extractive",
+               "--no-cutoff",  # k passages read, whatever the default relevance cutoff: the bar is about k=20
+               "--no-focus"]  # passages as trained on, and scores comparable with those before sentence focus
     out = Path(args.runs) / "eval" / name
-    command = CLI + ["eval", "--questions", args.questions, "--index", args.eval_index, "--readers", "cepe",
-                     "--cepe-model", str(adapter), "--k", args.eval_k, "--out", str(out), "--dtype", "bfloat16",
-                     "--n-prompt-passages", str(args.prompt_passages),
-                     "--relevance-temperature", str(eval_relevance_temperature(args)),
-                     "--sentence-temperature", str(args.sentence_temperature),
-                     "--question-name-penalty", str(args.question_name_penalty),
-                     "--extractive" if args.extractive else "--no-extractive",
-                     "--no-cutoff",  # k passages read, whatever the default relevance cutoff: the bar is about k=20
-                     "--no-focus"]  # passages as trained on, and scores comparable with those before sentence focus
-    subprocess.run(command, env=one_thread(), check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(CLI + ["eval", "--questions", args.questions, "--index", args.eval_index, "--k", args.eval_k,
+                          "--out", str(out), *reading], env=one_thread(), check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
-    return {"adapter": name, "score": tuning_score(summary), "n_prompt_passages": args.prompt_passages,
+    nq = {}
+    if args.nq_eval:  # recorded beside the score, not deciding: the reading of real passages, on NQ-style questions
+        nq_out = Path(args.runs) / "eval_nq" / name
+        subprocess.run(CLI + ["eval", "--questions", args.nq_questions, "--index", args.index, "--answer-in-corpus",
+                              "--limit", str(args.nq_eval), "--k", "20", "--out", str(nq_out), *reading],
+                       env=one_thread(), check=True, stdout=subprocess.DEVNULL)
+        nq = {"nq_tuning": [{key: row[key] for key in ("k", "n", "em", "substring_em")}
+                            for row in json.loads((nq_out / "summary.json").read_text())]}
+    return {"adapter": name, "score": tuning_score(summary), **nq, "n_prompt_passages": args.prompt_passages,
             "relevance_temperature": eval_relevance_temperature(args),
             **({"sentence_temperature": args.sentence_temperature} if args.sentence_temperature else {}),
             **({"question_name_penalty": args.question_name_penalty} if args.question_name_penalty else {}),
@@ -101,11 +118,13 @@ def stage_plan(args) -> list[tuple[str, str | None]]:
     adapter (or from zero)."""
     committed = RESULTS / "adapter"
     if not (committed / "cepe_adapter.json").exists() and RESULTS != RESULTS_ROOT:
-        committed = RESULTS_ROOT / "adapter"  # a new lineage starts from the main line's best adapter
+        committed = RESULTS_ROOT / (args.lineage_from or "") / "adapter"  # a new lineage starts from another's best
     history = []
     if (committed / "cepe_adapter.json").exists():
         history = [h["stage"] for h in json.loads((committed / "cepe_adapter.json").read_text())["training_history"]]
     init = str(committed) if history else None
+    if args.stage == "qa":
+        return [("qa", init)]
     if "find" in history:
         return [("swap", init)]
     return [("find", init), ("swap", None)]  # swap starts from find's model
@@ -127,8 +146,10 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
                      "--lr", str(args.lr), "--warmup-ratio", f"{args.warmup_steps / steps:.6g}",
                      "--schedule", "constant", "--index", args.index,
                      "--min-passages", "1", "--max-passages", str(args.max_passages), "--max-decoder-tokens", "48",
-                     "--eval-every", "100", "--save-every", "25", "--seed", str(seed), "--bf16",
+                     "--eval-every", "100", "--save-every", "25", "--seed", str(seed),
                      "--max-minutes", str(args.slice_minutes), "--validation", "64"]
+    if dtype(args) == "bfloat16":
+        command += ["--bf16"]
     if stage == "find":  # one pass: encode only the articles its steps will read
         command += ["--max-articles", str(steps * 8)]
     else:  # encoded as the steps reach them, kept in one file for every later slice and session of this encoder
@@ -164,10 +185,34 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
         command += ["--questions-per-article", str(args.questions_per_article)]
     if stage == "swap" and args.short_questions:
         command += ["--short-questions", str(args.short_questions)]
+    if stage == "qa":
+        for source in qa_training_questions(args):
+            command += ["--questions", source]
     subprocess.run(command, env=one_thread(), check=True)
     shutil.copy(out / "log.jsonl", RESULTS / f"log_{out.name}.jsonl")
     plot_curves()
     return out
+
+
+def qa_training_questions(args) -> list[str]:
+    """The qa stage's questions: each --qa-questions file less its questions that score the reading for NQ (the first
+    --qa-held-out whose answer is in the index's corpus: `cepe-rag eval --answer-in-corpus --limit N` on that file),
+    and, with --corpus-questions, questions generated from the training corpus."""
+    from cepe_rag.eval.data import load_questions
+    from cepe_rag.eval.runner import answerable_subset
+    from cepe_rag.retrieval.retriever import Retriever
+
+    sources = []
+    for source in args.qa_questions or [str(EFFICIENTQA)]:
+        kept = Path(args.runs) / f"qa_questions_{Path(source).stem}_less{args.qa_held_out}.jsonl"
+        if not kept.exists():
+            examples = load_questions(source)
+            held = {q.question for q in answerable_subset(examples, Retriever(Path(args.index)))[: args.qa_held_out]}
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text("".join(json.dumps({"question": q.question, "answer": q.answers}) + "\n"
+                                    for q in examples if q.question not in held))
+        sources.append(str(kept))
+    return sources + (["corpus"] if args.corpus_questions else [])
 
 
 def plot_curves() -> None:
@@ -249,6 +294,22 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lineage", default="", help="keep this line's best adapter and scores in "
                                                       "benchmarks/results/cpu_training/<lineage>/ (it starts from the "
                                                       "main line's adapter)")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="training autocast and scoring dtype (auto: bfloat16 on AMX or AVX512-BF16, else float32)")
+    parser.add_argument("--stage", choices=["auto", "qa"], default="auto",
+                        help="auto: find, then swap (or swap alone after find); qa: questions with retrieved passages")
+    parser.add_argument("--qa-questions", action="append", default=None,
+                        help="qa: a QA file, repeatable (default: EfficientQA's dev questions)")
+    parser.add_argument("--qa-held-out", type=int, default=200,
+                        help="qa: leave out each file's first N answer-in-corpus questions (they tune the reading)")
+    parser.add_argument("--corpus-questions", action="store_true",
+                        help="qa: also questions generated from the training corpus's articles")
+    parser.add_argument("--nq-eval", type=int, default=0,
+                        help="also score each adapter on the first N answer-in-corpus --nq-questions at k=20 "
+                             "(recorded, not deciding)")
+    parser.add_argument("--nq-questions", default=str(EFFICIENTQA))
+    parser.add_argument("--lineage-from", default="",
+                        help="a new lineage's starting adapter: this lineage's best (default: the main line's)")
     parser.add_argument("--seed", type=int, default=None, help="data seed (default: one more than the sessions "
                                                                 "the committed adapter records)")
     return parser
