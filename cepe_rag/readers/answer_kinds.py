@@ -97,19 +97,25 @@ def may_continue(kind: AnswerKind, word: str) -> bool:
     return True
 
 
+def _words_begun(text: str, offsets: Sequence[tuple[int, int]]) -> tuple[list[re.Match], list[int | None]]:
+    """The words of `text`, and per token (its character `offsets`) the index of the word it begins, or None where it
+    begins none ("70" in "2070", a comma)."""
+    words = list(_WORD.finditer(text))
+    begun, i = [], 0
+    for start, end in offsets:
+        while i < len(words) and words[i].end() <= start:
+            i += 1
+        begun.append(i if i < len(words) and start <= words[i].start() < end else None)
+    return words, begun
+
+
 def wrong_kind_tokens(kind: AnswerKind, text: str, offsets: Sequence[tuple[int, int]]) -> list[bool]:
     """Per token of `text` (its character `offsets`): whether an answer of this kind may not begin there: the token
     does not begin a word ("70" in "2070", a comma), or begins one that may not begin an answer of this kind."""
     if kind is AnswerKind.ANY:
         return [False] * len(offsets)
-    words = list(_WORD.finditer(text))
-    flags, i = [], 0
-    for start, end in offsets:
-        while i < len(words) and words[i].end() <= start:
-            i += 1
-        begins = i < len(words) and start <= words[i].start() < end
-        flags.append(not (begins and may_begin(kind, words[i].group())))
-    return flags
+    words, begun = _words_begun(text, offsets)
+    return [j is None or not may_begin(kind, words[j].group()) for j in begun]
 
 
 def answer_ending_tokens(kind: AnswerKind, text: str, offsets: Sequence[tuple[int, int]]) -> list[bool]:
@@ -118,15 +124,10 @@ def answer_ending_tokens(kind: AnswerKind, text: str, offsets: Sequence[tuple[in
     weekly market")."""
     if kind is not AnswerKind.PROPER:
         return [False] * len(offsets)
-    words = list(_WORD.finditer(text))
-    flags, i = [], 0
-    for start, end in offsets:
-        while i < len(words) and words[i].end() <= start:
-            i += 1
-        begins = i < len(words) and start <= words[i].start() < end
-        flags.append(text[start:end].strip().startswith(_CLAUSE_MARKS)
-                     or (begins and not may_continue(kind, words[i].group())))
-    return flags
+    words, begun = _words_begun(text, offsets)
+    return [text[start:end].strip().startswith(_CLAUSE_MARKS)
+            or (j is not None and not may_continue(kind, words[j].group()))
+            for (start, end), j in zip(offsets, begun)]
 
 
 def name_going_on_tokens(kind: AnswerKind, text: str, offsets: Sequence[tuple[int, int]]) -> list[bool]:
@@ -135,13 +136,10 @@ def name_going_on_tokens(kind: AnswerKind, text: str, offsets: Sequence[tuple[in
     inside a name. A line break or a clause mark in between, or a pronoun or an article, lets the name end."""
     if kind is not AnswerKind.PROPER:
         return [False] * len(offsets)
-    words = list(_WORD.finditer(text))
-    flags, i = [], 0
-    for start, end in offsets:
-        while i < len(words) and words[i].end() <= start:
-            i += 1
-        begins = i < len(words) and start <= words[i].start() < end
-        gap = text[words[i - 1].end():words[i].start()] if begins and i > 0 else ""
-        flags.append(begins and i > 0 and gap.strip(" ") == "" and gap != ""
-                     and may_begin(kind, words[i].group()))
-    return flags
+    words, begun = _words_begun(text, offsets)
+    return [j is not None and j > 0 and _only_spaces(text[words[j - 1].end():words[j].start()])
+            and may_begin(kind, words[j].group()) for j in begun]
+
+
+def _only_spaces(gap: str) -> bool:
+    return gap != "" and gap.strip(" ") == ""
