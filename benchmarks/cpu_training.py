@@ -52,11 +52,11 @@ def tuning_score(summary: list[dict]) -> float:
 
 
 def dtype(args) -> str:
-    """bfloat16 (autocast in training) where this CPU computes it natively (AMX, AVX512-BF16), else float32: emulated
-    bfloat16 is several times slower than float32 on an AVX2 CPU."""
-    from cepe_rag.models import cpu_has_fast_bfloat16
+    """--dtype, or for auto the project's CPU default (`resolve_dtype`: bfloat16 where the CPU computes it natively,
+    AMX or AVX512-BF16, else float32, which is several times faster than emulated bfloat16)."""
+    from cepe_rag.models import resolve_dtype
 
-    return args.dtype if args.dtype != "auto" else "bfloat16" if cpu_has_fast_bfloat16() else "float32"
+    return str(resolve_dtype(None if args.dtype == "auto" else args.dtype, "cpu")).removeprefix("torch.")
 
 
 def eval_relevance_temperature(args) -> float:
