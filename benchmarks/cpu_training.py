@@ -140,7 +140,8 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
                + ("_ls" if args.copy_line_starts else "") + ("_span" if args.copy_spans else "")
                + (f"_lr{args.lr:g}" if args.lr != 3e-4 else "")
                + (f"_q{args.questions_per_article}" if args.questions_per_article != 1 else "")
-               + (f"_short{args.short_questions:g}" if args.short_questions else ""))
+               + (f"_short{args.short_questions:g}" if args.short_questions else "")
+               + ("_phr" if args.corpus_phrases else ""))
     out = Path(args.runs) / f"{stage}{variant}_s{seed}"
     command = CLI + ["train", "--stage", stage, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
                      "--lr", str(args.lr), "--warmup-ratio", f"{args.warmup_steps / steps:.6g}",
@@ -197,7 +198,7 @@ def train_slice(stage: str, init: str | None, steps: int, args, seed: int) -> Pa
 def qa_training_questions(args) -> list[str]:
     """The qa stage's questions: each --qa-questions file less its questions that score the reading for NQ (the first
     --qa-held-out whose answer is in the index's corpus: `cepe-rag eval --answer-in-corpus --limit N` on that file),
-    and, with --corpus-questions, questions generated from the training corpus."""
+    and, with --corpus-questions and --corpus-phrases, questions generated from the training corpus."""
     from cepe_rag.eval.data import load_questions
     from cepe_rag.eval.runner import answerable_subset
     from cepe_rag.retrieval.retriever import Retriever
@@ -212,7 +213,7 @@ def qa_training_questions(args) -> list[str]:
             kept.write_text("".join(json.dumps({"question": q.question, "answer": q.answers}) + "\n"
                                     for q in examples if q.question not in held))
         sources.append(str(kept))
-    return sources + (["corpus"] if args.corpus_questions else [])
+    return sources + (["corpus"] if args.corpus_questions else []) + (["corpus-phrases"] if args.corpus_phrases else [])
 
 
 def plot_curves() -> None:
@@ -303,7 +304,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qa-held-out", type=int, default=200,
                         help="qa: leave out each file's first N answer-in-corpus questions (they tune the reading)")
     parser.add_argument("--corpus-questions", action="store_true",
-                        help="qa: also questions generated from the training corpus's articles")
+                        help="qa: also questions generated from the training corpus's articles (names, numbers)")
+    parser.add_argument("--corpus-phrases", action="store_true",
+                        help="qa: also generated questions asking for the common nouns a clause ends with")
     parser.add_argument("--nq-eval", type=int, default=0,
                         help="also score each adapter on the first N answer-in-corpus --nq-questions at k=20 "
                              "(recorded, not deciding)")

@@ -66,7 +66,8 @@ def train_command(
     min_passages: Annotated[int, typer.Option(help="qa: at least this many retrieved passages per question.")] = 5,
     questions: Annotated[list[str] | None, typer.Option(
         help="qa: training questions, repeatable: a JSONL file (NQ-open or FlashRAG format; never the benchmark), "
-             "or 'corpus' (questions asked of the --corpus articles, their article among the passages).")] = None,
+             "'corpus' (questions asked of the --corpus articles, their article among the passages: names and "
+             "numbers), or 'corpus-phrases' (the same, asking for the common nouns a clause ends with).")] = None,
     unanswerable: Annotated[str, typer.Option(help="qa: questions whose passages hold no gold answer: skip, or "
                                                    "keep (answer from memory).")] = "skip",
     max_articles: Annotated[int, typer.Option(

@@ -39,6 +39,17 @@ BLANK = "_____"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 # Spans worth asking for: numbers and years, and runs of capitalised words (names, places, titles).
 _SPAN = re.compile(r"\b\d[\d,.]*\d\b|\b\d\b|\b[A-Z][\w'’\-.]*(?:\s+(?:of|the|de|von|van|and|&)?\s*[A-Z][\w'’\-.]*)*")
+# Common-noun answers ("an award for typography", "known for the Hodge conjecture", "a maker of wind pumps"): the
+# one or two words a preposition's phrase ends a clause with, the last lower-case. The name spans above never ask
+# for these, and a reader trained only on them answers "what does it make" with a name.
+_PHRASE = re.compile(r"\b(?:for|of|in|on|as|into|from|with|about|by|at)\s+((?:(?:the|a|an)\s+)?"
+                     r"((?:[A-Za-z][\w'’\-]*\s+)?[a-z][a-z\-]{2,}))(?=\s*(?:[,;:]|\.?$))")
+_NOT_ANSWER_WORDS = {"it", "them", "him", "her", "this", "that", "these", "those", "which", "whom", "what", "itself",
+                     "himself", "herself", "themselves", "one", "others", "all", "both", "each", "other", "such",
+                     "most", "more", "many", "much", "some", "several", "as", "and", "or", "of", "in", "on", "for",
+                     "by", "with", "at", "to", "from", "into", "about", "than", "particular", "general", "addition",
+                     "total", "fact", "order", "part", "use", "time", "example", "contrast", "turn", "practice",
+                     "place", "his", "its", "their", "our", "your", "my"}
 
 
 @dataclass
@@ -122,6 +133,22 @@ def cloze_candidates(article: Article) -> list[tuple[str, str]]:
     return candidates
 
 
+def phrase_candidates(article: Article) -> list[tuple[str, str]]:
+    """Every (question, common-noun answer) the article offers: a clause-final prepositional phrase asked in place
+    ("A warehouse is a building for storing goods." -> "A warehouse is a building for what?", "storing goods")."""
+    candidates = []
+    for sentence in sentences(article.text):
+        if not 6 <= len(sentence.split()) <= 60:
+            continue
+        for match in _PHRASE.finditer(sentence):
+            answer = match.group(2)
+            if any(word.lower() in _NOT_ANSWER_WORDS for word in answer.split()):
+                continue
+            question = sentence[:match.start(1)] + "what" + sentence[match.end(1):]
+            candidates.append((question.rstrip(" .;:!") + "?", answer))
+    return candidates
+
+
 def question_from_cloze(blanked: str, span: str) -> str:
     """A blanked sentence asked in place ("Kubrick directed it in _____." -> "Kubrick directed it in what
     year?"): the span's kind picks the question word; the answer is the span."""
@@ -136,16 +163,20 @@ def question_from_cloze(blanked: str, span: str) -> str:
     return blanked.replace(BLANK, phrase, 1).rstrip(" .;:!") + "?"
 
 
-def corpus_questions(articles: Sequence[Article], rng: random.Random,
-                     per_article: int = 2) -> list[TrainingQuestion]:
+def corpus_questions(articles: Sequence[Article], rng: random.Random, per_article: int = 2, *,
+                     phrases: bool = False) -> list[TrainingQuestion]:
     """Questions asked of the corpus itself (up to `per_article` spans of each article, asked in place), each
-    with the article as its gold passage: reading practice with a known answer, in question form."""
+    with the article as its gold passage: reading practice with a known answer, in question form. The spans are
+    names and numbers, or with `phrases` the common nouns that end a clause (`phrase_candidates`)."""
     questions = []
     for article in articles:
-        candidates = cloze_candidates(article)
-        for blanked, span in rng.sample(candidates, min(per_article, len(candidates))):
+        if phrases:
+            candidates = phrase_candidates(article)
+        else:
+            candidates = [(question_from_cloze(blanked, span), span) for blanked, span in cloze_candidates(article)]
+        for question, answer in rng.sample(candidates, min(per_article, len(candidates))):
             gold = Passage(0, article.text, title=article.title)
-            questions.append(TrainingQuestion(question_from_cloze(blanked, span), [span], gold=gold))
+            questions.append(TrainingQuestion(question, [answer], gold=gold))
     return questions
 
 

@@ -152,26 +152,28 @@ def swapped_examples(stage: str, builder: ExampleBuilder, *, corpus: str, langua
     return examples, held
 
 
-CORPUS_QUESTIONS = "corpus"  # --questions value: questions generated from the training corpus
+CORPUS_QUESTIONS = "corpus"  # --questions value: questions generated from the training corpus (names, numbers)
+CORPUS_PHRASE_QUESTIONS = "corpus-phrases"  # the same, asking for the common nouns a clause ends with
 
 
 def qa_examples(builder: ExampleBuilder, questions: Sequence[str], index: Path | None, *, corpus: str,
                 languages: tuple[str, ...], min_passages: int, max_passages: int, max_questions: int,
                 n_validation: int, unanswerable: str, log=print):
     """Training and held-out qa examples: questions from each QA file (1 in 20 held out by a hash of its text)
-    and, for `corpus`, questions asked of the training corpus's own articles (held-out articles for
-    validation). The validation set takes a share of each source."""
+    and, for `corpus` and `corpus-phrases`, questions asked of the training corpus's own articles (held-out
+    articles for validation). The validation set takes a share of each source."""
     if not questions or index is None:
         raise CepeRagError("the qa stage needs --questions (a QA file that is not the benchmark, e.g. efficientqa, "
                            f"or {CORPUS_QUESTIONS!r}) and --index (where their passages are retrieved from)")
     sources = []
     for source in questions:
-        if source == CORPUS_QUESTIONS:
+        if source in (CORPUS_QUESTIONS, CORPUS_PHRASE_QUESTIONS):
             articles = load_articles(corpus, languages=languages)
             rng = random.Random(builder.rng.random())
-            sources.append((f"{corpus} (generated)",
-                            corpus_questions([a for a in articles if not a.is_validation], rng),
-                            corpus_questions([a for a in articles if a.is_validation], rng)))
+            options = {"per_article": 1, "phrases": True} if source == CORPUS_PHRASE_QUESTIONS else {}
+            sources.append((f"{corpus} ({source}, generated)",
+                            corpus_questions([a for a in articles if not a.is_validation], rng, **options),
+                            corpus_questions([a for a in articles if a.is_validation], rng, **options)))
             continue
         if "NQ-open.dev" in Path(source).name:
             raise CepeRagError(f"{source} is the NQ-open benchmark: train on other questions (e.g. efficientqa)")

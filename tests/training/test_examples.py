@@ -158,3 +158,19 @@ def test_corpus_questions_ask_a_span_in_place_and_read_their_article(builder):
         golds = [c for c in example.chunks if c.startswith(f"Document (Title: {question.gold.title})")]
         assert len(golds) == 1 and 1 <= len(example.chunks) <= 3  # the article once, whatever was retrieved
         assert example.chunks[example.gold_chunk] == golds[0]  # what the gold-attention loss points at
+
+
+def test_phrase_questions_ask_for_the_common_noun_a_clause_ends_with():
+    from cepe_rag.training.examples import corpus_questions, phrase_candidates
+
+    article = Article("Blorvik Prize", "The Blorvik Prize is an annual award for typography. It was founded by the "
+                                       "Hesk Academy. Its first winner is best known for the Dunmore conjecture, "
+                                       "and for it. The firm is a maker of wind pumps.")
+    assert phrase_candidates(article) == [
+        ("The Blorvik Prize is an annual award for what?", "typography"),
+        ("Its first winner is best known for what, and for it?", "Dunmore conjecture"),  # "it" is no answer
+        ("The firm is a maker of what?", "wind pumps"),
+    ]  # "by the Hesk Academy" ends with a name: that is the name spans' question, not this one
+    questions = corpus_questions(ARTICLES + [article], random.Random(0), per_article=1, phrases=True)
+    assert len(questions) == 1 and questions[0].gold.title == "Blorvik Prize"  # the others end clauses with names
+    assert (questions[0].question, questions[0].answers[0]) in phrase_candidates(article)
