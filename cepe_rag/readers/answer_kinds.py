@@ -40,7 +40,7 @@ _PROPER_NOUNS = {"city", "town", "village", "country", "state", "province", "cou
 _NAME_NOUNS = {"group", "party", "field", "language", "religion", "name"}
 _COUNT_WORDS = {"many", "much", "old", "long", "far", "tall", "high", "big", "large", "deep", "wide", "fast", "heavy"}
 _PROPER_WORDS = {"who", "whom", "whose", "where"}
-_PRONOUNS = {"it", "its", "he", "his", "him", "she", "her", "they", "their", "them", "this", "these", "those", "there",
+PRONOUNS = {"it", "its", "he", "his", "him", "she", "her", "they", "their", "them", "this", "these", "those", "there",
              "we", "you", "i"}
 _ARTICLES = {"the", "a", "an"}  # the metric drops them, so "Beatles" answers "The Beatles"
 _NAME_PARTICLES = {"of", "de", "du", "des", "del", "della", "di", "da", "dos", "das", "van", "von", "der", "den", "la",
@@ -83,9 +83,9 @@ def may_begin(kind: AnswerKind, word: str) -> bool:
     if kind is AnswerKind.DATE:
         return _is_number(word) or lowered in _DATE_WORDS
     if kind is AnswerKind.NAME:
-        return not _is_number(word) and lowered not in _PRONOUNS
+        return not _is_number(word) and lowered not in PRONOUNS
     if kind is AnswerKind.PROPER:
-        return word[:1].isupper() and lowered not in _PRONOUNS | _ARTICLES
+        return word[:1].isupper() and lowered not in PRONOUNS | _ARTICLES
     return True
 
 

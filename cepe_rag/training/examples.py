@@ -28,6 +28,7 @@ from pathlib import Path
 
 from cepe_rag.eval.metrics import answer_in_passages
 from cepe_rag.files import atomic_write
+from cepe_rag.readers.answer_kinds import PRONOUNS
 from cepe_rag.readers.base import passage_block, question_text
 from cepe_rag.settings import check_choice
 from cepe_rag.training.corpus import Article
@@ -44,12 +45,12 @@ _SPAN = re.compile(r"\b\d[\d,.]*\d\b|\b\d\b|\b[A-Z][\w'’\-.]*(?:\s+(?:of|the|d
 # for these, and a reader trained only on them answers "what does it make" with a name.
 _PHRASE = re.compile(r"\b(?:for|of|in|on|as|into|from|with|about|by|at)\s+((?:(?:the|a|an)\s+)?"
                      r"((?:[A-Za-z][\w'’\-]*\s+)?[a-z][a-z\-]{2,}))(?=\s*(?:[,;:]|\.?$))")
-_NOT_ANSWER_WORDS = {"it", "them", "him", "her", "this", "that", "these", "those", "which", "whom", "what", "itself",
-                     "himself", "herself", "themselves", "one", "others", "all", "both", "each", "other", "such",
-                     "most", "more", "many", "much", "some", "several", "as", "and", "or", "of", "in", "on", "for",
-                     "by", "with", "at", "to", "from", "into", "about", "than", "particular", "general", "addition",
-                     "total", "fact", "order", "part", "use", "time", "example", "contrast", "turn", "practice",
-                     "place", "his", "its", "their", "our", "your", "my"}
+_NOT_ANSWER_WORDS = PRONOUNS | {
+    "that", "which", "whom", "what", "itself", "himself", "herself", "themselves", "our", "your", "my",  # pointers
+    "one", "others", "all", "both", "each", "other", "such", "most", "more", "many", "much", "some", "several",
+    "as", "and", "or", "of", "in", "on", "for", "by", "with", "at", "to", "from", "into", "about", "than",
+    "particular", "general", "addition", "total", "fact", "order", "part", "use", "time", "example", "contrast",
+    "turn", "practice", "place"}  # "in particular", "for example": set phrases, not facts
 
 
 @dataclass
@@ -117,12 +118,15 @@ def cloze(article: Article, rng: random.Random) -> tuple[str, str] | None:
     return rng.choice(candidates) if candidates else None
 
 
+def _askable_sentences(article: Article) -> list[str]:
+    """The article's sentences long enough to ask about and short enough to be one fact (6 to 60 words)."""
+    return [sentence for sentence in sentences(article.text) if 6 <= len(sentence.split()) <= 60]
+
+
 def cloze_candidates(article: Article) -> list[tuple[str, str]]:
     """Every (sentence with one span blanked, the span) the article offers."""
     candidates = []
-    for sentence in sentences(article.text):
-        if not 6 <= len(sentence.split()) <= 60:
-            continue
+    for sentence in _askable_sentences(article):
         for match in _SPAN.finditer(sentence):
             span = match.group().strip(" .,")
             # Skip a sentence's first word (capitalised anyway) unless it is the article's subject.
@@ -137,9 +141,7 @@ def phrase_candidates(article: Article) -> list[tuple[str, str]]:
     """Every (question, common-noun answer) the article offers: a clause-final prepositional phrase asked in place
     ("A warehouse is a building for storing goods." -> "A warehouse is a building for what?", "storing goods")."""
     candidates = []
-    for sentence in sentences(article.text):
-        if not 6 <= len(sentence.split()) <= 60:
-            continue
+    for sentence in _askable_sentences(article):
         for match in _PHRASE.finditer(sentence):
             answer = match.group(2)
             if any(word.lower() in _NOT_ANSWER_WORDS for word in answer.split()):
