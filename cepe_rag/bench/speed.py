@@ -2,7 +2,12 @@
 
 Each (method, k) runs in a fresh subprocess so that its peak memory is its own: process RSS on CPU,
 `torch.cuda.max_memory_allocated` on GPU, minus what the loaded models hold. Passages are random token
-ids (speed does not depend on their content), 128 tokens each; cross-attention weights are random.
+ids (speed does not depend on their content), 128 tokens each. The default model is SmolLM2-135M with the packaged
+CEPE adapter as it ships (its 8 cross-attention layers, gate and copy pointer), fed what its reader feeds per request:
+the passages' token ids for the pointer (the stored passages' own text, tokenized inside the timed request) and a
+relevance-and-sentence prior over every context token plus the pointer's own prior (random values: the time does not
+depend on them). With --cross-layers N it is bare cross-attention in the last N layers (the decoder's own attention
+weights, no gate, pointer or prior): shapes only, for comparing layer counts.
 
 Methods:
   cepe              encoder states computed on the fly, cross-attention K/V computed once
@@ -34,7 +39,7 @@ from pathlib import Path
 import torch
 
 from cepe_rag.cepe import CepeForCausalLM, build_encoder
-from cepe_rag.cepe.checkpoints import ADAPTER_CONFIG, build_encoder_for
+from cepe_rag.cepe.checkpoints import ADAPTER_CONFIG, build_encoder_for, load_adapter
 from cepe_rag.indexes import IndexStore
 from cepe_rag.models import load_decoder
 from cepe_rag.readers.parallel import ParallelContext, ParallelReader
@@ -50,10 +55,10 @@ class BenchConfig:
     method: str
     k: int
     answer_tokens: int = 32
-    model: str = "default"  # "default": SmolLM2-135M + MiniLM; "7b": LLaMA-2-7B + LLaMA-MLM-Large shapes, random
+    model: str = "default"  # "default": SmolLM2-135M + its packaged adapter; "7b": LLaMA-2-7B shapes, random
     device: str = "cpu"
     dtype: str = "float32"
-    cross_layers: int | None = None  # None: every decoder layer
+    cross_layers: int | None = None  # None: the packaged adapter's (default model) or every layer (7b)
     index: str | None = None  # cepe-stored: an index with stored context states
 
 
@@ -106,6 +111,9 @@ def build_models(config: BenchConfig):
                                                     max_position_embeddings=512).to_dict())
         finally:
             torch.set_default_dtype(previous)
+    elif config.cross_layers is None:  # what ships: the adapter's weights, gate and copy pointer
+        model = load_adapter(packaged_cepe(), dtype=dtype, device=config.device)
+        return model, model.decoder.config.vocab_size, model.encoder.config.vocab_size
     else:
         # The packaged adapter's encoder (its shapes decide the stored states and the cross-attention's K/V).
         decoder, tokenizer = load_decoder(device=config.device, dtype=dtype)
@@ -127,7 +135,7 @@ def run_one(config: BenchConfig) -> dict:
     with torch.inference_mode():  # warm-up: first calls initialise kernels and allocator pools
         warm = torch.randint(0, min(vocab, encoder_vocab), (1, 8), device=config.device)
         states = model.encode_token_chunks(warm.tolist())
-        model(input_ids=warm, cross_context=model.context_from_states([states]))
+        model(input_ids=warm, cross_context=model.context_from_states([states], token_ids=[warm.tolist()]))
         model(input_ids=warm)
         del warm, states
     gc.collect()
@@ -176,11 +184,16 @@ def run_one(config: BenchConfig) -> dict:
             states = [[torch.from_numpy(found[i].copy()).to(device) for i in chosen]]
             del found
             context_tokens = sum(s.shape[-2] for s in states[0])
+            if model.pointer is not None:  # the reader tokenizes the passages' text for the pointer, per request
+                texts = store.passages(chosen)
+                token_ids = [model.tokenize_chunks([texts[i].as_prompt_text() for i in chosen])]
         elif config.method.startswith("cepe"):
             states = precomputed or [list(model.encode_token_chunks(encoder_passages.tolist()))]
+            token_ids = [encoder_passages.tolist()]
         if config.method.startswith("cepe"):
             extra["cross_context"] = model.context_from_states(
-                states, cross_kv="absorb" if config.method.endswith("absorbed") else "cache")
+                states, cross_kv="absorb" if config.method.endswith("absorbed") else "cache",
+                **(_reader_inputs(states[0], token_ids[0]) if model.pointer is not None else {}))
             del states  # as in the reader: the context holds what the request needs
             ids, positions = question, torch.arange(QUESTION_TOKENS, device=device)[None]
         elif config.method == "parallel":
@@ -235,6 +248,17 @@ def run_one(config: BenchConfig) -> dict:
                                    if step_times and plain_times else None),
         "tokens_per_s": config.answer_tokens / total_s, "memory_above_weights_mib": max(0.0, peak - base),
     }
+
+
+def _reader_inputs(states: list[torch.Tensor], token_ids: list[list[int]]) -> dict:
+    """What the packaged adapter's reader adds to a request's context: the tokens for the copy pointer, a relevance
+    weight per passage plus a sentence weight per token (one prior over every context token), and the pointer's own
+    prior per token (the question-name penalty). Random values: the time does not depend on them."""
+    relevance = torch.log_softmax(torch.randn(len(states)) / 0.01, dim=0).tolist()
+    per_token = [(chunk + torch.log_softmax(torch.randn(s.shape[-2]) / 0.03, dim=0)).tolist()
+                 for chunk, s in zip(relevance, states)]
+    copy = [(-10.0 * (torch.rand(s.shape[-2]) < 0.05)).tolist() for s in states]
+    return {"token_ids": [token_ids], "chunk_log_weights": [per_token], "copy_log_weights": [copy]}
 
 
 class _NoTokenizer:

@@ -33,15 +33,16 @@ def bench(
                                               "cepe-stored-absorbed, parallel, concat.")] = ",".join(BENCH_METHODS),
     k: Annotated[str, typer.Option("--k", help="Comma-separated passage counts (128 tokens each).")] = (
         "1,10,50,100,500,1000"),
-    model: Annotated[str, typer.Option(help="default (SmolLM2-135M + MiniLM) or 7b (LLaMA-2-7B shapes, "
-                                            "random weights).")] = "default",
+    model: Annotated[str, typer.Option(help="default (SmolLM2-135M with its packaged CEPE adapter) or 7b "
+                                            "(LLaMA-2-7B shapes, random weights).")] = "default",
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     max_concat_tokens: Annotated[int, typer.Option(help="Skip concat above this many context tokens.")] = 16384,
     max_parallel_k: Annotated[int, typer.Option(help="Skip parallel above this many passages.")] = 500,
     out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md and bench.png.")] = Path("runs/bench"),
     cross_layers: Annotated[int | None, typer.Option(
-        help="CEPE cross-attention in the last N decoder layers (the shipped SmolLM2 adapter: 8; default: all).",
+        help="Bare CEPE cross-attention (no gate, copy pointer or prior) in the last N decoder layers; default: "
+             "the packaged adapter as it ships (8 layers), or every layer with --model 7b.",
     )] = None,
     index_dir: Annotated[Path | None, typer.Option("--index", help="cepe-stored: an index built with "
                                                                    "--context-states.")] = None,

@@ -28,8 +28,19 @@ def index_with_states(tmp_path_factory, embedder):
 
 @pytest.fixture(scope="module")
 def rows(index_with_states):
-    return [run_one(BenchConfig(method, k=2, answer_tokens=3, cross_layers=8, index=index_with_states))
+    return [run_one(BenchConfig(method, k=2, answer_tokens=3, index=index_with_states))
             for method in METHODS] + [run_one(BenchConfig("concat", k=0, answer_tokens=3))]
+
+
+def test_the_default_model_is_the_packaged_adapter_and_cross_layers_give_bare_cross_attention(index_with_states):
+    from cepe_rag.bench.speed import build_models
+
+    shipped, _, _ = build_models(BenchConfig("cepe", k=1))
+    bare, _, _ = build_models(BenchConfig("cepe", k=1, cross_layers=2))
+    assert shipped.pointer is not None and len(shipped.cross_attention_layers()) == 8
+    assert bare.pointer is None and len(bare.cross_attention_layers()) == 2
+    row = run_one(BenchConfig("cepe-stored", k=2, answer_tokens=3, cross_layers=2, index=index_with_states))
+    assert row["ttft_s"] > 0 and row["decode_ms"] > 0
 
 
 def test_every_method_measures_time_and_memory(rows):
