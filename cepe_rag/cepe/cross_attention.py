@@ -51,6 +51,9 @@ class CrossContext:
     # (batch, tokens): more log weights for the copy pointer alone (e.g. names the question itself mentions, which
     # an answer does not repeat); the cross-attention does not see them. None: none.
     copy_prior: torch.Tensor | None = None
+    # (batch, tokens, pointer keys): the copy pointer's keys, projected at the first step and kept for the others
+    # (they cost as much per step as the rest of the pointer); never kept in training's `project` mode.
+    copy_keys: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.cross_kv not in CROSS_KV_MODES:
@@ -120,6 +123,15 @@ class CrossContext:
         """(batch, tokens, encoder_hidden): the last encoder state, as the last cross-attention layer reads it."""
         return self.states[:, -1] if self.states.dim() == 4 else self.states
 
+    def pointer_keys(self, pointer) -> torch.Tensor:
+        """The copy pointer's keys for these context tokens, projected once per request while decoding."""
+        if self.copy_keys is not None:
+            return self.copy_keys
+        keys = pointer.project_context(self.layer_states_for_pointer())
+        if self.cross_kv != "project":
+            self.copy_keys = keys
+        return keys
+
     def select_rows(self, rows: torch.Tensor) -> CrossContext:
         """These requests only (a batch whose other rows have ended), their cached K/V kept."""
         picked = CrossContext(self.states[rows], self.mask[rows], self.cross_kv,
@@ -127,6 +139,7 @@ class CrossContext:
                               prior=None if self.prior is None else self.prior[rows],
                               copy_prior=None if self.copy_prior is None else self.copy_prior[rows])
         picked.kv = {layer: (k[rows], v[rows]) for layer, (k, v) in self.kv.items()}
+        picked.copy_keys = None if self.copy_keys is None else self.copy_keys[rows]
         return picked
 
     def join(self, other: CrossContext, pad_self: int = 0, pad_other: int = 0) -> CrossContext:
@@ -153,6 +166,8 @@ class CrossContext:
         if joined.cross_kv == "cache" and self.kv.keys() == other.kv.keys():
             joined.kv = {layer: tuple(torch.cat([widen(mine, -2), widen(theirs, -2)])
                                       for mine, theirs in zip(self.kv[layer], other.kv[layer])) for layer in self.kv}
+        if self.copy_keys is not None and other.copy_keys is not None:
+            joined.copy_keys = torch.cat([widen(self.copy_keys, -2), widen(other.copy_keys, -2)])
         return joined
 
     def log_weights(self) -> torch.Tensor:

@@ -171,7 +171,7 @@ class CepeForCausalLM(nn.Module):
                        context: CrossContext) -> torch.Tensor:
         """The decoder's logits (batch, length, vocab) mixed with the pointer's copies from `context`."""
         embeds = self.decoder.get_input_embeddings()(input_ids)
-        attention = self.pointer.attention(hidden, embeds, context.layer_states_for_pointer(), context.mask,
+        attention = self.pointer.attention(hidden, embeds, context.pointer_keys(self.pointer), context.mask,
                                            context.pointer_prior())
         length = logits.shape[1]
         copied_as = self.copy_token_ids(context.token_ids[:, None].expand(-1, length, -1), input_ids)

@@ -35,14 +35,18 @@ class CopyPointer(nn.Module):
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, GATE_BIAS)
 
-    def attention(self, hidden: torch.Tensor, embeds: torch.Tensor, states: torch.Tensor,
+    def project_context(self, states: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, heads * head_dim): the context tokens' keys, from their encoder states (batch, tokens,
+        encoder_hidden); they depend on the context alone, so a request projects them once (`CrossContext`)."""
+        previous = F.pad(states, (0, 0, 1, 0))[:, :-1]  # across a chunk border it sees the last chunk's end: harmless
+        return self.k_proj(torch.cat([states, previous], -1).to(self.k_proj.weight.dtype))
+
+    def attention(self, hidden: torch.Tensor, embeds: torch.Tensor, keys: torch.Tensor,
                   mask: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, length, tokens): each position's copy distribution over its request's context tokens (heads
-        averaged), in fp32 at least; `prior` (batch, tokens), the context's log chunk weights, is added to the scores
-        as the cross-attention adds it."""
+        averaged), in fp32 at least, given their keys (`project_context`); `prior` (batch, tokens), the context's log
+        chunk weights, is added to the scores as the cross-attention adds it."""
         batch, length, _ = hidden.shape
-        previous = F.pad(states, (0, 0, 1, 0))[:, :-1]  # across a chunk border it sees the last chunk's end: harmless
-        keys = self.k_proj(torch.cat([states, previous], -1).to(self.k_proj.weight.dtype))
         query = self.q_proj(torch.cat([hidden, embeds], -1).to(self.q_proj.weight.dtype))
         dtype = torch.promote_types(keys.dtype, torch.float32)
         keys = keys.view(batch, -1, self.heads, self.head_dim).transpose(1, 2).to(dtype)

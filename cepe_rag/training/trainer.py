@@ -176,7 +176,7 @@ def pointer_log_probs(model: CepeForCausalLM, hidden: torch.Tensor, input_ids: t
     (rows, context tokens)."""
     pointer = model.pointer
     embeds = model.decoder.get_input_embeddings()(input_ids)
-    attention = pointer.attention(hidden[:, :-1], embeds[:, :-1], context.layer_states_for_pointer(), context.mask,
+    attention = pointer.attention(hidden[:, :-1], embeds[:, :-1], context.pointer_keys(pointer), context.mask,
                                   context.pointer_prior())
     rows = predicting.nonzero()[:, 0]
     copied_as = model.copy_token_ids(context.token_ids[rows], input_ids[:, :-1][predicting])

@@ -79,6 +79,24 @@ def test_batched_requests_equal_single_ones(chat_tokenizer):
             assert torch.allclose(batched[row], single[0], atol=1e-10)
 
 
+def test_the_pointer_projects_a_requests_keys_once_and_keeps_them_through_row_changes(chat_tokenizer):
+    model = pointer_model(chat_tokenizer)
+    ids = prompt_ids(chat_tokenizer)
+    calls = []
+    model.pointer.k_proj.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    context = model.context_from_texts(CHUNKS)
+    with torch.no_grad():
+        first = model(input_ids=ids, cross_context=context).logits
+        again = model(input_ids=ids, cross_context=context).logits
+        assert len(calls) == 1 and torch.equal(first, again)
+        second = context.select_rows(torch.tensor([1]))  # the first request ended
+        assert torch.allclose(model(input_ids=ids[1:], cross_context=second).logits, first[1:], atol=1e-10)
+        joined = second.join(model.context_from_texts([CHUNKS[0]]))  # a request joins the running batch
+        fresh = model.context_from_texts([CHUNKS[1], CHUNKS[0]])
+        assert torch.allclose(model(input_ids=ids.flip(0), cross_context=joined).logits,
+                              model(input_ids=ids.flip(0), cross_context=fresh).logits, atol=1e-10)
+
+
 def test_training_reads_the_same_mixture_as_inference(chat_tokenizer):
     model = pointer_model(chat_tokenizer)
     torch.nn.init.normal_(model.pointer.gate.weight, std=0.5)
