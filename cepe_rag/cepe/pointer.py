@@ -37,9 +37,15 @@ class CopyPointer(nn.Module):
 
     def project_context(self, states: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, heads * head_dim): the context tokens' keys, from their encoder states (batch, tokens,
-        encoder_hidden); they depend on the context alone, so a request projects them once (`CrossContext`)."""
-        previous = F.pad(states, (0, 0, 1, 0))[:, :-1]  # across a chunk border it sees the last chunk's end: harmless
-        return self.k_proj(torch.cat([states, previous], -1).to(self.k_proj.weight.dtype))
+        encoder_hidden); they depend on the context alone, so a request projects them once (`CrossContext`).
+        k_proj reads [state; previous state]: its two halves are applied apart and the second's output shifted one
+        token on, which equals it (to rounding) without copying the states twice over into a concatenation."""
+        weight = self.k_proj.weight
+        states = states.to(weight.dtype)
+        own = F.linear(states, weight[:, :states.shape[-1]])
+        previous = F.linear(states, weight[:, states.shape[-1]:])
+        # Across a chunk border a token sees the last chunk's end: harmless.
+        return own + F.pad(previous, (0, 0, 1, 0))[:, :-1]
 
     def attention(self, hidden: torch.Tensor, embeds: torch.Tensor, keys: torch.Tensor,
                   mask: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
