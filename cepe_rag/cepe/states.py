@@ -153,7 +153,8 @@ class StateEncoder:
 
 class StoredStates:
     """The CEPE reader's state source over an index: the stored states of the passages asked for, when the
-    stored passage is the one given (same text and title: passages from elsewhere are encoded on the fly)."""
+    stored passage reads as the one given (same chunk text: passages from elsewhere, or reordered by sentence focus,
+    are encoded on the fly)."""
 
     def __init__(self, store: PassageStore, hidden_size: int):
         self.store = store
@@ -165,7 +166,7 @@ class StoredStates:
             return {}
         originals = self.store.passages(list(stored))
         return {p.id: torch.from_numpy(stored[p.id].copy()) for p in passages
-                if p.id in stored and (originals[p.id].text, originals[p.id].title) == (p.text, p.title)}
+                if p.id in stored and originals[p.id].as_prompt_text() == p.as_prompt_text()}
 
 
 def use_stored_states(reader, store: PassageStore) -> str | None:

@@ -1,6 +1,7 @@
 """CEPE context states stored at index time: written and removed with their passages, read per request, and
 answers identical to encoding on the fly."""
 
+import dataclasses
 import sqlite3
 
 import numpy as np
@@ -76,6 +77,11 @@ def test_stored_states_give_the_answers_of_encoding_on_the_fly(embedder, corpus,
     changed = [passages[0].__class__(passages[0].id, "A different text under a stored id.", passages[0].title)]
     reader.answer(QUESTION, changed)
     assert len(encoded) == 1  # not the stored states of another text
+    focused = dataclasses.replace(passages[1], focused_text=" ".join(reversed(passages[1].text.split())))
+    assert focused.as_prompt_text() != passages[1].as_prompt_text()
+    assert reader.context_states.states_for([focused]) == {}  # sentence focus reorders what the encoder reads
+    reader.answer(QUESTION, [focused])
+    assert len(encoded) == 2
     reader.context_states = None
 
 
