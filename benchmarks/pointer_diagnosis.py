@@ -53,7 +53,8 @@ def answer_statistics(reader, question: str, passages, answer: str, gold_passage
     logits = model.decoder.get_output_embeddings()(hidden).float()
     embeds = model.decoder.get_input_embeddings()(ids[:, positions])
     pointer = model.pointer
-    attention = pointer.attention(hidden, embeds, context.pointer_keys(pointer), context.mask, context.prior)[0]
+    attention = pointer.attention(hidden, embeds, context.pointer_keys(pointer), context.mask,
+                                  context.pointer_prior())[0]
     gate = torch.sigmoid(pointer.gate(hidden.to(pointer.gate.weight.dtype)).float())[0, :, 0]
     copied_as = model.copy_token_ids(context.token_ids[:, None].expand(-1, len(target), -1), ids[:, positions])
     mixed = pointer.mix(logits, hidden, attention[None], copied_as, context.mask.any(-1))[0].exp()

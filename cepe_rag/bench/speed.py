@@ -44,6 +44,7 @@ from cepe_rag.indexes import IndexStore
 from cepe_rag.models import load_decoder
 from cepe_rag.readers.parallel import ParallelContext, ParallelReader
 from cepe_rag.settings import BENCH_METHODS, packaged_cepe
+from cepe_rag.types import CepeRagError
 
 METHODS = BENCH_METHODS
 PASSAGE_TOKENS = 128
@@ -158,6 +159,9 @@ def run_one(config: BenchConfig) -> dict:
     stored = None
     if config.method.startswith("cepe-stored"):  # opened once per process, as a server would; read per request below
         store = IndexStore.open(config.index)
+        if model.pointer is not None and store.context_states_stamp() != model.states_stamp():  # its ids must match
+            raise CepeRagError(f"{config.index}: its context states were made by another encoder or chunking "
+                               "(re-run `cepe-rag index --context-states`)")
         have = store.passage_ids_with_states()
         chosen = [have[i] for i in torch.randperm(len(have))[: config.k].tolist()]
         stored = (store, chosen, model.encoder.config.hidden_size)

@@ -53,7 +53,7 @@ class CrossContext:
     copy_prior: torch.Tensor | None = None
     # (batch, tokens, pointer keys): the copy pointer's keys, projected at the first step and kept for the others
     # (they cost as much per step as the rest of the pointer); never kept in training's `project` mode.
-    copy_keys: torch.Tensor | None = field(default=None, repr=False)
+    copy_keys: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.cross_kv not in CROSS_KV_MODES:
@@ -106,6 +106,8 @@ class CrossContext:
             ids = torch.zeros(mask.shape, dtype=torch.long)
             for row, request in enumerate(token_ids):
                 flat = [token for chunk in request for token in chunk]
+                if len(flat) != lengths[row]:  # states of another text or tokenization: copies would be misplaced
+                    raise ValueError(f"request {row}: {len(flat)} token ids for {lengths[row]} context states")
                 ids[row, :len(flat)] = torch.tensor(flat, dtype=torch.long)
             ids = ids.to(mask.device)
         return cls(states, mask, cross_kv, token_ids=ids, prior=prior, copy_prior=copy_prior)

@@ -41,9 +41,10 @@ class CopyPointer(nn.Module):
         k_proj reads [state; previous state]: its two halves are applied apart and the second's output shifted one
         token on, which equals it (to rounding) without copying the states twice over into a concatenation."""
         weight = self.k_proj.weight
+        half = weight.shape[1] // 2
         states = states.to(weight.dtype)
-        own = F.linear(states, weight[:, :states.shape[-1]])
-        previous = F.linear(states, weight[:, states.shape[-1]:])
+        own = F.linear(states, weight[:, :half])
+        previous = F.linear(states, weight[:, half:])
         # Across a chunk border a token sees the last chunk's end: harmless.
         return own + F.pad(previous, (0, 0, 1, 0))[:, :-1]
 
