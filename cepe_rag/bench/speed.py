@@ -42,6 +42,7 @@ from cepe_rag.cepe import CepeForCausalLM, build_encoder
 from cepe_rag.cepe.checkpoints import ADAPTER_CONFIG, build_encoder_for, load_adapter
 from cepe_rag.indexes import IndexStore
 from cepe_rag.models import load_decoder
+from cepe_rag.readers.cepe import combined_log_weights
 from cepe_rag.readers.parallel import ParallelContext, ParallelReader
 from cepe_rag.settings import BENCH_METHODS, packaged_cepe
 from cepe_rag.types import CepeRagError
@@ -259,10 +260,10 @@ def _reader_inputs(states: list[torch.Tensor], token_ids: list[list[int]]) -> di
     weight per passage plus a sentence weight per token (one prior over every context token), and the pointer's own
     prior per token (the question-name penalty). Random values: the time does not depend on them."""
     relevance = torch.log_softmax(torch.randn(len(states)) / 0.01, dim=0).tolist()
-    per_token = [(chunk + torch.log_softmax(torch.randn(s.shape[-2]) / 0.03, dim=0)).tolist()
-                 for chunk, s in zip(relevance, states)]
+    sentences = [torch.log_softmax(torch.randn(s.shape[-2]) / 0.03, dim=0).tolist() for s in states]
     copy = [(-10.0 * (torch.rand(s.shape[-2]) < 0.05)).tolist() for s in states]
-    return {"token_ids": [token_ids], "chunk_log_weights": [per_token], "copy_log_weights": [copy]}
+    return {"token_ids": [token_ids], "chunk_log_weights": [combined_log_weights(relevance, sentences)],
+            "copy_log_weights": [copy]}
 
 
 class _NoTokenizer:

@@ -41,7 +41,7 @@ _NAME_NOUNS = {"group", "party", "field", "language", "religion", "name"}
 _COUNT_WORDS = {"many", "much", "old", "long", "far", "tall", "high", "big", "large", "deep", "wide", "fast", "heavy"}
 _PROPER_WORDS = {"who", "whom", "whose", "where"}
 PRONOUNS = {"it", "its", "he", "his", "him", "she", "her", "they", "their", "them", "this", "these", "those", "there",
-             "we", "you", "i"}
+            "we", "you", "i"}
 _ARTICLES = {"the", "a", "an"}  # the metric drops them, so "Beatles" answers "The Beatles"
 _NAME_PARTICLES = {"of", "de", "du", "des", "del", "della", "di", "da", "dos", "das", "van", "von", "der", "den", "la",
                    "le", "y", "bin", "bint", "ibn", "al", "el"}  # lower-case words inside names: "Bank of England"
