@@ -122,6 +122,10 @@ class ReaderSpec:
         None, "cepe with a copy pointer: subtracted from the pointer's scores on the passage words of the names the "
         "question mentions (an answer does not repeat them); 0: off. Default: the checkpoint's own setting, else off.",
         reader="cepe")
+    name_match_penalty: float | None = reader_setting(
+        None, "cepe with a relevance prior: subtracted from an encoded passage's log weight, times the share of the "
+        "question's names (its capitalised words) the passage does not contain, so that of two near-namesakes the "
+        "one the question names is read; 0: off. Default: the checkpoint's own setting, else off.", reader="cepe")
     ape_temperature: float = reader_setting(
         APE_TEMPERATURE, "parallel: attention temperature on passage tokens.", reader="parallel")
     ape_scale: float = reader_setting(APE_SCALE, "parallel: scale on the passages' log-sum-exp.", reader="parallel")
@@ -152,6 +156,8 @@ class ReaderSpec:
             raise CepeRagError(f"--relevance-temperature must be 0 (off) or more, not {self.relevance_temperature}")
         if self.question_name_penalty is not None and not self.question_name_penalty >= 0:
             raise CepeRagError(f"--question-name-penalty must be 0 (off) or more, not {self.question_name_penalty}")
+        if self.name_match_penalty is not None and not self.name_match_penalty >= 0:
+            raise CepeRagError(f"--name-match-penalty must be 0 (off) or more, not {self.name_match_penalty}")
         if self.sentence_temperature is not None and not self.sentence_temperature >= 0:
             raise CepeRagError(f"--sentence-temperature must be 0 (off) or more, not {self.sentence_temperature}")
 
@@ -165,7 +171,8 @@ class ReaderSpec:
         return "cepe" + (f"-prompt{self.n_prompt_passages}" if self.n_prompt_passages else "") + \
             (f"-rel{self.relevance_temperature:g}" if self.relevance_temperature is not None else "") + \
             (f"-sent{self.sentence_temperature:g}" if self.sentence_temperature is not None else "") + \
-            (f"-qn{self.question_name_penalty:g}" if self.question_name_penalty is not None else "") + extractive
+            (f"-qn{self.question_name_penalty:g}" if self.question_name_penalty is not None else "") + \
+            (f"-nm{self.name_match_penalty:g}" if self.name_match_penalty is not None else "") + extractive
 
     def reader_options(self) -> dict:
         """What the reader's constructor takes from this spec: the settings every reader has, and its own."""
@@ -190,7 +197,8 @@ class ReaderSpec:
         if self.reader == "cepe":
             cepe = {**common, "cepe_model": self.cepe_model or "packaged", "n_prompt_passages": self.n_prompt_passages}
             # Absent: the checkpoint's own priors (which the checkpoint's path already pins).
-            for name in ("relevance_temperature", "sentence_temperature", "question_name_penalty"):
+            for name in ("relevance_temperature", "sentence_temperature", "question_name_penalty",
+                         "name_match_penalty"):
                 if getattr(self, name) is not None:
                     cepe[name] = getattr(self, name)
             return cepe

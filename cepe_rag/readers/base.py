@@ -224,9 +224,13 @@ class Reader:
         text), and does not start on a name its question mentions."""
         if not (self.extractive and self.reads_passages):
             return None
-        return [span_constraint(request.question, [piece for p in request.passages
+        return [span_constraint(request.question, [piece for p in self.answerable_passages(request)
                                                    for piece in (p.title, p.focused_text or p.text) if piece],
                                 self.tokenizer) for request in prepared]
+
+    def answerable_passages(self, request: PreparedPrompt) -> list[Passage]:
+        """The passages an extractive answer may be a span of: all those read."""
+        return request.passages
 
 
 def read_selection(passages: Sequence[Passage], margin: float | None) -> tuple[list[Passage], str]:

@@ -17,7 +17,7 @@ from cepe_rag.documents.sentences import without_title
 from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.readers.base import NO_CONVERSATION, PreparedPrompt, Reader, passage_block, question_text
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
-from cepe_rag.readers.question_names import named_tokens, question_names
+from cepe_rag.readers.question_names import missing_name_share, named_tokens, question_names
 from cepe_rag.settings import CROSS_KV_BUDGET_MB
 from cepe_rag.types import Conversation, Passage, passage_embedding_text
 
@@ -87,7 +87,9 @@ def sentence_log_weights(question: str, passage: Passage, chunk_text: str, offse
     return [0.0 if start < starts[0] else weights[bisect.bisect_right(starts, start) - 1] for start, _ in offsets]
 
 
-SENTENCE_PRIOR_FLOOR = -15.0  # a passage weighted below e^-15 (3e-7) gets no sentence weights: they could not count
+# A passage weighted below e^-15 (3e-7) can add nothing to what the reader reads: it gets no sentence weights, and an
+# extractive answer is not a span of it.
+PRIOR_FLOOR = -15.0
 
 _CHUNK_HEAD = re.compile(r"Document(?: \(Title: (.*?)\))?: ", re.DOTALL)
 
@@ -100,7 +102,7 @@ def passage_of_chunk(text: str) -> Passage:
 
 def reading_log_weights(question: str, passages: Sequence[Passage], chunk_texts: Sequence[str],
                         offsets: Sequence[Sequence[tuple[int, int]]], prior: RelevancePrior, *,
-                        relevance_temperature: float, sentence_temperature: float,
+                        relevance_temperature: float, sentence_temperature: float, name_match_penalty: float = 0.0,
                         chunk_weights: Sequence[float] | None = None) -> tuple[list[float] | None, list | None]:
     """(each passage's log weight, or None without a relevance prior; each of its tokens' log weight within it, or
     None without a sentence prior): what the reader adds to the cross-attention and pointer scores, and what training
@@ -108,12 +110,16 @@ def reading_log_weights(question: str, passages: Sequence[Passage], chunk_texts:
     log_weights = list(chunk_weights) if chunk_weights is not None else None
     if log_weights is None and relevance_temperature > 0 and len(passages) > 1:
         log_weights = relevance_log_weights(question, passages, relevance_temperature, prior)
+        if name_match_penalty > 0 and question_names(question):
+            shifted = [weight - name_match_penalty * missing_name_share(question, f"{p.title} {p.text}")
+                       for weight, p in zip(log_weights, passages)]
+            log_weights = torch.log_softmax(torch.tensor(shifted, dtype=torch.float64), dim=0).tolist()
     token_log_weights = None
     if sentence_temperature > 0 and passages:
         weights = log_weights or [0.0] * len(passages)
         token_log_weights = [
             sentence_log_weights(question, passage, text, spans, sentence_temperature, prior)
-            if weight > SENTENCE_PRIOR_FLOOR else [0.0] * len(spans)
+            if weight > PRIOR_FLOOR else [0.0] * len(spans)
             for passage, text, spans, weight in zip(passages, chunk_texts, offsets, weights)]
     return log_weights, token_log_weights
 
@@ -175,8 +181,8 @@ class CepeReader(Reader):
                  n_encoder_passages: int | None = None, context_states: StateSource | None = None,
                  cross_kv_budget_mb: float = CROSS_KV_BUDGET_MB, max_cached_passages: int = 20_000,
                  relevance_temperature: float | None = None, sentence_temperature: float | None = None,
-                 question_name_penalty: float | None = None, extractive: bool | None = None, embedder=None,
-                 **kwargs):
+                 question_name_penalty: float | None = None, name_match_penalty: float | None = None,
+                 extractive: bool | None = None, embedder=None, **kwargs):
         settings = getattr(model, "reader_settings", {})
         super().__init__(model, tokenizer, extractive=settings.get("extractive", False) if extractive is None
                          else extractive, **kwargs)
@@ -186,6 +192,8 @@ class CepeReader(Reader):
             else sentence_temperature
         self.question_name_penalty = settings.get("question_name_penalty", 0.0) if question_name_penalty is None \
             else question_name_penalty
+        self.name_match_penalty = settings.get("name_match_penalty", 0.0) if name_match_penalty is None \
+            else name_match_penalty
         self._embedder = embedder
         self._prior: RelevancePrior | None = None
         self.n_prompt_passages = n_prompt_passages
@@ -220,13 +228,23 @@ class CepeReader(Reader):
         offsets = self.model.chunk_token_offsets(texts) if self.sentence_temperature > 0 or penalty > 0 else []
         log_weights, token_log_weights = reading_log_weights(
             question, in_encoder, texts, offsets, self.prior, relevance_temperature=self.relevance_temperature,
-            sentence_temperature=self.sentence_temperature)
+            sentence_temperature=self.sentence_temperature, name_match_penalty=self.name_match_penalty)
         copy_log_weights = None
         if penalty > 0 and question_names(question):
             copy_log_weights = [question_name_log_weights(question, text, spans, penalty)
                                 for text, spans in zip(texts, offsets)]
         return PreparedPrompt(ids, in_prompt + in_encoder, plan=CepePlan(in_encoder, log_weights, token_log_weights,
                                                                            copy_log_weights))
+
+    def answerable_passages(self, request: PreparedPrompt[CepePlan]) -> list[Passage]:
+        """Those in the prompt, and the encoded ones the relevance prior gives a weight above e^PRIOR_FLOOR: a span
+        of a passage the prior has all but removed from every softmax is an answer the reader did not read (a
+        bridge's designer copied from another bridge's passage 0.3 below it in cosine)."""
+        plan = request.plan
+        if plan is None or plan.log_weights is None:
+            return request.passages
+        in_prompt = request.passages[: len(request.passages) - len(plan.passages)]
+        return in_prompt + [p for p, weight in zip(plan.passages, plan.log_weights) if weight > PRIOR_FLOOR]
 
     def _chunk_states(self, passages: list[Passage]) -> list[torch.Tensor]:
         """Stored states where the index has them; the others through the (caching) encoder."""

@@ -19,6 +19,15 @@ def question_names(question: str) -> set[str]:
             word.lower() not in _ARTICLES}
 
 
+def missing_name_share(question: str, text: str) -> float:
+    """The share of the question's names that `text` does not contain as words (0 without names): of two
+    near-namesakes ("Kefaexane Bridge", "Kefauxane Bridge") the passage about the other one lacks half."""
+    names = question_names(question)
+    if not names:
+        return 0.0
+    return len(names - {word.lower() for word in _WORD.findall(text)}) / len(names)
+
+
 def named_tokens(question: str, text: str, offsets: Sequence[tuple[int, int]]) -> list[bool]:
     """Per token of `text` (its character `offsets`): whether it is part of a word of a name the question mentions,
     or of an article just before one."""

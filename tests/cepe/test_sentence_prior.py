@@ -12,6 +12,7 @@ from cepe_rag.cepe.model import group_by_request
 from cepe_rag.readers.cepe import (
     CepeReader,
     RelevancePrior,
+    missing_name_share,
     passage_of_chunk,
     question_name_log_weights,
     question_names,
@@ -208,3 +209,31 @@ def test_the_reader_penalises_question_names_for_the_pointer_only_when_asked(cha
     assert spec.label == "cepe-qn10" and spec.settings()["question_name_penalty"] == 10.0
     with pytest.raises(CepeRagError, match="question-name-penalty"):
         ReaderSpec(reader="cepe", question_name_penalty=-1.0)
+
+
+def test_the_name_match_prior_weighs_down_a_near_namesake(chat_tokenizer):
+    """Two passages as like the question (equal cosines): the one lacking half the question's names loses
+    penalty / 2 of log weight; a question naming nothing, or a penalty of 0, leaves the relevance prior as it is."""
+    model = pointer_model(chat_tokenizer)
+    namesake = Passage(2, "The Tresl Viaduct is a railway bridge. It was designed by Ole Berg.", title="Tresl Viaduct")
+    question = "Who designed the Tresk Viaduct?"
+    assert missing_name_share(question, f"{namesake.title} {namesake.text}") == 0.5
+    assert missing_name_share(question, f"{VIADUCT.title} {VIADUCT.text}") == 0.0
+
+    def weights(penalty, asked=question):
+        reader = CepeReader(model, chat_tokenizer, relevance_temperature=0.5, name_match_penalty=penalty,
+                            embedder=RelationEmbedder())
+        return reader.prepare(asked, [VIADUCT, namesake]).plan.log_weights
+
+    assert weights(0.0) == pytest.approx([np.log(0.5)] * 2)
+    assert weights(6.0) == pytest.approx(torch.log_softmax(torch.tensor([0.0, -3.0], dtype=torch.float64), 0).tolist())
+    assert weights(6.0, "Who designed it?") == pytest.approx([np.log(0.5)] * 2)
+    spec = ReaderSpec(reader="cepe", name_match_penalty=6.0, cepe_model="x")
+    assert spec.label == "cepe-nm6" and spec.settings()["name_match_penalty"] == 6.0
+    with pytest.raises(CepeRagError, match="name-match-penalty"):
+        ReaderSpec(reader="cepe", name_match_penalty=-1.0)
+    model.reader_settings = {"name_match_penalty": 4.0}
+    try:
+        assert CepeReader(model, chat_tokenizer).name_match_penalty == 4.0
+    finally:
+        model.reader_settings = {}

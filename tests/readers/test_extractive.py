@@ -134,3 +134,37 @@ def test_word_starts_tell_a_new_word_from_the_rest_of_one(chat_tokenizer):
     pieces = chat_tokenizer("Zathfaexov built it in 2070.", add_special_tokens=False)["input_ids"]
     flags = {chat_tokenizer.decode([i]): bool(starts[i]) for i in pieces}
     assert flags[" built"] and flags["."] and not flags["ov"]
+
+
+def test_a_cepe_answer_is_not_a_span_of_a_passage_its_prior_all_but_removes(tiny_chat_model, chat_tokenizer):
+    """With a sharp relevance prior the encoded passages weighted below e^-15 leave the span constraint (the reader
+    did not read them); a passage in the prompt always stays; without a prior every passage read stays."""
+    from cepe_rag.readers.extractive import span_constraint
+    from tests.readers.test_readers import PASSAGES as TOPICS
+    from tests.readers.test_readers import TopicEmbedder
+
+    question, passages = "What is topic 3?", TOPICS[:5]
+
+    def first_tokens(reader):
+        prepared = reader.prepare(question, passages)
+        return [p.id for p in reader.answerable_passages(prepared)], reader.span_constraints([prepared])[0].allowed()
+
+    def allowed_from(ids):
+        return span_constraint(question, [piece for p in TOPICS if p.id in ids for piece in (p.title, p.text)],
+                               chat_tokenizer).allowed()
+
+    sharp = tiny_cepe_reader(tiny_chat_model, chat_tokenizer, "copy", relevance_temperature=0.001,
+                             embedder=TopicEmbedder(), extractive=True)
+    ids, allowed = first_tokens(sharp)
+    assert ids == [3] and np.array_equal(allowed, allowed_from({3}))
+    assert not np.array_equal(allowed, allowed_from(set(range(5))))  # the others' spans would add first tokens
+    sharp.n_prompt_passages = 1
+    assert first_tokens(sharp)[0] == [0, 3]
+    mild = tiny_cepe_reader(tiny_chat_model, chat_tokenizer, "copy", relevance_temperature=1.0,
+                            embedder=TopicEmbedder(), extractive=True)
+    plain = tiny_cepe_reader(tiny_chat_model, chat_tokenizer, "copy", extractive=True)
+    for reader in (mild, plain):
+        ids, allowed = first_tokens(reader)
+        assert ids == [0, 1, 2, 3, 4] and np.array_equal(allowed, allowed_from(set(range(5))))
+    answer = sharp.answer(question, passages).text.strip()
+    assert answer in TOPICS[3].text or answer in TOPICS[3].title
