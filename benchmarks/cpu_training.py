@@ -64,13 +64,20 @@ def eval_relevance_temperature(args) -> float:
     return args.eval_relevance_temperature or args.relevance_temperature
 
 
+def name_match_penalty(args) -> float:
+    """--name-match-penalty, else the one the lineage's best was scored with: snapshots are compared read alike."""
+    if args.name_match_penalty is not None:
+        return args.name_match_penalty
+    return (best_record() or {}).get("name_match_penalty", 0.0)
+
+
 def evaluate(adapter: Path, name: str, args) -> dict:
     reading = ["--readers", "cepe", "--cepe-model", str(adapter), "--dtype", dtype(args),
                "--n-prompt-passages", str(args.prompt_passages),
                "--relevance-temperature", str(eval_relevance_temperature(args)),
                "--sentence-temperature", str(args.sentence_temperature),
                "--question-name-penalty", str(args.question_name_penalty),
-               "--name-match-penalty", str(args.name_match_penalty),
+               "--name-match-penalty", str(name_match_penalty(args)),
                "--extractive" if args.extractive else "--no-extractive",
                "--no-cutoff",  # k passages read, whatever the default relevance cutoff: the bar is about k=20
                "--no-focus"]  # passages as trained on, and scores comparable with those before sentence focus
@@ -90,7 +97,7 @@ def evaluate(adapter: Path, name: str, args) -> dict:
             "relevance_temperature": eval_relevance_temperature(args),
             **({"sentence_temperature": args.sentence_temperature} if args.sentence_temperature else {}),
             **({"question_name_penalty": args.question_name_penalty} if args.question_name_penalty else {}),
-            **({"name_match_penalty": args.name_match_penalty} if args.name_match_penalty else {}),
+            **({"name_match_penalty": name_match_penalty(args)} if name_match_penalty(args) else {}),
             **({"extractive": True} if args.extractive else {}),
             "summary": summary, "time": time.strftime("%F %T")}
 
@@ -292,8 +299,8 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="the relevance prior's temperature when scoring on the tuning split (default: training's)")
     parser.add_argument("--question-name-penalty", type=float, default=0.0,
                         help="scoring only: the reader's copy-pointer penalty on the question's own names")
-    parser.add_argument("--name-match-penalty", type=float, default=0.0,
-                        help="scoring only: the reader's name-match prior (a reader setting, not trained)")
+    parser.add_argument("--name-match-penalty", type=float, default=None,
+                        help="scoring only: the reader's name-match prior (not trained; default: best.json's)")
     parser.add_argument("--extractive", action="store_true",
                         help="scoring only: extractive decoding (answers are spans of the passages read)")
     parser.add_argument("--lineage", default="", help="keep this line's best adapter and scores in "

@@ -158,6 +158,9 @@ class ReaderSpec:
             raise CepeRagError(f"--question-name-penalty must be 0 (off) or more, not {self.question_name_penalty}")
         if self.name_match_penalty is not None and not self.name_match_penalty >= 0:
             raise CepeRagError(f"--name-match-penalty must be 0 (off) or more, not {self.name_match_penalty}")
+        if self.name_match_penalty and self.relevance_temperature == 0:
+            raise CepeRagError("--name-match-penalty weighs the relevance prior's passages: it needs "
+                               "--relevance-temperature above 0")
         if self.sentence_temperature is not None and not self.sentence_temperature >= 0:
             raise CepeRagError(f"--sentence-temperature must be 0 (off) or more, not {self.sentence_temperature}")
 

@@ -170,7 +170,10 @@ class CepeReader(Reader):
     the retrieval embedder: the retriever's own cosine when the passages carry it, else embedded by `embedder` (default:
     the packaged MiniLM). With one encoded passage it changes nothing. `sentence_temperature` S > 0 (None: the card's
     `"sentence_temperature"`, else none) adds a sentence prior inside each encoded passage (`sentence_log_weights`):
-    the relevance prior picks the passage, this one the sentence that answers the question.
+    the relevance prior picks the passage, this one the sentence that answers the question. `name_match_penalty` P > 0
+    (None: the card's) lowers each encoded passage's relevance weight by P times the share of the question's names it
+    lacks (it acts only with a relevance prior and more than one encoded passage). With extractive decoding an answer
+    is a span of a passage in the prompt or of an encoded one the relevance prior weighs above e^PRIOR_FLOOR.
 
     States computed here are rounded to float16, as stored states are, so that an answer does not depend on
     where its passages' states came from."""

@@ -10,12 +10,18 @@ from collections.abc import Sequence
 
 _WORD = re.compile(r"[\w'’\-]+")
 _ARTICLES = {"the", "a", "an"}
+_POSSESSIVE = re.compile(r"['’]s$")
+
+
+def _name_word(word: str) -> str:
+    """Lower-cased, without a possessive ("Bridge's" names the bridge a passage calls "Bridge")."""
+    return _POSSESSIVE.sub("", word.lower())
 
 
 def question_names(question: str) -> set[str]:
     """The capitalised words of a question past its first, lower-cased: the names it mentions ("Who designed the
     Virkdeisund Bridge?" -> {"virkdeisund", "bridge"})."""
-    return {word.lower() for word in _WORD.findall(question)[1:] if word[:1].isupper() and
+    return {_name_word(word) for word in _WORD.findall(question)[1:] if word[:1].isupper() and
             word.lower() not in _ARTICLES}
 
 
@@ -25,7 +31,7 @@ def missing_name_share(question: str, text: str) -> float:
     names = question_names(question)
     if not names:
         return 0.0
-    return len(names - {word.lower() for word in _WORD.findall(text)}) / len(names)
+    return len(names - {_name_word(word) for word in _WORD.findall(text)}) / len(names)
 
 
 def named_tokens(question: str, text: str, offsets: Sequence[tuple[int, int]]) -> list[bool]:
@@ -36,8 +42,8 @@ def named_tokens(question: str, text: str, offsets: Sequence[tuple[int, int]]) -
         return [False] * len(offsets)
     words = list(_WORD.finditer(text))
     named = [(word.start(), word.end()) for i, word in enumerate(words)
-             if word.group().lower() in names or (word.group().lower() in _ARTICLES and i + 1 < len(words) and
-                                                  words[i + 1].group().lower() in names)]
+             if _name_word(word.group()) in names or (word.group().lower() in _ARTICLES and i + 1 < len(words) and
+                                                     _name_word(words[i + 1].group()) in names)]
     ends = [end for _, end in named]
     flags = []
     for start, end in offsets:

@@ -259,7 +259,9 @@ def run_training(out: Path, config: TrainConfig, *, decoder: str, encoder: str, 
 
 def training_prior(model, config: TrainConfig, embedder=None):
     """(question, chunk texts) -> the log weights the cepe reader will add (per chunk, or per token with a sentence
-    prior), or None without priors: training reads as the reader will."""
+    prior), or None without priors: training reads as the reader will, except for the reader's name-match prior,
+    which is not applied here (a read-time setting: training's distractors are retrieved for real questions and are
+    rarely near-namesakes)."""
     if not (config.relevance_temperature > 0 or config.sentence_temperature > 0):
         return None
     prior = RelevancePrior(config.relevance_temperature, embedder)  # its cosines serve the sentence prior too

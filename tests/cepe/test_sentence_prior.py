@@ -152,6 +152,7 @@ def test_the_names_a_question_mentions():
     assert question_names("Who designed the Virkdeisund Bridge?") == {"virkdeisund", "bridge"}
     assert question_names("When did it open?") == set() and question_names("Where was Ilse Holm born?") == \
         {"ilse", "holm"}
+    assert question_names("Who designed the Tresk Viaduct's towers?") == {"tresk", "viaduct"}
 
 
 def test_the_copy_penalty_falls_on_the_question_names_and_the_article_before_them(chat_tokenizer):
@@ -219,6 +220,7 @@ def test_the_name_match_prior_weighs_down_a_near_namesake(chat_tokenizer):
     question = "Who designed the Tresk Viaduct?"
     assert missing_name_share(question, f"{namesake.title} {namesake.text}") == 0.5
     assert missing_name_share(question, f"{VIADUCT.title} {VIADUCT.text}") == 0.0
+    assert missing_name_share("Who designed the Tresk Viaduct's towers?", "The Tresk Viaduct") == 0.0  # possessive
 
     def weights(penalty, asked=question):
         reader = CepeReader(model, chat_tokenizer, relevance_temperature=0.5, name_match_penalty=penalty,
@@ -228,6 +230,11 @@ def test_the_name_match_prior_weighs_down_a_near_namesake(chat_tokenizer):
     assert weights(0.0) == pytest.approx([np.log(0.5)] * 2)
     assert weights(6.0) == pytest.approx(torch.log_softmax(torch.tensor([0.0, -3.0], dtype=torch.float64), 0).tolist())
     assert weights(6.0, "Who designed it?") == pytest.approx([np.log(0.5)] * 2)
+    alone = CepeReader(model, chat_tokenizer, relevance_temperature=0.5, name_match_penalty=6.0,
+                       embedder=RelationEmbedder())
+    assert alone.prepare(question, [namesake]).plan.log_weights is None  # one passage: nothing to weigh
+    with pytest.raises(CepeRagError, match="needs --relevance-temperature"):
+        ReaderSpec(reader="cepe", name_match_penalty=6.0, relevance_temperature=0.0)
     spec = ReaderSpec(reader="cepe", name_match_penalty=6.0, cepe_model="x")
     assert spec.label == "cepe-nm6" and spec.settings()["name_match_penalty"] == 6.0
     with pytest.raises(CepeRagError, match="name-match-penalty"):

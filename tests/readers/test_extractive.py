@@ -146,7 +146,7 @@ def test_a_cepe_answer_is_not_a_span_of_a_passage_its_prior_all_but_removes(tiny
     question, passages = "What is topic 3?", TOPICS[:5]
 
     def first_tokens(reader):
-        prepared = reader.prepare(question, passages)
+        prepared = reader.prepare_request(question, passages)
         return [p.id for p in reader.answerable_passages(prepared)], reader.span_constraints([prepared])[0].allowed()
 
     def allowed_from(ids):
