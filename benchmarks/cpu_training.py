@@ -72,12 +72,13 @@ def name_match_penalty(args) -> float:
 
 
 def evaluate(adapter: Path, name: str, args) -> dict:
+    penalty = name_match_penalty(args)  # read from best.json once: the reading and the record must agree
     reading = ["--readers", "cepe", "--cepe-model", str(adapter), "--dtype", dtype(args),
                "--n-prompt-passages", str(args.prompt_passages),
                "--relevance-temperature", str(eval_relevance_temperature(args)),
                "--sentence-temperature", str(args.sentence_temperature),
                "--question-name-penalty", str(args.question_name_penalty),
-               "--name-match-penalty", str(name_match_penalty(args)),
+               "--name-match-penalty", str(penalty),
                "--extractive" if args.extractive else "--no-extractive",
                "--no-cutoff",  # k passages read, whatever the default relevance cutoff: the bar is about k=20
                "--no-focus"]  # passages as trained on, and scores comparable with those before sentence focus
@@ -97,7 +98,7 @@ def evaluate(adapter: Path, name: str, args) -> dict:
             "relevance_temperature": eval_relevance_temperature(args),
             **({"sentence_temperature": args.sentence_temperature} if args.sentence_temperature else {}),
             **({"question_name_penalty": args.question_name_penalty} if args.question_name_penalty else {}),
-            **({"name_match_penalty": name_match_penalty(args)} if name_match_penalty(args) else {}),
+            **({"name_match_penalty": penalty} if penalty else {}),
             **({"extractive": True} if args.extractive else {}),
             "summary": summary, "time": time.strftime("%F %T")}
 

@@ -110,8 +110,9 @@ def reading_log_weights(question: str, passages: Sequence[Passage], chunk_texts:
     log_weights = list(chunk_weights) if chunk_weights is not None else None
     if log_weights is None and relevance_temperature > 0 and len(passages) > 1:
         log_weights = relevance_log_weights(question, passages, relevance_temperature, prior)
-        if name_match_penalty > 0 and question_names(question):
-            shifted = [weight - name_match_penalty * missing_name_share(question, f"{p.title} {p.text}")
+        names = question_names(question) if name_match_penalty > 0 else set()
+        if names:
+            shifted = [weight - name_match_penalty * missing_name_share(names, f"{p.title} {p.text}")
                        for weight, p in zip(log_weights, passages)]
             log_weights = torch.log_softmax(torch.tensor(shifted, dtype=torch.float64), dim=0).tolist()
     token_log_weights = None

@@ -25,10 +25,9 @@ def question_names(question: str) -> set[str]:
             word.lower() not in _ARTICLES}
 
 
-def missing_name_share(question: str, text: str) -> float:
-    """The share of the question's names that `text` does not contain as words (0 without names): of two
-    near-namesakes ("Kefaexane Bridge", "Kefauxane Bridge") the passage about the other one lacks half."""
-    names = question_names(question)
+def missing_name_share(names: set[str], text: str) -> float:
+    """The share of a question's `names` (question_names) that `text` does not contain as words (0 without names):
+    of two near-namesakes ("Kefaexane Bridge", "Kefauxane Bridge") the passage about the other one lacks half."""
     if not names:
         return 0.0
     return len(names - {_name_word(word) for word in _WORD.findall(text)}) / len(names)

@@ -218,9 +218,11 @@ def test_the_name_match_prior_weighs_down_a_near_namesake(chat_tokenizer):
     model = pointer_model(chat_tokenizer)
     namesake = Passage(2, "The Tresl Viaduct is a railway bridge. It was designed by Ole Berg.", title="Tresl Viaduct")
     question = "Who designed the Tresk Viaduct?"
-    assert missing_name_share(question, f"{namesake.title} {namesake.text}") == 0.5
-    assert missing_name_share(question, f"{VIADUCT.title} {VIADUCT.text}") == 0.0
-    assert missing_name_share("Who designed the Tresk Viaduct's towers?", "The Tresk Viaduct") == 0.0  # possessive
+    names = question_names(question)
+    assert missing_name_share(names, f"{namesake.title} {namesake.text}") == 0.5
+    assert missing_name_share(names, f"{VIADUCT.title} {VIADUCT.text}") == 0.0
+    assert missing_name_share(question_names("Who designed the Tresk Viaduct's towers?"), "The Tresk Viaduct") == 0.0
+    assert missing_name_share(set(), "The Tresk Viaduct") == 0.0
 
     def weights(penalty, asked=question):
         reader = CepeReader(model, chat_tokenizer, relevance_temperature=0.5, name_match_penalty=penalty,
