@@ -10,6 +10,11 @@ reads (the share of questions whose top passage by the relevance prior's cosine 
 `--depth` do, and the relevance prior's mass on the holders at each `--temperatures`) and the right span in that
 passage (accuracy reading the holder alone). Writes `summary.json` and a
 table (`summary.md`) to `--out`; answers are cached in `answers.jsonl` there, so a re-run only answers what is new.
+
+With `--each N` the first reader also reads each of every question's top N passages alone (cached in `each.jsonl`),
+which bounds what any choice among its passages could give: the share of questions where some passage's own answer
+is exactly right, and what a vote over those answers gets (each weighted by the relevance prior at `--vote-temperature`,
+or counted).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import defaultdict
 from pathlib import Path
 
 from cepe_rag.eval.metrics import exact_match, normalize_answer, postprocess, substring_match
@@ -44,6 +50,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--temperatures", default="0.01,0.03,0.1,0.3,1.0",
                         help="relevance-prior temperatures whose mass on answer-holding passages is reported")
+    parser.add_argument("--each", type=int, default=0, help="also read each of the top N passages alone")
+    parser.add_argument("--vote-temperature", type=float, default=0.01)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     temperatures = [float(t) for t in args.temperatures.split(",")]
@@ -94,6 +102,8 @@ def main() -> None:
                 sub += substring_match(cache[(name, qid)], answers)
             summary["readers"][name] = {"em_reading_holder": round(100 * em / len(cases), 1),
                                         "substring_em_reading_holder": round(100 * sub / len(cases), 1)}
+    if args.each:
+        summary["each_passage"] = each_passage(args, store, rows, questions)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"{summary['questions']} questions; the top passage by the relevance prior's cosine holds an answer for "
              f"{summary['top_passage_holds_answer']}%, one of the top {args.depth} for "
@@ -104,8 +114,58 @@ def main() -> None:
              "| reader | EM reading the holder alone | substring EM |", "|---|---|---|"]
     lines += [f"| {name} | {r['em_reading_holder']} | {r['substring_em_reading_holder']} |"
               for name, r in summary["readers"].items()]
+    if args.each:
+        each = summary["each_passage"]
+        lines += ["", f"{each['reader']} reading each of the top {args.each} passages alone ({each['questions']} "
+                  f"questions): some passage's answer is exactly right for {each['any_exact']}%; a vote over the "
+                  f"answers, weighted by the relevance prior (T={args.vote_temperature:g}): {each['prior_vote']}%, "
+                  f"counted: {each['count_vote']}%; the retriever's first passage alone: {each['top_passage']}%."]
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+def each_passage(args, store, rows, questions) -> dict:
+    """Strict EM bounds for choosing among the top `args.each` passages, each read alone by the first reader."""
+    name = args.readers.split(",")[0]
+    cache_path = args.out / "each.jsonl"
+    cache = {}
+    if cache_path.exists():
+        cache = {(r["id"], r["passage"]): r["prediction"] for r in map(json.loads, cache_path.read_text().splitlines())}
+    reader = build_reader(spec_for(name), dtype=resolve_dtype(None, "cpu"),
+                          generation=GenerationConfig(max_new_tokens=25))
+    any_exact = prior_vote = count_vote = top = 0.0
+    with cache_path.open("a") as cache_file:
+        for row in rows:
+            hits = row["hits"][: args.each]
+            passages = store.passages([h[0] for h in hits])
+            question, answers = questions[row["id"]]["question"], questions[row["id"]]["answers"]
+            missing = [h[0] for h in hits if (row["id"], h[0]) not in cache]
+            if missing:
+                read = reader.answer_batch([question] * len(missing), [[passages[i]] for i in missing])
+                for pid, answer in zip(missing, read):
+                    cache[(row["id"], pid)] = postprocess(answer.text)
+                    cache_file.write(json.dumps({"reader": name, "id": row["id"], "passage": pid,
+                                                 "prediction": cache[(row["id"], pid)]}) + "\n")
+                cache_file.flush()
+            said = [(cache[(row["id"], h[0])], h[2]) for h in hits]
+            any_exact += any(exact_match(text, answers) for text, _ in said)
+            top += exact_match(said[0][0], answers)
+            best = max(cosine for _, cosine in said)
+            for temperature, total in ((args.vote_temperature, "prior"), (math.inf, "count")):
+                votes, spelled = defaultdict(float), {}
+                for text, cosine in said:
+                    if normalize_answer(text):
+                        votes[normalize_answer(text)] += math.exp((cosine - best) / temperature)
+                        spelled.setdefault(normalize_answer(text), text)
+                won = exact_match(spelled[max(votes, key=votes.get)], answers) if votes else 0.0
+                if total == "prior":
+                    prior_vote += won
+                else:
+                    count_vote += won
+    n = len(rows)
+    return {"reader": name, "depth": args.each, "questions": n, "any_exact": round(100 * any_exact / n, 1),
+            "prior_vote": round(100 * prior_vote / n, 1), "count_vote": round(100 * count_vote / n, 1),
+            "top_passage": round(100 * top / n, 1)}
+
 
 if __name__ == "__main__":
     main()

@@ -55,7 +55,7 @@ END;
 LEXICAL_TABLE = "passages_fts"
 
 # Words that match most passages and carry no meaning for BM25; dropping them keeps OR queries fast.
-_STOPWORDS = frozenset("""
+STOPWORDS = frozenset("""
 a about above after again against all am an and any are as at be because been before being below between both
 but by can could did do does doing down during each few for from further had has have having he her here hers
 him his how i if in into is it its itself just me more most my no nor not now of off on once only or other our
@@ -123,7 +123,7 @@ def has_table(db: sqlite3.Connection, name: str) -> bool:
 
 def query_words(text: str) -> list[str]:
     """The text's distinct words, lower-cased, stopwords left out."""
-    return list(dict.fromkeys(w for w in re.findall(r"\w+", text.lower()) if w not in _STOPWORDS))
+    return list(dict.fromkeys(w for w in re.findall(r"\w+", text.lower()) if w not in STOPWORDS))
 
 
 def lexical_query(text: str) -> str:

@@ -17,7 +17,13 @@ from cepe_rag.documents.sentences import without_title
 from cepe_rag.models import embed_texts, load_embedder
 from cepe_rag.readers.base import NO_CONVERSATION, PreparedPrompt, Reader, passage_block, question_text
 from cepe_rag.readers.generation import DecodeBatch, GenerationConfig
-from cepe_rag.readers.question_names import missing_name_share, named_tokens, question_names
+from cepe_rag.readers.question_names import (
+    asked_names,
+    missing_name_share,
+    named_tokens,
+    question_names,
+    question_words,
+)
 from cepe_rag.settings import CROSS_KV_BUDGET_MB
 from cepe_rag.types import Conversation, Passage, passage_embedding_text
 
@@ -110,7 +116,8 @@ def reading_log_weights(question: str, passages: Sequence[Passage], chunk_texts:
     log_weights = list(chunk_weights) if chunk_weights is not None else None
     if log_weights is None and relevance_temperature > 0 and len(passages) > 1:
         log_weights = relevance_log_weights(question, passages, relevance_temperature, prior)
-        names = question_names(question) if name_match_penalty > 0 else set()
+        names = asked_names(question, [p.title for p in passages], [p.text for p in passages]) \
+            if name_match_penalty > 0 else set()
         if names:
             shifted = [weight - name_match_penalty * missing_name_share(names, f"{p.title} {p.text}")
                        for weight, p in zip(log_weights, passages)]
@@ -234,7 +241,7 @@ class CepeReader(Reader):
             question, in_encoder, texts, offsets, self.prior, relevance_temperature=self.relevance_temperature,
             sentence_temperature=self.sentence_temperature, name_match_penalty=self.name_match_penalty)
         copy_log_weights = None
-        if penalty > 0 and question_names(question):
+        if penalty > 0 and (question_names(question) or question_words(question)):
             copy_log_weights = [question_name_log_weights(question, text, spans, penalty)
                                 for text, spans in zip(texts, offsets)]
         return PreparedPrompt(ids, in_prompt + in_encoder, plan=CepePlan(in_encoder, log_weights, token_log_weights,

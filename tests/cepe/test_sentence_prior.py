@@ -12,6 +12,7 @@ from cepe_rag.cepe.model import group_by_request
 from cepe_rag.readers.cepe import (
     CepeReader,
     RelevancePrior,
+    asked_names,
     missing_name_share,
     passage_of_chunk,
     question_name_log_weights,
@@ -166,6 +167,8 @@ def test_the_copy_penalty_falls_on_the_question_names_and_the_article_before_the
         assert weight == (-7.0 if inside else 0.0), text[start:end]
     assert weights.count(-7.0) >= 4
     assert question_name_log_weights("When did it open?", text, offsets, 7.0) == [0.0] * len(offsets)
+    # typed in lower case, the question names what the passage capitalises: the same tokens
+    assert question_name_log_weights("who designed the tresk viaduct", text, offsets, 7.0) == weights
 
 
 def test_the_copy_prior_moves_the_pointer_and_not_the_cross_attention(chat_tokenizer):
@@ -206,6 +209,8 @@ def test_the_reader_penalises_question_names_for_the_pointer_only_when_asked(cha
         [len(t) for t in model.tokenize_chunks([VIADUCT.as_prompt_text(), other.as_prompt_text()])]
     assert min(plan.copy_log_weights[0]) == -10.0 and set(plan.copy_log_weights[1]) == {0.0}
     assert CepeReader(model, chat_tokenizer).prepare(question, [VIADUCT]).plan.copy_log_weights is None
+    lower = CepeReader(model, chat_tokenizer, question_name_penalty=10.0).prepare(question.lower(), [VIADUCT]).plan
+    assert lower.copy_log_weights == plan.copy_log_weights[:1]
     spec = ReaderSpec(reader="cepe", question_name_penalty=10.0, cepe_model="x")
     assert spec.label == "cepe-qn10" and spec.settings()["question_name_penalty"] == 10.0
     with pytest.raises(CepeRagError, match="question-name-penalty"):
@@ -232,6 +237,10 @@ def test_the_name_match_prior_weighs_down_a_near_namesake(chat_tokenizer):
     assert weights(0.0) == pytest.approx([np.log(0.5)] * 2)
     assert weights(6.0) == pytest.approx(torch.log_softmax(torch.tensor([0.0, -3.0], dtype=torch.float64), 0).tolist())
     assert weights(6.0, "Who designed it?") == pytest.approx([np.log(0.5)] * 2)
+    # typed in lower case, the question's names are the words the passages write as names: the same weights
+    assert weights(6.0, "who designed the tresk viaduct") == weights(6.0)
+    assert asked_names("who designed the tresk viaduct", ["Castle"], ["A castle. Tresk is a town."]) == set()
+    assert asked_names("who designed the tresk viaduct", ["Castle"], ["Near Tresk, a viaduct."]) == {"tresk"}
     alone = CepeReader(model, chat_tokenizer, relevance_temperature=0.5, name_match_penalty=6.0,
                        embedder=RelationEmbedder())
     assert alone.prepare(question, [namesake]).plan.log_weights is None  # one passage: nothing to weigh

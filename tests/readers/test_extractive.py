@@ -127,6 +127,22 @@ def test_an_extractive_answer_does_not_start_on_a_name_the_question_mentions(cha
     assert {"The", "Tel"} <= {chat_tokenizer.decode([i]).strip() for i in free.allowed()}
 
 
+def test_a_lower_case_question_names_the_words_a_passage_capitalises(chat_tokenizer):
+    from cepe_rag.readers.extractive import span_constraint
+
+    text = "The Los Angeles Dodgers last won the World Series in 1988, a series of five games."
+    question = "the last time la dodgers won the world series"
+    starts = {chat_tokenizer.decode([i]).strip() for i in span_constraint(question, [text], chat_tokenizer).allowed()}
+    # capitalised question words are names (and the article before one); the same words in lower case are not
+    assert not {"Dod", "Dodgers", "World", "Series"} & starts
+    assert {"Los", "1", "series", "five"} <= starts
+    cased = span_constraint("What did the Dodgers win?", [text], chat_tokenizer)  # the function words stay free
+    assert {"The", "World", "Series", "last"} <= {chat_tokenizer.decode([i]).strip() for i in cased.allowed()}
+    lake = "The Dinbreskel River flows into Lake Zotyvis."  # the word a question asks for is not its name
+    asked = span_constraint("Into which lake does the Dinbreskel River flow?", [lake], chat_tokenizer)
+    assert "Lake" in {chat_tokenizer.decode([i]).strip() for i in asked.allowed()}
+
+
 def test_word_starts_tell_a_new_word_from_the_rest_of_one(chat_tokenizer):
     from cepe_rag.token_forms import word_starts
 
