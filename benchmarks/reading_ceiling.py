@@ -123,6 +123,19 @@ def main() -> None:
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+
+def vote(said: list[tuple[str, float]], temperature: float) -> str:
+    """The answer of (answer, cosine) pairs with the most votes, each weighted by exp((cosine - best) / temperature)
+    (an infinite temperature counts them); answers that normalise alike are one; "" when none is said."""
+    best = max(cosine for _, cosine in said)
+    votes, spelled = defaultdict(float), {}
+    for text, cosine in said:
+        if key := normalize_answer(text):
+            votes[key] += math.exp((cosine - best) / temperature)
+            spelled.setdefault(key, text)
+    return spelled[max(votes, key=votes.get)] if votes else ""
+
+
 def each_passage(args, store, rows, questions) -> dict:
     """Strict EM bounds for choosing among the top `args.each` passages, each read alone by the first reader."""
     name = args.readers.split(",")[0]
@@ -149,18 +162,8 @@ def each_passage(args, store, rows, questions) -> dict:
             said = [(cache[(row["id"], h[0])], h[2]) for h in hits]
             any_exact += any(exact_match(text, answers) for text, _ in said)
             top += exact_match(said[0][0], answers)
-            best = max(cosine for _, cosine in said)
-            for temperature, total in ((args.vote_temperature, "prior"), (math.inf, "count")):
-                votes, spelled = defaultdict(float), {}
-                for text, cosine in said:
-                    if normalize_answer(text):
-                        votes[normalize_answer(text)] += math.exp((cosine - best) / temperature)
-                        spelled.setdefault(normalize_answer(text), text)
-                won = exact_match(spelled[max(votes, key=votes.get)], answers) if votes else 0.0
-                if total == "prior":
-                    prior_vote += won
-                else:
-                    count_vote += won
+            prior_vote += exact_match(vote(said, args.vote_temperature), answers)
+            count_vote += exact_match(vote(said, math.inf), answers)
     n = len(rows)
     return {"reader": name, "depth": args.each, "questions": n, "any_exact": round(100 * any_exact / n, 1),
             "prior_vote": round(100 * prior_vote / n, 1), "count_vote": round(100 * count_vote / n, 1),

@@ -50,8 +50,7 @@ def asked_names(question: str, titles: Sequence[str], texts: Sequence[str]) -> s
     written = {_name_word(word) for title in titles for word in _WORD.findall(title) if word[:1].isupper()}
     for text in texts:
         for word in _WORD.finditer(text):
-            before = text[: word.start()].rstrip()[-1:]
-            if word.group()[:1].isupper() and before not in ("", ".", "!", "?", ":"):
+            if word.group()[:1].isupper() and text[: word.start()].rstrip()[-1:] not in ("", ".", "!", "?", ":"):
                 written.add(_name_word(word.group()))
     return question_words(question) & written
 
